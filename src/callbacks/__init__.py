@@ -1,0 +1,3 @@
+from src.callbacks.hf_export import HFExport
+
+__all__ = ["HFExport"]

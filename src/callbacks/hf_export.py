@@ -1,0 +1,28 @@
+"""Export the trained policy and its tokenizer as an ordinary Hugging Face directory at the end of fit.
+
+The export loads with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` (and
+vLLM), and is how one algorithm hands its model to the next: `model=hf model.pretrained=<dir>`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+
+class HFExport(L.Callback):
+    def __init__(self, dirpath: str, safe_serialization: bool = True):
+        self.dirpath = Path(dirpath)
+        self.safe_serialization = safe_serialization
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        pl_module.model.save_pretrained(self.dirpath, safe_serialization=self.safe_serialization)
+        pl_module.tokenizer.save_pretrained(self.dirpath)
+        log.info("Hugging Face export: %s", self.dirpath)

@@ -1,0 +1,267 @@
+"""The language-model DataModule: rows from a source (the arithmetic task, or files), tokenized
+into the shape an algorithm needs (`kind`):
+
+- `sft`: prompt + completion, loss on completion tokens only (labels = -100 on the prompt).
+- `preference`: prompt + chosen + rejected (DPO family).
+- `prompt`: prompt + answer to verify (RLVR).
+
+Every kind also carries the left-padded prompt and the reference text, for evaluation by generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from src.datamodules.files import DataError
+from src.models.tokenizer import CHAT_TEMPLATE
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+KINDS = ("sft", "preference", "prompt")
+
+
+# --------------------------------------------------------------------------- rows -> text
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _render_prompt(value, tokenizer, where: str, key: str) -> tuple[str, bool]:
+    """Prompt text, and whether it was rendered by the chat template (which then holds <bos>)."""
+    if isinstance(value, str):
+        if not value:
+            raise DataError(f"{where}: empty string for key {key!r}")
+        return value, False
+    if _is_messages(value) and value:
+        template = tokenizer.chat_template or CHAT_TEMPLATE
+        text = tokenizer.apply_chat_template(value, add_generation_prompt=True, tokenize=False, chat_template=template)
+        return text, True
+    raise DataError(f"{where}: key {key!r} must be a non-empty string or a list of chat messages")
+
+
+def _render_completion(value, where: str, key: str) -> str:
+    if _is_messages(value):
+        if len(value) != 1 or value[0]["role"] != "assistant":
+            raise DataError(f"{where}: key {key!r} must hold exactly one assistant message")
+        value = value[0]["content"]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: key {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: empty string for key {key!r}")
+    return value
+
+
+def _require(row: dict, keys: Sequence[str], where: str, formats: str) -> None:
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise DataError(f"{where}: missing key {missing[0]!r} (rows must be {formats}); got keys {sorted(row)}")
+
+
+SFT_FORMATS = '{"prompt", "completion"} or {"messages": [...]}'
+PREF_FORMATS = '{"prompt", "chosen", "rejected"}'
+PROMPT_FORMATS = '{"prompt", "answer"} or {"messages": [...], "answer"}'
+
+
+def sft_text(row: dict, tokenizer, where: str) -> tuple[str, str, bool]:
+    """(prompt, completion, templated) of an SFT row: plain or chat messages ending with the assistant."""
+    if "messages" in row:
+        msgs = row["messages"]
+        if not _is_messages(msgs) or len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} ending with an assistant turn")
+        prompt, templated = _render_prompt(msgs[:-1], tokenizer, where, "messages")
+        return prompt, _render_completion(msgs[-1]["content"], where, "messages[-1].content"), templated
+    _require(row, ("prompt", "completion"), where, SFT_FORMATS)
+    prompt, templated = _render_prompt(row["prompt"], tokenizer, where, "prompt")
+    return prompt, _render_completion(row["completion"], where, "completion"), templated
+
+
+def preference_text(row: dict, tokenizer, where: str) -> tuple[str, str, str, bool]:
+    """(prompt, chosen, rejected, templated) of a preference row (TRL's format, plain or chat)."""
+    _require(row, ("prompt", "chosen", "rejected"), where, PREF_FORMATS)
+    prompt, templated = _render_prompt(row["prompt"], tokenizer, where, "prompt")
+    chosen = _render_completion(row["chosen"], where, "chosen")
+    rejected = _render_completion(row["rejected"], where, "rejected")
+    if chosen == rejected:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are identical; a pair must differ")
+    return prompt, chosen, rejected, templated
+
+
+def prompt_text(row: dict, tokenizer, where: str) -> tuple[str, str, bool]:
+    """(prompt, answer, templated) of an RL prompt row."""
+    key = "messages" if "messages" in row and "prompt" not in row else "prompt"
+    _require(row, (key, "answer"), where, PROMPT_FORMATS)
+    prompt, templated = _render_prompt(row[key], tokenizer, where, key)
+    answer = row["answer"]
+    if not isinstance(answer, str | int | float) or str(answer).strip() == "":
+        raise DataError(f"{where}: 'answer' must be a non-empty string or number")
+    return prompt, str(answer), templated
+
+
+# --------------------------------------------------------------------------- text -> ids
+class Tokenized:
+    """Tokenizes prompts and completions; enforces `max_length` (error, or counted truncation)."""
+
+    def __init__(self, tokenizer, max_length: int, truncation: str, split: str):
+        if truncation not in ("error", "truncate"):
+            raise ValueError(f"data.truncation={truncation!r}: must be 'error' or 'truncate'")
+        self.tok, self.max_length, self.truncation, self.split = tokenizer, max_length, truncation, split
+        self.n_truncated = 0
+
+    def prompt(self, text: str, templated: bool) -> list[int]:
+        # A chat template writes <bos> itself; a plain prompt gets the tokenizer's own specials.
+        return self.tok(text, add_special_tokens=not templated)["input_ids"]
+
+    def completion(self, text: str) -> list[int]:
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return ids + ([self.tok.eos_token_id] if self.tok.eos_token_id is not None else [])
+
+    def fit(self, prompt: list[int], completion: list[int], where: str) -> list[int]:
+        """The completion, cut so that prompt + completion <= max_length (or an error)."""
+        total = len(prompt) + len(completion)
+        if total <= self.max_length:
+            return completion
+        keep = self.max_length - len(prompt)
+        if self.truncation == "error" or keep < 1:
+            raise DataError(
+                f"{where}: example is {total} tokens (prompt {len(prompt)}), longer than "
+                f"data.max_length={self.max_length}; raise data.max_length or set data.truncation=truncate"
+            )
+        self.n_truncated += 1
+        return completion[:keep]
+
+    def report(self, n: int) -> None:
+        if self.n_truncated:
+            log.warning(
+                "%s split: truncated %d of %d examples to data.max_length=%d tokens",
+                self.split, self.n_truncated, n, self.max_length,
+            )
+
+
+def build_examples(rows, tokenizer, kind: str, split: str, max_length: int, truncation: str) -> list[dict]:
+    t = Tokenized(tokenizer, max_length, truncation, split)
+    out = []
+    for where, row in rows:
+        if kind == "sft":
+            prompt, completion, templated = sft_text(row, tokenizer, where)
+            p = t.prompt(prompt, templated)
+            ex = {"prompt_ids": p, "completion_ids": t.fit(p, t.completion(completion), where), "reference": completion}
+        elif kind == "preference":
+            prompt, chosen, rejected, templated = preference_text(row, tokenizer, where)
+            p = t.prompt(prompt, templated)
+            ex = {
+                "prompt_ids": p,
+                "chosen_ids": t.fit(p, t.completion(chosen), where),
+                "rejected_ids": t.fit(p, t.completion(rejected), where),
+                "reference": row.get("answer", chosen),
+            }
+        else:
+            prompt, answer, templated = prompt_text(row, tokenizer, where)
+            p = t.prompt(prompt, templated)
+            if len(p) >= max_length:
+                raise DataError(f"{where}: prompt is {len(p)} tokens, not shorter than data.max_length={max_length}")
+            ex = {"prompt_ids": p, "reference": answer}
+        ex["prompt"] = prompt
+        out.append(ex)
+    t.report(len(out))
+    return out
+
+
+# --------------------------------------------------------------------------- batching
+def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    n = max(len(s) for s in seqs)
+    rows = [([value] * (n - len(s)) + s) if left else (s + [value] * (n - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def join(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+completion with labels = -100 outside the completion."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    labels = [[IGNORE] * len(p) + c for p, c in zip(prompts, completions)]
+    return {
+        "input_ids": pad(seqs, pad_id),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+        "labels": pad(labels, IGNORE),
+    }
+
+
+class Collator:
+    def __init__(self, kind: str, pad_id: int):
+        self.kind, self.pad_id = kind, pad_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        prompts = [e["prompt_ids"] for e in examples]
+        batch = {
+            "prompt_input_ids": pad(prompts, self.pad_id, left=True),
+            "prompt_attention_mask": pad([[1] * len(p) for p in prompts], 0, left=True),
+            "prompts": [e["prompt"] for e in examples],
+            "references": [e["reference"] for e in examples],
+        }
+        if self.kind == "sft":
+            batch.update(join(prompts, [e["completion_ids"] for e in examples], self.pad_id))
+        elif self.kind == "preference":
+            # chosen rows then rejected rows: one forward pass computes both (B -> 2B).
+            both = join(prompts + prompts, [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples], self.pad_id)
+            batch.update(both)
+        return batch
+
+
+class LMDataModule(L.LightningDataModule):
+    """Rows from `source` (anything with `rows(split)`) tokenized for `kind`."""
+
+    def __init__(
+        self,
+        source,
+        tokenizer,
+        kind: str = "sft",
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        max_length: int = 512,
+        truncation: str = "error",
+        num_workers: int = 0,
+        preference_seed: int = 0,
+    ):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"data.kind={kind!r}: must be one of {list(KINDS)}")
+        self.source, self.tokenizer, self.kind = source, tokenizer, kind
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.max_length, self.truncation, self.num_workers = max_length, truncation, num_workers
+        self.preference_seed = preference_seed
+        self.collate = Collator(kind, tokenizer.pad_token_id)
+        self.examples: dict[str, list[dict]] = {}
+
+    def rows(self, split: str):
+        rows = self.source.rows(split)
+        if self.kind == "preference" and hasattr(self.source, "preference_rows"):
+            rows = self.source.preference_rows(split, seed=self.preference_seed)
+        return rows
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "val", "test"):
+            if split not in self.examples:
+                self.examples[split] = build_examples(
+                    self.rows(split), self.tokenizer, self.kind, split, self.max_length, self.truncation
+                )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.examples[split],
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,129 @@
+"""What every language-model algorithm shares: the policy, AdamW with warm-up + cosine,
+greedy generation for evaluation, per-token log-probs, and sample tables for W&B.
+
+The algorithms themselves (SFT, DPO, ...) live one per file beside this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
+from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
+
+from src.metrics import ExactMatch
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(y_t | y_<t) of each next token, in float32, and the mask of scored tokens.
+
+    `logits[:, t]` predicts `labels[:, t + 1]`; labels = -100 (prompt, padding) are not scored.
+    """
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    mask = targets != -100
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask, mask
+
+
+def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy over the scored (completion) tokens, and their count."""
+    targets = labels[:, 1:]
+    n = (targets != -100).sum()
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss / n.clamp(min=1), n
+
+
+class LMModule(L.LightningModule):
+    def __init__(
+        self,
+        net: Callable[..., PreTrainedModel],
+        tokenizer,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        max_new_tokens: int = 16,
+        num_logged_samples: int = 8,
+    ):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"algo.lr={lr}: must be > 0")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"algo.min_lr_ratio={min_lr_ratio}: must be in [0, 1]")
+        self.save_hyperparameters(ignore=["net", "tokenizer"], logger=False)
+        self.tokenizer = tokenizer
+        self.model = net(tokenizer=tokenizer)
+        self.val_exact_match, self.test_exact_match = ExactMatch(), ExactMatch()
+        self._samples: list[list] = []
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        # nanoGPT's split: matrices decay, vectors (norms, biases) do not.
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = get_cosine_with_min_lr_schedule_with_warmup(
+            opt, num_warmup_steps=min(hp.warmup_steps, total), num_training_steps=total, min_lr_rate=hp.min_lr_ratio
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> list[str]:
+        """Greedy completions (text up to <eos>) of left-padded prompts."""
+        tok = self.tokenizer
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=kwargs.pop("max_new_tokens", self.hparams.max_new_tokens),
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            **kwargs,
+        )
+        return tok.batch_decode(out[:, input_ids.size(1) :], skip_special_tokens=True)
+
+    def eval_generation(self, batch: dict, stage: str, batch_idx: int) -> None:
+        """Exact match of greedy completions against the references; keep a few for the table."""
+        preds = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+        metric = getattr(self, f"{stage}_exact_match")
+        metric.update(preds, batch["references"])
+        self.log(f"{stage}/exact_match", metric, on_epoch=True, prog_bar=True,
+                 batch_size=len(preds))
+        if batch_idx == 0:
+            n = self.hparams.num_logged_samples
+            self._samples = [
+                [p, c, r, ExactMatch.match(c, r)]
+                for p, c, r in zip(batch["prompts"][:n], preds[:n], batch["references"][:n])
+            ]
+
+    def log_samples(self, stage: str) -> None:
+        """A W&B table of prompts, completions, references and whether each was right."""
+        if not self._samples or self.trainer.sanity_checking:
+            return
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(
+                    key=f"{stage}/samples", columns=["prompt", "completion", "reference", "correct"],
+                    data=self._samples, step=self.global_step,
+                )
+        self._samples = []
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_samples("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_samples("test")

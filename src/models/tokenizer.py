@@ -1,0 +1,57 @@
+"""Tokenizers: a character-level one for the embedded default, or any local HF tokenizer.
+
+The character tokenizer is built with `tokenizers` (a BPE model with an empty merge table, so every
+character is a token) and wrapped as a `PreTrainedTokenizerFast`: it saves and loads like any HF
+tokenizer (`AutoTokenizer.from_pretrained`), so exported checkpoints are ordinary HF directories.
+"""
+
+from __future__ import annotations
+
+import string
+
+from tokenizers import Tokenizer, decoders, models, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIALS = [PAD, BOS, EOS, UNK]
+
+# Printable ASCII (digits, letters, punctuation, space) plus newline and tab.
+DEFAULT_ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n\t"
+
+# A minimal chat template, so `{"messages": [...]}` data works with the character tokenizer too.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
+    """Character-level tokenizer: ids 0-3 are <pad> <s> </s> <unk>, then one id per character.
+
+    `tokenizer(text)` prepends <s> (like Llama's); unknown characters map to <unk>.
+    """
+    chars = list(dict.fromkeys(alphabet or DEFAULT_ALPHABET))  # unique, order kept
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    tok.add_special_tokens(SPECIALS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """A tokenizer saved with `save_pretrained` in a local directory (never the hub)."""
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token is None:  # Llama-style tokenizers ship without one; padding is masked anyway
+        tok.pad_token = tok.eos_token
+    return tok

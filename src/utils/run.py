@@ -1,0 +1,127 @@
+"""Helpers for train.py, in the manner of lightning-hydra-template's `src/utils`."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def wandb_offline() -> bool:
+    """W&B runs offline unless an API key is set (env or `wandb login`) or WANDB_MODE=online."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return True
+    if mode == "online" or os.environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]
+        return netrc.netrc().authenticators(host) is None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return True
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("wandb_offline"):
+        OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
+
+
+def extras(cfg: DictConfig) -> None:
+    """Optional niceties before the run: silence known-noise warnings, print the config tree."""
+    ex = cfg.get("extras") or {}
+    if ex.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if ex.get("print_config"):
+        import rich.syntax
+        import rich.tree
+
+        tree = rich.tree.Tree("CONFIG", guide_style="dim")
+        for key in ex.get("print_order", []) + [k for k in cfg if k not in ex.get("print_order", [])]:
+            if key == "hydra" or key not in cfg:
+                continue
+            node = cfg[key]
+            text = OmegaConf.to_yaml(node, resolve=False) if isinstance(node, DictConfig) else str(node)
+            tree.add(key, guide_style="dim").add(rich.syntax.Syntax(text, "yaml"))
+        rich.print(tree)
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Fail before any work if a mandatory value (`???`) was not given, naming its key."""
+
+    def walk(node, prefix: str):
+        for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+            full = f"{prefix}{key}"
+            if full == "hydra":
+                continue
+            if OmegaConf.is_missing(node, key):
+                yield full
+            elif OmegaConf.is_config(child := node._get_node(key)) and not OmegaConf.is_interpolation(node, key):
+                yield from walk(child, f"{full}.")
+
+    missing = sorted(walk(cfg, ""))
+    if missing:
+        raise ValueError(
+            f"missing mandatory config value(s): {', '.join(missing)}; set them on the command line, "
+            f"e.g. `python train.py ... {missing[0]}=...`"
+        )
+
+
+def instantiate_callbacks(cfg: DictConfig | None, has_logger: bool = True) -> list[L.Callback]:
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+    if not has_logger:  # with logger=none, a learning-rate monitor has nowhere to write (Lightning raises)
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+    return callbacks
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list:
+    return [hydra.utils.instantiate(c) for c in (cfg or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def log_hyperparameters(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule) -> None:
+    """The full resolved config (less Hydra's own node) plus parameter counts, to every logger."""
+    if not trainer.loggers:
+        return
+    hp = OmegaConf.to_container(cfg, resolve=True)
+    hp.pop("hydra", None)
+    hp["model/params/total"] = sum(p.numel() for p in module.parameters())
+    hp["model/params/trainable"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hp)
+
+
+def finish_loggers(trainer: L.Trainer | None) -> list[str]:
+    """Close W&B (Lightning never calls `wandb.finish()`); return where each W&B run was written."""
+    where = []
+    try:
+        import wandb
+    except ImportError:
+        return where
+    if wandb.run is not None:
+        run_dir, offline, url = Path(wandb.run.dir).parent, wandb.run.offline, wandb.run.url
+        wandb.finish()
+        if offline:
+            where.append(f"{run_dir} (offline: view with `wandb leet {run_dir}`, upload with `wandb sync {run_dir}`)")
+        else:
+            where.append(f"{url} (local files: {run_dir})")
+    return where
+
+
+def get_metric_value(metrics: dict, name: str | None) -> float | None:
+    """The value sweepers optimise (`optimized_metric`); a clear error if it was never logged."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(
+            f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}. "
+            "Set optimized_metric to one of these."
+        )
+    value = metrics[name]
+    return float(value.item() if hasattr(value, "item") else value)

@@ -1,0 +1,82 @@
+"""Every config composes and instantiates; typos fail at once naming the key and the choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from tests.conftest import CONF
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("algo", options("algo"))
+def test_algo_configs_instantiate(cfg_factory, algo):
+    cfg = cfg_factory(f"algo={algo}")
+    tok = hydra.utils.instantiate(cfg.model.tokenizer)
+    module = hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net), tokenizer=tok)
+    assert isinstance(module, L.LightningModule)
+    assert cfg.optimized_metric.startswith("val/")
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_data_configs_instantiate(cfg_factory, data, sft_jsonl):
+    extra = [f"data.source.train={sft_jsonl}"] if "source" in data or "jsonl" in data else []
+    cfg = cfg_factory(*[o for o in extra], f"data={data}", quick=False)
+    tok = hydra.utils.instantiate(cfg.model.tokenizer)
+    dm = hydra.utils.instantiate(cfg.data, tokenizer=tok)
+    dm.setup("fit")
+    assert len(dm.examples["train"]) > 0 and len(dm.examples["val"]) > 0
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_model_configs_instantiate(cfg_factory, model, hf_dir):
+    cfg = cfg_factory(f"model={model}", *([f"model.pretrained={hf_dir}"] if model == "hf" else []))
+    tok = hydra.utils.instantiate(cfg.model.tokenizer)
+    net = hydra.utils.instantiate(cfg.model.net)(tokenizer=tok)
+    assert net.get_input_embeddings().num_embeddings == len(tok)
+
+
+@pytest.mark.parametrize("group", ["logger", "callbacks", "trainer"])
+def test_logger_callback_trainer_configs_instantiate(cfg_factory, group):
+    from src.utils import instantiate_callbacks, instantiate_loggers
+
+    for option in options(group):
+        cfg = cfg_factory(f"{group}={option}")
+        callbacks = instantiate_callbacks(cfg.callbacks)
+        loggers = instantiate_loggers(cfg.logger)
+        if option == "gpu":
+            continue  # needs a GPU to build; composes above
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        assert isinstance(trainer, L.Trainer)
+
+
+@pytest.mark.parametrize("name", options("experiment") + [f"debug/{d}" for d in options("debug")])
+def test_experiment_and_debug_configs_compose(cfg_factory, name):
+    group, _, option = name.rpartition("/")
+    cfg = cfg_factory(f"{group or 'experiment'}={option}")
+    assert cfg.algo._target_
+
+
+def test_unknown_group_option_names_the_choices(cfg_factory):
+    with pytest.raises(MissingConfigException) as e:
+        cfg_factory("algo=sftt")
+    assert "sftt" in str(e.value) and "sft" in str(e.value)
+
+
+def test_unknown_key_is_rejected(cfg_factory):
+    with pytest.raises(ConfigCompositionException, match="lrr"):
+        cfg_factory("algo.lrr=1")
+
+
+def test_hf_model_requires_a_path(cfg_factory):
+    from train import train
+
+    with pytest.raises(ValueError, match="missing mandatory config value.*model.pretrained"):
+        train(cfg_factory("model=hf"))

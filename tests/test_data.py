@@ -1,0 +1,141 @@
+"""Data: the arithmetic task's splits and verifier, batching, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from src.datamodules.arithmetic import ArithmeticTask
+from src.datamodules.files import DataError, FileSource
+from src.datamodules.lm import IGNORE, LMDataModule
+from tests.conftest import write_jsonl
+
+
+def test_arithmetic_splits_are_disjoint_seeded_and_correct():
+    task = ArithmeticTask(digits=2, ops=["+", "-", "*"], n_train=3000, n_val=300, n_test=300, seed=7)
+    prompts = {s: [r["prompt"] for _, r in task.rows(s)] for s in ("train", "val", "test")}
+    assert [len(prompts[s]) for s in prompts] == [3000, 300, 300]
+    all_prompts = sum(prompts.values(), [])
+    assert len(set(all_prompts)) == len(all_prompts), "a problem appears twice"
+    for _, r in task.rows("val"):
+        assert r["prompt"].endswith("=")
+        assert str(eval(r["prompt"][:-1])) == r["answer"] == r["completion"]  # test-only check of our generator
+    again = ArithmeticTask(digits=2, ops=["+", "-", "*"], n_train=3000, n_val=300, n_test=300, seed=7)
+    assert [r for _, r in again.rows("test")] == [r for _, r in task.rows("test")]
+    other = ArithmeticTask(digits=2, ops=["+", "-", "*"], n_train=3000, n_val=300, n_test=300, seed=8)
+    assert [r for _, r in other.rows("test")] != [r for _, r in task.rows("test")]
+
+
+def test_arithmetic_verifier_and_bad_config():
+    assert ArithmeticTask.verify(" 46\n", "46") and not ArithmeticTask.verify("47", "46")
+    with pytest.raises(ValueError, match="exceeds the 100 distinct problems"):
+        ArithmeticTask(digits=1, n_train=90, n_val=10, n_test=1)
+    with pytest.raises(ValueError, match=r"data.source.ops=\['/'\]"):
+        ArithmeticTask(ops=["/"])
+
+
+def test_sft_batch_masks_prompt_and_padding(tokenizer):
+    dm = LMDataModule(ArithmeticTask(n_train=8, n_val=4, n_test=4), tokenizer, batch_size=8)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    for i, (prompt, ref) in enumerate(zip(batch["prompts"], batch["references"])):
+        ids, labels = batch["input_ids"][i], batch["labels"][i]
+        n_prompt = len(tokenizer(prompt).input_ids)
+        scored = labels[labels != IGNORE].tolist()
+        # only the answer and <eos> are scored, and they sit right after the prompt
+        assert scored == tokenizer(ref, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        assert (labels[:n_prompt] == IGNORE).all()
+        assert ids[n_prompt : n_prompt + len(scored)].tolist() == scored
+        # the generation prompt is left-padded and ends at "="
+        p, m = batch["prompt_input_ids"][i], batch["prompt_attention_mask"][i]
+        assert tokenizer.decode(p[m.bool()], skip_special_tokens=True) == prompt
+        assert m[-1] == 1
+
+
+def _dm(tokenizer, path, **kw) -> LMDataModule:
+    dm = LMDataModule(FileSource(train=str(path)), tokenizer, **kw)
+    dm.setup()
+    return dm
+
+
+def test_jsonl_malformed_line_names_file_and_line(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1=", "completion": "2"}, '{"prompt": "2+2=", '])
+    with pytest.raises(DataError, match=rf"{path}:2: malformed JSON"):
+        _dm(tokenizer, path)
+
+
+def test_jsonl_missing_key_names_line_and_key(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1=", "completion": "2"}] * 3 + [{"prompt": "x"}])
+    with pytest.raises(DataError, match=rf"{path}:4: missing key 'completion'"):
+        _dm(tokenizer, path)
+
+
+def test_jsonl_empty_file(tmp_path, tokenizer):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match=rf"{path}: empty file"):
+        _dm(tokenizer, path)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        _dm(tokenizer, tmp_path / "nope.jsonl")
+
+
+def test_jsonl_empty_completion_is_an_error(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1=", "completion": "2"}, {"prompt": "a", "completion": "  "}])
+    with pytest.raises(DataError, match=rf"{path}:2: empty string for key 'completion'"):
+        _dm(tokenizer, path)
+
+
+def test_overlong_example_errors_or_is_counted(tmp_path, tokenizer, caplog):
+    rows = [{"prompt": "1+1=", "completion": "2"}] * 9 + [{"prompt": "long=", "completion": "9" * 50}]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    src = FileSource(train=str(path), val=str(path))
+    with pytest.raises(DataError, match=rf"{path}:10: example is 57 tokens .* data.max_length=20"):
+        LMDataModule(src, tokenizer, max_length=20).setup()
+    with caplog.at_level(logging.WARNING):
+        dm = LMDataModule(src, tokenizer, max_length=20, truncation="truncate")
+        dm.setup()
+    assert "truncated 1 of 10 examples" in caplog.text
+    assert len(dm.examples["val"]) == 10  # nothing dropped
+    assert max(len(e["prompt_ids"]) + len(e["completion_ids"]) for e in dm.examples["val"]) == 20
+
+
+def test_chat_messages_use_the_chat_template(sft_jsonl, tokenizer):
+    dm = _dm(tokenizer, sft_jsonl, batch_size=64)
+    chat = [e for split in dm.examples.values() for e in split if e["prompt"].startswith("<s><|user|>")]
+    assert chat, "chat rows were not rendered with the template"
+    e = chat[0]
+    # the template wrote <bos> itself: it is not doubled
+    assert e["prompt_ids"][:2] != [tokenizer.bos_token_id] * 2
+    assert e["prompt"].endswith("<|assistant|>")
+    assert tokenizer.decode(e["completion_ids"], skip_special_tokens=True) == e["reference"]
+
+
+def test_val_fraction_holds_out_without_losing_rows(sft_jsonl, tokenizer):
+    dm = _dm(tokenizer, sft_jsonl)
+    assert len(dm.examples["train"]) + len(dm.examples["val"]) == 50
+    assert len(dm.examples["val"]) == round(0.05 * 50)
+
+
+def test_hf_datasets_from_disk(tmp_path, tokenizer):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"prompt": f"{i}+0=", "completion": str(i)} for i in range(20)])
+    ds.save_to_disk(str(tmp_path / "ds"))
+    dm = _dm(tokenizer, tmp_path / "ds")
+    assert len(dm.examples["train"]) + len(dm.examples["val"]) == 20
+    bad = datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}, {"prompt": "c", "answer": "d"}])
+    bad.save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DataError, match=r"bad\[row 1\]: missing key 'completion'"):
+        _dm(tokenizer, tmp_path / "bad")
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match="DatasetDict with splits"):
+        _dm(tokenizer, tmp_path / "dd")
+
+
+def test_collate_is_tensor_typed(tokenizer):
+    dm = LMDataModule(ArithmeticTask(n_train=4, n_val=4, n_test=4), tokenizer, batch_size=4)
+    dm.setup()
+    b = next(iter(dm.train_dataloader()))
+    assert b["input_ids"].dtype == torch.long and b["input_ids"].shape == b["labels"].shape

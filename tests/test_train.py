@@ -1,0 +1,99 @@
+"""train.py end to end: fast_dev_run, what reached W&B, the HF export, and learning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import train
+
+
+def test_fast_dev_run(cfg_factory):
+    metrics, objs = train(cfg_factory("debug=fdr"))
+    assert objs["trainer"].global_step == 1
+    assert {"train/loss", "test/exact_match", "test/loss"} <= set(metrics)
+    assert torch.isfinite(metrics["test/loss"])
+
+
+def _leet(path: Path, summary: bool) -> list | dict:
+    cmd = [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json"] + (["--summary"] if summary else []) + [str(path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out) if summary else [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_wandb_offline_run_holds_metrics_config_and_samples(cfg_factory, tmp_path):
+    cfg = cfg_factory("logger=wandb", "algo.lr=0.002", "tags=[unit]", "test=false")
+    train(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "no offline W&B run was written"
+    summary = _leet(runs[0], summary=True)
+    assert summary["state"] == "finished" and summary["tags"] == ["unit"]
+    config = summary["config"]
+    assert config["algo"]["lr"] == 0.002 and config["data"]["source"]["digits"] == 2
+    assert config["optimized_metric"] == "val/exact_match"
+    assert config["model/params/total"] > 1e6
+    assert summary["summary"]["val/samples"]["ncols"] == 4
+    history = [r["history"]["item"] for r in _leet(runs[0], summary=False) if r["type"] == "history"]
+    losses = [h["train/loss"] for h in history if "train/loss" in h]
+    assert len(losses) == 4 and all(x > 0 for x in losses)
+    assert [h["val/exact_match"] for h in history if "val/exact_match" in h], "no val/exact_match row"
+    assert any("val/token_accuracy" in h for h in history)
+
+
+def test_hf_export_reloads_with_identical_logits(cfg_factory, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, objs = train(cfg_factory("callbacks=default", "test=false"))
+    export = tmp_path / "hf"
+    assert (export / "config.json").is_file() and (export / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(export, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(export, local_files_only=True)
+    ours = objs["module"].model.eval()
+    ids = tok(["12+34=", "7+8="], padding=True, return_tensors="pt")
+    assert ids.input_ids[0, 0] == tok.bos_token_id and tok.pad_token == "<pad>"
+    with torch.no_grad():
+        a = model(**ids).logits
+        b = ours(**ids).logits
+    assert torch.equal(a, b)
+    # and the export differs from a fresh model: it is the trained one
+    fresh = objs["module"].model.__class__(model.config)
+    assert not torch.equal(fresh(**ids).logits, a)
+    # the checkpoint is there too, and the next algorithm can start from the export
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_model_hf_starts_from_an_export(cfg_factory, hf_dir):
+    metrics, objs = train(cfg_factory("model=hf", f"model.pretrained={hf_dir}", "debug=fdr"))
+    assert objs["module"].model.config.hidden_size == 32  # the saved model, not the default
+
+
+def test_csv_logger(cfg_factory, tmp_path):
+    train(cfg_factory("logger=csv", "test=false"))
+    rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert "train/loss" in rows[0] and "val/exact_match" in rows[0] and len(rows) > 4
+
+
+@pytest.mark.slow
+def test_sft_learns_arithmetic(cfg_factory):
+    """From an untrained model (exact match 0), a short run gets well above it on held-out problems."""
+    cfg = cfg_factory(
+        "trainer.max_steps=450", "trainer.val_check_interval=150", "trainer.log_every_n_steps=50",
+        "data.source.n_train=8000", "data.source.n_val=200", "data.source.n_test=200", "data.batch_size=128",
+        "algo.warmup_steps=50", "test=false",
+    )
+    import lightning as L
+    from hydra.utils import instantiate
+
+    metrics, objs = train(cfg)
+    start = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    # the start: the same model, freshly initialised
+    fresh = instantiate(cfg.algo, net=instantiate(cfg.model.net), tokenizer=objs["module"].tokenizer)
+    before = start.validate(fresh, datamodule=objs["datamodule"], verbose=False)[0]["val/exact_match"]
+    after = metrics["val/exact_match"].item()
+    assert before < 0.05
+    assert after > 0.3, f"val/exact_match only rose from {before:.3f} to {after:.3f}"

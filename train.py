@@ -1,0 +1,83 @@
+"""Train any algorithm: `python train.py algo=sft|... [data=...] [model=...] [key=value ...]`.
+
+This file only composes: data, model, algorithm, callbacks, loggers and trainer all come from the
+Hydra config (conf/); the algorithms live in src/lightning_modules/, one file each.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+import src  # noqa: F401  (sets PROJECT_ROOT for conf/paths)
+from src.utils import (
+    check_required,
+    extras,
+    finish_loggers,
+    get_metric_value,
+    instantiate_callbacks,
+    instantiate_loggers,
+    log_hyperparameters,
+    register_resolvers,
+)
+
+log = logging.getLogger(__name__)
+register_resolvers()
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Fit (and test) the configured algorithm; return (metrics, objects)."""
+    check_required(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    # Language models share one tokenizer between the data and the policy.
+    shared = {}
+    if "tokenizer" in cfg.model:
+        shared["tokenizer"] = hydra.utils.instantiate(cfg.model.tokenizer)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, **shared)
+    module: L.LightningModule = hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net), **shared)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}
+
+    try:
+        log_hyperparameters(cfg, trainer, module)
+        if cfg.get("train"):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = dict(trainer.callback_metrics)
+        if cfg.get("test"):
+            ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=False)
+            metrics.update(trainer.callback_metrics)
+    finally:
+        runs = finish_loggers(trainer)
+
+    if trainer.is_global_zero:
+        out = cfg.paths.output_dir
+        log.info("Run directory: %s", out)
+        if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
+            log.info("Best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
+        for cb in callbacks:
+            if hasattr(cb, "dirpath") and type(cb).__name__ == "HFExport":
+                log.info("Hugging Face export: %s  (use: model=hf model.pretrained=%s)", cb.dirpath, cb.dirpath)
+        for r in runs:
+            log.info("W&B run: %s", r)
+    return metrics, objects
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    extras(cfg)
+    metrics, _ = train(cfg)
+    return get_metric_value(metrics, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()
