@@ -24,6 +24,7 @@ from src.utils import (
     log_hyperparameters,
     register_resolvers,
 )
+from src.utils.warm_start import sft_warm_start
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -41,7 +42,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if "tokenizer" in cfg.model:
         shared["tokenizer"] = hydra.utils.instantiate(cfg.model.tokenizer)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, **shared)
-    module: L.LightningModule = hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net), **shared)
+    net = sft_warm_start(cfg, shared.get("tokenizer")) or hydra.utils.instantiate(cfg.model.net)
+    module: L.LightningModule = hydra.utils.instantiate(cfg.algo, net=net, **shared)
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -50,7 +52,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     try:
         log_hyperparameters(cfg, trainer, module)
         if cfg.get("train"):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            # our own checkpoints hold hyper-parameters beyond tensors: trusted, so not weights-only
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
         metrics = dict(trainer.callback_metrics)
         if cfg.get("test"):
             ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

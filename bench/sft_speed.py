@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -24,7 +26,9 @@ import src  # noqa: F401
 from src.lightning_modules.lm import masked_nll
 from src.utils import register_resolvers
 
-CONF = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # train.py
+CONF = str(ROOT / "conf")
 WARMUP = 10
 
 
@@ -140,6 +144,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-learning", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import tempfile
@@ -147,20 +152,25 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     cfg = config(tmp)
     ours, ours_bar, bare = [], [], []
-    for r in range(args.rounds):  # alternate, so background load hits all alike
+    for r in range(0 if args.skip_throughput else args.rounds):  # alternate, so background load hits all alike
         bare.append(bare_tokens_per_s(cfg, args.steps))
         ours.append(lightning_tokens_per_s(cfg, args.steps, progress_bar=False))
         ours_bar.append(lightning_tokens_per_s(cfg, args.steps, progress_bar=True))
         print(f"round {r}: bare {bare[-1]:.0f} tok/s, lightning {ours[-1]:.0f}, lightning+rich bar {ours_bar[-1]:.0f}", flush=True)
+    if bare:
+        report(args, cfg, bare, ours, ours_bar)
+    if not args.skip_learning:
+        minutes, curve = minutes_to(0.95, tempfile.mkdtemp())
+        print("\nlearning curve (step, minutes, val/exact_match):", curve)
+        print(f"minutes to 95% val exact-match on 2-digit addition: {minutes}")
+
+
+def report(args, cfg, bare, ours, ours_bar) -> None:
     mb, mo, mob = (statistics.median(x) for x in (bare, ours, ours_bar))
     print(f"\nthroughput (median of {args.rounds}, {args.threads} threads, batch {cfg.data.batch_size}):")
     print(f"  bare PyTorch loop        {mb:8.0f} tokens/s")
     print(f"  Lightning SFTModule      {mo:8.0f} tokens/s   ratio {mo / mb:.3f}")
     print(f"  Lightning + progress bar {mob:8.0f} tokens/s   ratio {mob / mb:.3f}")
-    if not args.skip_learning:
-        minutes, curve = minutes_to(0.95, tempfile.mkdtemp())
-        print("\nlearning curve (step, minutes, val/exact_match):", curve)
-        print(f"minutes to 95% val exact-match on 2-digit addition: {minutes}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,14 @@ class ArithmeticTask:
             for i, p in enumerate(self.splits[split])
         ]
 
+    def preference_rows(self, split: str, seed: int = 0) -> list[tuple[str, dict]]:
+        """DPO pairs: chosen = the correct answer, rejected = a corrupted one (seeded per split)."""
+        rng = random.Random(f"{self.seed}-{seed}-{split}")
+        return [
+            (where, {**row, "chosen": row["answer"], "rejected": self.corrupt(row["answer"], rng)})
+            for where, row in self.rows(split)
+        ]
+
     @staticmethod
     def verify(completion: str, answer: str) -> bool:
         """The verifiable reward: the completion, stripped, is exactly the answer."""

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from src.datamodules.files import DataError
 from src.models.tokenizer import CHAT_TEMPLATE
@@ -144,7 +144,7 @@ class Tokenized:
 def build_examples(rows, tokenizer, kind: str, split: str, max_length: int, truncation: str) -> list[dict]:
     t = Tokenized(tokenizer, max_length, truncation, split)
     out = []
-    for where, row in rows:
+    for index, (where, row) in enumerate(rows):
         if kind == "sft":
             prompt, completion, templated = sft_text(row, tokenizer, where)
             p = t.prompt(prompt, templated)
@@ -164,7 +164,7 @@ def build_examples(rows, tokenizer, kind: str, split: str, max_length: int, trun
             if len(p) >= max_length:
                 raise DataError(f"{where}: prompt is {len(p)} tokens, not shorter than data.max_length={max_length}")
             ex = {"prompt_ids": p, "reference": answer}
-        ex["prompt"] = prompt
+        ex["prompt"], ex["index"] = prompt, index
         out.append(ex)
     t.report(len(out))
     return out
@@ -199,6 +199,7 @@ class Collator:
             "prompt_attention_mask": pad([[1] * len(p) for p in prompts], 0, left=True),
             "prompts": [e["prompt"] for e in examples],
             "references": [e["reference"] for e in examples],
+            "index": torch.tensor([e["index"] for e in examples]),  # position in its split (caches)
         }
         if self.kind == "sft":
             batch.update(join(prompts, [e["completion_ids"] for e in examples], self.pad_id))
@@ -207,6 +208,25 @@ class Collator:
             both = join(prompts + prompts, [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples], self.pad_id)
             batch.update(both)
         return batch
+
+
+class EpochShuffle(Sampler[int]):
+    """A shuffle that is a function of (seed, epoch) alone, so a run resumed at an epoch boundary
+    sees the same order as an uninterrupted one (Lightning calls `set_epoch`; under DDP it wraps
+    this sampler in a distributed one)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class LMDataModule(L.LightningDataModule):
@@ -222,7 +242,7 @@ class LMDataModule(L.LightningDataModule):
         max_length: int = 512,
         truncation: str = "error",
         num_workers: int = 0,
-        preference_seed: int = 0,
+        seed: int = 0,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -230,14 +250,14 @@ class LMDataModule(L.LightningDataModule):
         self.source, self.tokenizer, self.kind = source, tokenizer, kind
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_length, self.truncation, self.num_workers = max_length, truncation, num_workers
-        self.preference_seed = preference_seed
+        self.seed = seed
         self.collate = Collator(kind, tokenizer.pad_token_id)
         self.examples: dict[str, list[dict]] = {}
 
     def rows(self, split: str):
         rows = self.source.rows(split)
         if self.kind == "preference" and hasattr(self.source, "preference_rows"):
-            rows = self.source.preference_rows(split, seed=self.preference_seed)
+            rows = self.source.preference_rows(split, seed=self.seed)
         return rows
 
     def setup(self, stage: str | None = None) -> None:
@@ -248,10 +268,11 @@ class LMDataModule(L.LightningDataModule):
                 )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        data = self.examples[split]
         return DataLoader(
-            self.examples[split],
+            data,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(len(data), self.seed) if shuffle else None,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -1,0 +1,140 @@
+"""DPO benchmark: our DPOModule (Lightning) against TRL's DPOTrainer on identical work.
+
+    OMP_WAIT_POLICY=PASSIVE python bench/dpo_speed.py [--steps 40] [--rounds 3]
+
+Identical work: the default tiny Llama (same seed), the arithmetic preference pairs, 64 pairs per
+step, max length 16, beta 0.1, fp32, AdamW at the same lr, grad-norm clip 1.0, 2 CPU threads, no
+logging and no progress bars. Each run trains `--steps` steps over a dataset of `--steps / 2`
+batches (two epochs), timed from just before training to its end (TRL's reference precompute
+included). Modes: frozen reference computed every step (ours: cache off; TRL: deep-copied
+`ref_model`), and reference log-probs computed once (ours: the cache; TRL:
+`precompute_ref_log_probs=True`). Also: the fraction of this CPU's measured fp32 matmul throughput
+our step reaches (6 P tokens policy FLOPs + 2 P tokens for a reference forward).
+TRL is an optional bench dependency: pip install -e ".[bench]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from src.datamodules.arithmetic import ArithmeticTask  # noqa: E402
+from src.datamodules.lm import LMDataModule  # noqa: E402
+from src.lightning_modules.dpo import DPOModule  # noqa: E402
+from src.models import char_tokenizer, tiny_llama  # noqa: E402
+
+PAIRS, MAX_LEN, BETA, LR = 64, 16, 0.1, 2e-4
+
+
+class Rows:
+    """A fixed list of preference rows as a data source."""
+
+    def __init__(self, rows):
+        self._rows = rows
+
+    def rows(self, split):
+        return self._rows
+
+
+def data(steps: int):
+    n = PAIRS * max(steps // 2, 1)
+    task = ArithmeticTask(n_train=n, n_val=16, n_test=16, seed=0)
+    return [r for _, r in task.preference_rows("train")]
+
+
+def ours(rows, steps: int, cache: bool) -> tuple[float, float]:
+    tok = char_tokenizer()
+    dm = LMDataModule(Rows([(f"row {i}", r) for i, r in enumerate(rows)]), tok, kind="preference",
+                      batch_size=PAIRS, max_length=MAX_LEN)
+    dm.setup()
+    module = DPOModule(net=lambda tokenizer: tiny_llama(tokenizer, seed=0), tokenizer=tok, beta=BETA, lr=LR,
+                       weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0, cache_ref_logps=cache)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, gradient_clip_val=1.0)
+    tokens = sum(len(e["prompt_ids"]) * 2 + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in dm.examples["train"])
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    return steps / (time.perf_counter() - t0), tokens / (steps // 2)
+
+
+def trl(rows, steps: int, precompute: bool) -> float:
+    import datasets
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    tok = char_tokenizer()
+    model = tiny_llama(tok, seed=0)
+    ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PAIRS, max_steps=steps, learning_rate=LR,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, beta=BETA, max_length=MAX_LEN,
+        bf16=False, fp16=False, use_cpu=True, activation_checkpointing=False, gradient_checkpointing=False,
+        precompute_ref_log_probs=precompute, report_to="none", logging_steps=10_000, save_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0, seed=0,
+    )
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds, processing_class=tok)
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+    t0 = time.perf_counter()
+    trainer.train()
+    return steps / (time.perf_counter() - t0)
+
+
+def matmul_flops(n: int = 1024, reps: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = data(args.steps)
+    res = {k: [] for k in ("ours_ref", "trl_ref", "ours_cached", "trl_precompute")}
+    tokens_per_step = 0.0
+    for r in range(args.rounds):  # alternate ours and TRL so background load hits both alike
+        sps, tokens_per_step = ours(rows, args.steps, cache=False)
+        res["ours_ref"].append(sps)
+        res["trl_ref"].append(trl(rows, args.steps, precompute=False))
+        res["ours_cached"].append(ours(rows, args.steps, cache=True)[0])
+        res["trl_precompute"].append(trl(rows, args.steps, precompute=True))
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f} steps/s" for k, v in res.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    print(f"\nsteps/s (median of {args.rounds}; {args.steps} steps; {PAIRS} pairs/step; {args.threads} threads)")
+    print(f"  frozen reference, every step: ours {med['ours_ref']:.2f}  TRL {med['trl_ref']:.2f}  ratio {med['ours_ref'] / med['trl_ref']:.2f}x")
+    print(f"  reference once (cache / precompute): ours {med['ours_cached']:.2f}  TRL {med['trl_precompute']:.2f}  ratio {med['ours_cached'] / med['trl_precompute']:.2f}x")
+    params = sum(p.numel() for p in tiny_llama(char_tokenizer()).parameters())
+    peak = statistics.median(matmul_flops() for _ in range(3))
+    flops_ref = (6 + 2) * params * tokens_per_step * med["ours_ref"]
+    flops_cached = 6 * params * tokens_per_step * med["ours_cached"]
+    print(f"  CPU fp32 matmul (1024^3): {peak / 1e9:.1f} GFLOP/s; model FLOPs reached: "
+          f"{flops_ref / 1e9:.2f} GFLOP/s ({100 * flops_ref / peak:.1f}%) with reference forward, "
+          f"{flops_cached / 1e9:.2f} GFLOP/s ({100 * flops_cached / peak:.1f}%) cached "
+          f"[{params / 1e6:.2f} M params, {tokens_per_step:.0f} tokens/step]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Direct Preference Optimization and its loss family (Rafailov et al. 2023), with a frozen
+reference policy; TR-DPO's reference refresh (Gorbatovski et al. 2024) is the callback
+`src.callbacks.ReferenceRefresh`.
+
+With h = [log pi_theta(y_w|x) - log pi_ref(y_w|x)] - [log pi_theta(y_l|x) - log pi_ref(y_l|x)]:
+
+    sigmoid       L = -log sigma(beta h)                          (DPO, the lecture's L_DPO)
+                  with label smoothing eps (conservative DPO):
+                  L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+    ipo           L = (h - 1 / (2 beta))^2                        (Azar et al. 2023, IPO)
+    hinge         L = max(0, 1 - beta h)                          (SLiC-HF, Zhao et al. 2023)
+    naive_margin  L = -[log pi_theta(y_w|x) - log pi_theta(y_l|x)]  (the lecture's "Idea 0": no
+                  reference; the DPO paper's Table 3 meltdown)
+    sft_chosen    L = -log pi_theta(y_w|x) / |y_w|                (the lecture's "Idea 1")
+
+The implicit reward is r_hat(x, y) = beta log pi_theta(y|x) / pi_ref(y|x); its gradient form:
+    grad L_DPO = -beta E[ sigma(r_hat(y_l) - r_hat(y_w)) (grad log pi(y_w) - grad log pi(y_l)) ].
+Log-probabilities are sums over completion tokens (prompt and padding masked).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from transformers import AutoModelForCausalLM
+
+from src.lightning_modules.lm import LMModule, token_logps
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "naive_margin", "sft_chosen")
+NEEDS_REF = ("sigmoid", "ipo", "hinge")
+STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and the implicit rewards (beta * log-ratio, detached) of chosen and rejected.
+
+    All inputs are per-sequence log-probs of shape (B,). Without a reference (naive_margin,
+    sft_chosen) the rewards are beta * log pi_theta.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"algo.loss_type={loss_type!r}: must be one of {list(LOSS_TYPES)}")
+    ref_chosen = torch.zeros_like(policy_chosen) if ref_chosen is None else ref_chosen
+    ref_rejected = torch.zeros_like(policy_rejected) if ref_rejected is None else ref_rejected
+    chosen_ratio = policy_chosen - ref_chosen  # log pi_theta(y_w|x) / pi_ref(y_w|x)
+    rejected_ratio = policy_rejected - ref_rejected
+    h = chosen_ratio - rejected_ratio
+
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "naive_margin":
+        losses = -(policy_chosen - policy_rejected)
+    else:  # sft_chosen
+        n = chosen_lengths if chosen_lengths is not None else torch.ones_like(policy_chosen)
+        losses = -policy_chosen / n
+
+    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of completion-token log-probs per row, and the number of completion tokens."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logps, mask = token_logps(logits, labels)
+    return logps.sum(-1), mask.sum(-1)
+
+
+class DPOModule(LMModule):
+    def __init__(
+        self,
+        *args,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        ref_pretrained: str | None = None,
+        cache_ref_logps: bool = True,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"algo.loss_type={loss_type!r}: must be one of {list(LOSS_TYPES)}")
+        if beta <= 0:
+            raise ValueError(f"algo.beta={beta}: must be > 0")
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f"algo.label_smoothing={label_smoothing}: must be in [0, 0.5)")
+        # pi_ref: a frozen copy of the initial policy (pi_0 = pi_ref), or another checkpoint.
+        self.ref_model = None
+        if loss_type in NEEDS_REF:
+            if ref_pretrained:
+                self.ref_model = AutoModelForCausalLM.from_pretrained(ref_pretrained, local_files_only=True)
+            else:
+                self.ref_model = copy.deepcopy(self.model)
+            self.ref_model.requires_grad_(False).eval()
+        self._ref_cache: dict[tuple[str, int], tuple[float, float]] = {}
+        self.val_stats = torch.nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in STATS + ("loss",)})
+
+    # ------------------------------------------------------------------ reference
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.ref_model is not None:
+            self.ref_model.eval()  # the reference stays in eval mode
+        return self
+
+    def invalidate_ref_cache(self) -> None:
+        self._ref_cache.clear()
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi_ref of chosen and rejected; cached per example while the reference is unchanged."""
+        keys = [(split, int(i)) for i in batch["index"]]
+        if self.hparams.cache_ref_logps and all(k in self._ref_cache for k in keys):
+            rc, rr = zip(*(self._ref_cache[k] for k in keys))
+            return batch["input_ids"].new_tensor(rc, dtype=torch.float32), batch["input_ids"].new_tensor(rr, dtype=torch.float32)
+        logps, _ = sequence_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        rc, rr = logps.chunk(2)
+        if self.hparams.cache_ref_logps:
+            self._ref_cache.update(zip(keys, zip(rc.tolist(), rr.tolist())))
+        return rc, rr
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, batch: dict, split: str) -> tuple[torch.Tensor, dict]:
+        # chosen and rejected rows are stacked (2B rows): one policy forward pass for both
+        logps, lengths = sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        pc, pr = logps.chunk(2)
+        rc, rr = self.reference_logps(batch, split) if self.ref_model is not None else (None, None)
+        hp = self.hparams
+        losses, r_w, r_l = dpo_loss(pc, pr, rc, rr, hp.beta, hp.loss_type, hp.label_smoothing, lengths.chunk(2)[0])
+        stats = {
+            "rewards/chosen": r_w,
+            "rewards/rejected": r_l,
+            "rewards/accuracies": (r_w > r_l).float(),
+            "rewards/margins": r_w - r_l,
+            "logps/chosen": pc.detach(),
+            "logps/rejected": pr.detach(),
+        }
+        return losses.mean(), stats
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, stats = self(batch, "train")
+        n = batch["input_ids"].size(0) // 2
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        for k, v in stats.items():
+            self.log(f"train/{k}", v.mean(), prog_bar=k == "rewards/accuracies", batch_size=n)
+        return loss
+
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
+        loss, stats = self(batch, stage)
+        n = batch["input_ids"].size(0) // 2
+        stats["loss"] = loss.expand(n)
+        for k, v in stats.items():
+            metric = self.val_stats[k.replace("/", "_")]
+            metric.update(v)
+            self.log(f"{stage}/{k}", metric, on_epoch=True, prog_bar=k == "rewards/accuracies", batch_size=n)
+        self.eval_generation(batch, stage, batch_idx)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
