@@ -279,7 +279,7 @@ def test_naive_margin_melts_down(dpo_run, cfg_factory):
     from train import train
 
     _, objs, sft_init = dpo_run
-    cfg = cfg_factory(*DPO_LEARNING, "algo.loss_type=naive_margin", "model=hf", f"model.pretrained={sft_init}",
+    cfg = cfg_factory(*DPO_LEARNING, "algo.loss_type=naive_margin", "algo.lr=2e-4", "model=hf", f"model.pretrained={sft_init}",
                       "trainer.max_steps=150", "trainer.val_check_interval=150", quick=False)
     metrics, run = train(cfg)
     start = _validate(_module_from(sft_init, run["module"]), run["datamodule"])
