@@ -286,3 +286,14 @@ def test_naive_margin_melts_down(dpo_run, cfg_factory):
     end = _validate(run["module"], run["datamodule"])
     assert end["val/logps/chosen"] < start["val/logps/chosen"] - 1.0, (start, end)
     assert end["val/logps/rejected"] < start["val/logps/rejected"] - 1.0, (start, end)
+
+
+def test_ref_pretrained_sets_a_different_reference(cfg_factory, hf_dir):
+    """model.ref_pretrained=DIR: the reference is that checkpoint, not a copy of the policy."""
+    import hydra
+
+    cfg = cfg_factory("algo=dpo", f"model.ref_pretrained={hf_dir}")
+    tok = hydra.utils.instantiate(cfg.model.tokenizer)
+    module = hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net), tokenizer=tok)
+    assert module.ref_model.config.hidden_size == 32 and module.model.config.hidden_size == 128
+    assert all(not p.requires_grad for p in module.ref_model.parameters())
