@@ -95,3 +95,9 @@ def sft_jsonl(tmp_path) -> Path:
     rows = [{"prompt": f"{a}+{a}=", "completion": str(2 * a)} for a in range(40)]
     rows += [{"messages": [{"role": "user", "content": f"{a}*2"}, {"role": "assistant", "content": str(2 * a)}]} for a in range(10)]
     return write_jsonl(tmp_path / "sft.jsonl", rows)
+
+
+@pytest.fixture
+def pref_jsonl(tmp_path) -> Path:
+    rows = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(40)]
+    return write_jsonl(tmp_path / "pref.jsonl", rows)

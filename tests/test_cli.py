@@ -19,7 +19,8 @@ def run(*args: str, tmp: Path) -> subprocess.CompletedProcess:
 def test_help_lists_the_groups(tmp_path):
     r = run("--help", tmp=tmp_path)
     assert r.returncode == 0
-    for group in ("algo: sft", "data: arithmetic", "model: hf, tiny_llama", "logger: csv, none, wandb"):
+    for group in ("algo: dpo, sft, tr_dpo", "data: arithmetic, jsonl_pref, jsonl_sft", "model: hf, tiny_llama",
+                  "logger: csv, none, wandb"):
         assert group in r.stdout
 
 

@@ -26,8 +26,8 @@ def test_algo_configs_instantiate(cfg_factory, algo):
 
 
 @pytest.mark.parametrize("data", options("data"))
-def test_data_configs_instantiate(cfg_factory, data, sft_jsonl):
-    extra = [f"data.source.train={sft_jsonl}"] if "source" in data or "jsonl" in data else []
+def test_data_configs_instantiate(cfg_factory, data, sft_jsonl, pref_jsonl):
+    extra = {"jsonl_sft": [f"data.source.train={sft_jsonl}"], "jsonl_pref": [f"data.source.train={pref_jsonl}", "algo=dpo"]}.get(data, [])
     cfg = cfg_factory(*[o for o in extra], f"data={data}", quick=False)
     tok = hydra.utils.instantiate(cfg.model.tokenizer)
     dm = hydra.utils.instantiate(cfg.data, tokenizer=tok)
