@@ -14,6 +14,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 import src  # noqa: F401  (sets PROJECT_ROOT for conf/paths)
+from src.callbacks import HFExport
 from src.utils import (
     check_required,
     extras,
@@ -68,7 +69,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
             log.info("Best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
         for cb in callbacks:
-            if hasattr(cb, "dirpath") and type(cb).__name__ == "HFExport":
+            if isinstance(cb, HFExport):
                 log.info("Hugging Face export: %s  (use: model=hf model.pretrained=%s)", cb.dirpath, cb.dirpath)
         for r in runs:
             log.info("W&B run: %s", r)

@@ -71,7 +71,6 @@ def ours(rows, steps: int, cache: bool) -> tuple[float, float]:
 
 def trl(rows, steps: int, precompute: bool) -> float:
     import datasets
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     tok = char_tokenizer()
@@ -85,10 +84,6 @@ def trl(rows, steps: int, precompute: bool) -> float:
         disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0, seed=0,
     )
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds, processing_class=tok)
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
 
     t0 = time.perf_counter()
     trainer.train()

@@ -255,10 +255,9 @@ class LMDataModule(L.LightningDataModule):
         self.examples: dict[str, list[dict]] = {}
 
     def rows(self, split: str):
-        rows = self.source.rows(split)
-        if self.kind == "preference" and hasattr(self.source, "preference_rows"):
-            rows = self.source.preference_rows(split, seed=self.seed)
-        return rows
+        if self.kind == "preference" and hasattr(self.source, "preference_rows"):  # a task makes its pairs
+            return self.source.preference_rows(split, seed=self.seed)
+        return self.source.rows(split)
 
     def setup(self, stage: str | None = None) -> None:
         for split in ("train", "val", "test"):

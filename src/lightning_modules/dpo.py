@@ -106,7 +106,8 @@ class DPOModule(LMModule):
                 self.ref_model = copy.deepcopy(self.model)
             self.ref_model.requires_grad_(False).eval()
         self._ref_cache: dict[tuple[str, int], tuple[float, float]] = {}
-        self.val_stats = torch.nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in STATS + ("loss",)})
+        # pair-weighted means over the val (or test) split, summed across processes
+        self.eval_stats = torch.nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in STATS + ("loss",)})
 
     # ------------------------------------------------------------------ reference
     def train(self, mode: bool = True):
@@ -162,7 +163,7 @@ class DPOModule(LMModule):
         n = batch["input_ids"].size(0) // 2
         stats["loss"] = loss.expand(n)
         for k, v in stats.items():
-            metric = self.val_stats[k.replace("/", "_")]
+            metric = self.eval_stats[k.replace("/", "_")]
             metric.update(v)
             self.log(f"{stage}/{k}", metric, on_epoch=True, prog_bar=k == "rewards/accuracies", batch_size=n)
         self.eval_generation(batch, stage, batch_idx)
