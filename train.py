@@ -43,10 +43,12 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if "tokenizer" in cfg.model:
         shared["tokenizer"] = hydra.utils.instantiate(cfg.model.tokenizer)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, **shared)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = instantiate_callbacks(
+        cfg.get("callbacks"), has_logger=bool(loggers), progress_bar=cfg.trainer.get("enable_progress_bar", True)
+    )
     net = sft_warm_start(cfg, shared.get("tokenizer")) or hydra.utils.instantiate(cfg.model.net)
     module: L.LightningModule = hydra.utils.instantiate(cfg.algo, net=net, **shared)
-    loggers = instantiate_loggers(cfg.get("logger"))
-    callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}
 

@@ -29,3 +29,54 @@ class ExactMatch(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.correct.float() / self.total.clamp(min=1)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, Codex):
+    1 - C(n - c, k) / C(n, k), computed as a stable product."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least k={k} samples per prompt, got n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(torch.prod(1.0 - k / torch.arange(n - c + 1, n + 1, dtype=torch.float64)))
+
+
+def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
+    """Majority voting (self-consistency): is the most frequent extracted answer a correct one?
+    Ties go to the answer seen first; samples with no extractable answer do not vote."""
+    votes: dict[str, int] = {}
+    for a in answers:
+        if a is not None:
+            votes[a] = votes.get(a, 0) + 1
+    if not votes:
+        return False
+    top = max(votes, key=votes.get)  # first maximal key in insertion order
+    return any(c for a, c in zip(answers, correct) if a == top)
+
+
+class PassAtK(Metric):
+    """Mean over prompts of pass@k (unbiased, for each k in `ks`) and of majority@n, from n sampled
+    completions per prompt; summed across processes."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, ks: list[int], **kwargs):
+        super().__init__(**kwargs)
+        self.ks = sorted(set(int(k) for k in ks))
+        self.add_state("pass_sum", default=torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("majority_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("prompts", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, correct: list[list[bool]], answers: list[list[str | None]]) -> None:
+        for c, a in zip(correct, answers, strict=True):
+            n, k_correct = len(c), sum(c)
+            self.pass_sum += torch.tensor([pass_at_k(n, k_correct, k) for k in self.ks], dtype=torch.float64)
+            self.majority_sum += float(majority_correct(a, c))
+            self.prompts += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.prompts.clamp(min=1)
+        out = {f"pass@{k}": (self.pass_sum[i] / n).float() for i, k in enumerate(self.ks)}
+        out["majority"] = (self.majority_sum / n).float()
+        return out

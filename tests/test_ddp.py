@@ -1,4 +1,5 @@
-"""DDP on 2 CPU processes (gloo, ddp_fork): the TR-DPO reference is identical on every rank."""
+"""DDP on 2 CPU processes (gloo, ddp_fork): the TR-DPO reference is identical on every rank; RLVR's
+batch-level advantages over both ranks equal the single-process computation on the whole batch."""
 
 from __future__ import annotations
 
@@ -36,3 +37,45 @@ def test_tr_dpo_reference_identical_across_ranks(cfg_factory):
     assert metrics["ddp/world"] == 2
     assert metrics["ddp/checksum_spread"] == 0.0, "ranks disagree on the policy or the reference"
     assert metrics["ref/refreshes"] == 3
+
+
+class AdvantageCheck(L.Callback):
+    """After each step: the advantages both ranks used, side by side, against a single-process
+    computation on the whole (gathered) batch; and whether the ranks agree on the retired set."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from src.lightning_modules.rlvr import group_advantages
+
+        last = pl_module.last_batch
+        local = pl_module.all_gather(last["adv"]).flatten(0, 1)  # (world * B, G), rank order
+        single = group_advantages(last["rewards_all"], pl_module.adv_norm, last["keep_all"])
+        n = pl_module.all_gather(torch.tensor(float(len(pl_module.retired))))
+        pol = pl_module.all_gather(torch.stack([p.double().sum() for p in pl_module.model.parameters()]).sum())
+        worst = {  # the maximum over all steps of the epoch
+            "ddp/world": float(trainer.world_size),
+            "ddp/adv_error": (local - single).abs().max(),
+            "ddp/kept_groups": last["keep_all"].float().sum(),
+            "ddp/retired_spread": n.max() - n.min(),
+            "ddp/policy_spread": (pol.max() - pol.min()).float(),
+        }
+        for k, v in worst.items():
+            pl_module.log(k, v, batch_size=1, reduce_fx="max", on_step=False, on_epoch=True)
+
+
+def test_rlvr_batch_normalisation_across_ranks_equals_single_process(cfg_factory):
+    import train as train_mod
+
+    from tests.test_rlvr import RUN
+
+    cfg = cfg_factory(*RUN, "trainer.max_steps=4", "+trainer.strategy=ddp_fork", "trainer.devices=2",
+                      "data.batch_size=2", "data.source.n_train=32")
+    original = train_mod.instantiate_callbacks
+    train_mod.instantiate_callbacks = lambda *a, **k: original(*a, **k) + [AdvantageCheck()]
+    try:
+        metrics, _ = train_mod.train(cfg)
+    finally:
+        train_mod.instantiate_callbacks = original
+    assert metrics["ddp/world"] == 2
+    assert metrics["ddp/kept_groups"] >= 1, "no group with a learning signal: the check is vacuous"
+    assert metrics["ddp/adv_error"] < 1e-6
+    assert metrics["ddp/retired_spread"] == 0 and metrics["ddp/policy_spread"] == 0

@@ -213,20 +213,23 @@ class Collator:
 class EpochShuffle(Sampler[int]):
     """A shuffle that is a function of (seed, epoch) alone, so a run resumed at an epoch boundary
     sees the same order as an uninterrupted one (Lightning calls `set_epoch`; under DDP it wraps
-    this sampler in a distributed one)."""
+    this sampler in a distributed one). Indices in `exclude` (a set that may grow during training,
+    e.g. RLVR's retired prompts) are skipped from the next epoch on."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, exclude: set[int] | None = None):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.exclude = exclude if exclude is not None else set()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        return iter([i for i in order if i not in self.exclude] if self.exclude else order)
 
     def __len__(self) -> int:
-        return self.n
+        return self.n - len(self.exclude)
 
 
 class LMDataModule(L.LightningDataModule):
@@ -253,6 +256,7 @@ class LMDataModule(L.LightningDataModule):
         self.seed = seed
         self.collate = Collator(kind, tokenizer.pad_token_id)
         self.examples: dict[str, list[dict]] = {}
+        self.retired: set[int] = set()  # train indices never to be sampled again (RLVR)
 
     def rows(self, split: str):
         if self.kind == "preference" and hasattr(self.source, "preference_rows"):  # a task makes its pairs
@@ -271,7 +275,7 @@ class LMDataModule(L.LightningDataModule):
         return DataLoader(
             data,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=EpochShuffle(len(data), self.seed) if shuffle else None,
+            sampler=EpochShuffle(len(data), self.seed, exclude=self.retired) if shuffle else None,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -39,6 +39,14 @@ def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return loss / n.clamp(min=1), n
 
 
+def _can_fuse(params: list[torch.Tensor]) -> bool:
+    """torch's fused AdamW takes plain float tensors on CPU or CUDA (not sharded DTensors)."""
+    return bool(params) and all(
+        type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda") and p.is_floating_point()
+        for p in params
+    )
+
+
 class LMModule(L.LightningModule):
     def __init__(
         self,
@@ -57,7 +65,7 @@ class LMModule(L.LightningModule):
             raise ValueError(f"algo.lr={lr}: must be > 0")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"algo.min_lr_ratio={min_lr_ratio}: must be in [0, 1]")
-        self.save_hyperparameters(ignore=["net", "tokenizer"], logger=False)
+        self.save_hyperparameters(ignore=["net", "tokenizer", "reward"], logger=False)
         self.tokenizer = tokenizer
         self.model = net(tokenizer=tokenizer)
         self.val_exact_match, self.test_exact_match = ExactMatch(), ExactMatch()
@@ -73,6 +81,7 @@ class LMModule(L.LightningModule):
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
             betas=tuple(hp.betas),
+            fused=_can_fuse(decay + no_decay) or None,  # one kernel for all parameters (CPU and CUDA)
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         sched = get_cosine_with_min_lr_schedule_with_warmup(

@@ -74,10 +74,12 @@ def check_required(cfg: DictConfig) -> None:
         )
 
 
-def instantiate_callbacks(cfg: DictConfig | None, has_logger: bool = True) -> list[L.Callback]:
+def instantiate_callbacks(cfg: DictConfig | None, has_logger: bool = True, progress_bar: bool = True) -> list[L.Callback]:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
     if not has_logger:  # with logger=none, a learning-rate monitor has nowhere to write (Lightning raises)
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+    if not progress_bar:  # trainer.enable_progress_bar=false wins over the configured bar (Lightning raises)
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
     return callbacks
 
 

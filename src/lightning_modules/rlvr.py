@@ -1,0 +1,468 @@
+"""RL with verifiable rewards, following ScaleRL (Khatri et al. 2025, "The Art of Scaling
+Reinforcement Learning Compute for LLMs"), the lecture's objective:
+
+    J(theta) = E_{x ~ D, {y_i}_{i=1..G} ~ pi_gen(.|x)} [ 1 / sum_g |y_g|
+               * sum_i sum_t sg(min(rho_{i,t}, eps)) * A_i^norm * log pi_train(y_{i,t}) ]
+
+    rho_{i,t} = pi_train(y_{i,t}) / pi_gen(y_{i,t})       (truncated importance sampling, CISPO)
+    A_i = r_i - mean_group(r),   A_i^norm = A_i / std_batch(A)   (batch-level normalisation)
+    kept only if 0 < mean_group(r) < 1                      (zero-variance filtering)
+    and pass_rate(x) < 0.9                                  (no-positive resampling)
+
+pi_gen is a copy of the policy refreshed every `generation_lag` optimizer steps (ScaleRL's
+PipelineRL-8 keeps the generators about 8 steps behind the trainer), so rho differs from 1.
+Variants to compare (`loss_type`):
+    cispo  the objective above (MiniMax-M1's CISPO, ScaleRL's choice)
+    grpo   PPO's clipped ratio, min(rho A, clip(rho, 1-e_lo, 1+e_hi) A), group-std advantages,
+           sequence-mean aggregation (Shao et al. 2024, DeepSeekMath)
+    dapo   the clipped ratio with clip-higher (e_hi = 0.28), token-level aggregation (Yu et al. 2025)
+With beta > 0 a KL penalty to a frozen reference is added per token, with the k3 estimator
+pi_ref/pi - log(pi_ref/pi) - 1 (DeepSeekMath): the lecture's KL-regularised objective.
+Logits and log-softmax are float32 at the LM head, even under bf16 mixed precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torchmetrics import MeanMetric
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from src.lightning_modules.lm import LMModule
+from src.metrics import PassAtK
+from src.models.rollout import HFRollout, Rollout, cache_kwarg, fp32_logits, position_ids
+from src.rewards import score
+
+LOSS_TYPES = ("cispo", "grpo", "dapo")
+AGGREGATIONS = ("prompt", "token", "sequence")
+NORMALISATIONS = ("batch", "group", "none")
+# each loss type as its paper states it; `adv_norm` / `loss_agg` / `clip_high` override
+PRESETS = {
+    "cispo": {"adv_norm": "batch", "loss_agg": "prompt", "clip_high": None},
+    "grpo": {"adv_norm": "group", "loss_agg": "sequence", "clip_high": 0.2},
+    "dapo": {"adv_norm": "group", "loss_agg": "token", "clip_high": 0.28},
+}
+STD_EPS = 1e-6
+STAGES = {"train": 0, "val": 1, "test": 2}
+
+
+# --------------------------------------------------------------------------- advantages
+def zero_variance(rewards: torch.Tensor) -> torch.Tensor:
+    """(B,) True where all G rewards of a prompt are equal (no learning signal)."""
+    return rewards.amax(-1) == rewards.amin(-1)
+
+
+def group_advantages(rewards: torch.Tensor, norm: str = "batch", keep: torch.Tensor | None = None) -> torch.Tensor:
+    """A_i = r_i - mean_group(r), normalised by the std over the batch (`batch`, ScaleRL), by each
+    group's std (`group`, GRPO) or not at all; groups with keep = False get A = 0.
+
+    rewards: (B, G). The batch std is taken over the kept groups' advantages (the batch that
+    enters the loss); stds are unbiased (Bessel), as torch.std.
+    """
+    if norm not in NORMALISATIONS:
+        raise ValueError(f"algo.adv_norm={norm!r}: must be one of {list(NORMALISATIONS)}")
+    keep = torch.ones(rewards.size(0), dtype=torch.bool, device=rewards.device) if keep is None else keep
+    adv = rewards - rewards.mean(-1, keepdim=True)
+    if norm == "batch":
+        kept = adv[keep]
+        std = kept.std() if kept.numel() > 1 else adv.new_tensor(1.0)
+        adv = adv / (std + STD_EPS)
+    elif norm == "group":
+        adv = adv / (rewards.std(-1, keepdim=True) + STD_EPS)
+    return adv * keep.unsqueeze(-1)
+
+
+# --------------------------------------------------------------------------- the loss
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, how: str,
+              normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce per-token losses (B, G, T) over the kept groups' completion tokens.
+
+    prompt    per prompt: sum over its G samples' tokens / sum_g |y_g|; mean over prompts (ScaleRL)
+    token     sum over all tokens / number of tokens (DAPO)
+    sequence  per sample: mean over its tokens; mean over samples (GRPO)
+    `normalizer` replaces the local count of units (prompts, tokens, samples), e.g. by the count
+    over all processes divided by their number, so that DDP's gradient average is exact.
+    """
+    m = mask & keep[:, None, None]
+    lm = loss * m
+    if how == "prompt":
+        per_unit = lm.sum((1, 2)) / m.sum((1, 2)).clamp(min=1)
+    elif how == "token":
+        per_unit = lm
+    elif how == "sequence":
+        per_unit = lm.sum(-1) / m.sum(-1).clamp(min=1)
+    else:
+        raise ValueError(f"algo.loss_agg={how!r}: must be one of {list(AGGREGATIONS)}")
+    n = count_units(mask, keep, how) if normalizer is None else normalizer
+    return per_unit.sum() / max(float(n), 1.0)
+
+
+def count_units(mask: torch.Tensor, keep: torch.Tensor, how: str) -> torch.Tensor:
+    """How many prompts / tokens / samples `aggregate` averages over."""
+    m = mask & keep[:, None, None]
+    if how == "prompt":
+        return (m.sum((1, 2)) > 0).sum()
+    if how == "token":
+        return m.sum()
+    return (m.sum(-1) > 0).sum()
+
+
+def rlvr_loss(
+    logp: torch.Tensor,
+    logp_gen: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    loss_type: str = "cispo",
+    loss_agg: str = "prompt",
+    epsilon: float = 5.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy loss (to minimise: -J) and importance-ratio statistics.
+
+    logp: log pi_train(y_t) (B, G, T), with gradient; logp_gen: log pi_gen(y_t) from the sampler;
+    adv: normalised advantages (B, G); mask: completion tokens (B, G, T); keep: groups in the loss (B,).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"algo.loss_type={loss_type!r}: must be one of {list(LOSS_TYPES)}")
+    keep = torch.ones(adv.size(0), dtype=torch.bool, device=adv.device) if keep is None else keep
+    a = adv.unsqueeze(-1)  # (B, G, 1): one advantage per sample, for all its tokens
+    if loss_type == "cispo":
+        rho = torch.exp(logp.detach() - logp_gen)  # pi_train / pi_gen, no gradient (sg)
+        weight = torch.clamp(rho, max=epsilon)  # min(rho, eps)
+        objective = weight * a * logp  # sg(min(rho, eps)) A log pi_train
+        clipped = rho > epsilon
+    else:  # grpo, dapo: PPO's clipped surrogate, the gradient flows through rho
+        rho = torch.exp(logp - logp_gen)
+        rho_clip = torch.clamp(rho, 1 - clip_low, 1 + clip_high)
+        objective = torch.minimum(rho * a, rho_clip * a)
+        clipped = (rho_clip * a < rho * a).detach()
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("algo.beta > 0 needs the reference log-probs")
+        d = ref_logp - logp  # log pi_ref / pi_theta
+        objective = objective - beta * (torch.exp(d) - d - 1)  # k3 estimator of KL(pi_theta || pi_ref)
+    loss = aggregate(-objective, mask, keep, loss_agg, normalizer)
+
+    with torch.no_grad():
+        m = mask.bool()
+        r = rho.detach()[m]
+        stats = {
+            "rho/mean": r.mean() if r.numel() else r.new_tensor(1.0),
+            "rho/max": r.max() if r.numel() else r.new_tensor(1.0),
+            "rho/frac_truncated": clipped[m].float().mean() if r.numel() else r.new_tensor(0.0),
+        }
+        if beta > 0:
+            d = (ref_logp - logp.detach())[m]
+            stats["kl"] = (torch.exp(d) - d - 1).mean()
+    return loss, stats
+
+
+def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
+                     group: int = 1):
+    """log pi(y_t | x, y_<t) of each completion token (FP32 LM head, temperature applied), and the
+    entropy of pi at each of those positions. Prompts are left-padded, completions right-padded.
+
+    With `group` = G > 1, `prompt_ids` holds the B distinct prompts and the completions are their
+    B*G samples (prompt-major): each prompt is encoded once and its keys/values are shared by its G
+    completions (gradients flow back through the shared cache), instead of G identical copies.
+    """
+    if group == 1:
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        mask = torch.cat([prompt_mask.bool(), completion_mask.bool()], 1).long()
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        hidden = hidden[:, -completion_ids.size(1) - 1 : -1]  # the positions that predict y_0 .. y_{T-1}
+    else:
+        kw = {cache_kwarg(model): DynamicCache(config=model.config)}
+        out = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+                               use_cache=True, **kw)
+        hidden = out.last_hidden_state[:, -1:].repeat_interleave(group, 0)  # predicts y_0
+        if completion_ids.size(1) > 1:
+            kw[cache_kwarg(model)].batch_repeat_interleave(group)
+            mask = torch.cat([prompt_mask.repeat_interleave(group, 0).bool(), completion_mask.bool()], 1).long()
+            p = prompt_ids.size(1)
+            rest = model.base_model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
+                                    position_ids=position_ids(mask)[:, p:-1], use_cache=True, **kw)
+            hidden = torch.cat([hidden, rest.last_hidden_state], 1)  # predicts y_1 .. y_{T-1}
+    logits = fp32_logits(model, hidden, temperature)
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+# --------------------------------------------------------------------------- the module
+class RLVRModule(LMModule):
+    def __init__(
+        self,
+        *args,
+        reward=None,
+        num_generations: int = 8,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        loss_type: str = "cispo",
+        loss_agg: str | None = None,
+        adv_norm: str | None = None,
+        epsilon: float = 5.0,
+        clip_low: float = 0.2,
+        clip_high: float | None = None,
+        beta: float = 0.0,
+        ref_pretrained: str | None = None,
+        generation_lag: int = 8,
+        zero_variance_filter: bool = True,
+        retire_threshold: float | None = 0.9,
+        pass_threshold: float = 1.0,
+        truncated_reward: float | None = 0.0,
+        reward_on_error: str = "raise",
+        val_num_samples: int = 8,
+        val_temperature: float = 1.0,
+        log_completions_every_n_steps: int = 50,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if reward is None or not callable(reward):
+            raise ValueError("algo.reward: a verifier is required (reward=exact|numeric|math|custom)")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"algo.loss_type={loss_type!r}: must be one of {list(LOSS_TYPES)}")
+        preset = PRESETS[loss_type]
+        self.loss_agg = loss_agg or preset["loss_agg"]
+        self.adv_norm = adv_norm or preset["adv_norm"]
+        self.clip_high = clip_high if clip_high is not None else preset["clip_high"]
+        if self.loss_agg not in AGGREGATIONS:
+            raise ValueError(f"algo.loss_agg={loss_agg!r}: must be one of {list(AGGREGATIONS)}")
+        if self.adv_norm not in NORMALISATIONS:
+            raise ValueError(f"algo.adv_norm={adv_norm!r}: must be one of {list(NORMALISATIONS)}")
+        if num_generations < 2:
+            raise ValueError(f"algo.num_generations={num_generations}: group advantages need >= 2 samples")
+        if generation_lag < 0:
+            raise ValueError(f"algo.generation_lag={generation_lag}: must be >= 0 (0 = on-policy)")
+        if epsilon <= 0:
+            raise ValueError(f"algo.epsilon={epsilon}: must be > 0")
+        if reward_on_error not in ("raise", "zero"):
+            raise ValueError(f"algo.reward_on_error={reward_on_error!r}: must be 'raise' or 'zero'")
+        if val_num_samples < 1:
+            raise ValueError(f"algo.val_num_samples={val_num_samples}: must be >= 1")
+        self.reward = reward
+        tok = self.tokenizer
+        # pi_gen: a lagged copy refreshed every `generation_lag` steps; with 0 the policy itself
+        self.generator = copy.deepcopy(self.model).requires_grad_(False).eval() if generation_lag > 0 else None
+        self.ref_model = None
+        if beta > 0:
+            self.ref_model = (
+                AutoModelForCausalLM.from_pretrained(ref_pretrained, local_files_only=True)
+                if ref_pretrained else copy.deepcopy(self.model)
+            ).requires_grad_(False).eval()
+        self.engine = HFRollout(self.generator or self.model, tok.eos_token_id, tok.pad_token_id)
+        self.eval_engine = HFRollout(self.model, tok.eos_token_id, tok.pad_token_id)
+        self.retired: set[int] = set()  # train prompts with pass rate >= retire_threshold
+        self.compute = 0.0  # cumulative model FLOPs: 2 N per generated token, 6 N per trained token
+        self.samples = 0  # cumulative sampled completions
+        ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= val_num_samples] + [val_num_samples]
+        self.val_pass, self.test_pass = PassAtK(ks), PassAtK(ks)
+        self.val_reward, self.test_reward = MeanMetric(), MeanMetric()
+        self.last_val: dict[str, float] = {}
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+
+    # ------------------------------------------------------------------ state
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "retired"):
+            dm.retired.update(self.retired)
+            self.retired = dm.retired  # one set: the train sampler skips what the module retires
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in (self.generator, self.ref_model):
+            if m is not None:
+                m.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rlvr"] = {"retired": sorted(self.retired), "compute": self.compute, "samples": self.samples}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rlvr", {})
+        self.retired.clear()  # in place: the datamodule's sampler holds this set
+        self.retired.update(state.get("retired", []))
+        self.compute, self.samples = state.get("compute", 0.0), state.get("samples", 0)
+
+    def _rng(self, stage: str, step: int) -> torch.Generator:
+        """Sampling noise as a function of (seed, stage, step, rank): a resumed run draws the same."""
+        key = ((self.hparams.seed * 1_000_003 + STAGES[stage]) * 1_000_003 + step) * 1_009 + self.global_rank
+        return torch.Generator(device=self.device).manual_seed(key % 2**63)
+
+    # ------------------------------------------------------------------ rewards
+    def rewards(self, prompts: list[str], answers: list[str], texts: list[str], truncated: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(B*G,) rewards; truncated completions get `truncated_reward` when it is set."""
+        g = len(texts) // len(prompts)
+        rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
+        r, errors = score(self.reward, rep(prompts), texts, rep(answers), self.hparams.reward_on_error)
+        r = torch.tensor(r, dtype=torch.float32, device=self.device)
+        if self.hparams.truncated_reward is not None:
+            r = torch.where(truncated, torch.full_like(r, self.hparams.truncated_reward), r)
+        return r, errors
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate a per-process tensor over processes along dim 0 (identity on one process)."""
+        if self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x).flatten(0, 1)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        b, g = batch["prompt_input_ids"].size(0), hp.num_generations
+        t0 = time.perf_counter()
+        roll: Rollout = self.engine.generate(
+            batch["prompt_input_ids"], batch["prompt_attention_mask"], g, hp.max_new_tokens,
+            hp.temperature, hp.top_p, self._rng("train", self.global_step),
+        )
+        t_gen = time.perf_counter() - t0
+        texts = self.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True)
+        r, errors = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated)
+        r = r.view(b, g)
+
+        # batch-level statistics over all processes: advantages, zero-variance, retirement
+        r_all = self._gather(r)
+        zv_all = zero_variance(r_all)
+        keep_all = ~zv_all if hp.zero_variance_filter else torch.ones_like(zv_all)
+        adv_all = group_advantages(r_all, self.adv_norm, keep_all)
+        lo = self.global_rank * b if self.trainer.world_size > 1 else 0
+        adv, keep = adv_all[lo : lo + b], keep_all[lo : lo + b]
+        self.last_batch = {"rewards_all": r_all, "keep_all": keep_all, "adv": adv}  # for inspection
+        passed = (r >= hp.pass_threshold).float()
+        if hp.retire_threshold is not None:
+            idx_all, rate_all = self._gather(batch["index"]), self._gather(passed.mean(-1))
+            self.retired.update(idx_all[rate_all >= hp.retire_threshold].tolist())
+
+        # policy log-probs of the sampled tokens, and the loss
+        t1 = time.perf_counter()
+        p_ids, p_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        seqs = (p_ids, p_mask, roll.completion_ids, roll.completion_mask, hp.temperature, g)
+        logp, entropy = completion_logps(self.model, *seqs)
+        ref_logp = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_logp = completion_logps(self.ref_model, *seqs)[0].view(b, g, -1)
+        mask = roll.completion_mask.view(b, g, -1)
+        units = count_units(mask, keep, self.loss_agg)
+        normalizer = self._gather(units.view(1)).sum().float() / self.trainer.world_size
+        loss, stats = rlvr_loss(
+            logp.view(b, g, -1), roll.logps.view(b, g, -1), adv, mask, keep, hp.loss_type, self.loss_agg,
+            hp.epsilon, hp.clip_low, self.clip_high, ref_logp, hp.beta, normalizer,
+        )
+        t_train = time.perf_counter() - t1  # forward only; backward follows in Lightning
+
+        # bookkeeping and metrics
+        n_gen = int(roll.lengths.sum())
+        n_prompt = int(batch["prompt_attention_mask"].sum())
+        n_train = n_prompt + n_gen  # each prompt is encoded once for its G samples
+        self.compute += float(2 * self.n_params * (n_prompt + n_gen) + 6 * self.n_params * n_train) * self.trainer.world_size
+        self.samples += b * g * self.trainer.world_size
+        m = roll.completion_mask
+        log = {
+            "loss": loss.detach(),
+            "reward/mean": r.mean(),
+            "reward/std": r.std(),
+            "pass_rate": passed.mean(),
+            "frac_zero_variance": zv_all.float().mean(),
+            "retired_prompts": float(len(self.retired)),
+            "entropy": entropy[m].mean(),
+            "completion_length": roll.lengths.float().mean(),
+            "truncation_rate": roll.truncated.float().mean(),
+            "reward_errors": float(errors),
+            "samples": float(self.samples),
+            "compute_flops": self.compute,
+            **stats,
+        }
+        for k, v in log.items():
+            self.log(f"train/{k}", v, prog_bar=k in ("reward/mean", "pass_rate"), batch_size=b)
+        self.log("perf/gen_tokens_per_s", n_gen / max(t_gen, 1e-9), batch_size=b)
+        self.log("perf/train_forward_tokens_per_s", n_train / max(t_train, 1e-9), batch_size=b)
+        every = self.hparams.log_completions_every_n_steps
+        if every and self.global_step % every == 0:
+            self._log_completions(batch, texts, r, roll.truncated, g)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """Refresh pi_gen from the trainer's weights every `generation_lag` optimizer steps."""
+        lag = self.hparams.generation_lag
+        if lag > 0 and self.global_step % lag == 0 and self.global_step != getattr(self, "_synced_at", -1):
+            self.generator.load_state_dict(self.model.state_dict())
+            self._synced_at = self.global_step
+
+    def _log_completions(self, batch, texts, r, truncated, g) -> None:
+        rows = []
+        n = self.hparams.num_logged_samples
+        for i in range(min(n, len(batch["prompts"]))):
+            for j in range(g):
+                rows.append([self.global_step, batch["prompts"][i], texts[i * g + j], batch["references"][i],
+                             float(r[i, j]), bool(truncated[i * g + j])])
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key="train/completions", columns=["step", "prompt", "completion", "answer", "reward", "truncated"],
+                                 data=rows, step=self.global_step)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
+        """n samples per prompt from the current policy: pass@k, majority@n, mean reward."""
+        hp = self.hparams
+        n = hp.val_num_samples
+        roll = self.eval_engine.generate(
+            batch["prompt_input_ids"], batch["prompt_attention_mask"], n, hp.max_new_tokens,
+            hp.val_temperature, 1.0, self._rng(stage, batch_idx),
+        )
+        texts = self.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True)
+        r, _ = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated)
+        b = len(batch["prompts"])
+        correct = (r >= hp.pass_threshold).view(b, n).tolist()
+        answers = [self.reward.extract(t) if hasattr(self.reward, "extract") else t.strip() for t in texts]
+        getattr(self, f"{stage}_pass").update(correct, [answers[i * n : (i + 1) * n] for i in range(b)])
+        getattr(self, f"{stage}_reward").update(r)
+        if batch_idx == 0:
+            self._samples = [
+                [batch["prompts"][i // n], texts[i], batch["references"][i // n], float(r[i])]
+                for i in range(min(len(texts), hp.num_logged_samples * n))
+            ]
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        metric = getattr(self, f"{stage}_pass")
+        values = {f"{stage}/{k}": v for k, v in metric.compute().items()}
+        k_max = max(metric.ks)
+        values[f"{stage}/pass@k"] = values[f"{stage}/pass@{k_max}"]
+        values[f"{stage}/majority@k"] = values.pop(f"{stage}/majority")
+        values[f"{stage}/reward/mean"] = getattr(self, f"{stage}_reward").compute()
+        metric.reset()
+        getattr(self, f"{stage}_reward").reset()
+        if stage == "val":
+            self.last_val = {k: float(v) for k, v in values.items()}
+        if not self.trainer.sanity_checking:
+            for k, v in values.items():
+                self.log(k, v, prog_bar=k.endswith("pass@1"), sync_dist=False)
+        if self._samples and not self.trainer.sanity_checking:
+            for logger in self.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_table(key=f"{stage}/samples", columns=["prompt", "completion", "answer", "reward"],
+                                     data=self._samples, step=self.global_step)
+        self._samples = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")

@@ -1,0 +1,368 @@
+"""RLVR (ScaleRL): the loss against hand computations, the stop-gradient, advantages, zero-variance
+filtering, no-positive resampling across resume, the rollout engine, verifiers, pass@k and the
+ScaleRL sigmoid fit."""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+
+import numpy as np
+import pytest
+import torch
+
+from src.lightning_modules.rlvr import aggregate, completion_logps, group_advantages, rlvr_loss, zero_variance
+from src.metrics import PassAtK, majority_correct, pass_at_k
+
+# --------------------------------------------------------------------------- fixed inputs
+# B = 2 prompts, G = 2 samples, T = 3 tokens; sample lengths 3, 1 | 2, 3
+MASK = torch.tensor([[[1, 1, 1], [1, 0, 0]], [[1, 1, 0], [1, 1, 1]]], dtype=torch.bool)
+LOGP = torch.tensor([[[-0.5, -1.0, -0.2], [-2.0, 0.0, 0.0]], [[-0.1, -0.3, 0.0], [-1.5, -0.7, -0.4]]])
+LOGP_GEN = torch.tensor([[[-0.6, -0.9, -2.5], [-1.0, 0.0, 0.0]], [[-0.1, -0.5, 0.0], [-1.4, -0.9, -0.3]]])
+ADV = torch.tensor([[1.0, -1.0], [-0.5, 2.0]])
+
+
+def _tokens():
+    """(b, g, t) of every completion token."""
+    return [(b, g, t) for b in range(2) for g in range(2) for t in range(3) if MASK[b, g, t]]
+
+
+def _hand_objective(loss_type, eps=5.0, lo=0.2, hi=0.2):
+    """Per-token objective by hand, one float at a time."""
+    out = {}
+    for b, g, t in _tokens():
+        lp, lq, a = float(LOGP[b, g, t]), float(LOGP_GEN[b, g, t]), float(ADV[b, g])
+        rho = math.exp(lp - lq)
+        if loss_type == "cispo":
+            out[b, g, t] = min(rho, eps) * a * lp
+        else:
+            out[b, g, t] = min(rho * a, min(max(rho, 1 - lo), 1 + hi) * a)
+    return out
+
+
+def _hand_aggregate(obj, how):
+    if how == "token":
+        return -sum(obj.values()) / len(obj)
+    if how == "sequence":
+        per = [sum(v for (b, g, _), v in obj.items() if (b, g) == (bb, gg)) / int(MASK[bb, gg].sum())
+               for bb in range(2) for gg in range(2)]
+        return -sum(per) / len(per)
+    per = [sum(v for (b, _, _), v in obj.items() if b == bb) / int(MASK[bb].sum()) for bb in range(2)]
+    return -sum(per) / len(per)
+
+
+@pytest.mark.parametrize("loss_type,hi", [("cispo", None), ("grpo", 0.2), ("dapo", 0.28)])
+@pytest.mark.parametrize("how", ["prompt", "token", "sequence"])
+def test_loss_matches_hand_computation(loss_type, hi, how):
+    loss, _ = rlvr_loss(LOGP, LOGP_GEN, ADV, MASK, loss_type=loss_type, loss_agg=how, epsilon=1.5,
+                        clip_low=0.2, clip_high=hi or 0.2)
+    want = _hand_aggregate(_hand_objective(loss_type, eps=1.5, hi=hi or 0.2), how)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_prompt_level_aggregation_is_the_lectures_normaliser():
+    """1 / sum_g |y_g| per prompt: prompt 0 has 3 + 1 tokens, prompt 1 has 2 + 3."""
+    ones = torch.ones_like(LOGP)
+    assert aggregate(ones, MASK, torch.tensor([True, True]), "prompt").item() == pytest.approx(1.0)
+    x = torch.zeros_like(LOGP)
+    x[0, 1, 0] = 4.0  # the 1-token sample of prompt 0
+    assert aggregate(x, MASK, torch.tensor([True, True]), "prompt").item() == pytest.approx((4.0 / 4) / 2)
+    assert aggregate(x, MASK, torch.tensor([True, True]), "token").item() == pytest.approx(4.0 / 9)
+    assert aggregate(x, MASK, torch.tensor([True, True]), "sequence").item() == pytest.approx(4.0 / 4)
+
+
+def test_kl_penalty_is_the_k3_estimator():
+    ref = LOGP - 0.3
+    base, _ = rlvr_loss(LOGP, LOGP_GEN, ADV, MASK, loss_type="cispo", loss_agg="token")
+    with_kl, stats = rlvr_loss(LOGP, LOGP_GEN, ADV, MASK, loss_type="cispo", loss_agg="token", ref_logp=ref, beta=0.1)
+    k3 = math.exp(-0.3) + 0.3 - 1
+    assert (with_kl - base).item() == pytest.approx(0.1 * k3, rel=1e-4)
+    assert stats["kl"].item() == pytest.approx(k3, rel=1e-5)
+
+
+def test_cispo_gradient_does_not_flow_through_rho():
+    """On a toy policy, d loss / d theta = -sum sg(min(rho, eps)) A grad log pi / N, exactly: the
+    weight is a constant. Letting the gradient into rho (no sg) would give a different gradient."""
+    torch.manual_seed(0)
+    theta = torch.randn(2, 2, 3, 5, requires_grad=True)  # logits of a toy per-position policy
+    tokens = torch.randint(0, 5, (2, 2, 3))
+    logp = torch.log_softmax(theta, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    logp_gen = (logp.detach() + torch.tensor(0.4).expand_as(logp) * torch.randn_like(logp)).clamp(max=0)
+    loss, _ = rlvr_loss(logp, logp_gen, ADV, MASK, loss_type="cispo", loss_agg="token", epsilon=1.2)
+    (grad,) = torch.autograd.grad(loss, theta, retain_graph=True)
+
+    w = torch.clamp(torch.exp(logp.detach() - logp_gen), max=1.2)  # constants
+    surrogate = -(w * ADV.unsqueeze(-1) * logp * MASK).sum() / MASK.sum()
+    (want,) = torch.autograd.grad(surrogate, theta, retain_graph=True)
+    assert torch.allclose(grad, want, atol=1e-6)
+
+    rho = torch.exp(logp - logp_gen)  # the same without sg: gradient through rho as well
+    no_sg = -(torch.clamp(rho, max=1.2) * ADV.unsqueeze(-1) * logp * MASK).sum() / MASK.sum()
+    (wrong,) = torch.autograd.grad(no_sg, theta)
+    assert not torch.allclose(grad, wrong, atol=1e-4)
+
+
+def test_truncation_caps_the_weight_at_epsilon():
+    logp = torch.tensor([[[-0.1], [-3.0]]], requires_grad=True)
+    logp_gen = torch.tensor([[[-5.0], [-3.0]]])  # rho = e^4.9 ~ 134 for the first, 1 for the second
+    adv, mask = torch.tensor([[1.0, -1.0]]), torch.ones(1, 2, 1, dtype=torch.bool)
+    loss, stats = rlvr_loss(logp, logp_gen, adv, mask, loss_type="cispo", loss_agg="token", epsilon=5.0)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert grad.flatten().tolist() == pytest.approx([-5.0 * 1.0 / 2, -1.0 * -1.0 / 2])
+    assert stats["rho/frac_truncated"].item() == pytest.approx(0.5)
+    assert stats["rho/max"].item() == pytest.approx(math.exp(4.9), rel=1e-4)
+
+
+def test_group_advantages_batch_and_group_normalisation():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    keep = ~zero_variance(r)
+    assert keep.tolist() == [True, True, False]
+    a = r - r.mean(-1, keepdim=True)
+    std_batch = torch.cat([a[0], a[1]]).std()  # over the kept groups' samples only
+    got = group_advantages(r, "batch", keep)
+    assert torch.allclose(got[:2], a[:2] / std_batch, atol=1e-5)
+    assert torch.equal(got[2], torch.zeros(4))
+    got = group_advantages(r, "group", keep)
+    assert torch.allclose(got[:2], a[:2] / r[:2].std(-1, keepdim=True), atol=1e-5)
+    assert torch.allclose(group_advantages(r, "none", keep)[:2], a[:2])
+    with pytest.raises(ValueError, match="adv_norm"):
+        group_advantages(r, "batchh")
+
+
+def test_zero_variance_groups_contribute_nothing():
+    """Changing the log-probs of a filtered group changes neither the loss nor anything's gradient."""
+    r = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # prompt 1: all correct -> filtered
+    keep = ~zero_variance(r)
+    adv = group_advantages(r, "batch", keep)
+    logp = LOGP.clone().requires_grad_(True)
+    loss, _ = rlvr_loss(logp, LOGP_GEN, adv, MASK, keep, loss_type="cispo", loss_agg="prompt")
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.equal(grad[1], torch.zeros_like(grad[1]))
+    other = LOGP.clone()
+    other[1] -= 3.0
+    loss2, _ = rlvr_loss(other, LOGP_GEN, adv, MASK, keep, loss_type="cispo", loss_agg="prompt")
+    assert loss2.item() == pytest.approx(loss.item())
+    # the prompt-level mean is over the kept prompt only: the same as a batch of that prompt alone
+    alone, _ = rlvr_loss(LOGP[:1], LOGP_GEN[:1], adv[:1], MASK[:1], loss_type="cispo", loss_agg="prompt")
+    assert loss.item() == pytest.approx(alone.item())
+
+
+def test_unknown_loss_options_name_the_key():
+    with pytest.raises(ValueError, match="algo.loss_type"):
+        rlvr_loss(LOGP, LOGP_GEN, ADV, MASK, loss_type="ppo")
+    with pytest.raises(ValueError, match="algo.loss_agg"):
+        rlvr_loss(LOGP, LOGP_GEN, ADV, MASK, loss_agg="batch")
+
+
+# --------------------------------------------------------------------------- rollout engine
+def _prompts(tokenizer, texts):
+    from src.datamodules.lm import pad
+
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    return pad(ids, tokenizer.pad_token_id, left=True), pad([[1] * len(i) for i in ids], 0, left=True)
+
+
+def test_rollout_logps_equal_a_full_forward_and_rows_stop_at_eos(tokenizer):
+    from src.models import tiny_llama
+    from src.models.rollout import HFRollout
+
+    model = tiny_llama(tokenizer, seed=0)
+    ids, mask = _prompts(tokenizer, ["12+3=", "1+1=", "45+67="])
+    engine = HFRollout(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    for temperature, top_p in [(1.0, 1.0), (0.7, 0.9)]:
+        roll = engine.generate(ids, mask, 4, 10, temperature, top_p, torch.Generator().manual_seed(1))
+        assert roll.completion_ids.shape[0] == 12
+        logp, _ = completion_logps(model, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0),
+                                   roll.completion_ids, roll.completion_mask, temperature)
+        assert torch.allclose(logp, roll.logps, atol=1e-5), "sampler log-probs differ from the policy's"
+        for row, m, trunc in zip(roll.completion_ids, roll.completion_mask, roll.truncated):
+            n = int(m.sum())
+            assert m[:n].all() and not m[n:].any()
+            ended = row[n - 1] == tokenizer.eos_token_id
+            assert bool(trunc) == (not ended) and (ended or n == 10)
+    # same generator seed -> same samples; the shared-prefix cache equals per-sample prefill
+    a = engine.generate(ids, mask, 3, 6, 1.0, 1.0, torch.Generator().manual_seed(5))
+    b = engine.generate(ids, mask, 3, 6, 1.0, 1.0, torch.Generator().manual_seed(5))
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    greedy = engine.generate(ids, mask, 2, 6, 1.0, 1e-9, torch.Generator().manual_seed(0))
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)[:, ids.size(1):]
+    for i in range(3):
+        n = int(greedy.completion_mask[2 * i].sum())
+        assert greedy.completion_ids[2 * i, :n].tolist() == want[i, :n].tolist()
+
+
+# --------------------------------------------------------------------------- verifiers
+@pytest.mark.parametrize("name", ["exact", "numeric", "math"])
+@pytest.mark.parametrize("completion", ["", "   ", "\x00\x01", "١٢٣", "🙂" * 50, "9" * 100_000, "1e999999",
+                                        "nan", "inf", "\\boxed{", "\\boxed{\\boxed{}", "{}}}{{", None, "12,34,5"])
+def test_builtin_verifiers_never_raise(name, completion):
+    from src import rewards
+
+    v = {"exact": rewards.ExactAnswer(), "numeric": rewards.NumericAnswer(abs_tol=0.5), "math": rewards.MathAnswer()}[name]
+    assert v(completion, "123") in (0.0, 1.0)
+    v.extract(completion or "")
+
+
+def test_verifiers_score_what_they_should():
+    from src.rewards import ExactAnswer, MathAnswer, NumericAnswer
+
+    assert ExactAnswer()(" 42 ", "42") == 1.0 and ExactAnswer()("042", "42") == 0.0
+    assert ExactAnswer()("４２", "42") == 1.0  # full-width digits (NFKC)
+    n = NumericAnswer(abs_tol=0.01)
+    assert n("3.141", "3.14") == 1.0 and n("3.2", "3.14") == 0.0 and n("1,000", "1000") == 1.0
+    assert NumericAnswer(rel_tol=0.1)("105", "100") == 1.0 and n("2+2", "4") == 0.0  # never evaluated
+    m = MathAnswer()
+    assert m("so x = 3 and then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}") == 1.0
+    assert m("first 3, then 7. The answer is \\boxed{12}.", "12") == 1.0
+    assert m("first 3, then 7, so 12", "12") == 1.0 and m("12 or maybe 13", "12") == 0.0
+    assert MathAnswer(require_boxed=True)("12", "12") == 0.0
+    assert m.extract("\\boxed{2.50}") == m.extract("2.5")
+
+
+def _raising_reward(completion: str, answer: str) -> float:
+    raise KeyError("boom")
+
+
+def test_a_raising_verifier_is_reported_with_its_prompt():
+    from src.rewards import FunctionReward, RewardError, score
+
+    v = FunctionReward(_raising_reward)
+    with pytest.raises(RewardError, match=r"_raising_reward.*KeyError.*prompt '7\+8='.*completion '15'"):
+        score(v, ["7+8="], ["15"], ["15"])
+    r, errors = score(v, ["7+8=", "1+1="], ["15", "2"], ["15", "2"], on_error="zero")
+    assert r == [0.0, 0.0] and errors == 2
+    nan = FunctionReward(lambda c, a: float("nan"))
+    with pytest.raises(RewardError, match="non-finite"):
+        score(nan, ["p"], ["c"], ["a"])
+
+
+# --------------------------------------------------------------------------- pass@k, majority
+def test_pass_at_k_is_the_unbiased_estimator():
+    for n, c in [(8, 0), (8, 1), (8, 3), (8, 8), (5, 2)]:
+        for k in range(1, n + 1):
+            subsets = list(combinations([1] * c + [0] * (n - c), k))
+            want = sum(any(s) for s in subsets) / len(subsets)  # mean over all k-subsets
+            assert pass_at_k(n, c, k) == pytest.approx(want)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_majority_vote_and_metric():
+    assert majority_correct(["5", "6", "5", None], [True, False, True, False])
+    assert not majority_correct(["6", "6", "5"], [False, False, True])
+    assert not majority_correct([None, None], [False, False])
+    m = PassAtK([1, 2])
+    m.update([[True, False], [False, False]], [["1", "2"], ["3", "3"]])
+    out = m.compute()
+    assert out["pass@1"].item() == pytest.approx(0.25) and out["pass@2"].item() == pytest.approx(0.5)
+    assert out["majority"].item() == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- ScaleRL fit
+def test_sigmoid_fit_recovers_known_parameters():
+    from src.callbacks.scalerl_curve import fit_sigmoid, sigmoid_curve
+
+    r0, a, b, c_mid = 0.1, 0.72, 1.6, 3e12
+    c = np.geomspace(1e11, 2e13, 25)
+    noise = np.random.default_rng(0).normal(0, 0.003, c.shape)
+    got = fit_sigmoid(c, sigmoid_curve(c, r0, a, b, c_mid) + noise, r0=r0, skip_fraction=0.0)
+    assert got[0] == pytest.approx(a, abs=0.02)
+    assert got[1] == pytest.approx(b, rel=0.1)
+    assert got[2] == pytest.approx(c_mid, rel=0.1)
+    with pytest.raises(ValueError, match="3 points"):
+        fit_sigmoid(c[:10], sigmoid_curve(c[:10], r0, a, b, c_mid), r0=r0, skip_fraction=0.999)
+
+
+# --------------------------------------------------------------------------- training runs
+def _test_reward(completion: str, answer: str) -> float:
+    """Even answers: always right (their prompts retire at once); odd: right if the completion
+    starts with a character whose code point is a multiple of 4 (a quarter of a random policy's)."""
+    return 1.0 if int(answer) % 2 == 0 else float(bool(completion) and ord(completion[0]) % 4 == 0)
+
+
+RUN = [
+    "algo=rlvr", "reward=custom", "reward.fn._target_=tests.test_rlvr._test_reward", "warm_start.steps=0",
+    "test=false", "data.source.n_train=16", "data.batch_size=4", "data.eval_batch_size=16",
+    "algo.num_generations=4", "algo.max_new_tokens=4", "algo.val_num_samples=2", "algo.lr=1e-3",
+    "algo.generation_lag=3", "algo.truncated_reward=null", "trainer.val_check_interval=4",
+]
+
+
+class Record(L.Callback if (L := __import__("lightning")) else object):
+    """Prompt indices of each batch by epoch; whether pi_gen equals the policy before each step."""
+
+    def __init__(self):
+        self.seen, self.gen_equal, self.retired_at_start = {}, {}, {}
+
+    def on_train_epoch_start(self, trainer, module):
+        self.retired_at_start[trainer.current_epoch] = set(module.retired)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.seen.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())
+        same = all(torch.equal(p, q) for p, q in zip(module.model.parameters(), module.generator.parameters()))
+        self.gen_equal[trainer.global_step] = same
+
+
+def _train_with(cfg, *callbacks):
+    import train as train_mod
+
+    original = train_mod.instantiate_callbacks
+    train_mod.instantiate_callbacks = lambda *a, **k: original(*a, **k) + list(callbacks)
+    try:
+        return train_mod.train(cfg)
+    finally:
+        train_mod.instantiate_callbacks = original
+
+
+def test_retired_prompts_are_never_sampled_again_and_resume_is_exact(cfg_factory, tmp_path):
+    from src.datamodules.arithmetic import ArithmeticTask
+
+    task = ArithmeticTask(n_train=16, n_val=16, n_test=16)
+    even = {i for i, p in enumerate(task.splits["train"]) if int(p.answer) % 2 == 0}
+    assert 0 < len(even) < 16
+
+    rec = Record()
+    _, full = _train_with(cfg_factory(*RUN, "trainer.max_steps=8"), rec)
+    module = full["module"]
+    assert even <= module.retired, "prompts with pass rate >= 0.9 are retired"
+    assert len(module.retired - even) <= 2, "only (nearly) always-right prompts retire"
+    assert sorted(rec.seen[0]) == list(range(16))
+    for epoch, idx in rec.seen.items():
+        assert not set(idx) & rec.retired_at_start[epoch], f"a retired prompt was sampled again in epoch {epoch}"
+    assert even <= rec.retired_at_start[1]
+    # pi_gen is the policy right after each refresh (steps 0, 3, 6) and lags it in between
+    assert rec.gen_equal[0] and rec.gen_equal[3] and rec.gen_equal[6]
+    assert not rec.gen_equal[4] and not rec.gen_equal[5] and not rec.gen_equal[7]
+
+    rec_half = Record()
+    _train_with(cfg_factory(*RUN, "trainer.max_steps=4"), rec_half)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    assert set(state["rlvr"]["retired"]) == even
+    assert any(k.startswith("generator.") for k in state["state_dict"])
+    rec_resumed = Record()
+    _, resumed = _train_with(cfg_factory(*RUN, "trainer.max_steps=8", f"ckpt_path={ckpt}"), rec_resumed)
+    assert resumed["module"].retired == even
+    assert {e: v for e, v in rec_resumed.seen.items()} == {e: v for e, v in rec.seen.items() if e > 0}
+    for (n, p), q in zip(module.state_dict().items(), resumed["module"].state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-6), n
+    assert resumed["module"].compute == pytest.approx(module.compute)
+
+
+@pytest.mark.slow
+def test_rlvr_raises_heldout_pass_at_1_from_a_weak_sft_start(cfg_factory):
+    """The default recipe from the default warm start (a short, imperfect SFT): val pass@1 (8
+    samples per prompt, 500 held-out prompts) climbs clearly within 200 steps; the ScaleRL fit runs."""
+    from src.callbacks import ScaleRLCurve
+
+    cfg = cfg_factory("algo=rlvr", "warm_start.steps=450", "trainer.max_steps=200", "trainer.val_check_interval=100",
+                      "callbacks.scalerl_curve.min_points=3", "test=false", "logger=csv", quick=False)
+    metrics, objs = _train_with(cfg)
+    curve = next(c for c in objs["trainer"].callbacks if isinstance(c, ScaleRLCurve))
+    (c0, r0), (_, final) = curve.points[0], curve.points[-1]
+    assert c0 == 0.0 and len(curve.points) == 3
+    assert 0.2 < r0 < 0.6, f"the warm start should be weak but not hopeless, got pass@1 {r0:.3f}"
+    assert final - r0 >= 0.03, f"val pass@1 {r0:.3f} -> {final:.3f}"
+    assert metrics["val/pass@8"] > metrics["val/pass@1"]
+    assert curve.fit is not None and 0 < curve.fit[0] <= 1
