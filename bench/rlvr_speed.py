@@ -55,8 +55,10 @@ class Rows:
 
 
 def prompt_rows(n: int, split: str = "train"):
-    task = ArithmeticTask(n_train=max(n, 16), n_val=500, n_test=16, seed=1234)
-    return [r for _, r in task.rows(split)][: n if split == "train" else None]
+    """The default task's splits (conf/data/arithmetic.yaml), so val is held out from any SFT on train."""
+    task = ArithmeticTask(n_train=8000, n_val=500, n_test=1000, seed=1234)
+    rows = [r for _, r in task.rows(split)]
+    return (rows * (n // len(rows) + 1))[:n] if split == "train" else rows
 
 
 def load_model(tok, init: str | None):

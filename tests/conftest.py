@@ -101,3 +101,10 @@ def sft_jsonl(tmp_path) -> Path:
 def pref_jsonl(tmp_path) -> Path:
     rows = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(40)]
     return write_jsonl(tmp_path / "pref.jsonl", rows)
+
+
+@pytest.fixture
+def prompts_jsonl(tmp_path) -> Path:
+    rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(40)]
+    rows += [{"messages": [{"role": "user", "content": f"{a}*2"}], "answer": 2 * a} for a in range(10)]
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)

@@ -26,13 +26,33 @@ def test_algo_configs_instantiate(cfg_factory, algo):
 
 
 @pytest.mark.parametrize("data", options("data"))
-def test_data_configs_instantiate(cfg_factory, data, sft_jsonl, pref_jsonl):
-    extra = {"jsonl_sft": [f"data.source.train={sft_jsonl}"], "jsonl_pref": [f"data.source.train={pref_jsonl}", "algo=dpo"]}.get(data, [])
+def test_data_configs_instantiate(cfg_factory, data, sft_jsonl, pref_jsonl, prompts_jsonl):
+    extra = {"jsonl_sft": [f"data.source.train={sft_jsonl}"], "jsonl_pref": [f"data.source.train={pref_jsonl}", "algo=dpo"],
+             "jsonl_prompts": [f"data.source.train={prompts_jsonl}", "algo=rlvr"]}.get(data, [])
     cfg = cfg_factory(*[o for o in extra], f"data={data}", quick=False)
     tok = hydra.utils.instantiate(cfg.model.tokenizer)
     dm = hydra.utils.instantiate(cfg.data, tokenizer=tok)
     dm.setup("fit")
     assert len(dm.examples["train"]) > 0 and len(dm.examples["val"]) > 0
+
+
+def _equal(completion: str, answer: str) -> float:
+    return float(completion.strip() == answer)
+
+
+@pytest.mark.parametrize("reward", options("reward"))
+def test_reward_configs_instantiate_and_score(cfg_factory, reward):
+    extra = ["reward.fn._target_=tests.test_configs._equal"] if reward == "custom" else []
+    cfg = cfg_factory("algo=rlvr", f"reward={reward}", *extra)
+    verifier = hydra.utils.instantiate(cfg.algo.reward)
+    assert verifier("12", "12") == 1.0 and verifier("13", "12") == 0.0
+
+
+def test_custom_reward_without_a_function_names_the_key(cfg_factory):
+    from src.utils import check_required
+
+    with pytest.raises(Exception, match=r"reward\.fn\._target_"):
+        check_required(cfg_factory("algo=rlvr", "reward=custom"))
 
 
 @pytest.mark.parametrize("model", options("model"))

@@ -64,7 +64,6 @@ class AdvantageCheck(L.Callback):
 
 def test_rlvr_batch_normalisation_across_ranks_equals_single_process(cfg_factory):
     import train as train_mod
-
     from tests.test_rlvr import RUN
 
     cfg = cfg_factory(*RUN, "trainer.max_steps=4", "+trainer.strategy=ddp_fork", "trainer.devices=2",

@@ -274,6 +274,23 @@ def test_sigmoid_fit_recovers_known_parameters():
         fit_sigmoid(c[:10], sigmoid_curve(c[:10], r0, a, b, c_mid), r0=r0, skip_fraction=0.999)
 
 
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "1+1="}, "prompts.jsonl:2: missing key 'answer'"),
+    ({"prompt": "", "answer": "2"}, "prompts.jsonl:2: empty string for key 'prompt'"),
+    ({"prompt": "1+1=", "answer": " "}, "prompts.jsonl:2: 'answer' must be a non-empty"),
+    ({"question": "1+1=", "answer": "2"}, "prompts.jsonl:2: missing key 'prompt'"),
+])
+def test_bad_prompt_rows_name_file_and_line(tmp_path, tokenizer, row, message):
+    from src.datamodules.files import DataError, FileSource
+    from src.datamodules.lm import LMDataModule
+    from tests.conftest import write_jsonl
+
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "2+2=", "answer": "4"}, row])
+    dm = LMDataModule(FileSource(train=str(path), val=str(path)), tokenizer, kind="prompt", max_length=32)
+    with pytest.raises(DataError, match=message.replace("+", r"\+")):
+        dm.setup("fit")
+
+
 # --------------------------------------------------------------------------- training runs
 def _test_reward(completion: str, answer: str) -> float:
     """Even answers: always right (their prompts retire at once); odd: right if the completion
@@ -356,12 +373,12 @@ def test_rlvr_raises_heldout_pass_at_1_from_a_weak_sft_start(cfg_factory):
     samples per prompt, 500 held-out prompts) climbs clearly within 200 steps; the ScaleRL fit runs."""
     from src.callbacks import ScaleRLCurve
 
-    cfg = cfg_factory("algo=rlvr", "warm_start.steps=450", "trainer.max_steps=200", "trainer.val_check_interval=100",
-                      "callbacks.scalerl_curve.min_points=3", "test=false", "logger=csv", quick=False)
+    cfg = cfg_factory("algo=rlvr", "warm_start.steps=450", "trainer.max_steps=200", "trainer.val_check_interval=50",
+                      "test=false", "logger=csv", quick=False)
     metrics, objs = _train_with(cfg)
     curve = next(c for c in objs["trainer"].callbacks if isinstance(c, ScaleRLCurve))
     (c0, r0), (_, final) = curve.points[0], curve.points[-1]
-    assert c0 == 0.0 and len(curve.points) == 3
+    assert c0 == 0.0 and len(curve.points) == 5
     assert 0.2 < r0 < 0.6, f"the warm start should be weak but not hopeless, got pass@1 {r0:.3f}"
     assert final - r0 >= 0.03, f"val pass@1 {r0:.3f} -> {final:.3f}"
     assert metrics["val/pass@8"] > metrics["val/pass@1"]
