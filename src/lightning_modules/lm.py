@@ -6,6 +6,7 @@ The algorithms themselves (SFT, DPO, ...) live one per file beside this one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import lightning as L
@@ -83,7 +84,8 @@ class LMModule(L.LightningModule):
             betas=tuple(hp.betas),
             fused=_can_fuse(decay + no_decay) or None,  # one kernel for all parameters (CPU and CUDA)
         )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        est = self.trainer.estimated_stepping_batches  # inf when only trainer.max_time bounds the run
+        total = max(int(est), 1) if math.isfinite(est) else 10**9
         sched = get_cosine_with_min_lr_schedule_with_warmup(
             opt, num_warmup_steps=min(hp.warmup_steps, total), num_training_steps=total, min_lr_rate=hp.min_lr_ratio
         )
