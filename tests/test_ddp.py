@@ -6,6 +6,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from tests.test_rlvr import RUN, _train_with
+
 
 class RefSpread(L.Callback):
     """After each step: the spread across ranks of a checksum of the reference and of the policy."""
@@ -21,19 +23,12 @@ class RefSpread(L.Callback):
 
 
 def test_tr_dpo_reference_identical_across_ranks(cfg_factory):
-    import train as train_mod
-
     cfg = cfg_factory(
         "algo=tr_dpo", "callbacks.reference_refresh.tau=2", "warm_start.steps=0", "test=false",
         "trainer.max_steps=6", "trainer.val_check_interval=3", "+trainer.strategy=ddp_fork", "trainer.devices=2",
         "data.batch_size=8",
     )
-    original = train_mod.instantiate_callbacks
-    train_mod.instantiate_callbacks = lambda *a, **k: original(*a, **k) + [RefSpread()]
-    try:
-        metrics, objs = train_mod.train(cfg)
-    finally:
-        train_mod.instantiate_callbacks = original
+    metrics, objs = _train_with(cfg, RefSpread())
     assert metrics["ddp/world"] == 2
     assert metrics["ddp/checksum_spread"] == 0.0, "ranks disagree on the policy or the reference"
     assert metrics["ref/refreshes"] == 3
@@ -63,17 +58,9 @@ class AdvantageCheck(L.Callback):
 
 
 def test_rlvr_batch_normalisation_across_ranks_equals_single_process(cfg_factory):
-    import train as train_mod
-    from tests.test_rlvr import RUN
-
     cfg = cfg_factory(*RUN, "trainer.max_steps=4", "+trainer.strategy=ddp_fork", "trainer.devices=2",
                       "data.batch_size=2", "data.source.n_train=32")
-    original = train_mod.instantiate_callbacks
-    train_mod.instantiate_callbacks = lambda *a, **k: original(*a, **k) + [AdvantageCheck()]
-    try:
-        metrics, _ = train_mod.train(cfg)
-    finally:
-        train_mod.instantiate_callbacks = original
+    metrics, _ = _train_with(cfg, AdvantageCheck())
     assert metrics["ddp/world"] == 2
     assert metrics["ddp/kept_groups"] >= 1, "no group with a learning signal: the check is vacuous"
     assert metrics["ddp/adv_error"] < 1e-6
