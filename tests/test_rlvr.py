@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.lightning_modules.rlvr import aggregate, completion_logps, group_advantages, rlvr_loss, zero_variance
+from src.lightning_modules.lm import completion_logps
+from src.lightning_modules.rlvr import aggregate, group_advantages, rlvr_loss, zero_variance
 from src.metrics import PassAtK, majority_correct, pass_at_k
 
 # --------------------------------------------------------------------------- fixed inputs

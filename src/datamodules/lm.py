@@ -205,8 +205,11 @@ class Collator:
             batch.update(join(prompts, [e["completion_ids"] for e in examples], self.pad_id))
         elif self.kind == "preference":
             # chosen rows then rejected rows: one forward pass computes both (B -> 2B).
-            both = join(prompts + prompts, [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples], self.pad_id)
-            batch.update(both)
+            completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+            batch.update(join(prompts + prompts, completions, self.pad_id))
+            # the completions alone (right-padded), for a forward that encodes each prompt once
+            batch["completion_ids"] = pad(completions, self.pad_id)
+            batch["completion_mask"] = pad([[1] * len(c) for c in completions], 0)
         return batch
 
 

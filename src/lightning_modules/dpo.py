@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM
 
-from src.lightning_modules.lm import LMModule, token_logps
+from src.lightning_modules.lm import LMModule, completion_logps, token_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "naive_margin", "sft_chosen")
 NEEDS_REF = ("sigmoid", "ipo", "hinge")
@@ -79,6 +79,17 @@ def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tens
     return logps.sum(-1), mask.sum(-1)
 
 
+def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` of the 2B stacked rows (chosen, then rejected), with each prompt encoded once
+    and its keys/values shared by its two completions (the same values; fewer tokens)."""
+    b = batch["prompt_input_ids"].size(0)
+    ids, mask = batch["completion_ids"], batch["completion_mask"]
+    order = torch.arange(2 * b, device=ids.device).view(2, b).T.reshape(-1)  # c_0, r_0, c_1, r_1, ...
+    logp, _ = completion_logps(model, batch["prompt_input_ids"], batch["prompt_attention_mask"], ids[order],
+                               mask[order], group=2, with_entropy=False)
+    return logp.sum(-1)[torch.argsort(order)], mask.sum(-1)  # back to chosen rows, then rejected rows
+
+
 class DPOModule(LMModule):
     def __init__(
         self,
@@ -126,7 +137,7 @@ class DPOModule(LMModule):
         if self.hparams.cache_ref_logps and all(k in self._ref_cache for k in keys):
             rc, rr = zip(*(self._ref_cache[k] for k in keys))
             return batch["input_ids"].new_tensor(rc, dtype=torch.float32), batch["input_ids"].new_tensor(rr, dtype=torch.float32)
-        logps, _ = sequence_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps, _ = pair_logps(self.ref_model, batch)
         rc, rr = logps.chunk(2)
         if self.hparams.cache_ref_logps:
             self._ref_cache.update(zip(keys, zip(rc.tolist(), rr.tolist())))
@@ -134,8 +145,9 @@ class DPOModule(LMModule):
 
     # ------------------------------------------------------------------ steps
     def forward(self, batch: dict, split: str) -> tuple[torch.Tensor, dict]:
-        # chosen and rejected rows are stacked (2B rows): one policy forward pass for both
-        logps, lengths = sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        # chosen and rejected rows are stacked (2B rows): one policy forward pass for both, each
+        # prompt encoded once for its two completions
+        logps, lengths = pair_logps(self.model, batch)
         pc, pr = logps.chunk(2)
         rc, rr = self.reference_logps(batch, split) if self.ref_model is not None else (None, None)
         hp = self.hparams

@@ -13,9 +13,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
-from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
+from transformers import DynamicCache, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
 from src.metrics import ExactMatch
+from src.models.rollout import cache_kwarg, fp32_logits, position_ids
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +39,43 @@ def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
         logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
     return loss / n.clamp(min=1), n
+
+
+def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
+                     group: int = 1, with_entropy: bool = True):
+    """log pi(y_t | x, y_<t) of each completion token (FP32 LM head, temperature applied), and the
+    entropy of pi at each of those positions (None with `with_entropy=False`). Prompts are
+    left-padded, completions right-padded.
+
+    With `group` = G > 1, `prompt_ids` holds the B distinct prompts and the completions are their
+    B*G samples (prompt-major): each prompt is encoded once and its keys/values are shared by its G
+    completions (gradients flow back through the shared cache), instead of G identical copies.
+    """
+    if group == 1:
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        mask = torch.cat([prompt_mask.bool(), completion_mask.bool()], 1).long()
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        hidden = hidden[:, -completion_ids.size(1) - 1 : -1]  # the positions that predict y_0 .. y_{T-1}
+    else:
+        kw = {cache_kwarg(model): DynamicCache(config=model.config)}
+        out = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+                               use_cache=True, **kw)
+        hidden = out.last_hidden_state[:, -1:].repeat_interleave(group, 0)  # predicts y_0
+        if completion_ids.size(1) > 1:
+            kw[cache_kwarg(model)].batch_repeat_interleave(group)
+            mask = torch.cat([prompt_mask.repeat_interleave(group, 0).bool(), completion_mask.bool()], 1).long()
+            p = prompt_ids.size(1)
+            rest = model.base_model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
+                                    position_ids=position_ids(mask)[:, p:-1], use_cache=True, **kw)
+            hidden = torch.cat([hidden, rest.last_hidden_state], 1)  # predicts y_1 .. y_{T-1}
+    logits = fp32_logits(model, hidden, temperature)
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
 
 
 def _can_fuse(params: list[torch.Tensor]) -> bool:

@@ -29,11 +29,11 @@ import time
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
-from src.lightning_modules.lm import LMModule
+from src.lightning_modules.lm import LMModule, completion_logps
 from src.metrics import PassAtK
-from src.models.rollout import HFRollout, Rollout, cache_kwarg, fp32_logits, position_ids
+from src.models.rollout import HFRollout, Rollout
 from src.rewards import score
 
 LOSS_TYPES = ("cispo", "grpo", "dapo")
@@ -163,40 +163,6 @@ def rlvr_loss(
             d = (ref_logp - logp.detach())[m]
             stats["kl"] = (torch.exp(d) - d - 1).mean()
     return loss, stats
-
-
-def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
-                     group: int = 1):
-    """log pi(y_t | x, y_<t) of each completion token (FP32 LM head, temperature applied), and the
-    entropy of pi at each of those positions. Prompts are left-padded, completions right-padded.
-
-    With `group` = G > 1, `prompt_ids` holds the B distinct prompts and the completions are their
-    B*G samples (prompt-major): each prompt is encoded once and its keys/values are shared by its G
-    completions (gradients flow back through the shared cache), instead of G identical copies.
-    """
-    if group == 1:
-        ids = torch.cat([prompt_ids, completion_ids], 1)
-        mask = torch.cat([prompt_mask.bool(), completion_mask.bool()], 1).long()
-        hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
-        hidden = hidden[:, -completion_ids.size(1) - 1 : -1]  # the positions that predict y_0 .. y_{T-1}
-    else:
-        kw = {cache_kwarg(model): DynamicCache(config=model.config)}
-        out = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
-                               use_cache=True, **kw)
-        hidden = out.last_hidden_state[:, -1:].repeat_interleave(group, 0)  # predicts y_0
-        if completion_ids.size(1) > 1:
-            kw[cache_kwarg(model)].batch_repeat_interleave(group)
-            mask = torch.cat([prompt_mask.repeat_interleave(group, 0).bool(), completion_mask.bool()], 1).long()
-            p = prompt_ids.size(1)
-            rest = model.base_model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
-                                    position_ids=position_ids(mask)[:, p:-1], use_cache=True, **kw)
-            hidden = torch.cat([hidden, rest.last_hidden_state], 1)  # predicts y_1 .. y_{T-1}
-    logits = fp32_logits(model, hidden, temperature)
-    logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
 
 
 # --------------------------------------------------------------------------- the module
