@@ -25,7 +25,7 @@ class RefSpread(L.Callback):
 def test_tr_dpo_reference_identical_across_ranks(cfg_factory):
     cfg = cfg_factory(
         "algo=tr_dpo", "callbacks.reference_refresh.tau=2", "warm_start.steps=0", "test=false",
-        "trainer.max_steps=6", "trainer.val_check_interval=3", "+trainer.strategy=ddp_fork", "trainer.devices=2",
+        "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer=ddp", "trainer.strategy=ddp_fork",
         "data.batch_size=8",
     )
     metrics, objs = _train_with(cfg, RefSpread())
@@ -58,10 +58,42 @@ class AdvantageCheck(L.Callback):
 
 
 def test_rlvr_batch_normalisation_across_ranks_equals_single_process(cfg_factory):
-    cfg = cfg_factory(*RUN, "trainer.max_steps=4", "+trainer.strategy=ddp_fork", "trainer.devices=2",
+    cfg = cfg_factory(*RUN, "trainer.max_steps=4", "trainer=ddp", "trainer.strategy=ddp_fork",
                       "data.batch_size=2", "data.source.n_train=32")
     metrics, _ = _train_with(cfg, AdvantageCheck())
     assert metrics["ddp/world"] == 2
     assert metrics["ddp/kept_groups"] >= 1, "no group with a learning signal: the check is vacuous"
     assert metrics["ddp/adv_error"] < 1e-6
     assert metrics["ddp/retired_spread"] == 0 and metrics["ddp/policy_spread"] == 0
+
+
+def test_sft_under_trainer_ddp_keeps_ranks_in_step_and_syncs_metrics(cfg_factory):
+    """trainer=ddp (2 CPU processes, gloo): each rank sees its own shard of the data, the policies
+    stay identical, and val/exact_match is computed over both shards (the metric sums counts)."""
+
+    class Check(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            idx = pl_module.all_gather(batch["index"])  # (world, B)
+            pl_module.log("ddp/shared_examples", float(len(set(idx[0].tolist()) & set(idx[1].tolist()))),
+                          batch_size=1, reduce_fx="max", on_step=False, on_epoch=True)
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                m = pl_module.val_exact_match
+                with m.sync_context():  # what val/exact_match is computed from: both ranks' counts
+                    total = m.total.clone()
+                pl_module.log("ddp/val_total", total.float(), batch_size=1)
+
+    cfg = cfg_factory("algo=sft", "trainer=ddp", "trainer.strategy=ddp_fork", "trainer.max_steps=4",
+                      "trainer.val_check_interval=2", "data.batch_size=8", "data.eval_batch_size=4", "test=false")
+    metrics, _ = _train_with(cfg, Check(), RefSpreadPolicyOnly())
+    assert metrics["ddp/world"] == 2 and metrics["ddp/checksum_spread"] == 0.0
+    assert metrics["ddp/shared_examples"] == 0, "both ranks trained on the same examples"
+    assert metrics["ddp/val_total"] == 16, "val/exact_match must count the val examples of both ranks"
+
+
+class RefSpreadPolicyOnly(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pol = pl_module.all_gather(torch.stack([p.double().sum() for p in pl_module.model.parameters()]).sum())
+        pl_module.log("ddp/world", float(pol.numel()), batch_size=1)
+        pl_module.log("ddp/checksum_spread", (pol.max() - pol.min()).float(), batch_size=1, reduce_fx="max")

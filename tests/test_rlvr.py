@@ -384,3 +384,17 @@ def test_rlvr_raises_heldout_pass_at_1_from_a_weak_sft_start(cfg_factory):
     assert final - r0 >= 0.03, f"val pass@1 {r0:.3f} -> {final:.3f}"
     assert metrics["val/pass@8"] > metrics["val/pass@1"]
     assert curve.fit is not None and 0 < curve.fit[0] <= 1
+
+
+@pytest.mark.parametrize("extra", [["algo.loss_type=grpo"], ["algo.loss_type=dapo", "algo.generation_lag=0"],
+                                   ["algo.beta=0.1", "algo.loss_agg=token"]])
+def test_each_variant_trains(cfg_factory, extra):
+    """grpo / dapo / the KL penalty run end to end and log what they should."""
+    metrics, objs = _train_with(cfg_factory(*RUN, "trainer.max_steps=2", "trainer.val_check_interval=2", *extra))
+    module = objs["module"]
+    assert torch.isfinite(metrics["train/loss"])
+    assert 0 <= metrics["train/rho/frac_truncated"] <= 1 and metrics["val/pass@2"] >= metrics["val/pass@1"]
+    if "algo.beta=0.1" in extra:
+        assert module.ref_model is not None and metrics["train/kl"] >= 0
+    if "algo.loss_type=dapo" in extra:
+        assert module.generator is None and module.clip_high == 0.28 and module.loss_agg == "token"

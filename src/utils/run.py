@@ -29,9 +29,33 @@ def wandb_offline() -> bool:
         return True
 
 
+def _multirun_config():
+    """Hydra's runtime config when this job is part of a multirun (-m), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return hc if hc.mode == RunMode.MULTIRUN else None
+
+
+def sweep_group() -> str | None:
+    """W&B `group` of a multirun's jobs: the sweep directory's name (one group per sweep)."""
+    hc = _multirun_config()
+    return f"{hc.job.name}-{Path(hc.sweep.dir).name}" if hc else None
+
+
+def sweep_name() -> str | None:
+    """W&B run name of a multirun job: its own overrides (e.g. `algo.beta=0.1,algo=dpo`)."""
+    hc = _multirun_config()
+    return (hc.job.override_dirname or f"job{hc.job.num}") if hc else None
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("wandb_offline"):
-        OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
+    for name, fn in (("wandb_offline", wandb_offline), ("sweep_group", sweep_group), ("sweep_name", sweep_name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def extras(cfg: DictConfig) -> None:

@@ -1,0 +1,56 @@
+"""Sweeps: every W&B sweep YAML names real config keys and the algorithm's optimized metric, and each
+of its values composes; multirun jobs are named and grouped in W&B by their sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf, open_dict
+
+from tests.conftest import CONF, ROOT
+
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+
+
+def test_every_algorithm_has_a_sweep():
+    algos = {p.stem for p in (Path(CONF) / "algo").glob("*.yaml")}
+    assert algos <= {p.stem for p in SWEEPS}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_sweep_yaml_is_valid_against_the_config(cfg_factory, path):
+    spec = yaml.safe_load(path.read_text())
+    assert {"program", "method", "metric", "parameters", "command"} <= set(spec), path
+    assert spec["method"] in ("grid", "random", "bayes")
+    assert (ROOT / spec["program"]).is_file()
+    assert "${program}" in spec["command"] and "${args_no_hyphens}" in spec["command"]
+    fixed = [c for c in spec["command"] if "=" in c and not c.startswith("$")]
+    assert f"algo={path.stem}" in fixed, "the sweep must pick its algorithm"
+    cfg = cfg_factory(*fixed)
+    assert spec["metric"]["name"] == cfg.optimized_metric
+    assert spec["metric"]["goal"] == {"max": "maximize", "min": "minimize"}[cfg.monitor_mode]
+    for key, dist in spec["parameters"].items():
+        node, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, node) if node else cfg
+        assert parent is not None and leaf in parent, f"{path.name}: {key} is not a config key"
+        values = dist.get("values") or [dist["min"], dist["max"]]
+        for v in values:  # each value composes as the agent would pass it (key=value)
+            cfg_factory(*fixed, f"{key}={v}")
+
+
+def test_multirun_jobs_are_named_by_overrides_and_grouped_by_sweep(cfg_factory, tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    cfg = cfg_factory("logger=wandb", "algo=dpo")
+    assert cfg.logger.wandb.group is None and cfg.logger.wandb.name is None  # a single run
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.sweep.dir = str(tmp_path / "multiruns" / "2026-11-25_10-00-00")
+        cfg.hydra.job.override_dirname = "algo.beta=0.1,algo=dpo"
+    HydraConfig().set_config(cfg)
+    assert cfg.logger.wandb.group == f"{cfg.hydra.job.name}-2026-11-25_10-00-00"
+    assert cfg.logger.wandb.name == "algo.beta=0.1,algo=dpo"
