@@ -54,3 +54,37 @@ def test_multirun_jobs_are_named_by_overrides_and_grouped_by_sweep(cfg_factory, 
     HydraConfig().set_config(cfg)
     assert cfg.logger.wandb.group == f"{cfg.hydra.job.name}-2026-11-25_10-00-00"
     assert cfg.logger.wandb.name == "algo.beta=0.1,algo=dpo"
+
+
+SEARCHES = sorted((Path(CONF) / "hparams_search").glob("*.yaml"))
+
+
+def test_every_algorithm_has_an_optuna_search():
+    algos = {p.stem for p in (Path(CONF) / "algo").glob("*.yaml")}
+    assert {f"{a}_optuna" for a in algos} <= {p.stem for p in SEARCHES}
+
+
+@pytest.mark.parametrize("path", SEARCHES, ids=lambda p: p.stem)
+def test_optuna_search_params_are_config_keys(cfg_factory, path):
+    import re
+
+    cfg = cfg_factory(f"hparams_search={path.stem}")
+    sweeper = cfg.hydra.sweeper
+    assert sweeper.direction == f"{cfg.monitor_mode}imize" and sweeper.storage is None
+    assert cfg.algo._target_ == cfg_factory(f"algo={path.stem.removesuffix('_optuna')}").algo._target_
+    for key, spec in sweeper.params.items():
+        node, _, leaf = key.rpartition(".")
+        assert leaf in OmegaConf.select(cfg, node), f"{path.name}: {key} is not a config key"
+        choice = re.fullmatch(r"choice\((.*)\)", spec)
+        for v in (choice.group(1).split(",") if choice else []):
+            cfg_factory(f"hparams_search={path.stem}", f"{key}={v.strip()}")
+
+
+def test_optuna_multirun_runs_trials_and_reports_the_best(tmp_path):
+    from tests.test_cli import run
+
+    r = run("-m", "hparams_search=sft_optuna", "hydra.sweeper.n_trials=2", "debug=fdr", tmp=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    assert "Best parameters" in out and "algo.lr" in out
+    assert len([p for p in (tmp_path / "train" / "multiruns").glob("*/*") if p.is_dir()]) == 2
