@@ -88,3 +88,20 @@ def test_optuna_multirun_runs_trials_and_reports_the_best(tmp_path):
     out = r.stdout + r.stderr
     assert "Best parameters" in out and "algo.lr" in out
     assert len([p for p in (tmp_path / "train" / "multiruns").glob("*/*") if p.is_dir()]) == 2
+
+
+def test_submitit_local_launcher_runs_two_jobs(tmp_path):
+    """The submitit launcher (what hydra/launcher=slurm uses on a cluster), locally: 2 jobs."""
+    from tests.test_cli import run
+
+    r = run("-m", "hydra/launcher=submitit_local", "algo.lr=1e-3,3e-4", "debug=fdr", tmp=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sweep = next((tmp_path / "train" / "multiruns").glob("*"))
+    assert (sweep / ".submitit").is_dir(), "jobs did not go through submitit"
+    for job in ("0", "1"):
+        assert (sweep / job / "train.log").is_file()
+
+
+def test_slurm_launcher_config_composes(cfg_factory):
+    cfg = cfg_factory("hydra/launcher=slurm")
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.timeout_min == 240
