@@ -4,6 +4,7 @@ ScaleRL sigmoid fit."""
 
 from __future__ import annotations
 
+import json
 import math
 from itertools import combinations
 
@@ -398,3 +399,41 @@ def test_each_variant_trains(cfg_factory, extra):
         assert module.ref_model is not None and metrics["train/kl"] >= 0
     if "algo.loss_type=dapo" in extra:
         assert module.generator is None and module.clip_high == 0.28 and module.loss_agg == "token"
+
+
+def test_fp32_head_under_bf16_autocast(tokenizer):
+    """ScaleRL's FP32 logits: under bf16 mixed precision the LM head and log-softmax stay float32."""
+    from src.models import tiny_llama
+    from src.models.rollout import fp32_logits
+
+    model = tiny_llama(tokenizer, seed=0)
+    hidden = torch.randn(3, 5, model.config.hidden_size)
+    want = fp32_logits(model, hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fp32_logits(model, hidden)
+        plain = model.get_output_embeddings()(hidden)  # what autocast does to an ordinary head
+        ids, mask = _prompts(tokenizer, ["12+3=", "1+1="])
+        logp, _ = completion_logps(model, ids, mask, torch.tensor([[5, 6], [7, 2]]), torch.ones(2, 2, dtype=torch.bool))
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert plain.dtype == torch.bfloat16  # (so the test would see a bf16 head)
+    assert logp.dtype == torch.float32
+
+
+def test_wandb_run_holds_rl_metrics_and_completion_table(cfg_factory, tmp_path):
+    """What reached the offline W&B run, read back with `wandb leet inspect` (no mocked logger)."""
+    from tests.test_train import _leet
+
+    cfg = cfg_factory(*RUN, "logger=wandb", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                      "algo.log_completions_every_n_steps=1")
+    _train_with(cfg)
+    (run,) = list((tmp_path / "wandb").glob("offline-run-*"))
+    history = [r["history"]["item"] for r in _leet(run, summary=False) if r["type"] == "history"]
+    keys = set().union(*history)
+    for k in ("train/reward/mean", "train/pass_rate", "train/frac_zero_variance", "train/rho/mean",
+              "train/entropy", "perf/gen_tokens_per_s", "val/pass@1", "val/pass@2", "val/majority@k"):
+        assert k in keys, k
+    tables = [h for h in history if h.get("train/completions._type") == "table-file"]
+    assert tables and tables[0]["train/completions.nrows"] == 4 * 4  # 4 prompts x G = 4 samples
+    table = json.loads((run / "files" / tables[0]["train/completions.path"]).read_text())
+    assert table["columns"] == ["step", "prompt", "completion", "answer", "reward", "truncated"]
+    assert all(row[4] in (0.0, 1.0) for row in table["data"])
