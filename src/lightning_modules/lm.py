@@ -159,16 +159,17 @@ class LMModule(L.LightningModule):
                 for p, c, r in zip(batch["prompts"][:n], preds[:n], batch["references"][:n])
             ]
 
-    def log_samples(self, stage: str) -> None:
-        """A W&B table of prompts, completions, references and whether each was right."""
-        if not self._samples or self.trainer.sanity_checking:
-            return
+    def log_table(self, key: str, columns: list[str], data: list[list]) -> None:
+        """A W&B table at the current step (the other loggers have no tables)."""
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_table(
-                    key=f"{stage}/samples", columns=["prompt", "completion", "reference", "correct"],
-                    data=self._samples, step=self.global_step,
-                )
+                logger.log_table(key=key, columns=list(columns), data=data, step=self.global_step)
+
+    def log_samples(self, stage: str, columns=("prompt", "completion", "reference", "correct")) -> None:
+        """The W&B table `{stage}/samples` of the rows kept by the first eval batch."""
+        if not self._samples or self.trainer.sanity_checking:
+            return
+        self.log_table(f"{stage}/samples", columns, self._samples)
         self._samples = []
 
     def on_validation_epoch_end(self) -> None:

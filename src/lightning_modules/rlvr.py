@@ -27,7 +27,6 @@ import copy
 import time
 
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM
 
@@ -227,7 +226,7 @@ class RLVRModule(LMModule):
                 AutoModelForCausalLM.from_pretrained(ref_pretrained, local_files_only=True)
                 if ref_pretrained else copy.deepcopy(self.model)
             ).requires_grad_(False).eval()
-        self.engine = HFRollout(self.generator or self.model, tok.eos_token_id, tok.pad_token_id)
+        self.engine = HFRollout(self.model if self.generator is None else self.generator, tok.eos_token_id, tok.pad_token_id)
         self.eval_engine = HFRollout(self.model, tok.eos_token_id, tok.pad_token_id)
         self.retired: set[int] = set()  # train prompts with pass rate >= retire_threshold
         self.compute = 0.0  # cumulative model FLOPs: 2 N per generated token, 6 N per trained token
@@ -237,6 +236,7 @@ class RLVRModule(LMModule):
         self.val_reward, self.test_reward = MeanMetric(), MeanMetric()
         self.last_val: dict[str, float] = {}
         self.n_params = sum(p.numel() for p in self.model.parameters())
+        self._synced_at = -1  # the optimizer step of pi_gen's last refresh
 
     # ------------------------------------------------------------------ state
     def setup(self, stage: str) -> None:
@@ -362,7 +362,7 @@ class RLVRModule(LMModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """Refresh pi_gen from the trainer's weights every `generation_lag` optimizer steps."""
         lag = self.hparams.generation_lag
-        if lag > 0 and self.global_step % lag == 0 and self.global_step != getattr(self, "_synced_at", -1):
+        if lag > 0 and self.global_step % lag == 0 and self.global_step != self._synced_at:
             self.generator.load_state_dict(self.model.state_dict())
             self._synced_at = self.global_step
 
@@ -373,10 +373,7 @@ class RLVRModule(LMModule):
             for j in range(g):
                 rows.append([self.global_step, batch["prompts"][i], texts[i * g + j], batch["references"][i],
                              float(r[i, j]), bool(truncated[i * g + j])])
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_table(key="train/completions", columns=["step", "prompt", "completion", "answer", "reward", "truncated"],
-                                 data=rows, step=self.global_step)
+        self.log_table("train/completions", ["step", "prompt", "completion", "answer", "reward", "truncated"], rows)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
@@ -414,12 +411,7 @@ class RLVRModule(LMModule):
         if not self.trainer.sanity_checking:
             for k, v in values.items():
                 self.log(k, v, prog_bar=k.endswith("pass@1"), sync_dist=False)
-        if self._samples and not self.trainer.sanity_checking:
-            for logger in self.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_table(key=f"{stage}/samples", columns=["prompt", "completion", "answer", "reward"],
-                                     data=self._samples, step=self.global_step)
-        self._samples = []
+        self.log_samples(stage, columns=("prompt", "completion", "answer", "reward"))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")

@@ -15,6 +15,7 @@ needed for the importance ratio.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Protocol
@@ -55,8 +56,12 @@ class RolloutEngine(Protocol):
 # --------------------------------------------------------------------------- model helpers
 def cache_kwarg(model: PreTrainedModel) -> str:
     """transformers >= 5.x names the KV cache argument `cache`; earlier versions `past_key_values`."""
-    params = inspect.signature(model.base_model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return _cache_kwarg_of(type(model.base_model))
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:  # inspected once per model class, not on every forward
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
