@@ -71,7 +71,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
             log.info("Best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
         for cb in callbacks:
-            if isinstance(cb, HFExport):
+            if isinstance(cb, HFExport) and hasattr(module, "export_pretrained"):
+                log.info("Hugging Face export: %s", cb.dirpath)
+            elif isinstance(cb, HFExport):
                 log.info("Hugging Face export: %s  (use: model=hf model.pretrained=%s)", cb.dirpath, cb.dirpath)
         for r in runs:
             log.info("W&B run: %s", r)

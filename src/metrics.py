@@ -80,3 +80,52 @@ class PassAtK(Metric):
         out = {f"pass@{k}": (self.pass_sum[i] / n).float() for i, k in enumerate(self.ks)}
         out["majority"] = (self.majority_sum / n).float()
         return out
+
+
+class EnergyDistance(Metric):
+    """Energy distance between two point clouds (Szekely & Rizzo): D^2 = 2 E|X - Y| - E|X - X'| - E|Y - Y'|,
+    with the within-set terms over distinct pairs (unbiased). Same `update(x, real)` interface as FID."""
+
+    full_state_update = False
+    higher_is_better = False
+    name = "energy_distance"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("real", default=[], dist_reduce_fx="cat")
+        self.add_state("fake", default=[], dist_reduce_fx="cat")
+
+    def update(self, x: torch.Tensor, real: bool) -> None:
+        (self.real if real else self.fake).append(x.detach().flatten(1).double())
+
+    @staticmethod
+    def _within(a: torch.Tensor) -> torch.Tensor:
+        n = a.shape[0]
+        return torch.cdist(a, a).sum() / (n * (n - 1))
+
+    def compute(self) -> torch.Tensor:
+        cat = lambda v: torch.cat(v) if isinstance(v, list) else v  # noqa: E731  (a tensor after DDP sync)
+        x, y = cat(self.real), cat(self.fake)
+        if len(x) < 2 or len(y) < 2:
+            raise RuntimeError("EnergyDistance needs at least 2 real and 2 generated points")
+        return 2 * torch.cdist(x, y).mean() - self._within(x) - self._within(y)
+
+
+def sample_metric(name: str, shape: tuple[int, ...]) -> Metric | None:
+    """The sample-quality metric named by `data.metric` for samples of `shape` (None for 'loss')."""
+    if name == "loss":
+        return None
+    if name == "energy_distance":
+        return EnergyDistance()
+    if name == "fd":
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        from src.models.digits_classifier import DigitsFeatures
+
+        if tuple(shape) != (1, 8, 8):
+            raise ValueError(f"data.metric=fd uses the digits classifier's features and needs 1x8x8 images, "
+                             f"not {'x'.join(map(str, shape))}; use data.metric=loss")
+        fd = FrechetInceptionDistance(feature=DigitsFeatures(), normalize=True, reset_real_features=True)
+        fd.name = "fd"
+        return fd
+    raise ValueError(f"data.metric={name!r}: must be 'fd', 'energy_distance' or 'loss'")

@@ -1,6 +1,7 @@
+from src.callbacks.ema import EMA
 from src.callbacks.finite_loss import FiniteLossGuard
 from src.callbacks.hf_export import HFExport
 from src.callbacks.reference_refresh import ReferenceRefresh
 from src.callbacks.scalerl_curve import ScaleRLCurve
 
-__all__ = ["FiniteLossGuard", "HFExport", "ReferenceRefresh", "ScaleRLCurve"]
+__all__ = ["EMA", "FiniteLossGuard", "HFExport", "ReferenceRefresh", "ScaleRLCurve"]

@@ -23,6 +23,10 @@ class HFExport(L.Callback):
         if not trainer.is_global_zero:
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
+        if hasattr(pl_module, "export_pretrained"):  # e.g. DDPMModule: a diffusers pipeline directory
+            pl_module.export_pretrained(self.dirpath)
+            log.info("Hugging Face export: %s", self.dirpath)
+            return
         pl_module.model.save_pretrained(self.dirpath, safe_serialization=self.safe_serialization)
         pl_module.tokenizer.save_pretrained(self.dirpath)
         log.info("Hugging Face export: %s", self.dirpath)

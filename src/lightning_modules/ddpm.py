@@ -1,0 +1,411 @@
+"""Diffusion models: training and DDPM (stochastic) / DDIM (deterministic) sampling.
+
+Two forward processes, each a small class with the same five operations (marginal, training pair,
+x0 from the network's output, one DDPM step, one DDIM step). Steps are integers k in {0, ..., T};
+k = 0 is clean data. Sampling with n <= T steps visits k = T, ..., 0 on an evenly spaced grid.
+
+  ve  Nakkiran et al. 2024, "Step-by-step Diffusion" (the lecture):
+      x_{t+dt} = x_t + N(0, sigma^2 dt) on t = k/T in [0, 1], so x_t = x_0 + N(0, sigma^2 t).
+  vp  Ho et al. 2020, "Denoising Diffusion Probabilistic Models":
+      z_t = sqrt(1 - beta_t) z_{t-1} + sqrt(beta_t) eps, so z_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+      The deterministic sampler is Song et al. 2020, "Denoising Diffusion Implicit Models" (eta = 0).
+
+The network is a library one (src/models/diffusion.py); everything here is the diffusion math.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from src.models.diffusion import net_from_spec, net_spec
+
+TARGETS = ("eps", "x0", "x_prev")
+SAMPLERS = ("ddpm", "ddim")
+
+
+def _b(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-example (B,) or scalar tensor against x (B, ...)."""
+    v = v.to(x.dtype)
+    return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() else v
+
+
+def _randn(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=g, device=g.device if g is not None else x.device).to(x.device, x.dtype)
+
+
+class VEProcess(nn.Module):
+    """The lecture's process: x_t = x_{t-dt} + N(0, sigma^2 dt), dt = 1/T, t = k dt."""
+
+    name = "ve"
+
+    def __init__(self, num_steps: int = 1000, sigma: float = 4.0):
+        super().__init__()
+        if sigma <= 0:
+            raise ValueError(f"algo.process.sigma={sigma}: must be > 0")
+        self.T, self.sigma = num_steps, sigma
+
+    def std(self, k: torch.Tensor) -> torch.Tensor:
+        # sigma_t = sigma sqrt(t): the std of x_t given x_0
+        return self.sigma * (k.double() / self.T).sqrt().float()
+
+    def marginal(self, x0, k, eps):
+        # x_t = x_0 + sigma_t eps
+        return x0 + _b(self.std(k), x0) * eps
+
+    def training_pair(self, x0, k, target, g):
+        """The lecture's recipe, steps 3-4: x_{t-dt} = x_0 + N(0, sigma^2 (t - dt)), x_t = x_{t-dt} + N(0, sigma^2 dt).
+        Returns (x_t, regression target)."""
+        x_prev = self.marginal(x0, k - 1, _randn(x0, g))
+        x_t = x_prev + self.sigma * math.sqrt(1 / self.T) * _randn(x0, g)
+        if target == "x_prev":
+            return x_t, x_prev
+        if target == "x0":
+            return x_t, x0
+        return x_t, (x_t - x0) / _b(self.std(k), x0)  # eps: the total noise, x_t = x_0 + sigma_t eps
+
+    def predict_x0(self, out, x_t, k, target):
+        if target == "x0":
+            return out
+        if target == "eps":
+            return x_t - _b(self.std(k), x_t) * out
+        # x_prev: the network outputs the increment mu - x_t. E[x_{t-dt} | x_t, x_0] = x_t + (dt/t)(x_0 - x_t)
+        # (a Brownian bridge), so x0 = x_t + (t/dt)(mu - x_t) with t/dt = k.
+        return x_t + _b(k, x_t) * out
+
+    def mean(self, x, x0, k, s):
+        # mu_s(x_t) = E[x_s | x_t, x0] = x_t + ((t - s)/t)(x0 - x_t)
+        return x + ((k - s) / k) * (x0 - x)
+
+    def ddpm_step(self, x, x0, k: int, s: int, noise):
+        # the lecture (Nakkiran et al. Alg. 2): x_{t-dt} = mu(x_t) + N(0, sigma^2 dt), at every step including
+        # the last; dt = (k - s)/T on a coarser grid. It is the reverse kernel to first order in dt: use the full
+        # grid (or ddim) for coarse sampling.
+        return self.mean(x, x0, k, s) + self.sigma * math.sqrt((k - s) / self.T) * noise
+
+    def ddim_step(self, x, x0, k: int, s: int):
+        # Nakkiran et al. (DDIM): x <- x + lambda (mu(x) - x), lambda = sigma_t / (sigma_s + sigma_t)
+        sk, ss = self.sigma * math.sqrt(k / self.T), self.sigma * math.sqrt(s / self.T)
+        return x + sk / (ss + sk) * (self.mean(x, x0, k, s) - x)
+
+    def prior(self, shape, g, device):
+        # x_1 ~ N(0, sigma^2) (the data's own spread is small next to sigma)
+        return self.sigma * torch.randn(shape, generator=g, device=g.device if g is not None else device).to(device)
+
+    def net_time(self, k: torch.Tensor) -> torch.Tensor:
+        return k.float()  # t * T: the same scale as vp's step index for the sinusoidal embedding
+
+
+def vp_betas(num_steps: int, schedule: str, beta_start: float, beta_end: float) -> torch.Tensor:
+    if schedule == "linear":  # Ho et al.: beta_1 = 1e-4 ... beta_T = 0.02 for T = 1000
+        return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    if schedule == "cosine":  # Nichol & Dhariwal 2021, eq. 17: abar(t) = cos^2((t/T + s)/(1 + s) pi/2), beta <= 0.999
+        f = lambda t: math.cos((t / num_steps + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(num_steps)], dtype=torch.float64)
+    raise ValueError(f"algo.process.schedule={schedule!r}: must be 'linear' or 'cosine'")
+
+
+class VPProcess(nn.Module):
+    """Ho et al.'s variance-preserving process, z_t = sqrt(1 - beta_t) z_{t-1} + sqrt(beta_t) eps."""
+
+    name = "vp"
+
+    def __init__(self, num_steps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02):
+        super().__init__()
+        self.T = num_steps
+        betas = vp_betas(num_steps, schedule, beta_start, beta_end)
+        # abar[k] = prod_{i <= k} (1 - beta_i), with abar[0] = 1 (clean data)
+        self.register_buffer("abar", torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)]),
+                             persistent=False)
+
+    def _abar(self, k, x):
+        return _b(self.abar.to(x.device)[k], x)
+
+    def marginal(self, x0, k, eps):
+        # Ho eq. 4: z_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+        a = self._abar(k, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+    def training_pair(self, x0, k, target, g):
+        eps = _randn(x0, g)
+        return self.marginal(x0, k, eps), (eps if target == "eps" else x0)
+
+    def predict_x0(self, out, x_t, k, target):
+        if target == "x0":
+            return out
+        a = self._abar(k, x_t)
+        return (x_t - (1 - a).sqrt() * out) / a.sqrt()  # invert eq. 4 with eps_theta
+
+    def ddpm_step(self, x, x0, k: int, s: int, noise):
+        # Ho eqs. 6-7 (the posterior q(z_s | z_t, x_0)), for any s < t: with abar_{t|s} = abar_t / abar_s,
+        # mean = sqrt(abar_s) beta_{t|s} / (1 - abar_t) x0 + sqrt(abar_{t|s}) (1 - abar_s) / (1 - abar_t) z_t,
+        # var = (1 - abar_s) / (1 - abar_t) beta_{t|s}   (sigma_t^2 = beta-tilde_t)
+        at, as_ = self.abar[k].item(), self.abar[s].item()
+        a_ts = at / as_
+        mean = math.sqrt(as_) * (1 - a_ts) / (1 - at) * x0 + math.sqrt(a_ts) * (1 - as_) / (1 - at) * x
+        return mean + math.sqrt((1 - as_) / (1 - at) * (1 - a_ts)) * noise
+
+    def ddim_step(self, x, x0, k: int, s: int):
+        # Song et al. eq. 12 with eta = 0: z_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps_hat
+        at, as_ = self.abar[k].item(), self.abar[s].item()
+        eps = (x - math.sqrt(at) * x0) / math.sqrt(1 - at)
+        return math.sqrt(as_) * x0 + math.sqrt(1 - as_) * eps
+
+    def prior(self, shape, g, device):
+        return torch.randn(shape, generator=g, device=g.device if g is not None else device).to(device)
+
+    def net_time(self, k: torch.Tensor) -> torch.Tensor:
+        return k - 1  # diffusers' 0-based timestep index
+
+
+def make_process(name: str, num_steps: int, **kw) -> nn.Module:
+    if num_steps < 1:
+        raise ValueError(f"algo.process.num_steps={num_steps}: must be >= 1")
+    if name == "ve":
+        return VEProcess(num_steps, sigma=kw.get("sigma", 4.0))
+    if name == "vp":
+        return VPProcess(num_steps, kw.get("schedule", "linear"), kw.get("beta_start", 1e-4), kw.get("beta_end", 0.02))
+    raise ValueError(f"algo.process.name={name!r}: must be 've' or 'vp'")
+
+
+def sampling_grid(num_steps: int, steps: int) -> list[int]:
+    """k = T, ..., 0 in `steps` evenly spaced jumps ('trailing' spacing: the first step starts at T)."""
+    if not 1 <= steps <= num_steps:
+        raise ValueError(f"steps={steps}: must be between 1 and the training grid's {num_steps}")
+    return np.round(np.linspace(num_steps, 0, steps + 1)).astype(int).tolist()
+
+
+class DDPMModule(L.LightningModule):
+    def __init__(
+        self,
+        net: nn.Module,
+        process: dict,
+        target: Literal["eps", "x0", "x_prev"] = "eps",
+        clip_x0: float | str | None = "auto",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        val_sampler: Literal["ddpm", "ddim"] = "ddim",
+        val_steps: int = 50,
+        val_num_samples: int = 1000,
+        test_sampler: Literal["ddpm", "ddim"] = "ddim",
+        test_steps: int = 50,
+        test_num_samples: int = 1000,
+        sample_batch_size: int = 1000,
+        num_logged_samples: int = 64,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"algo.target={target!r}: must be one of {list(TARGETS)}")
+        for key, value in (("val_sampler", val_sampler), ("test_sampler", test_sampler)):
+            if value not in SAMPLERS:
+                raise ValueError(f"algo.{key}={value!r}: must be one of {list(SAMPLERS)}")
+        self.save_hyperparameters(ignore=["net"], logger=False)
+        self.process = make_process(**process)
+        if target == "x_prev" and self.process.name != "ve":
+            raise ValueError("algo.target=x_prev is the lecture's ve target; process=vp predicts eps or x0")
+        for key, value in (("val_steps", val_steps), ("test_steps", test_steps)):
+            if not 1 <= value <= self.process.T:
+                raise ValueError(f"algo.{key}={value}: must be between 1 and algo.process.num_steps={self.process.T}")
+        self.net = net
+        # the sample metric (data.metric), built in setup; in a dict so that it is no submodule (kept out of EMA,
+        # parameters and checkpoints)
+        self._eval: dict = {"metric": None}
+        self._samples: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ network
+    def denoise(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The network's raw output at step k (eps, x0 or the x_prev increment, per `target`)."""
+        k = k.expand(x.shape[0]) if k.dim() == 0 else k
+        out = self.net(x, self.process.net_time(k).to(x.device))
+        return out.sample if hasattr(out, "sample") else out
+
+    def x0_hat(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        x0 = self.process.predict_x0(self.denoise(x, k), x, k, self.hparams.target)
+        c = self.hparams.clip_x0
+        if c == "auto":  # our image data lies in [-1, 1]; points are not clipped
+            c = 1.0 if x0.dim() > 2 else None
+        return x0.clamp(-c, c) if c is not None else x0  # Ho et al. clip x0 to the data range
+
+    # ------------------------------------------------------------------ training
+    def _rng(self, stage: str, step: int) -> torch.Generator:
+        """Noise is a function of (seed, stage, step, rank): a resumed run draws what an unbroken one would."""
+        salt = {"train": 0, "val": 1, "test": 2, "sample": 3}[stage]
+        seed = (self.hparams.seed * 1_000_003 + step * 101 + salt) * 64 + self.global_rank
+        return torch.Generator(device="cpu").manual_seed(seed % 2**63)
+
+    def loss(self, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Pick t uniformly from the grid, build (x_t, target), squared loss on predicting the target."""
+        k = torch.randint(1, self.process.T + 1, (x0.shape[0],), generator=g).to(x0.device)
+        x_t, y = self.process.training_pair(x0, k, self.hparams.target, g)
+        out = self.denoise(x_t, k)
+        pred = x_t + out if self.hparams.target == "x_prev" else out  # x_prev: mu(x_t) = x_t + net(x_t, t)
+        return F.mse_loss(pred, y)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch, self._rng("train", self.global_step))
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.shape[0])
+        return loss
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        x_T: torch.Tensor | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
+        """n samples by simulating the reverse process from x_T ~ prior on `steps` grid points (default: all T)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r}: must be one of {list(SAMPLERS)}")
+        grid = sampling_grid(self.process.T, steps or self.process.T)
+        shape = shape or self.sample_shape
+        out = []
+        bs = self.hparams.sample_batch_size
+        for i in range(0, n, bs):
+            m = min(bs, n - i)
+            x = x_T[i : i + m].to(self.device) if x_T is not None else self.process.prior((m, *shape), generator, self.device)
+            for k, s in zip(grid[:-1], grid[1:]):
+                x0 = self.x0_hat(x, torch.tensor(k, device=self.device))
+                if sampler == "ddpm":
+                    x = self.process.ddpm_step(x, x0, k, s, _randn(x, generator))
+                else:
+                    x = self.process.ddim_step(x, x0, k, s)
+            out.append(x)
+        return torch.cat(out)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        cfg = self.net.config
+        if "sample_size" in cfg:
+            size = cfg["sample_size"]
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            return (cfg["in_channels"], *size)
+        return (cfg["dim"],)
+
+    # ------------------------------------------------------------------ evaluation
+    @property
+    def _metric(self):
+        return self._eval["metric"]
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self._metric is None and dm is not None:
+            from src.metrics import sample_metric
+
+            self._eval["metric"] = sample_metric(getattr(dm, "metric", "loss"), self.sample_shape)
+
+    def _eval_start(self, stage: str) -> None:
+        hp = self.hparams
+        n = hp[f"{stage}_num_samples"]
+        if self._metric is None or n <= 0:
+            return
+        self._metric.to(self.device)
+        g = self._rng(stage, self.global_step)
+        self._samples[stage] = self.sample(n, hp[f"{stage}_sampler"], hp[f"{stage}_steps"], generator=g)
+        self._metric.reset()
+        self._metric.update(self._samples[stage], real=False)
+
+    def on_validation_epoch_start(self) -> None:
+        # runs after the EMA callback swapped in the averaged weights, so samples come from the EMA model
+        self._eval_start("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start("test")
+
+    def _eval_step(self, batch: torch.Tensor, batch_idx: int, stage: str) -> None:
+        loss = self.loss(batch, self._rng(stage, batch_idx))  # fixed noise per batch: comparable across evaluations
+        self.log(f"{stage}/loss", loss, batch_size=batch.shape[0])
+        if stage in self._samples:
+            self._metric.update(batch, real=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "test")
+
+    def _eval_end(self, stage: str) -> None:
+        samples = self._samples.pop(stage, None)
+        if samples is None:
+            return
+        hp = self.hparams
+        name = self._metric.name
+        value = self._metric.compute().float()
+        tag = f"{hp[f'{stage}_sampler']}{hp[f'{stage}_steps']}"
+        self.log(f"{stage}/{name}", value, prog_bar=True)
+        self.log(f"{stage}/{name}_{tag}", value)  # the same figure, the sampler and step count in its name
+        from src.utils.images import log_samples
+
+        shown = samples if samples.dim() == 2 else samples[: hp.num_logged_samples]  # 2-D: the whole cloud
+        log_samples(self, f"{stage}/samples", shown, caption=f"{tag}, step {self.global_step}")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    # ------------------------------------------------------------------ optimisation / checkpoints
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        est = self.trainer.estimated_stepping_batches
+        total = max(int(est), 1) if math.isfinite(est) else 10**9
+        sched = get_cosine_with_min_lr_schedule_with_warmup(
+            opt, num_warmup_steps=min(hp.warmup_steps, total), num_training_steps=total, min_lr_rate=hp.min_lr_ratio
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["net_spec"] = net_spec(self.net)  # rebuild the network without the Hydra config (sample.py)
+
+    def diffusers_scheduler(self):
+        """The diffusers scheduler with this vp process's schedule (None for ve, which diffusers lacks)."""
+        if self.process.name != "vp":
+            return None
+        from diffusers import DDPMScheduler
+
+        p = self.hparams.process
+        c = self.hparams.clip_x0
+        return DDPMScheduler(
+            num_train_timesteps=self.process.T,
+            beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[p.get("schedule", "linear")],
+            beta_start=p.get("beta_start", 1e-4), beta_end=p.get("beta_end", 0.02),
+            prediction_type={"eps": "epsilon", "x0": "sample"}[self.hparams.target],
+            clip_sample=c is not None, clip_sample_range=1.0 if c in (None, "auto") else float(c),
+            timestep_spacing="trailing",
+        )
+
+    def export_pretrained(self, path) -> None:
+        """The (EMA) network as a diffusers directory; a vp UNet as a `DDPMPipeline` (unet + scheduler)."""
+        from diffusers import DDPMPipeline, UNet2DModel
+
+        sched = self.diffusers_scheduler()
+        if sched is not None and isinstance(self.net, UNet2DModel):
+            DDPMPipeline(unet=self.net, scheduler=sched).save_pretrained(path)
+        else:
+            self.net.save_pretrained(path)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str = "cpu") -> DDPMModule:
+        """The module from one of our checkpoints; its weights are the EMA ones when EMA was on."""
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        if "net_spec" not in ckpt:
+            raise ValueError(f"{path}: not a DDPMModule checkpoint (no 'net_spec' key)")
+        module = cls(net=net_from_spec(ckpt["net_spec"]), **ckpt["hyper_parameters"])
+        module.load_state_dict(ckpt["state_dict"])
+        return module.eval()

@@ -1,0 +1,308 @@
+"""DDPMModule: the forward processes against their closed forms, the samplers against diffusers'
+schedulers and against exact Gaussian posteriors, determinism, losses on known inputs, bad input,
+checkpoints (EMA) and sampling, and learning on moons and digits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from src.lightning_modules.ddpm import DDPMModule, VEProcess, VPProcess, sampling_grid
+from src.models.diffusion import mlp2d
+
+# quick composed runs (the LM tests' QUICK list names LM data keys)
+DQUICK = [
+    "algo=ddpm",
+    "trainer.accelerator=cpu",
+    "trainer.enable_model_summary=false",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "extras.print_config=false",
+    "logger=none",
+]
+
+
+class Oracle(torch.nn.Module):
+    """The exact E[x0 | x_t] for Gaussian data N(m, v), returned as the network's x0 output."""
+
+    def __init__(self, process, m: float, v: float):
+        super().__init__()
+        self.p, self.m, self.v = process, m, v
+        self.config = {"dim": 1}
+
+    def forward(self, x, timestep):
+        k = timestep + 1 if isinstance(self.p, VPProcess) else timestep
+        k = k.round().long()
+        if isinstance(self.p, VEProcess):  # x_t = x0 + N(0, s2)
+            s2 = self.p.std(k).double() ** 2
+            return (self.m + self.v / (self.v + s2)[:, None] * (x.double() - self.m)).float()
+        a = self.p.abar[k][:, None]  # z = sqrt(a) x0 + N(0, 1 - a)
+        return (self.m + a.sqrt() * self.v / (a * self.v + 1 - a) * (x.double() - a.sqrt() * self.m)).float()
+
+
+def module_with(net, process: dict, target="eps", **kw) -> DDPMModule:
+    steps = min(50, process["num_steps"])
+    return DDPMModule(net=net, process=process, target=target, clip_x0=None, val_steps=steps, test_steps=steps, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- forward process
+def test_ve_training_pair_has_the_closed_form_marginal():
+    """x_{t-dt} = x0 + N(0, s^2(t-dt)), x_t = x_{t-dt} + N(0, s^2 dt): mean x0, variance sigma^2 t, and the
+    bridge E[x_{t-dt} | x_t, x0] = x_t + (dt/t)(x0 - x_t) that the x_prev target is read through."""
+    p = VEProcess(num_steps=10, sigma=2.0)
+    n, x0 = 400_000, torch.full((400_000, 1), 0.7)
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 4, 10):
+        kk = torch.full((n,), k)
+        x_t, x_prev = p.training_pair(x0, kk, "x_prev", g)
+        t = k / 10
+        assert x_t.mean().item() == pytest.approx(0.7, abs=0.02)
+        assert x_t.var().item() == pytest.approx(4.0 * t, rel=0.02)
+        assert x_prev.var().item() == pytest.approx(4.0 * (k - 1) / 10, abs=0.02)
+        # regression of x_prev on x_t: slope 1 - dt/t, as the Brownian bridge says
+        c = torch.cov(torch.stack([x_t[:, 0], x_prev[:, 0]]))
+        assert (c[0, 1] / c[0, 0]).item() == pytest.approx(1 - 1 / k, abs=0.01)
+        # the x_prev prediction read as x0: the bridge mean at the true x0 gives back x0
+        mu = x_t + (1 / k) * (x0 - x_t)
+        assert torch.allclose(p.predict_x0(mu - x_t, x_t, kk, "x_prev"), x0, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_vp_closed_form_matches_the_markov_chain(schedule):
+    """Simulating z_t = sqrt(1 - beta_t) z_{t-1} + sqrt(beta_t) eps step by step gives mean sqrt(abar_t) x0 and
+    variance 1 - abar_t, as Ho et al. eq. 4."""
+    p = VPProcess(num_steps=100, schedule=schedule, beta_start=1e-3, beta_end=0.05)
+    betas = 1 - p.abar[1:] / p.abar[:-1]
+    n = 200_000
+    z = torch.full((n,), 1.5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    for k in range(1, 101):
+        z = (1 - betas[k - 1]).sqrt() * z + betas[k - 1].sqrt() * torch.randn(n, generator=g, dtype=torch.float64)
+        if k in (1, 10, 50, 100):
+            a = p.abar[k].item()
+            assert z.mean().item() == pytest.approx(math.sqrt(a) * 1.5, abs=0.01)
+            assert z.var().item() == pytest.approx(1 - a, abs=0.01)
+            closed = p.marginal(torch.full((n, 1), 1.5), torch.full((n,), k), torch.randn(n, 1, generator=g))
+            assert closed.var().item() == pytest.approx(1 - a, abs=0.01)
+
+
+# ---------------------------------------------------------------------------------------------- vs diffusers
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_vp_schedule_and_add_noise_equal_diffusers(schedule):
+    from diffusers import DDPMScheduler
+
+    T = 1000
+    ours = VPProcess(T, schedule)
+    theirs = DDPMScheduler(num_train_timesteps=T, beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule])
+    assert torch.allclose(ours.abar[1:].float(), theirs.alphas_cumprod, rtol=1e-5, atol=1e-6)
+    x0, eps = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8)
+    t = torch.tensor([0, 1, 10, 100, 500, 900, 998, 999])
+    assert torch.allclose(ours.marginal(x0, t + 1, eps), theirs.add_noise(x0, eps, t), atol=1e-5)
+
+
+def _fake_eps(x, timestep):
+    return 0.3 * torch.tanh(x) + 0.01 * timestep.float().reshape(-1, *[1] * (x.dim() - 1)) / 100
+
+
+@pytest.mark.parametrize("steps", [1000, 50])
+def test_ddpm_steps_equal_diffusers_ddpm_scheduler(steps):
+    """The whole stochastic trajectory, with the same noise, equals DDPMScheduler's (fixed_small variance)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    p = VPProcess(1000)
+    grid = sampling_grid(1000, steps)
+    assert [k - 1 for k in grid[:-1]] == sched.timesteps.tolist()
+    x_ours = x_theirs = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for i, (k, s) in enumerate(zip(grid[:-1], grid[1:])):
+        t = torch.tensor(k - 1)
+        eps = _fake_eps(x_theirs, t.expand(4))
+        x_theirs = sched.step(eps, t, x_theirs, generator=torch.Generator().manual_seed(i)).prev_sample
+        eps = _fake_eps(x_ours, t.expand(4))
+        noise = torch.randn(x_ours.shape, generator=torch.Generator().manual_seed(i))
+        x_ours = p.ddpm_step(x_ours, p.predict_x0(eps, x_ours, torch.tensor(k), "eps"), k, s, noise)
+        assert torch.allclose(x_ours, x_theirs, atol=1e-4, rtol=1e-4), f"step {k} -> {s}"
+
+
+@pytest.mark.parametrize("steps", [50, 7])
+def test_ddim_equals_diffusers_ddim_scheduler_eta0(steps):
+    from diffusers import DDIMScheduler
+
+    T = 1001 if steps == 7 else 1000
+    sched = DDIMScheduler(num_train_timesteps=T, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    p = VPProcess(T)
+    grid = sampling_grid(T, steps)
+    if T % steps == 0:  # diffusers' prev timestep is t - T // steps: the same grid when steps divides T
+        assert [k - 1 for k in grid[:-1]] == sched.timesteps.tolist()
+    x_ours = x_theirs = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for k, s in zip(grid[:-1], grid[1:]):
+        if T % steps:
+            break
+        t = torch.tensor(k - 1)
+        x_theirs = sched.step(_fake_eps(x_theirs, t.expand(4)), t, x_theirs, eta=0.0).prev_sample
+        eps = _fake_eps(x_ours, t.expand(4))
+        x_ours = p.ddim_step(x_ours, p.predict_x0(eps, x_ours, torch.tensor(k), "eps"), k, s)
+        assert torch.allclose(x_ours, x_theirs, atol=1e-4, rtol=1e-4), f"step {k} -> {s}"
+
+
+def test_export_is_a_diffusers_pipeline_that_samples_like_us(tmp_path):
+    """export_pretrained writes a DDPMPipeline; its DDIM sampling equals ours on the same x_T."""
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    from src.models.diffusion import unet2d
+
+    torch.manual_seed(0)
+    m = DDPMModule(net=unet2d(8, 1, (8, 8), norm_num_groups=4), process={"name": "vp", "num_steps": 100}, clip_x0=None)
+    m.export_pretrained(tmp_path)
+    pipe = DDPMPipeline.from_pretrained(tmp_path)
+    sched = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=True)
+    sched.set_timesteps(10)
+    x = x_T = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(pipe.unet(x, t).sample, t, x, eta=0.0).prev_sample
+    assert torch.allclose(m.sample(2, "ddim", 10, x_T=x_T), x, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+@pytest.mark.parametrize("proc", ["ve", "vp"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_samplers_recover_gaussian_data_with_the_exact_denoiser(proc, sampler):
+    """With the exact E[x0 | x_t] of N(m, v) data, both samplers on the full grid return N(m, v): the DDPM
+    reverse kernels and the DDIM update are exact to first order in dt. (Coarse grids are exact for a point
+    mass: test_ve_ddim_step_is_nakkirans_lambda_update.)"""
+    m, v, n, steps = 0.5, 1.0, 20_000, 1000
+    spec = {"name": proc, "num_steps": 1000, "sigma": 3.0}
+    module = module_with(None, spec, target="x0", sample_batch_size=n)
+    module.net = Oracle(module.process, m, v)
+    g = torch.Generator().manual_seed(3)
+    # start from the exact marginal at t = 1 (the prior N(0, sigma^2) differs from it by the data's spread)
+    x_T = module.process.marginal(m + math.sqrt(v) * torch.randn(n, 1, generator=g), torch.tensor(1000),
+                                  torch.randn(n, 1, generator=g))
+    x = module.sample(n, sampler, steps, generator=g, x_T=x_T)
+    assert x.mean().item() == pytest.approx(m, abs=0.03)  # 4 standard errors
+    assert x.var().item() == pytest.approx(v, rel=0.06)
+
+
+def test_ddim_is_deterministic_given_x_T_and_ddpm_is_not():
+    torch.manual_seed(0)
+    module = module_with(mlp2d(hidden=32, depth=1), {"name": "vp", "num_steps": 50})
+    x_T = torch.randn(16, 2)
+    a = module.sample(16, "ddim", 50, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    b = module.sample(16, "ddim", 50, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    c = module.sample(16, "ddpm", 50, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    d = module.sample(16, "ddpm", 50, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    e = module.sample(16, "ddpm", 50, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(c, d) and torch.equal(c, e)
+
+
+def test_ve_ddim_step_is_nakkirans_lambda_update():
+    """x <- x + lambda (mu(x) - x), lambda = sigma_t / (sigma_{t-dt} + sigma_t), lands exactly on x0 for a
+    point mass (x0_hat = x0): DDIM is the exact deterministic map here, for any grid."""
+    p = VEProcess(100, sigma=2.0)
+    x0 = torch.tensor([[0.3, -0.2]])
+    for steps in (100, 10, 1):
+        x = x0 + 2.0 * torch.randn(1, 2)
+        grid = sampling_grid(100, steps)
+        for k, s in zip(grid[:-1], grid[1:]):
+            lam = math.sqrt(k) / (math.sqrt(s) + math.sqrt(k))
+            mu = x + (k - s) / k * (x0 - x)
+            nxt = p.ddim_step(x, x0, k, s)
+            assert torch.allclose(nxt, x + lam * (mu - x), atol=1e-6)
+            # on the ray from x0 through x_t, at distance sigma_s / sigma_t of it
+            assert torch.allclose(nxt - x0, math.sqrt(s / k) * (x - x0), atol=1e-5)
+            x = nxt
+        assert torch.allclose(x, x0, atol=1e-5)
+
+
+def test_sampling_grid_and_bad_step_counts():
+    assert sampling_grid(1000, 1000) == list(range(1000, -1, -1))
+    assert sampling_grid(1000, 50)[:3] == [1000, 980, 960] and sampling_grid(1000, 50)[-1] == 0
+    assert len(sampling_grid(1000, 7)) == 8
+    with pytest.raises(ValueError, match="steps=1001"):
+        sampling_grid(1000, 1001)
+    with pytest.raises(ValueError, match="algo.val_steps=2000"):
+        DDPMModule(net=mlp2d(), process={"name": "vp", "num_steps": 1000}, val_steps=2000)
+    with pytest.raises(ValueError, match="algo.target=x_prev"):
+        DDPMModule(net=mlp2d(), process={"name": "vp", "num_steps": 10}, target="x_prev")
+    with pytest.raises(ValueError, match="algo.process.name='vx'"):
+        DDPMModule(net=mlp2d(), process={"name": "vx", "num_steps": 10})
+
+
+# ---------------------------------------------------------------------------------------------- losses
+@pytest.mark.parametrize("target", ["eps", "x0", "x_prev"])
+def test_ve_loss_is_the_lectures_recipe(target):
+    """Steps 1-4 of the lecture by hand, with the same random draws, give the module's loss."""
+    torch.manual_seed(0)
+    net = mlp2d(hidden=16, depth=1)
+    module = module_with(net, {"name": "ve", "num_steps": 10, "sigma": 2.0}, target=target)
+    x0 = torch.randn(32, 2)
+    loss = module.loss(x0, torch.Generator().manual_seed(5))
+
+    g = torch.Generator().manual_seed(5)
+    k = torch.randint(1, 11, (32,), generator=g)  # 2) t = k/T on the grid
+    t, dt = k[:, None] / 10, 0.1
+    x_prev = x0 + 2.0 * (t - dt).sqrt() * torch.randn(32, 2, generator=g)  # 3) x_{t-dt} = x0 + N(0, s^2(t-dt))
+    x_t = x_prev + 2.0 * math.sqrt(dt) * torch.randn(32, 2, generator=g)  #    x_t = x_{t-dt} + N(0, s^2 dt)
+    out = net(x_t, k.float())
+    y = {"x_prev": x_prev, "x0": x0, "eps": (x_t - x0) / (2.0 * t.sqrt())}[target]
+    pred = x_t + out if target == "x_prev" else out  # 4) squared loss on predicting the target
+    assert loss.item() == pytest.approx(((pred - y) ** 2).mean().item(), rel=1e-5)
+
+
+def test_vp_loss_is_ho_l_simple():
+    torch.manual_seed(0)
+    net = mlp2d(hidden=16, depth=1)
+    module = module_with(net, {"name": "vp", "num_steps": 100})
+    x0 = torch.randn(32, 2)
+    loss = module.loss(x0, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    k = torch.randint(1, 101, (32,), generator=g)
+    eps = torch.randn(32, 2, generator=g)
+    a = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 100, dtype=torch.float64), 0)[k - 1].float()[:, None]
+    pred = net(a.sqrt() * x0 + (1 - a).sqrt() * eps, k - 1)  # eps_theta(sqrt(abar) x0 + sqrt(1 - abar) eps, t)
+    assert loss.item() == pytest.approx(((eps - pred) ** 2).mean().item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_image_folder_errors_name_the_file(tmp_path):
+    from PIL import Image
+
+    from src.datamodules.images import ImageDataModule, load_image_folder
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(d / f"{i}.png")
+    x = load_image_folder(str(d), 3, 8)
+    assert x.shape == (4, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    with pytest.raises(ValueError, match=r"0\.png: image has 3 channel\(s\).*data\.channels=1"):
+        load_image_folder(str(d), 1, 8)
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match=r"broken\.png: not a readable image"):
+        load_image_folder(str(d), 3, 8)
+    with pytest.raises(FileNotFoundError, match="data.path="):
+        load_image_folder(str(tmp_path / "nope"), 3, 8)
+    with pytest.raises(ValueError, match="data.source=digits: images are 1x8x8"):
+        ImageDataModule(source="digits", channels=3)
+
+
+def test_unknown_2d_dataset_is_named(cfg_factory):
+    import hydra
+    from hydra.errors import InstantiationException
+
+    cfg = cfg_factory(*DQUICK, "data=toy2d", "data.name=spiral", quick=False)
+    with pytest.raises(InstantiationException, match=r"data.name='spiral'.*gaussians8.*moons.*swiss_roll"):
+        hydra.utils.instantiate(cfg.data)
+
+
+def test_fd_needs_digit_shaped_images():
+    from src.metrics import sample_metric
+
+    with pytest.raises(ValueError, match="data.metric=fd .* 3x32x32"):
+        sample_metric("fd", (3, 32, 32))
