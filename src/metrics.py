@@ -84,7 +84,8 @@ class PassAtK(Metric):
 
 class EnergyDistance(Metric):
     """Energy distance between two point clouds (Szekely & Rizzo): D^2 = 2 E|X - Y| - E|X - X'| - E|Y - Y'|,
-    with the within-set terms over distinct pairs (unbiased). Same `update(x, real)` interface as FID."""
+    the V-statistic (means over all pairs), which is >= 0; two samples of one distribution score O(1/n).
+    Same `update(x, real)` interface as FID."""
 
     full_state_update = False
     higher_is_better = False
@@ -98,17 +99,12 @@ class EnergyDistance(Metric):
     def update(self, x: torch.Tensor, real: bool) -> None:
         (self.real if real else self.fake).append(x.detach().flatten(1).double())
 
-    @staticmethod
-    def _within(a: torch.Tensor) -> torch.Tensor:
-        n = a.shape[0]
-        return torch.cdist(a, a).sum() / (n * (n - 1))
-
     def compute(self) -> torch.Tensor:
         cat = lambda v: torch.cat(v) if isinstance(v, list) else v  # noqa: E731  (a tensor after DDP sync)
         x, y = cat(self.real), cat(self.fake)
         if len(x) < 2 or len(y) < 2:
             raise RuntimeError("EnergyDistance needs at least 2 real and 2 generated points")
-        return 2 * torch.cdist(x, y).mean() - self._within(x) - self._within(y)
+        return 2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()
 
 
 def sample_metric(name: str, shape: tuple[int, ...]) -> Metric | None:

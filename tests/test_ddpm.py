@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
 
@@ -306,3 +307,146 @@ def test_fd_needs_digit_shaped_images():
 
     with pytest.raises(ValueError, match="data.metric=fd .* 3x32x32"):
         sample_metric("fd", (3, 32, 32))
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def _ema_weights(trainer):
+    from src.callbacks import EMA
+
+    (cb,) = [c for c in trainer.callbacks if isinstance(c, EMA)]
+    return {k[len("module."):]: v.clone() for k, v in cb._average_model.state_dict().items() if k.startswith("module.")}
+
+
+class StopAt(L.Callback):
+    """Stops fit after optimizer step n, as a killed job would (after its last checkpoint)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.n:
+            trainer.should_stop = True
+
+
+def test_checkpoint_holds_ema_weights_and_resume_is_exact(cfg_factory, tmp_path):
+    """16 steps straight equal 8 steps + resume to 16: the network, its EMA and the optimizer all come back.
+    The checkpoint's state_dict is the EMA (what test and sample.py use); the raw weights sit beside it."""
+    from train import train
+
+    run = [*DQUICK, "data=toy2d", "data.n_train=2048", "data.n_val=200", "data.n_test=200", "data.batch_size=256",
+           "trainer.val_check_interval=8", "algo.val_num_samples=100", "algo.test_num_samples=100", "test=false"]
+    _, full = train(cfg_factory(*run, "trainer.max_steps=16", quick=False))
+    ema_full = _ema_weights(full["trainer"])
+    net_full = {k: v.clone() for k, v in full["module"].state_dict().items()}  # EMA copied in at train end
+
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 16
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(v, ema_full[k]), f"checkpoint state_dict is not the EMA at {k}"
+    assert any(not torch.equal(ckpt["state_dict"][k], ckpt["current_model_state"][k]) for k in ckpt["state_dict"])
+
+    # the same 16-step run killed after step 8 (its last.ckpt is written at the step-8 validation), then resumed
+    from tests.test_rlvr import _train_with
+
+    first = tmp_path / "first"
+    cfg = cfg_factory(*run, "trainer.max_steps=16", quick=False)
+    cfg.paths.output_dir = str(first)
+    cfg.callbacks.model_checkpoint.dirpath = str(first / "checkpoints")
+    _train_with(cfg, StopAt(8))
+    cfg = cfg_factory(*run, "trainer.max_steps=16", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", quick=False)
+    cfg.paths.output_dir = str(first / "resumed")
+    cfg.callbacks.model_checkpoint.dirpath = str(first / "resumed" / "checkpoints")
+    _, resumed = train(cfg)
+    ema_res = _ema_weights(resumed["trainer"])
+    for k in ema_full:
+        assert torch.allclose(ema_full[k], ema_res[k], atol=1e-6), f"EMA differs after resume at {k}"
+    for k, v in resumed["module"].state_dict().items():
+        assert torch.allclose(net_full[k], v, atol=1e-6), f"weights differ after resume at {k}"
+
+
+def test_digits_run_logs_images_to_wandb_and_sample_py_writes_a_grid(cfg_factory, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+    from PIL import Image
+
+    import sample as sample_mod
+    from tests.conftest import CONF
+    from tests.test_train import _leet
+    from train import train
+
+    cfg = cfg_factory(*DQUICK, "logger=wandb", "trainer.max_steps=6", "trainer.val_check_interval=3",
+                      "algo.val_num_samples=40", "algo.test_num_samples=40", "algo.val_steps=5", "algo.test_steps=5",
+                      "test=false", quick=False)
+    metrics, _ = train(cfg)
+    assert "val/fd" in metrics and "val/fd_ddim5" in metrics
+    (run,) = list((tmp_path / "wandb").glob("offline-run-*"))
+    history = [r["history"]["item"] for r in _leet(run, summary=False) if r["type"] == "history"]
+    imgs = [h for h in history if h.get("val/samples._type") == "images/separated"]
+    assert len(imgs) == 2, "a sample grid at each validation"
+    assert [h["val/fd"] for h in history if "val/fd" in h]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["val_samples_step000003.png", "val_samples_step000006.png"]
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        scfg = compose("sample", overrides=[f"ckpt={tmp_path / 'checkpoints' / 'last.ckpt'}", "sampler=ddpm", "steps=10",
+                                            "n=12", f"+out_dir={tmp_path}"])
+    with open_dict(scfg):
+        scfg.out = str(tmp_path / "grid.png")
+    out = sample_mod.sample(scfg)
+    x = torch.load(out.with_suffix(".pt"))
+    assert x.shape == (12, 1, 8, 8) and x.abs().max() <= 1.0
+    w, h = Image.open(out).size
+    assert (w, h) == (4 * 34, 3 * 34)  # 12 images in a 4x3 grid, each enlarged 4x (32 px) in a 1-px frame
+    with pytest.raises(FileNotFoundError, match="ckpt=.*nope.ckpt"):
+        with open_dict(scfg):
+            scfg.ckpt = str(tmp_path / "nope.ckpt")
+        sample_mod.sample(scfg)
+
+
+def _energy(x, ref):
+    from src.metrics import EnergyDistance
+
+    e = EnergyDistance()
+    e.update(ref, real=True)
+    e.update(x, real=False)
+    return e.compute().item()
+
+
+@pytest.mark.slow
+def test_moons_learning_reaches_near_the_floor(cfg_factory):
+    """About a minute of training on moons: the energy distance of DDIM-50 samples to held-out points drops
+    from that of a standard Gaussian to within a few hundredths of it, next to the floor of fresh data."""
+    from src.datamodules.toy2d import toy2d
+    from train import train
+
+    metrics, objs = train(cfg_factory(*DQUICK, "data=toy2d", "trainer.max_steps=1500", "trainer.val_check_interval=1500",
+                                      quick=False))
+    ref = objs["datamodule"].splits["test"]
+    floor = _energy(toy2d("moons", 1000, 7), ref)
+    gauss = _energy(torch.randn(1000, 2, generator=torch.Generator().manual_seed(0)), ref)
+    ed = metrics["test/energy_distance"].item()
+    assert ed < gauss / 10 and ed < floor + 0.005, (ed, floor, gauss)
+
+
+@pytest.mark.slow
+def test_digits_learning_lowers_fd_clearly(cfg_factory):
+    """A short digits run (600 steps) takes the FD of its samples from the hundreds to a few times the floor."""
+    from src.datamodules.images import digits_split
+    from src.metrics import sample_metric
+    from train import train
+
+    cfg = cfg_factory(*DQUICK, "trainer.max_steps=600", "trainer.val_check_interval=600", "algo.val_num_samples=500",
+                      "algo.test_num_samples=500", quick=False)
+    metrics, objs = train(cfg)
+    d = digits_split()
+    fd = sample_metric("fd", (1, 8, 8))
+    fd.update(d["val"], real=True)
+    fd.update(d["train"][:500], real=False)
+    floor = fd.compute().item()
+    fd.reset()
+    fd.update(d["val"], real=True)
+    fd.update(torch.rand(500, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, real=False)
+    noise = fd.compute().item()
+    got = metrics["test/fd"].item()
+    assert got < noise / 5 and got < 6 * floor, (got, floor, noise)

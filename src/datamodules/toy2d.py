@@ -29,7 +29,7 @@ def _swiss_roll(n, rng):
 
 
 def _gaussians8(n, rng):
-    angles = 2 * math.pi * rng.integers(0, 8, n) / 8
+    angles = 2 * math.pi * rng.randint(0, 8, n) / 8
     centers = np.stack([np.cos(angles), np.sin(angles)], 1) * 1.5
     return centers + 0.1 * rng.standard_normal((n, 2))
 
@@ -40,7 +40,7 @@ DATASETS = {"moons": _moons, "swiss_roll": _swiss_roll, "gaussians8": _gaussians
 def toy2d(name: str, n: int, seed: int) -> torch.Tensor:
     if name not in DATASETS:
         raise ValueError(f"data.name={name!r}: no such 2-D dataset; choose one of {sorted(DATASETS)}")
-    return torch.tensor(DATASETS[name](n, np.random.default_rng(seed)), dtype=torch.float32)
+    return torch.tensor(DATASETS[name](n, np.random.RandomState(seed)), dtype=torch.float32)
 
 
 class Toy2DDataModule(L.LightningDataModule):
