@@ -24,6 +24,7 @@ from src.utils import (
     instantiate_loggers,
     log_hyperparameters,
     register_resolvers,
+    resolve_ckpt_path,
 )
 from src.utils.warm_start import sft_warm_start
 
@@ -35,6 +36,7 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Fit (and test) the configured algorithm; return (metrics, objects)."""
     check_required(cfg)
+    ckpt_path = resolve_ckpt_path(cfg)  # before any work: a wrong path fails at once
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -56,7 +58,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         log_hyperparameters(cfg, trainer, module)
         if cfg.get("train"):
             # our own checkpoints hold hyper-parameters beyond tensors: trusted, so not weights-only
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
         metrics = dict(trainer.callback_metrics)
         if cfg.get("test"):
             ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

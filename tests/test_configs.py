@@ -7,6 +7,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from tests.conftest import CONF
@@ -16,8 +17,28 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
 
 
+DIFFUSION_ALGOS = {"ddpm"}
+DIFFUSION_DATA = {"digits", "toy2d", "images"}
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "images"
+    d.mkdir()
+    for i in range(10):
+        Image.new("RGB", (40, 40), (25 * i, 0, 255 - 25 * i)).save(d / f"{i}.png")
+    return d
+
+
 @pytest.mark.parametrize("algo", options("algo"))
 def test_algo_configs_instantiate(cfg_factory, algo):
+    if algo in DIFFUSION_ALGOS:
+        cfg = cfg_factory(f"algo={algo}", quick=False)
+        module = hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net))
+        assert isinstance(module, L.LightningModule) and cfg.optimized_metric == "val/fd"
+        return
     cfg = cfg_factory(f"algo={algo}")
     tok = hydra.utils.instantiate(cfg.model.tokenizer)
     module = hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net), tokenizer=tok)
@@ -26,7 +47,17 @@ def test_algo_configs_instantiate(cfg_factory, algo):
 
 
 @pytest.mark.parametrize("data", options("data"))
-def test_data_configs_instantiate(cfg_factory, data, sft_jsonl, pref_jsonl, prompts_jsonl):
+def test_data_configs_instantiate(cfg_factory, data, sft_jsonl, pref_jsonl, prompts_jsonl, image_dir):
+    if data in DIFFUSION_DATA:
+        cfg = cfg_factory("algo=ddpm", f"data={data}", *([f"data.path={image_dir}"] if data == "images" else []), quick=False)
+        dm = hydra.utils.instantiate(cfg.data)
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        net = hydra.utils.instantiate(cfg.model.net)  # the denoiser this data selects fits its shape
+        out = net(batch, torch.zeros(len(batch)))
+        assert (out.sample if hasattr(out, "sample") else out).shape == batch.shape
+        assert len(dm.splits["val"]) > 0 and cfg.optimized_metric == f"val/{cfg.data.metric}"
+        return
     extra = {"jsonl_sft": [f"data.source.train={sft_jsonl}"], "jsonl_pref": [f"data.source.train={pref_jsonl}", "algo=dpo"],
              "jsonl_prompts": [f"data.source.train={prompts_jsonl}", "algo=rlvr"]}.get(data, [])
     cfg = cfg_factory(*[o for o in extra], f"data={data}", quick=False)
@@ -57,6 +88,14 @@ def test_custom_reward_without_a_function_names_the_key(cfg_factory):
 
 @pytest.mark.parametrize("model", options("model"))
 def test_model_configs_instantiate(cfg_factory, model, hf_dir):
+    if model in {"unet", "mlp2d"} or model.startswith("denoiser_"):
+        data = "toy2d" if model in ("mlp2d", "denoiser_toy2d") else "digits"
+        cfg = cfg_factory("algo=ddpm", f"data={data}", f"model={model}", quick=False)
+        net = hydra.utils.instantiate(cfg.model.net)
+        x = torch.randn(3, 2) if data == "toy2d" else torch.randn(3, 1, 8, 8)
+        out = net(x, torch.tensor([0, 10, 999]))
+        assert (out.sample if hasattr(out, "sample") else out).shape == x.shape
+        return
     cfg = cfg_factory(f"model={model}", *([f"model.pretrained={hf_dir}"] if model == "hf" else []))
     tok = hydra.utils.instantiate(cfg.model.tokenizer)
     net = hydra.utils.instantiate(cfg.model.net)(tokenizer=tok)
@@ -71,8 +110,16 @@ def test_logger_callback_trainer_configs_instantiate(cfg_factory, group):
         cfg = cfg_factory(f"{group}={option}")
         callbacks = instantiate_callbacks(cfg.callbacks)
         loggers = instantiate_loggers(cfg.logger)
-        if option == "gpu":
-            continue  # needs a GPU to build; composes above
+        if option in ("gpu", "deepspeed"):
+            continue  # need a GPU (deepspeed also its package) to build; composed above
+        if option == "fsdp":  # the strategy object builds on CPU; the Trainer refuses FSDP without a GPU
+            from lightning.pytorch.strategies import FSDPStrategy
+            from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+            strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+            assert isinstance(strategy, FSDPStrategy)
+            assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+            continue
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         assert isinstance(trainer, L.Trainer)
 

@@ -5,6 +5,7 @@ checkpoints (EMA) and sampling, and learning on moons and digits."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -385,6 +386,19 @@ def test_digits_run_logs_images_to_wandb_and_sample_py_writes_a_grid(cfg_factory
     imgs = [h for h in history if h.get("val/samples._type") == "images/separated"]
     assert len(imgs) == 2, "a sample grid at each validation"
     assert [h["val/fd"] for h in history if "val/fd" in h]
+    # explicit step axes and summaries (define_metric) reached the run
+    defs = [r["metric"] for r in _leet(run, summary=False) if r["type"] == "metric"]
+    named = {d["name"]: d for d in defs if "name" in d}
+    assert named["val/fd"]["step_metric"] == "trainer/global_step" and named["val/fd"]["summary"] == {"min": True}
+    assert named["train/loss"]["summary"] == {"min": True}
+    assert {d["glob_name"] for d in defs if "glob_name" in d} >= {"train/*", "val/*", "test/*"}
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sweeps"))
+    import dashboard
+
+    keys = {k.split(".")[0] for k in set().union(*history)}  # media rows are flattened: "val/samples._type", ...
+    assert dashboard.metrics("ddpm") - {"val/energy_distance"} <= keys, "every ddpm panel has data"
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["val_samples_step000003.png", "val_samples_step000006.png"]
 
     GlobalHydra.instance().clear()

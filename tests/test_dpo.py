@@ -299,3 +299,22 @@ def test_ref_pretrained_sets_a_different_reference(cfg_factory, hf_dir):
     module = hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net), tokenizer=tok)
     assert module.ref_model.config.hidden_size == 32 and module.model.config.hidden_size == 128
     assert all(not p.requires_grad for p in module.ref_model.parameters())
+
+
+def test_wandb_run_holds_margin_histogram_and_reward_axes(cfg_factory, tmp_path):
+    """Read back from the offline W&B run: the per-pair margins histogram at each validation, the TRL-named
+    reward metrics, their step axis and max summary."""
+    from tests.test_train import _leet
+    from train import train
+
+    train(cfg_factory("algo=dpo", "warm_start.steps=0", "logger=wandb", "test=false", "trainer.max_steps=4"))
+    (run,) = list((tmp_path / "wandb").glob("offline-run-*"))
+    records = _leet(run, summary=False)
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    hists = [h for h in history if h.get("val/rewards/margins_hist._type") == "histogram"]
+    assert len(hists) == 2, "one histogram per validation (steps 2 and 4)"
+    assert sum(hists[0]["val/rewards/margins_hist.values"]) == 16, "every held-out pair is counted"
+    keys = set().union(*history)
+    assert {"train/rewards/chosen", "train/rewards/margins", "val/rewards/accuracies", "train/logps/rejected"} <= keys
+    named = {r["metric"]["name"]: r["metric"] for r in records if r["type"] == "metric" and "name" in r["metric"]}
+    assert named["val/rewards/accuracies"]["summary"] == {"max": True}

@@ -3,6 +3,7 @@ of its values composes; multirun jobs are named and grouped in W&B by their swee
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ def test_sweep_yaml_is_valid_against_the_config(cfg_factory, path):
     assert "${program}" in spec["command"] and "${args_no_hyphens}" in spec["command"]
     fixed = [c for c in spec["command"] if "=" in c and not c.startswith("$")]
     assert f"algo={path.stem}" in fixed, "the sweep must pick its algorithm"
-    cfg = cfg_factory(*fixed)
+    quick = "algo=ddpm" not in fixed  # the LM quick settings name LM data keys
+    cfg = cfg_factory(*fixed, quick=quick)
     assert spec["metric"]["name"] == cfg.optimized_metric
     assert spec["metric"]["goal"] == {"max": "maximize", "min": "minimize"}[cfg.monitor_mode]
     for key, dist in spec["parameters"].items():
@@ -37,7 +39,7 @@ def test_sweep_yaml_is_valid_against_the_config(cfg_factory, path):
         assert parent is not None and leaf in parent, f"{path.name}: {key} is not a config key"
         values = dist.get("values") or [dist["min"], dist["max"]]
         for v in values:  # each value composes as the agent would pass it (key=value)
-            cfg_factory(*fixed, f"{key}={v}")
+            cfg_factory(*fixed, f"{key}={v}", quick=quick)
 
 
 def test_multirun_jobs_are_named_by_overrides_and_grouped_by_sweep(cfg_factory, tmp_path):
@@ -68,16 +70,17 @@ def test_every_algorithm_has_an_optuna_search():
 def test_optuna_search_params_are_config_keys(cfg_factory, path):
     import re
 
-    cfg = cfg_factory(f"hparams_search={path.stem}")
+    quick = not path.stem.startswith("ddpm")
+    cfg = cfg_factory(f"hparams_search={path.stem}", quick=quick)
     sweeper = cfg.hydra.sweeper
     assert sweeper.direction == f"{cfg.monitor_mode}imize" and sweeper.storage is None
-    assert cfg.algo._target_ == cfg_factory(f"algo={path.stem.removesuffix('_optuna')}").algo._target_
+    assert cfg.algo._target_ == cfg_factory(f"algo={path.stem.removesuffix('_optuna')}", quick=quick).algo._target_
     for key, spec in sweeper.params.items():
         node, _, leaf = key.rpartition(".")
         assert leaf in OmegaConf.select(cfg, node), f"{path.name}: {key} is not a config key"
         choice = re.fullmatch(r"choice\((.*)\)", spec)
         for v in (choice.group(1).split(",") if choice else []):
-            cfg_factory(f"hparams_search={path.stem}", f"{key}={v.strip()}")
+            cfg_factory(f"hparams_search={path.stem}", f"{key}={v.strip()}", quick=quick)
 
 
 def test_optuna_multirun_runs_trials_and_reports_the_best(tmp_path):
@@ -105,3 +108,38 @@ def test_submitit_local_launcher_runs_two_jobs(tmp_path):
 def test_slurm_launcher_config_composes(cfg_factory):
     cfg = cfg_factory("hydra/launcher=slurm")
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.timeout_min == 240
+
+
+# ---------------------------------------------------------------------------------------------- dashboards
+def test_dashboard_specs_build_offline_for_every_algorithm():
+    """sweeps/dashboard.py builds each W&B workspace spec with wandb-workspaces, no network; every metric
+    a panel shows is one our code logs (names checked against the sources and Lightning's own keys)."""
+    import re
+    import sys
+
+    sys.path.insert(0, str(ROOT / "sweeps"))
+    import dashboard
+
+    sources = "\n".join(p.read_text() for p in (ROOT / "src").rglob("*.py"))
+    lightning_keys = {"trainer/global_step", "lr-AdamW"}
+    for algo in dashboard.ALGOS:
+        spec = json.loads(dashboard.build(algo, "me", "genlight")._to_model().model_dump_json())
+        text = json.dumps(spec)
+        assert spec["display_name"] == f"genlight: {algo}"
+        for section, _ in dashboard.PANELS[algo]:
+            assert f'"name": "{section}"' in text, section
+        for key in dashboard.metrics(algo) - lightning_keys:
+            leaf = key.split("/", 1)[1]
+            # logged as f"{stage}/{leaf}" or f"train/{leaf}" or a literal key
+            assert re.search(re.escape(leaf.split("/")[-1]), sources), f"{algo}: no code logs {key}"
+            assert key in text or leaf in text
+    with pytest.raises(ValueError, match="--algo 'gan'"):
+        dashboard.build("gan", "me", "p")
+
+
+def test_wandb_axes_summaries():
+    from src.callbacks.wandb_axes import summary_for
+
+    assert summary_for("val/fd") == "min" and summary_for("train/loss") == "min"
+    assert summary_for("val/pass@1") == "max" and summary_for("val/rewards/accuracies") == "max"
+    assert summary_for("train/rho/mean") == "last"

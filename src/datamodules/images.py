@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.datamodules.lm import EpochShuffle
+from src.datamodules.sampler import ResumableTrainData
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 METRICS = ("fd", "energy_distance", "loss")
@@ -84,7 +84,7 @@ def load_image_dataset(path: str, column: str, channels: int, size: int) -> torc
     return torch.from_numpy(np.stack([_to_array(img, f"{path} row {i}", channels, size) for i, img in enumerate(ds[column])]))
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(ResumableTrainData, L.LightningDataModule):
     """`source`: digits | folder | disk. Folder and disk data are split by `val_fraction` / `test_fraction`."""
 
     def __init__(
@@ -143,7 +143,7 @@ class ImageDataModule(L.LightningDataModule):
         ds = TensorDataset(x)
         kw = dict(num_workers=self.hparams.num_workers, collate_fn=_stack)
         if train:
-            return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=EpochShuffle(len(ds), self.hparams.seed),
+            return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=self.train_sampler(len(ds), self.hparams.seed, self.hparams.batch_size),
                               drop_last=len(ds) >= self.hparams.batch_size, **kw)
         return DataLoader(ds, batch_size=self.hparams.eval_batch_size, **kw)
 

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from src.datamodules.files import DataError
+from src.datamodules.sampler import EpochShuffle, ResumableTrainData  # noqa: F401  (EpochShuffle re-exported)
 from src.models.tokenizer import CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -213,29 +214,7 @@ class Collator:
         return batch
 
 
-class EpochShuffle(Sampler[int]):
-    """A shuffle that is a function of (seed, epoch) alone, so a run resumed at an epoch boundary
-    sees the same order as an uninterrupted one (Lightning calls `set_epoch`; under DDP it wraps
-    this sampler in a distributed one). Indices in `exclude` (a set that may grow during training,
-    e.g. RLVR's retired prompts) are skipped from the next epoch on."""
-
-    def __init__(self, n: int, seed: int, exclude: set[int] | None = None):
-        self.n, self.seed, self.epoch = n, seed, 0
-        self.exclude = exclude if exclude is not None else set()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        return iter([i for i in order if i not in self.exclude] if self.exclude else order)
-
-    def __len__(self) -> int:
-        return self.n - len(self.exclude)
-
-
-class LMDataModule(L.LightningDataModule):
+class LMDataModule(ResumableTrainData, L.LightningDataModule):
     """Rows from `source` (anything with `rows(split)`) tokenized for `kind`."""
 
     def __init__(
@@ -278,7 +257,7 @@ class LMDataModule(L.LightningDataModule):
         return DataLoader(
             data,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=EpochShuffle(len(data), self.seed, exclude=self.retired) if shuffle else None,
+            sampler=self.train_sampler(len(data), self.seed, self.batch_size, exclude=self.retired) if shuffle else None,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from src.datamodules.images import _stack
-from src.datamodules.lm import EpochShuffle
+from src.datamodules.sampler import ResumableTrainData
 
 
 def _moons(n, rng):
@@ -43,7 +43,7 @@ def toy2d(name: str, n: int, seed: int) -> torch.Tensor:
     return torch.tensor(DATASETS[name](n, np.random.RandomState(seed)), dtype=torch.float32)
 
 
-class Toy2DDataModule(L.LightningDataModule):
+class Toy2DDataModule(ResumableTrainData, L.LightningDataModule):
     def __init__(
         self,
         name: str = "moons",
@@ -71,7 +71,7 @@ class Toy2DDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         ds = TensorDataset(self.splits["train"])
-        return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=EpochShuffle(len(ds), self.hparams.seed),
+        return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=self.train_sampler(len(ds), self.hparams.seed, self.hparams.batch_size),
                           drop_last=True, collate_fn=_stack)
 
     def val_dataloader(self):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from src.lightning_modules.lm import _can_fuse
 from src.models.diffusion import net_from_spec, net_spec
 
 TARGETS = ("eps", "x0", "x_prev")
@@ -362,7 +363,9 @@ class DDPMModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation / checkpoints
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        params = list(self.net.parameters())
+        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
+                                fused=_can_fuse(params) or None)  # one kernel for all parameters
         est = self.trainer.estimated_stepping_batches
         total = max(int(est), 1) if math.isfinite(est) else 10**9
         sched = get_cosine_with_min_lr_schedule_with_warmup(

@@ -119,6 +119,7 @@ class DPOModule(LMModule):
         self._ref_cache: dict[tuple[str, int], tuple[float, float]] = {}
         # pair-weighted means over the val (or test) split, summed across processes
         self.eval_stats = torch.nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in STATS + ("loss",)})
+        self._margins: list[torch.Tensor] = []  # per-pair reward margins of this evaluation, for the histogram
 
     # ------------------------------------------------------------------ reference
     def train(self, mode: bool = True):
@@ -178,7 +179,21 @@ class DPOModule(LMModule):
             metric = self.eval_stats[k.replace("/", "_")]
             metric.update(v)
             self.log(f"{stage}/{k}", metric, on_epoch=True, prog_bar=k == "rewards/accuracies", batch_size=n)
+        self._margins.append(stats["rewards/margins"].detach())
         self.eval_generation(batch, stage, batch_idx)
+
+    def _margins_histogram(self, stage: str) -> None:
+        if self._margins:
+            self.log_histogram(f"{stage}/rewards/margins_hist", torch.cat(self._margins))
+        self._margins = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._margins_histogram("val")
+        super().on_validation_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        self._margins_histogram("test")
+        super().on_test_epoch_end()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")

@@ -165,6 +165,17 @@ class LMModule(L.LightningModule):
             if isinstance(logger, WandbLogger):
                 logger.log_table(key=key, columns=list(columns), data=data, step=self.global_step)
 
+    def log_histogram(self, key: str, values: torch.Tensor) -> None:
+        """A W&B histogram at the current step (rank 0's values; the other loggers have no histograms)."""
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero or values.numel() == 0:
+            return
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.experiment.log({key: wandb.Histogram(values.float().cpu().numpy()),
+                                       "trainer/global_step": self.global_step})
+
     def log_samples(self, stage: str, columns=("prompt", "completion", "reference", "correct")) -> None:
         """The W&B table `{stage}/samples` of the rows kept by the first eval batch."""
         if not self._samples or self.trainer.sanity_checking:

@@ -408,6 +408,9 @@ class RLVRModule(LMModule):
         getattr(self, f"{stage}_reward").reset()
         if stage == "val":
             self.last_val = {k: float(v) for k, v in values.items()}
+            # the RL counters beside the val metrics: W&B plots pass@1 against samples and compute as well
+            values["val/samples"] = float(self.samples)
+            values["val/compute_flops"] = float(self.compute)
         if not self.trainer.sanity_checking:
             for k, v in values.items():
                 self.log(k, v, prog_bar=k.endswith("pass@1"), sync_dist=False)

@@ -7,6 +7,7 @@ from src.utils.run import (
     instantiate_loggers,
     log_hyperparameters,
     register_resolvers,
+    resolve_ckpt_path,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "instantiate_loggers",
     "log_hyperparameters",
     "register_resolvers",
+    "resolve_ckpt_path",
 ]

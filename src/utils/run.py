@@ -151,3 +151,22 @@ def get_metric_value(metrics: dict, name: str | None) -> float | None:
         )
     value = metrics[name]
     return float(value.item() if hasattr(value, "item") else value)
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path`: a checkpoint file, or `last`: the newest `last.ckpt` among this task's earlier runs
+    (`<log_dir>/<task_name>/{runs,multiruns}/...`). A path that does not exist is an error, not a fresh start."""
+    path = cfg.get("ckpt_path")
+    if not path:
+        return None
+    if str(path) == "last":
+        base = Path(cfg.paths.log_dir) / cfg.get("task_name", "train")
+        found = [p for p in base.glob("**/checkpoints/last.ckpt") if Path(cfg.paths.output_dir) not in p.parents]
+        if not found:
+            raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt under {base}")
+        latest = max(found, key=lambda p: p.stat().st_mtime)
+        log.info("ckpt_path=last: resuming %s", latest)
+        return str(latest)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
+    return str(path)
