@@ -16,16 +16,18 @@ from omegaconf import DictConfig
 import src  # noqa: F401  (sets PROJECT_ROOT for conf/paths)
 from src.callbacks import HFExport
 from src.utils import (
+    LogHyperparameters,
     check_required,
     extras,
     finish_loggers,
     get_metric_value,
+    hyperparameters,
     instantiate_callbacks,
     instantiate_loggers,
-    log_hyperparameters,
     register_resolvers,
     resolve_ckpt_path,
 )
+from src.utils.loggers import FinishWandbInWorker, forks_workers, prepare_for_workers
 from src.utils.warm_start import sft_warm_start
 
 log = logging.getLogger(__name__)
@@ -51,11 +53,15 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     )
     net = sft_warm_start(cfg, shared.get("tokenizer")) or hydra.utils.instantiate(cfg.model.net)
     module: L.LightningModule = hydra.utils.instantiate(cfg.algo, net=net, **shared)
+    if loggers:
+        callbacks.append(LogHyperparameters(hyperparameters(cfg, module)))
+    callbacks.append(FinishWandbInWorker())
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if forks_workers(trainer):  # ddp_fork: fit and test run in separate worker processes
+        prepare_for_workers(trainer)
     objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}
 
     try:
-        log_hyperparameters(cfg, trainer, module)
         if cfg.get("train"):
             # our own checkpoints hold hyper-parameters beyond tensors: trusted, so not weights-only
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)

@@ -97,3 +97,28 @@ class RefSpreadPolicyOnly(L.Callback):
         pol = pl_module.all_gather(torch.stack([p.double().sum() for p in pl_module.model.parameters()]).sum())
         pl_module.log("ddp/world", float(pol.numel()), batch_size=1)
         pl_module.log("ddp/checksum_spread", (pol.max() - pol.min()).float(), batch_size=1, reduce_fx="max")
+
+
+def test_ddp_fork_fit_and_test_reach_one_csv_file_and_one_wandb_run(cfg_factory, tmp_path):
+    """With ddp_fork, fit and test run in separately forked workers: both phases' metrics land in one
+    metrics.csv, and in one W&B run id (one offline directory per phase, each finished), for DDPM too."""
+    import csv
+
+    from tests.test_ddpm import DQUICK
+    from tests.test_train import _leet
+    from train import train
+
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.strategy=ddp_fork", "trainer.max_steps=4",
+           "trainer.val_check_interval=2", "data=toy2d", "data.n_train=2048", "data.n_val=100", "data.n_test=100",
+           "algo.val_num_samples=50", "algo.test_num_samples=50"]
+    metrics, _ = train(cfg_factory(*[o for o in DQUICK if o != "logger=none"], *ddp, "logger=[csv,wandb]",
+                                   quick=False))
+    assert {"val/energy_distance", "test/energy_distance"} <= set(metrics)
+    (path,) = list((tmp_path / "csv").glob("version_*/metrics.csv"))
+    rows = list(csv.DictReader(path.open()))
+    assert any(r["train/loss"] for r in rows) and any(r["test/loss"] for r in rows)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, "fit and test share one run id"
+    summaries = [_leet(r, summary=True) for r in runs]
+    assert all(s["state"] == "finished" for s in summaries)
+    assert "train/loss" in summaries[0]["summary"] and "test/loss" in summaries[1]["summary"]

@@ -1,11 +1,12 @@
 from src.utils.run import (
+    LogHyperparameters,
     check_required,
     extras,
     finish_loggers,
     get_metric_value,
+    hyperparameters,
     instantiate_callbacks,
     instantiate_loggers,
-    log_hyperparameters,
     register_resolvers,
     resolve_ckpt_path,
 )
@@ -17,7 +18,8 @@ __all__ = [
     "get_metric_value",
     "instantiate_callbacks",
     "instantiate_loggers",
-    "log_hyperparameters",
+    "LogHyperparameters",
+    "hyperparameters",
     "register_resolvers",
     "resolve_ckpt_path",
 ]

@@ -111,16 +111,34 @@ def instantiate_loggers(cfg: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c) for c in (cfg or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def log_hyperparameters(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule) -> None:
-    """The full resolved config (less Hydra's own node) plus parameter counts, to every logger."""
-    if not trainer.loggers:
-        return
+def hyperparameters(cfg: DictConfig, module: L.LightningModule) -> dict:
+    """The full resolved config (less Hydra's own node) plus parameter counts."""
     hp = OmegaConf.to_container(cfg, resolve=True)
     hp.pop("hydra", None)
     hp["model/params/total"] = sum(p.numel() for p in module.parameters())
     hp["model/params/trainable"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(hp)
+    return hp
+
+
+class LogHyperparameters(L.Callback):
+    """Sends `hyperparameters(...)` to every logger when fit (or a test-only run) starts: inside the worker
+    processes, so that with fork-launched strategies (`ddp_fork`) no logger is opened in the parent
+    (a W&B run opened before the fork is unusable in the children)."""
+
+    def __init__(self, hparams: dict):
+        self.hparams, self.done = hparams, False
+
+    def _log(self, trainer: L.Trainer) -> None:
+        if not self.done:
+            for logger in trainer.loggers:
+                logger.log_hyperparams(self.hparams)
+            self.done = True
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._log(trainer)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._log(trainer)
 
 
 def finish_loggers(trainer: L.Trainer | None) -> list[str]:
