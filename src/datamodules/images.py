@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from src.datamodules.sampler import ResumableTrainData
+from src.datamodules.tensors import TensorSplitsDataModule
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 METRICS = ("fd", "energy_distance", "loss")
@@ -84,7 +82,7 @@ def load_image_dataset(path: str, column: str, channels: int, size: int) -> torc
     return torch.from_numpy(np.stack([_to_array(img, f"{path} row {i}", channels, size) for i, img in enumerate(ds[column])]))
 
 
-class ImageDataModule(ResumableTrainData, L.LightningDataModule):
+class ImageDataModule(TensorSplitsDataModule):
     """`source`: digits | folder | disk. Folder and disk data are split by `val_fraction` / `test_fraction`."""
 
     def __init__(
@@ -114,10 +112,6 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
             raise ValueError(f"data.metric={metric!r}: must be one of {list(METRICS)}")
         self.save_hyperparameters(logger=False)
         self.metric = metric
-        self.splits: dict[str, torch.Tensor] = {}
-
-    def prepare_data(self) -> None:
-        pass  # everything is local
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -137,25 +131,3 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
         self.splits = {"val": x[order[:n_val]], "test": x[order[n_val : n_val + n_test]], "train": x[order[n_val + n_test :]]}
         if n_test == 0:
             self.splits["test"] = self.splits["val"]
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        x = self.splits[split]
-        ds = TensorDataset(x)
-        kw = dict(num_workers=self.hparams.num_workers, collate_fn=_stack)
-        if train:
-            return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=self.train_sampler(len(ds), self.hparams.seed, self.hparams.batch_size),
-                              drop_last=len(ds) >= self.hparams.batch_size, **kw)
-        return DataLoader(ds, batch_size=self.hparams.eval_batch_size, **kw)
-
-    def train_dataloader(self):
-        return self._loader("train", True)
-
-    def val_dataloader(self):
-        return self._loader("val", False)
-
-    def test_dataloader(self):
-        return self._loader("test", False)
-
-
-def _stack(rows: list[tuple[torch.Tensor]]) -> torch.Tensor:
-    return torch.stack([r[0] for r in rows])

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from src.datamodules.images import _stack
-from src.datamodules.sampler import ResumableTrainData
+from src.datamodules.tensors import TensorSplitsDataModule
 
 
 def _moons(n, rng):
@@ -43,7 +40,7 @@ def toy2d(name: str, n: int, seed: int) -> torch.Tensor:
     return torch.tensor(DATASETS[name](n, np.random.RandomState(seed)), dtype=torch.float32)
 
 
-class Toy2DDataModule(ResumableTrainData, L.LightningDataModule):
+class Toy2DDataModule(TensorSplitsDataModule):
     def __init__(
         self,
         name: str = "moons",
@@ -61,21 +58,9 @@ class Toy2DDataModule(ResumableTrainData, L.LightningDataModule):
             raise ValueError(f"data.name={name!r}: no such 2-D dataset; choose one of {sorted(DATASETS)}")
         self.save_hyperparameters(logger=False)
         self.metric = metric
-        self.splits: dict[str, torch.Tensor] = {}
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if not self.splits:
             self.splits = {s: toy2d(hp.name, n, hp.data_seed + i) for i, (s, n) in
                            enumerate((("train", hp.n_train), ("val", hp.n_val), ("test", hp.n_test)))}
-
-    def train_dataloader(self):
-        ds = TensorDataset(self.splits["train"])
-        return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=self.train_sampler(len(ds), self.hparams.seed, self.hparams.batch_size),
-                          drop_last=True, collate_fn=_stack)
-
-    def val_dataloader(self):
-        return DataLoader(TensorDataset(self.splits["val"]), batch_size=self.hparams.eval_batch_size, collate_fn=_stack)
-
-    def test_dataloader(self):
-        return DataLoader(TensorDataset(self.splits["test"]), batch_size=self.hparams.eval_batch_size, collate_fn=_stack)

@@ -1,0 +1,41 @@
+"""In-memory tensor data (images, 2-D points): train/val/test tensors in `self.splits`, batched as
+stacked tensors, the train order resumable mid-epoch (src/datamodules/sampler.py)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from src.datamodules.sampler import ResumableTrainData
+
+
+def _stack(rows: list[tuple[torch.Tensor]]) -> torch.Tensor:
+    return torch.stack([r[0] for r in rows])
+
+
+class TensorSplitsDataModule(ResumableTrainData, L.LightningDataModule):
+    """Subclasses fill `self.splits` in `setup` and save `batch_size`, `eval_batch_size` and `seed`
+    (optionally `num_workers`) as hyper-parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.splits: dict[str, torch.Tensor] = {}
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        hp = self.hparams
+        ds = TensorDataset(self.splits[split])
+        kw = dict(num_workers=hp.get("num_workers", 0), collate_fn=_stack)
+        if train:
+            return DataLoader(ds, batch_size=hp.batch_size, sampler=self.train_sampler(len(ds), hp.seed, hp.batch_size),
+                              drop_last=len(ds) >= hp.batch_size, **kw)
+        return DataLoader(ds, batch_size=hp.eval_batch_size, **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
