@@ -23,9 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from src.lightning_modules.lm import _can_fuse
+from src.lightning_modules.lm import adamw_cosine
 from src.models.diffusion import net_from_spec, net_spec
 
 TARGETS = ("eps", "x0", "x_prev")
@@ -363,15 +362,8 @@ class DDPMModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation / checkpoints
     def configure_optimizers(self):
         hp = self.hparams
-        params = list(self.net.parameters())
-        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
-                                fused=_can_fuse(params) or None)  # one kernel for all parameters
-        est = self.trainer.estimated_stepping_batches
-        total = max(int(est), 1) if math.isfinite(est) else 10**9
-        sched = get_cosine_with_min_lr_schedule_with_warmup(
-            opt, num_warmup_steps=min(hp.warmup_steps, total), num_training_steps=total, min_lr_rate=hp.min_lr_ratio
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        groups = [{"params": list(self.net.parameters()), "weight_decay": hp.weight_decay}]
+        return adamw_cosine(self, groups, hp.lr, hp.betas, hp.warmup_steps, hp.min_lr_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["net_spec"] = net_spec(self.net)  # rebuild the network without the Hydra config (sample.py)

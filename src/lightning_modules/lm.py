@@ -86,6 +86,20 @@ def _can_fuse(params: list[torch.Tensor]) -> bool:
     )
 
 
+def adamw_cosine(module: L.LightningModule, groups: list[dict], lr: float, betas, warmup_steps: int,
+                 min_lr_ratio: float) -> dict:
+    """Fused AdamW over parameter groups, with linear warm-up then cosine decay to min_lr_ratio * lr over
+    the run, stepped per optimizer step (what every algorithm here trains with)."""
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=_can_fuse(params) or None)  # one kernel
+    est = module.trainer.estimated_stepping_batches  # inf when only trainer.max_time bounds the run
+    total = max(int(est), 1) if math.isfinite(est) else 10**9
+    sched = get_cosine_with_min_lr_schedule_with_warmup(
+        opt, num_warmup_steps=min(warmup_steps, total), num_training_steps=total, min_lr_rate=min_lr_ratio
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class LMModule(L.LightningModule):
     def __init__(
         self,
@@ -116,18 +130,8 @@ class LMModule(L.LightningModule):
         # nanoGPT's split: matrices decay, vectors (norms, biases) do not.
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-            fused=_can_fuse(decay + no_decay) or None,  # one kernel for all parameters (CPU and CUDA)
-        )
-        est = self.trainer.estimated_stepping_batches  # inf when only trainer.max_time bounds the run
-        total = max(int(est), 1) if math.isfinite(est) else 10**9
-        sched = get_cosine_with_min_lr_schedule_with_warmup(
-            opt, num_warmup_steps=min(hp.warmup_steps, total), num_training_steps=total, min_lr_rate=hp.min_lr_ratio
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return adamw_cosine(self, groups, hp.lr, hp.betas, hp.warmup_steps, hp.min_lr_ratio)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         """Our batches are flat dicts of tensors and lists of strings: move the tensors, leave the strings
