@@ -7,14 +7,13 @@ Hydra config (conf/); the algorithms live in src/lightning_modules/, one file ea
 from __future__ import annotations
 
 import logging
-import warnings
 
 import hydra
 import lightning as L
 from omegaconf import DictConfig
 
 import src  # noqa: F401  (sets PROJECT_ROOT for conf/paths)
-from src.callbacks import HFExport
+from src.callbacks import HFExport, ValidateAtEnd
 from src.utils import (
     LogHyperparameters,
     check_required,
@@ -24,6 +23,7 @@ from src.utils import (
     hyperparameters,
     instantiate_callbacks,
     instantiate_loggers,
+    quiet_known_noise,
     register_resolvers,
     resolve_ckpt_path,
 )
@@ -32,11 +32,12 @@ from src.utils.warm_start import sft_warm_start
 
 log = logging.getLogger(__name__)
 register_resolvers()
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
+quiet_known_noise()
 
 
-def train(cfg: DictConfig) -> tuple[dict, dict]:
-    """Fit (and test) the configured algorithm; return (metrics, objects)."""
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict, dict]:
+    """Fit (and test) the configured algorithm; return (metrics, objects). `extra_callbacks` join the
+    configured ones (for programmatic use: recorders, fault injection in tests)."""
     check_required(cfg)
     ckpt_path = resolve_ckpt_path(cfg)  # before any work: a wrong path fails at once
     if cfg.get("seed") is not None:
@@ -55,7 +56,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     module: L.LightningModule = hydra.utils.instantiate(cfg.algo, net=net, **shared)
     if loggers:
         callbacks.append(LogHyperparameters(hyperparameters(cfg, module)))
-    callbacks.append(FinishWandbInWorker())
+    callbacks += [*extra_callbacks, ValidateAtEnd(), FinishWandbInWorker()]  # the final weights are always validated
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if forks_workers(trainer):  # ddp_fork: fit and test run in separate worker processes
         prepare_for_workers(trainer)

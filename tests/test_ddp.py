@@ -6,7 +6,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from tests.test_rlvr import RUN, _train_with
+from tests.helpers import RLVR_RUN as RUN
+from tests.helpers import train_with
 
 
 class RefSpread(L.Callback):
@@ -28,7 +29,7 @@ def test_tr_dpo_reference_identical_across_ranks(cfg_factory):
         "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer=ddp", "trainer.strategy=ddp_fork",
         "data.batch_size=8",
     )
-    metrics, objs = _train_with(cfg, RefSpread())
+    metrics, objs = train_with(cfg, RefSpread())
     assert metrics["ddp/world"] == 2
     assert metrics["ddp/checksum_spread"] == 0.0, "ranks disagree on the policy or the reference"
     assert metrics["ref/refreshes"] == 3
@@ -60,7 +61,7 @@ class AdvantageCheck(L.Callback):
 def test_rlvr_batch_normalisation_across_ranks_equals_single_process(cfg_factory):
     cfg = cfg_factory(*RUN, "trainer.max_steps=4", "trainer=ddp", "trainer.strategy=ddp_fork",
                       "data.batch_size=2", "data.source.n_train=32")
-    metrics, _ = _train_with(cfg, AdvantageCheck())
+    metrics, _ = train_with(cfg, AdvantageCheck())
     assert metrics["ddp/world"] == 2
     assert metrics["ddp/kept_groups"] >= 1, "no group with a learning signal: the check is vacuous"
     assert metrics["ddp/adv_error"] < 1e-6
@@ -86,7 +87,7 @@ def test_sft_under_trainer_ddp_keeps_ranks_in_step_and_syncs_metrics(cfg_factory
 
     cfg = cfg_factory("algo=sft", "trainer=ddp", "trainer.strategy=ddp_fork", "trainer.max_steps=4",
                       "trainer.val_check_interval=2", "data.batch_size=8", "data.eval_batch_size=4", "test=false")
-    metrics, _ = _train_with(cfg, Check(), RefSpreadPolicyOnly())
+    metrics, _ = train_with(cfg, Check(), RefSpreadPolicyOnly())
     assert metrics["ddp/world"] == 2 and metrics["ddp/checksum_spread"] == 0.0
     assert metrics["ddp/shared_examples"] == 0, "both ranks trained on the same examples"
     assert metrics["ddp/val_total"] == 16, "val/exact_match must count the val examples of both ranks"
@@ -104,8 +105,8 @@ def test_ddp_fork_fit_and_test_reach_one_csv_file_and_one_wandb_run(cfg_factory,
     metrics.csv, and in one W&B run id (one offline directory per phase, each finished), for DDPM too."""
     import csv
 
-    from tests.test_ddpm import DQUICK
-    from tests.test_train import _leet
+    from tests.helpers import DQUICK
+    from tests.helpers import leet as _leet
     from train import train
 
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.strategy=ddp_fork", "trainer.max_steps=4",

@@ -104,7 +104,11 @@ def test_preference_pairs_from_the_task_are_correct_vs_corrupted():
     for _, row in task.preference_rows("train"):
         assert row["chosen"] == row["answer"] and row["rejected"] != row["answer"]
         assert row["rejected"].lstrip("-").isdigit()
-    assert task.preference_rows("val", seed=1) == task.preference_rows("val", seed=1)
+    # the corruption is seeded: the same seed gives the same pairs, another seed other rejected answers
+    same, other = task.preference_rows("val", seed=1), task.preference_rows("val", seed=2)
+    assert same == task.preference_rows("val", seed=1)
+    assert [r["chosen"] for _, r in other] == [r["chosen"] for _, r in same]
+    assert sum(a["rejected"] != b["rejected"] for (_, a), (_, b) in zip(same, other)) > len(same) // 2
 
 
 @pytest.mark.parametrize(
@@ -192,26 +196,6 @@ def test_refresh_happens_exactly_at_multiples_of_tau_by_the_alpha_rule(tokenizer
     # a repeated call at the same step (e.g. gradient accumulation) does not refresh twice
     cb.on_train_batch_end(trainer, module, None, None, 0)
     assert cb.refreshes == 2
-
-
-def test_tr_dpo_resume_continues_exactly(cfg_factory, tmp_path):
-    """8 steps straight equal 4 steps, checkpoint, resume to 8: policy, reference and counter."""
-    from train import train
-
-    common = ["algo=tr_dpo", "callbacks.reference_refresh.tau=3", "callbacks.reference_refresh.alpha=0.5",
-              "warm_start.steps=0", "test=false", "trainer.val_check_interval=4", "data.batch_size=16"]
-    _, full = train(cfg_factory(*common, "trainer.max_steps=8"))
-    _, half = train(cfg_factory(*common, "trainer.max_steps=4"))
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file()
-    _, resumed = train(cfg_factory(*common, "trainer.max_steps=8", f"ckpt_path={ckpt}"))
-    a, b = full["module"], resumed["module"]
-    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.allclose(p, q, atol=1e-6), n
-    cb = lambda objs: next(c for c in objs["trainer"].callbacks if type(c).__name__ == "ReferenceRefresh")  # noqa: E731
-    assert cb(resumed).state_dict() == cb(full).state_dict() == {"tau": 3, "alpha": 0.5, "refreshes": 2, "last_step": 6}
-    # the reference really moved away from the initial policy
-    assert not torch.allclose(next(a.ref_model.parameters()), next(half["module"].ref_model.parameters()))
 
 
 def test_dpo_fast_dev_run_logs_trl_metric_names(cfg_factory):
@@ -304,7 +288,7 @@ def test_ref_pretrained_sets_a_different_reference(cfg_factory, hf_dir):
 def test_wandb_run_holds_margin_histogram_and_reward_axes(cfg_factory, tmp_path):
     """Read back from the offline W&B run: the per-pair margins histogram at each validation, the TRL-named
     reward metrics, their step axis and max summary."""
-    from tests.test_train import _leet
+    from tests.helpers import leet as _leet
     from train import train
 
     train(cfg_factory("algo=dpo", "warm_start.steps=0", "logger=wandb", "test=false", "trainer.max_steps=4"))

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tests.test_ddpm import DQUICK
-from tests.test_rlvr import RUN as RLVR_RUN
-from tests.test_rlvr import _train_with
+from tests.helpers import DQUICK, RLVR_RUN, train_with
 
 # (overrides, total steps, batches per epoch); every run has 2+ epochs and validates inside epochs
 ALGOS = {
@@ -78,33 +77,42 @@ def _weights(objs):
 def test_sigterm_mid_epoch_and_kill_between_checkpoints_resume_exactly(cfg_factory, tmp_path, algo):
     overrides, total, per_epoch = ALGOS[algo]
     straight = Losses()
-    _, full = _train_with(_cfg(cfg_factory, tmp_path, "full", overrides, f"trainer.max_steps={total}"), straight)
+    _, full = train_with(_cfg(cfg_factory, tmp_path, "full", overrides, f"trainer.max_steps={total}"), straight)
     assert len(straight.by_step) == total
 
     # SIGTERM after step 7: mid-epoch (epoch 2 has done 3 of its 4 batches), no validation at that step
     stop = 7
     assert stop % per_epoch and stop % 3
     with pytest.raises(SIGTERMException):
-        _train_with(_cfg(cfg_factory, tmp_path, "term", overrides, f"trainer.max_steps={total}"), Sigterm(stop))
+        train_with(_cfg(cfg_factory, tmp_path, "term", overrides, f"trainer.max_steps={total}"), Sigterm(stop))
     ckpt = tmp_path / "term" / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, weights_only=False)["global_step"] == stop, "SIGTERM writes a checkpoint at that step"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["global_step"] == stop, "SIGTERM writes a checkpoint at that step"
+    (loader_state,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # the train loader's own state
+    assert loader_state["epoch"] == 1 and sorted(loader_state["epoch_order"]) == sorted(set(loader_state["epoch_order"]))
     after = Losses()
-    _, resumed = _train_with(_cfg(cfg_factory, tmp_path, "term2", overrides, f"trainer.max_steps={total}",
-                                  f"ckpt_path={ckpt}"), after)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, resumed = train_with(_cfg(cfg_factory, tmp_path, "term2", overrides, f"trainer.max_steps={total}",
+                                     f"ckpt_path={ckpt}"), after)
+    assert not [w for w in caught if "not resumable" in str(w.message)], "Lightning thinks the loader is not resumable"
     assert sorted(after.by_step) == list(range(stop + 1, total + 1))
     for step, loss in after.by_step.items():
         assert loss == pytest.approx(straight.by_step[step], rel=1e-5, abs=1e-7), f"{algo}: loss differs at step {step}"
-    want = _weights(full)
+    want = _weights(full)  # DDPM: the EMA weights (copied into the module at the end of fit)
     for k, v in _weights(resumed).items():
         assert torch.allclose(want[k], v, atol=1e-6), f"{algo}: {k} differs after the SIGTERM resume"
+    for a, b in zip(full["trainer"].callbacks, resumed["trainer"].callbacks):
+        if type(a).__name__ == "ReferenceRefresh":  # TR-DPO's refresh counter comes back too
+            assert a.state_dict() == b.state_dict() and a.refreshes == 3
 
     # killed after step 5: the last checkpoint is the step-3 validation's (mid-epoch); steps 4-5 are redone
     with pytest.raises(_Killed):
-        _train_with(_cfg(cfg_factory, tmp_path, "kill", overrides, f"trainer.max_steps={total}"), Vanish(5))
+        train_with(_cfg(cfg_factory, tmp_path, "kill", overrides, f"trainer.max_steps={total}"), Vanish(5))
     ckpt = tmp_path / "kill" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=False)["global_step"] == 3
     after = Losses()
-    _train_with(_cfg(cfg_factory, tmp_path, "kill2", overrides, f"trainer.max_steps={total}", f"ckpt_path={ckpt}"), after)
+    train_with(_cfg(cfg_factory, tmp_path, "kill2", overrides, f"trainer.max_steps={total}", f"ckpt_path={ckpt}"), after)
     assert sorted(after.by_step) == list(range(4, total + 1))
     for step, loss in after.by_step.items():
         assert loss == pytest.approx(straight.by_step[step], rel=1e-5, abs=1e-7), f"{algo}: loss differs at step {step}"

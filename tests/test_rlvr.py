@@ -15,6 +15,8 @@ import torch
 from src.lightning_modules.lm import completion_logps
 from src.lightning_modules.rlvr import aggregate, group_advantages, rlvr_loss, zero_variance
 from src.metrics import PassAtK, majority_correct, pass_at_k
+from tests.helpers import RLVR_RUN as RUN
+from tests.helpers import leet, train_with
 
 # --------------------------------------------------------------------------- fixed inputs
 # B = 2 prompts, G = 2 samples, T = 3 tokens; sample lengths 3, 1 | 2, 3
@@ -294,20 +296,6 @@ def test_bad_prompt_rows_name_file_and_line(tmp_path, tokenizer, row, message):
 
 
 # --------------------------------------------------------------------------- training runs
-def _test_reward(completion: str, answer: str) -> float:
-    """Even answers: always right (their prompts retire at once); odd: right if the completion
-    starts with a character whose code point is a multiple of 4 (a quarter of a random policy's)."""
-    return 1.0 if int(answer) % 2 == 0 else float(bool(completion) and ord(completion[0]) % 4 == 0)
-
-
-RUN = [
-    "algo=rlvr", "reward=custom", "reward.fn._target_=tests.test_rlvr._test_reward", "warm_start.steps=0",
-    "test=false", "data.source.n_train=16", "data.batch_size=4", "data.eval_batch_size=16",
-    "algo.num_generations=4", "algo.max_new_tokens=4", "algo.val_num_samples=2", "algo.lr=1e-3",
-    "algo.generation_lag=3", "algo.truncated_reward=null", "trainer.val_check_interval=4",
-]
-
-
 class Record(L.Callback if (L := __import__("lightning")) else object):
     """Prompt indices of each batch by epoch; whether pi_gen equals the policy before each step."""
 
@@ -323,17 +311,6 @@ class Record(L.Callback if (L := __import__("lightning")) else object):
         self.gen_equal[trainer.global_step] = same
 
 
-def _train_with(cfg, *callbacks):
-    import train as train_mod
-
-    original = train_mod.instantiate_callbacks
-    train_mod.instantiate_callbacks = lambda *a, **k: original(*a, **k) + list(callbacks)
-    try:
-        return train_mod.train(cfg)
-    finally:
-        train_mod.instantiate_callbacks = original
-
-
 def test_retired_prompts_are_never_sampled_again_and_resume_is_exact(cfg_factory, tmp_path):
     from src.datamodules.arithmetic import ArithmeticTask
 
@@ -342,7 +319,7 @@ def test_retired_prompts_are_never_sampled_again_and_resume_is_exact(cfg_factory
     assert 0 < len(even) < 16
 
     rec = Record()
-    _, full = _train_with(cfg_factory(*RUN, "trainer.max_steps=8"), rec)
+    _, full = train_with(cfg_factory(*RUN, "trainer.max_steps=8"), rec)
     module = full["module"]
     assert even <= module.retired, "prompts with pass rate >= 0.9 are retired"
     assert len(module.retired - even) <= 2, "only (nearly) always-right prompts retire"
@@ -355,13 +332,13 @@ def test_retired_prompts_are_never_sampled_again_and_resume_is_exact(cfg_factory
     assert not rec.gen_equal[4] and not rec.gen_equal[5] and not rec.gen_equal[7]
 
     rec_half = Record()
-    _train_with(cfg_factory(*RUN, "trainer.max_steps=4"), rec_half)
+    train_with(cfg_factory(*RUN, "trainer.max_steps=4"), rec_half)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=False)
     assert set(state["rlvr"]["retired"]) == even
     assert any(k.startswith("generator.") for k in state["state_dict"])
     rec_resumed = Record()
-    _, resumed = _train_with(cfg_factory(*RUN, "trainer.max_steps=8", f"ckpt_path={ckpt}"), rec_resumed)
+    _, resumed = train_with(cfg_factory(*RUN, "trainer.max_steps=8", f"ckpt_path={ckpt}"), rec_resumed)
     assert resumed["module"].retired == even
     assert {e: v for e, v in rec_resumed.seen.items()} == {e: v for e, v in rec.seen.items() if e > 0}
     for (n, p), q in zip(module.state_dict().items(), resumed["module"].state_dict().values()):
@@ -377,7 +354,7 @@ def test_rlvr_raises_heldout_pass_at_1_from_a_weak_sft_start(cfg_factory):
 
     cfg = cfg_factory("algo=rlvr", "warm_start.steps=450", "trainer.max_steps=200", "trainer.val_check_interval=50",
                       "test=false", "logger=csv", quick=False)
-    metrics, objs = _train_with(cfg)
+    metrics, objs = train_with(cfg)
     curve = next(c for c in objs["trainer"].callbacks if isinstance(c, ScaleRLCurve))
     (c0, r0), (_, final) = curve.points[0], curve.points[-1]
     assert c0 == 0.0 and len(curve.points) == 5
@@ -387,18 +364,42 @@ def test_rlvr_raises_heldout_pass_at_1_from_a_weak_sft_start(cfg_factory):
     assert curve.fit is not None and 0 < curve.fit[0] <= 1
 
 
-@pytest.mark.parametrize("extra", [["algo.loss_type=grpo"], ["algo.loss_type=dapo", "algo.generation_lag=0"],
-                                   ["algo.beta=0.1", "algo.loss_agg=token"]])
-def test_each_variant_trains(cfg_factory, extra):
-    """grpo / dapo / the KL penalty run end to end and log what they should."""
-    metrics, objs = _train_with(cfg_factory(*RUN, "trainer.max_steps=2", "trainer.val_check_interval=2", *extra))
-    module = objs["module"]
-    assert torch.isfinite(metrics["train/loss"])
-    assert 0 <= metrics["train/rho/frac_truncated"] <= 1 and metrics["val/pass@2"] >= metrics["val/pass@1"]
-    if "algo.beta=0.1" in extra:
-        assert module.ref_model is not None and metrics["train/kl"] >= 0
-    if "algo.loss_type=dapo" in extra:
-        assert module.generator is None and module.clip_high == 0.28 and module.loss_agg == "token"
+class StepMetrics(L.Callback if (L := __import__("lightning")) else object):
+    """The train metrics logged at each optimizer step."""
+
+    def __init__(self):
+        self.at: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.at[trainer.global_step - 1] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+
+
+def _rho_spread(m: dict) -> float:
+    return max(abs(m["train/rho/mean"] - 1), abs(m["train/rho/max"] - 1))
+
+
+def test_variants_differ_where_they_should(cfg_factory):
+    """Each variant does what sets it apart, step by step:
+    - dapo on-policy (generation_lag=0): the sampler is the policy itself, so rho = 1 at every step;
+    - grpo with generation_lag=3: pi_gen equals the policy at step 0 (rho = 1), then lags it (rho != 1);
+    - beta > 0: KL to the reference (pi_0) is 0 before the first update and > 0 after it."""
+    steps = ["trainer.max_steps=3", "trainer.val_check_interval=3", "algo.warmup_steps=0"]  # lr > 0 from step 0
+    dapo = StepMetrics()
+    _, objs = train_with(cfg_factory(*RUN, *steps, "algo.loss_type=dapo", "algo.generation_lag=0"), dapo)
+    assert objs["module"].generator is None and objs["module"].loss_agg == "token"
+    for step, m in dapo.at.items():
+        assert _rho_spread(m) < 1e-4, f"dapo on-policy: rho != 1 at step {step}: {m['train/rho/max']}"
+        assert m["train/rho/frac_truncated"] == 0.0
+
+    grpo = StepMetrics()
+    train_with(cfg_factory(*RUN, *steps, "algo.loss_type=grpo", "algo.generation_lag=3"), grpo)
+    assert _rho_spread(grpo.at[0]) < 1e-4
+    assert _rho_spread(grpo.at[1]) > 1e-3 and _rho_spread(grpo.at[2]) > 1e-3, "pi_gen should lag the policy"
+
+    kl = StepMetrics()
+    _, objs = train_with(cfg_factory(*RUN, *steps, "algo.beta=0.1", "algo.loss_agg=token"), kl)
+    assert objs["module"].ref_model is not None
+    assert kl.at[0]["train/kl"] < 1e-6 and kl.at[1]["train/kl"] > 1e-5 and kl.at[2]["train/kl"] > 1e-5
 
 
 def test_fp32_head_under_bf16_autocast(tokenizer):
@@ -421,13 +422,11 @@ def test_fp32_head_under_bf16_autocast(tokenizer):
 
 def test_wandb_run_holds_rl_metrics_and_completion_table(cfg_factory, tmp_path):
     """What reached the offline W&B run, read back with `wandb leet inspect` (no mocked logger)."""
-    from tests.test_train import _leet
-
     cfg = cfg_factory(*RUN, "logger=wandb", "trainer.max_steps=2", "trainer.val_check_interval=2",
                       "algo.log_completions_every_n_steps=1")
-    _train_with(cfg)
+    train_with(cfg)
     (run,) = list((tmp_path / "wandb").glob("offline-run-*"))
-    history = [r["history"]["item"] for r in _leet(run, summary=False) if r["type"] == "history"]
+    history = [r["history"]["item"] for r in leet(run, summary=False) if r["type"] == "history"]
     keys = set().union(*history)
     for k in ("train/reward/mean", "train/pass_rate", "train/frac_zero_variance", "train/rho/mean",
               "train/entropy", "perf/gen_tokens_per_s", "val/pass@1", "val/pass@2", "val/majority@k",

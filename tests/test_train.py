@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.helpers import leet as _leet
 from train import train
 
 
@@ -18,12 +14,6 @@ def test_fast_dev_run(cfg_factory):
     assert objs["trainer"].global_step == 1
     assert {"train/loss", "test/exact_match", "test/loss"} <= set(metrics)
     assert torch.isfinite(metrics["test/loss"])
-
-
-def _leet(path: Path, summary: bool) -> list | dict:
-    cmd = [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json"] + (["--summary"] if summary else []) + [str(path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out) if summary else [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def test_wandb_offline_run_holds_metrics_config_and_samples(cfg_factory, tmp_path):

@@ -6,12 +6,26 @@ vLLM), and is how one algorithm hands its model to the next: `model=hf model.pre
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import lightning as L
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_progress():
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 class HFExport(L.Callback):
@@ -27,6 +41,7 @@ class HFExport(L.Callback):
             pl_module.export_pretrained(self.dirpath)
             log.info("Hugging Face export: %s", self.dirpath)
             return
-        pl_module.model.save_pretrained(self.dirpath, safe_serialization=self.safe_serialization)
+        with quiet_progress():  # no "Writing model shards" bar for a one-shard model in our logs
+            pl_module.model.save_pretrained(self.dirpath, safe_serialization=self.safe_serialization)
         pl_module.tokenizer.save_pretrained(self.dirpath)
         log.info("Hugging Face export: %s", self.dirpath)

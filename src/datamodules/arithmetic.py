@@ -80,11 +80,6 @@ class ArithmeticTask:
         ]
 
     @staticmethod
-    def verify(completion: str, answer: str) -> bool:
-        """The verifiable reward: the completion, stripped, is exactly the answer."""
-        return completion.strip() == answer
-
-    @staticmethod
     def corrupt(answer: str, rng: random.Random) -> str:
         """A plausible wrong answer: the true one off by a small non-zero amount, or digits swapped."""
         value = int(answer)

@@ -1,17 +1,20 @@
 """The training-data order, and resuming it exactly, at an epoch boundary or in the middle of one.
 
-`EpochShuffle` draws each epoch's order from (seed, epoch) alone. `ResumableTrainData` (a mixin for
-our DataModules) puts the current epoch's order into the checkpoint (Lightning saves a DataModule's
-`state_dict()`); when fit restarts from a checkpoint taken mid-epoch (a SIGTERM, a kill between
-checkpoints, `val_check_interval` inside an epoch), the new train loader continues with the batch
-after the last one the checkpoint had processed, instead of starting the epoch over.
+`EpochShuffle` draws each epoch's order from (seed, epoch) alone. The train loader is a
+`ResumableLoader`: a DataLoader with `state_dict` / `load_state_dict`, which is how Lightning
+recognises a resumable loader. Lightning stores its state (the current epoch's order) in the
+checkpoint and hands it back before the first batch of a resumed fit; the loader then continues
+with the batch after the last one the checkpoint had processed (a SIGTERM, a kill between
+checkpoints, `val_check_interval` inside an epoch) instead of starting the epoch over.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class EpochShuffle(Sampler[int]):
@@ -49,20 +52,36 @@ class EpochShuffle(Sampler[int]):
         return self.n
 
 
+class ResumableLoader(DataLoader):
+    """The train DataLoader over an `EpochShuffle` (`shuffle`), stateful as Lightning checks it.
+
+    `batches_done()` tells, when Lightning restores the state, how many batches of the saved epoch
+    the checkpoint had processed (the fit loop's progress; the loader itself cannot know, since
+    Lightning prefetches). Both are __init__ arguments kept as attributes of the same name, so the
+    loader survives Lightning re-creating it (e.g. to add a DistributedSampler under DDP)."""
+
+    def __init__(self, *args, shuffle_order: EpochShuffle | None = None,
+                 batches_done: Callable[[], int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shuffle_order, self.batches_done = shuffle_order, batches_done
+
+    def state_dict(self) -> dict:
+        s = self.shuffle_order
+        return {"epoch": s.epoch, "epoch_order": s.order} if s is not None and s.order is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        done = self.batches_done() * self.batch_size if self.batches_done else 0
+        if self.shuffle_order is not None and "epoch_order" in state and done > 0:
+            self.shuffle_order.resume(state["epoch"], state["epoch_order"], done)
+
+
 class ResumableTrainData:
-    """Mixin for a LightningDataModule whose train loader samples with `train_sampler(...)`."""
+    """Mixin for a LightningDataModule: `train_loader(...)` builds its resumable train loader."""
 
-    _train_sampler: EpochShuffle | None = None
-    _saved: dict | None = None
-
-    def train_sampler(self, n: int, seed: int, batch_size: int, exclude: set[int] | None = None) -> EpochShuffle:
-        sampler = EpochShuffle(n, seed, exclude)
-        done = self._resumed_batches() * batch_size
-        if self._saved and done > 0:
-            sampler.resume(self._saved["epoch"], self._saved["epoch_order"], done)
-        self._saved = None
-        self._train_sampler = sampler
-        return sampler
+    def train_loader(self, data, seed: int, batch_size: int, exclude: set[int] | None = None, **kwargs) -> ResumableLoader:
+        order = EpochShuffle(len(data), seed, exclude)
+        return ResumableLoader(data, batch_size=batch_size, sampler=order, shuffle_order=order,
+                               batches_done=self._resumed_batches, **kwargs)
 
     def _resumed_batches(self) -> int:
         """Batches of the current epoch that the restored checkpoint had processed (0 unless fit restarts)."""
@@ -74,10 +93,3 @@ class ResumableTrainData:
             rank_zero_warn("mid-epoch resume under DDP restarts the epoch's data order (exact on one process)")
             return 0
         return done
-
-    def state_dict(self) -> dict:
-        s = self._train_sampler
-        return {"epoch": s.epoch, "epoch_order": s.order} if s is not None and s.order is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._saved = state if "epoch_order" in state else None

@@ -27,8 +27,7 @@ class TensorSplitsDataModule(ResumableTrainData, L.LightningDataModule):
         ds = TensorDataset(self.splits[split])
         kw = dict(num_workers=hp.get("num_workers", 0), collate_fn=_stack)
         if train:
-            return DataLoader(ds, batch_size=hp.batch_size, sampler=self.train_sampler(len(ds), hp.seed, hp.batch_size),
-                              drop_last=len(ds) >= hp.batch_size, **kw)
+            return self.train_loader(ds, hp.seed, hp.batch_size, drop_last=len(ds) >= hp.batch_size, **kw)
         return DataLoader(ds, batch_size=hp.eval_batch_size, **kw)
 
     def train_dataloader(self) -> DataLoader:

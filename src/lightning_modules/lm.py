@@ -133,16 +133,6 @@ class LMModule(L.LightningModule):
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return adamw_cosine(self, groups, hp.lr, hp.betas, hp.warmup_steps, hp.min_lr_ratio)
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        """Our batches are flat dicts of tensors and lists of strings: move the tensors, leave the strings
-        (Lightning's generic walk visits every string, about 5% of a small DPO step)."""
-        flat = isinstance(batch, dict) and all(
-            torch.is_tensor(v) or (isinstance(v, list) and not any(torch.is_tensor(x) for x in v)) for v in batch.values()
-        )
-        if flat:
-            return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> list[str]:

@@ -7,6 +7,7 @@ from src.utils.run import (
     hyperparameters,
     instantiate_callbacks,
     instantiate_loggers,
+    quiet_known_noise,
     register_resolvers,
     resolve_ckpt_path,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "instantiate_callbacks",
     "instantiate_loggers",
     "LogHyperparameters",
+    "quiet_known_noise",
     "hyperparameters",
     "register_resolvers",
     "resolve_ckpt_path",

@@ -15,7 +15,7 @@ import os
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
@@ -42,6 +42,16 @@ class CSVLogger(_CSVLogger):
         return self._experiment
 
 
+class WandbLogger(_WandbLogger):
+    """Lightning's WandbLogger without the `anonymous` argument that it always passes to `wandb.init`
+    (as None), which W&B deprecates and warns about on every run."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
+
 def forks_workers(trainer: L.Trainer) -> bool:
     from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
@@ -54,7 +64,7 @@ def prepare_for_workers(trainer: L.Trainer) -> None:
     from wandb.sdk.lib.runid import generate_id
 
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is None:
+        if isinstance(logger, _WandbLogger) and logger._experiment is None:
             run_id = logger._wandb_init.get("id") or generate_id()
             logger._wandb_init.update(id=run_id, resume="allow")
             logger._id = run_id

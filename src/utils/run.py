@@ -58,6 +58,27 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_known_noise() -> None:
+    """Silence what every run would print and no user can act on, each by its message and origin
+    (never all warnings): Lightning's own use of a torch API that torch deprecates, Lightning's
+    advertisement for its cloud logger, and DataLoader worker advice for in-memory data."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers", module=r"lightning\.pytorch")
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropMessage) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropMessage("💡 Tip: For seamless cloud logging"))
+
+
 def extras(cfg: DictConfig) -> None:
     """Optional niceties before the run: silence known-noise warnings, print the config tree."""
     ex = cfg.get("extras") or {}

@@ -1,0 +1,63 @@
+"""Test helpers shared across test modules (lightning-hydra-template keeps them in tests/helpers/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def train_with(cfg, *callbacks):
+    """train.py's `train(cfg)` with extra callbacks (recorders, fault injectors) added to the run."""
+    from train import train
+
+    return train(cfg, extra_callbacks=list(callbacks))
+
+
+def leet(path: Path, summary: bool) -> list | dict:
+    """What reached an offline W&B run, read back with `wandb leet inspect --json` (no mocked logger)."""
+    cmd = [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json"] + (["--summary"] if summary else []) + [str(path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out) if summary else [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The logged rows of an offline W&B run."""
+    return [r["history"]["item"] for r in leet(path, summary=False) if r["type"] == "history"]
+
+
+def run_cli(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` as users type it (a subprocess: pays the ~6 s import)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PROJECT_ROOT": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "train.py"), *args, f"paths.log_dir={tmp}"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=300)
+
+
+def parity_reward(completion: str, answer: str) -> float:
+    """Even answers: always right (their prompts retire at once); odd: right if the completion
+    starts with a character whose code point is a multiple of 4 (a quarter of a random policy's)."""
+    return 1.0 if int(answer) % 2 == 0 else float(bool(completion) and ord(completion[0]) % 4 == 0)
+
+
+# A small RLVR run on the arithmetic task with the parity verifier: seconds on 2 cores.
+RLVR_RUN = [
+    "algo=rlvr", "reward=custom", "reward.fn._target_=tests.helpers.parity_reward", "warm_start.steps=0",
+    "test=false", "data.source.n_train=16", "data.batch_size=4", "data.eval_batch_size=16",
+    "algo.num_generations=4", "algo.max_new_tokens=4", "algo.val_num_samples=2", "algo.lr=1e-3",
+    "algo.generation_lag=3", "algo.truncated_reward=null", "trainer.val_check_interval=4",
+]
+
+# Diffusion runs: no logger, no progress bar (with quick=False: the LM quick settings name LM data keys).
+DQUICK = [
+    "algo=ddpm",
+    "trainer.accelerator=cpu",
+    "trainer.enable_model_summary=false",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "extras.print_config=false",
+    "logger=none",
+]
