@@ -21,3 +21,16 @@ def test_typos_fail_at_once_naming_key_and_choices(tmp_path):
     r = run("algo.lrr=1", tmp=tmp_path)
     assert r.returncode != 0 and "Could not override 'algo.lrr'" in r.stderr
 
+
+
+def test_a_run_shorter_than_one_val_interval_exits_0_and_prints_no_noise(tmp_path):
+    """`trainer.max_steps=3` with validation every 250 steps: the final weights are validated once (best
+    checkpoint, returned metric), rc = 0, and none of the known console noise is printed."""
+    r = run("algo=sft", "trainer.max_steps=3", "data.source.n_train=64", "data.source.n_val=8", "data.source.n_test=8",
+            "logger=wandb", tmp=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "Best checkpoint:" in out and "step000003.ckpt" in out
+    for noise in ("LeafSpec", "litlogger", "anonymous setting", "overridden `transfer_batch_to_device`",
+                  "Writing model shards", "does not have many workers"):
+        assert noise not in out, f"console noise: {noise!r}"

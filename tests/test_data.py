@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -61,6 +62,19 @@ def _dm(tokenizer, path, **kw) -> LMDataModule:
 
 def test_jsonl_malformed_line_names_file_and_line(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1=", "completion": "2"}, '{"prompt": "2+2=", '])
+    with pytest.raises(DataError, match=rf"{path}:2: malformed JSON"):
+        _dm(tokenizer, path)
+
+
+def test_jsonl_with_a_utf8_byte_order_mark_reads_every_row(tmp_path, tokenizer):
+    """Excel and Notepad write a BOM; it is not data. Later errors still name their line."""
+    rows = [{"prompt": f"{a}+1=", "completion": str(a + 1)} for a in range(20)]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode())
+    dm = _dm(tokenizer, path)
+    got = {e["prompt"] for split in ("train", "val") for e in dm.examples[split]}
+    assert got == {r["prompt"] for r in rows}
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(rows[0]) + "\n{bad\n").encode())
     with pytest.raises(DataError, match=rf"{path}:2: malformed JSON"):
         _dm(tokenizer, path)
 

@@ -87,3 +87,28 @@ def test_sft_learns_arithmetic(cfg_factory):
     after = metrics["val/exact_match"].item()
     assert before < 0.05
     assert after > 0.3, f"val/exact_match only rose from {before:.3f} to {after:.3f}"
+
+
+def test_the_final_weights_are_validated_once_when_the_last_step_is_not_a_val_step(cfg_factory):
+    """A run shorter than one validation interval validates at its last step (no KeyError for the
+    sweepers' metric); a last step that is a validation step anyway validates once, not twice."""
+    import lightning as L
+
+    from src.utils import get_metric_value
+    from tests.helpers import train_with
+
+    class CountVal(L.Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_validation_end(self, trainer, module):
+            if not trainer.sanity_checking:
+                self.steps.append(trainer.global_step)
+
+    short = CountVal()
+    metrics, objs = train_with(cfg_factory("trainer.max_steps=3", "trainer.val_check_interval=250", "test=false"), short)
+    assert short.steps == [3]
+    assert 0 <= get_metric_value(metrics, "val/exact_match") <= 1
+    aligned = CountVal()
+    train_with(cfg_factory("trainer.max_steps=4", "trainer.val_check_interval=2", "test=false"), aligned)
+    assert aligned.steps == [2, 4]

@@ -20,7 +20,7 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # a byte-order mark (Excel, Notepad) is not data
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue  # a blank line holds no row
