@@ -7,6 +7,7 @@ Hydra config (conf/); the algorithms live in src/lightning_modules/, one file ea
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -28,7 +29,6 @@ from src.utils import (
     resolve_ckpt_path,
 )
 from src.utils.loggers import FinishWandbInWorker, forks_workers, prepare_for_workers
-from src.utils.warm_start import sft_warm_start
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -52,10 +52,10 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict
     callbacks = instantiate_callbacks(
         cfg.get("callbacks"), has_logger=bool(loggers), progress_bar=cfg.trainer.get("enable_progress_bar", True)
     )
-    net = sft_warm_start(cfg, shared.get("tokenizer")) or hydra.utils.instantiate(cfg.model.net)
-    module: L.LightningModule = hydra.utils.instantiate(cfg.algo, net=net, **shared)
+    net, start = sft_warm_start(cfg, shared.get("tokenizer"))
+    module: L.LightningModule = hydra.utils.instantiate(cfg.algo, net=net or hydra.utils.instantiate(cfg.model.net), **shared)
     if loggers:
-        callbacks.append(LogHyperparameters(hyperparameters(cfg, module)))
+        callbacks.append(LogHyperparameters(hyperparameters(cfg, module), metrics=start))
     callbacks += [*extra_callbacks, ValidateAtEnd(), FinishWandbInWorker()]  # the final weights are always validated
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if forks_workers(trainer):  # ddp_fork: fit and test run in separate worker processes
@@ -87,6 +87,36 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict
         for r in runs:
             log.info("W&B run: %s", r)
     return metrics, objects
+
+
+def sft_warm_start(cfg: DictConfig, tokenizer) -> tuple:
+    """`warm_start`: SFT the from-scratch policy on the same data to a target quality before DPO / RLVR;
+    returns (a `net` factory holding it, its metrics), or (None, {}) with a checkpoint (model=hf), when resuming,
+    or without `warm_start`."""
+    ws = cfg.get("warm_start")
+    if not ws or not ws.max_steps or cfg.get("ckpt_path") or "pretrained" in cfg.model:
+        return None, {}
+    from src.datamodules.files import DataError
+    from src.lightning_modules.sft import warm_start
+
+    log.info("Warm start: SFT to val exact match %.2f (at most %d steps) before %s", ws.target, ws.max_steps,
+             cfg.algo._target_.rsplit(".", 1)[-1])
+    dm = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer, kind="sft", batch_size=ws.batch_size)
+    try:
+        dm.setup("fit")
+    except DataError as e:
+        raise DataError(f"{e}\nwarm_start runs SFT on the data, which needs SFT rows; give an SFT checkpoint instead "
+                        "(model=hf model.pretrained=DIR) or set warm_start.max_steps=0") from None
+    model, metrics = warm_start(
+        hydra.utils.instantiate(cfg.model.net), tokenizer, dm, ws.target, ws.max_steps, ws.val_every, ws.lr,
+        ws.warmup_steps, cfg.trainer.accelerator, cfg.trainer.get("gradient_clip_val"),
+        cfg.trainer.get("enable_progress_bar", True))
+    out = Path(cfg.paths.output_dir) / "sft_init"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log.info("Warm start: val exact match %.3f after %d steps; export %s (model=hf model.pretrained=%s)",
+             metrics["warm_start/exact_match"], metrics["warm_start/steps"], out, out)
+    return (lambda tokenizer: model), metrics
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

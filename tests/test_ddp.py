@@ -25,7 +25,7 @@ class RefSpread(L.Callback):
 
 def test_tr_dpo_reference_identical_across_ranks(cfg_factory):
     cfg = cfg_factory(
-        "algo=tr_dpo", "callbacks.reference_refresh.tau=2", "warm_start.steps=0", "test=false",
+        "algo=tr_dpo", "callbacks.reference_refresh.tau=2", "warm_start.max_steps=0", "test=false",
         "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer=ddp", "trainer.strategy=ddp_fork",
         "data.batch_size=8",
     )

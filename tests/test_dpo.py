@@ -159,9 +159,9 @@ def test_reference_is_frozen_and_cached(tokenizer):
     again = module.reference_logps(batch, "train")
     assert not calls, "cached reference log-probs were recomputed"
     assert all(torch.allclose(a, b) for a, b in zip(first, again))
-    module.invalidate_ref_cache()
+    module.refresh_reference(alpha=1.0)  # the reference changed: its cached values are stale
     module.reference_logps(batch, "train")
-    assert calls, "invalidated cache was not recomputed"
+    assert calls, "the cache was not recomputed after a refresh"
 
 
 def test_refresh_happens_exactly_at_multiples_of_tau_by_the_alpha_rule(tokenizer):
@@ -201,7 +201,7 @@ def test_refresh_happens_exactly_at_multiples_of_tau_by_the_alpha_rule(tokenizer
 def test_dpo_fast_dev_run_logs_trl_metric_names(cfg_factory):
     from train import train
 
-    metrics, _ = train(cfg_factory("algo=dpo", "warm_start.steps=2", "debug=fdr"))
+    metrics, _ = train(cfg_factory("algo=dpo", "warm_start.max_steps=2", "debug=fdr"))
     for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert f"train/{k}" in metrics and f"test/{k}" in metrics
     assert "test/exact_match" in metrics
@@ -291,7 +291,7 @@ def test_wandb_run_holds_margin_histogram_and_reward_axes(cfg_factory, tmp_path)
     from tests.helpers import leet as _leet
     from train import train
 
-    train(cfg_factory("algo=dpo", "warm_start.steps=0", "logger=wandb", "test=false", "trainer.max_steps=4"))
+    train(cfg_factory("algo=dpo", "warm_start.max_steps=0", "logger=wandb", "test=false", "trainer.max_steps=4"))
     (run,) = list((tmp_path / "wandb").glob("offline-run-*"))
     records = _leet(run, summary=False)
     history = [r["history"]["item"] for r in records if r["type"] == "history"]

@@ -141,8 +141,8 @@ _DIGITS = [*DQUICK, "trainer.max_steps=4", "trainer.val_check_interval=2", "algo
            "algo.test_num_samples=40", "algo.val_steps=5", "algo.test_steps=5"]
 DASHBOARD_RUNS = {
     "sft": [["algo=sft"]],
-    "dpo": [["algo=dpo", "warm_start.steps=0"]],
-    "tr_dpo": [["algo=tr_dpo", "warm_start.steps=0", "callbacks.reference_refresh.tau=2"]],
+    "dpo": [["algo=dpo", "warm_start.max_steps=0"]],
+    "tr_dpo": [["algo=tr_dpo", "warm_start.max_steps=0", "callbacks.reference_refresh.tau=2"]],
     "rlvr": [[*RLVR_RUN, "trainer.max_steps=10", "trainer.val_check_interval=2", "algo.log_completions_every_n_steps=1",
               "algo.warmup_steps=0", "callbacks.scalerl_curve.skip_fraction=0"]],
     "ddpm": [_DIGITS, [*_DIGITS, "data=toy2d", "data.n_train=512", "data.n_val=64", "data.n_test=64"]],
@@ -174,3 +174,23 @@ def test_wandb_axes_summaries():
     assert summary_for("val/fd") == "min" and summary_for("train/loss") == "min"
     assert summary_for("val/pass@1") == "max" and summary_for("val/rewards/accuracies") == "max"
     assert summary_for("train/rho/mean") == "last"
+
+
+def test_wandb_sweeps_are_generated_from_the_optuna_searches(tmp_path):
+    """One source per search space: sweeps/*.yaml are exactly what sweeps/generate.py makes of
+    conf/hparams_search/*_optuna.yaml, and the translation keeps each distribution."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "sweeps"))
+    import generate
+
+    for path in generate.main(tmp_path):
+        assert path.read_text() == (ROOT / "sweeps" / path.name).read_text(), (
+            f"sweeps/{path.name} is stale: run `python sweeps/generate.py`")
+    assert generate.wandb_parameter("tag(log, interval(1e-5, 2e-4))") == {
+        "distribution": "log_uniform_values", "min": 1e-5, "max": 2e-4}
+    assert generate.wandb_parameter("interval(0.1, 1.0)") == {"distribution": "uniform", "min": 0.1, "max": 1.0}
+    assert generate.wandb_parameter("choice(sigmoid, ipo)") == {"values": ["sigmoid", "ipo"]}
+    assert generate.wandb_parameter("range(2, 6, 2)") == {"values": [2, 4, 6]}
+    with pytest.raises(ValueError, match="cannot translate"):
+        generate.wandb_parameter("weird(1)")

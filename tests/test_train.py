@@ -112,3 +112,21 @@ def test_the_final_weights_are_validated_once_when_the_last_step_is_not_a_val_st
     aligned = CountVal()
     train_with(cfg_factory("trainer.max_steps=4", "trainer.val_check_interval=2", "test=false"), aligned)
     assert aligned.steps == [2, 4]
+
+
+@pytest.mark.parametrize("target, steps", [(0.0, 2), (1.1, 6)])
+def test_warm_start_stops_at_its_target_or_its_cap_and_is_logged(cfg_factory, tmp_path, target, steps):
+    """The warm start trains until val exact match reaches `target` (checked every val_every steps), at most
+    max_steps; its quality reaches the run's logger as warm_start/exact_match."""
+    cfg = cfg_factory("algo=dpo", f"warm_start.target={target}", "warm_start.val_every=2", "warm_start.max_steps=6",
+                      "logger=csv", "trainer.max_steps=2", "test=false")
+    train(cfg)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "sft_init", local_files_only=True) is not None
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    (row,) = [r for r in rows if r.get("warm_start/exact_match")]
+    assert float(row["warm_start/steps"]) == steps
+    assert 0.0 <= float(row["warm_start/exact_match"]) <= 1.0

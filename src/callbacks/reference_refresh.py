@@ -4,7 +4,8 @@ Alignment"): every `tau` optimizer steps,
     pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref        (soft update; alpha = 1 is the hard one)
 
 The lecture's "Idea 3": keep updating pi_ref every tau steps to be pi_theta (e.g. tau = 512).
-The reference weights live in the module (so in every checkpoint); the refresh counter lives here
+The update itself is `LMModule.refresh_reference`; this decides when. The reference weights live in
+the module (so in every checkpoint); the refresh counter lives here
 (`state_dict`, also checkpointed). Every DDP rank holds the same policy after its optimizer step,
 so every rank computes the same reference with no communication.
 """
@@ -12,7 +13,6 @@ so every rank computes the same reference with no communication.
 from __future__ import annotations
 
 import lightning as L
-import torch
 
 
 class ReferenceRefresh(L.Callback):
@@ -31,16 +31,10 @@ class ReferenceRefresh(L.Callback):
                 f"(loss_type={pl_module.hparams.get('loss_type')}) has none"
             )
 
-    @torch.no_grad()
-    def refresh(self, pl_module: L.LightningModule) -> None:
-        for p_ref, p in zip(pl_module.ref_model.parameters(), pl_module.model.parameters(), strict=True):
-            p_ref.lerp_(p.to(p_ref.dtype), self.alpha)  # p_ref + alpha (p - p_ref)
-        pl_module.invalidate_ref_cache()
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimizer steps taken so far
         if step > 0 and step % self.tau == 0 and step != self.last_step:
-            self.refresh(pl_module)
+            pl_module.refresh_reference(self.alpha)
             self.refreshes, self.last_step = self.refreshes + 1, step
             pl_module.log("ref/refreshes", float(self.refreshes), on_step=True, on_epoch=False, batch_size=1)
 

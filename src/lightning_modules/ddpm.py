@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.lightning_modules.lm import adamw_cosine
 from src.models.diffusion import net_from_spec, net_spec
+from src.optim import adamw_cosine
 
 TARGETS = ("eps", "x0", "x_prev")
 SAMPLERS = ("ddpm", "ddim")
 
 
-def _b(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_example(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-example (B,) or scalar tensor against x (B, ...)."""
     v = v.to(x.dtype)
     return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() else v
@@ -58,7 +58,7 @@ class VEProcess(nn.Module):
 
     def marginal(self, x0, k, eps):
         # x_t = x_0 + sigma_t eps
-        return x0 + _b(self.std(k), x0) * eps
+        return x0 + per_example(self.std(k), x0) * eps
 
     def training_pair(self, x0, k, target, g):
         """The lecture's recipe, steps 3-4: x_{t-dt} = x_0 + N(0, sigma^2 (t - dt)), x_t = x_{t-dt} + N(0, sigma^2 dt).
@@ -69,16 +69,16 @@ class VEProcess(nn.Module):
             return x_t, x_prev
         if target == "x0":
             return x_t, x0
-        return x_t, (x_t - x0) / _b(self.std(k), x0)  # eps: the total noise, x_t = x_0 + sigma_t eps
+        return x_t, (x_t - x0) / per_example(self.std(k), x0)  # eps: the total noise, x_t = x_0 + sigma_t eps
 
     def predict_x0(self, out, x_t, k, target):
         if target == "x0":
             return out
         if target == "eps":
-            return x_t - _b(self.std(k), x_t) * out
+            return x_t - per_example(self.std(k), x_t) * out
         # x_prev: the network outputs the increment mu - x_t. E[x_{t-dt} | x_t, x_0] = x_t + (dt/t)(x_0 - x_t)
         # (a Brownian bridge), so x0 = x_t + (t/dt)(mu - x_t) with t/dt = k.
-        return x_t + _b(k, x_t) * out
+        return x_t + per_example(k, x_t) * out
 
     def mean(self, x, x0, k, s):
         # mu_s(x_t) = E[x_s | x_t, x0] = x_t + ((t - s)/t)(x0 - x_t)
@@ -126,12 +126,12 @@ class VPProcess(nn.Module):
                              persistent=False)
 
     def _abar(self, k, x):
-        return _b(self.abar.to(x.device)[k], x)
+        return per_example(self.abar.to(x.device)[k], x)
 
     def marginal(self, x0, k, eps):
         # Ho eq. 4: z_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
-        a = self._abar(k, x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+        alpha_prod_t = self._abar(k, x0)
+        return alpha_prod_t.sqrt() * x0 + (1 - alpha_prod_t).sqrt() * eps
 
     def training_pair(self, x0, k, target, g):
         eps = _randn(x0, g)
@@ -140,23 +140,24 @@ class VPProcess(nn.Module):
     def predict_x0(self, out, x_t, k, target):
         if target == "x0":
             return out
-        a = self._abar(k, x_t)
-        return (x_t - (1 - a).sqrt() * out) / a.sqrt()  # invert eq. 4 with eps_theta
+        alpha_prod_t = self._abar(k, x_t)
+        return (x_t - (1 - alpha_prod_t).sqrt() * out) / alpha_prod_t.sqrt()  # invert eq. 4 with eps_theta
 
     def ddpm_step(self, x, x0, k: int, s: int, noise):
         # Ho eqs. 6-7 (the posterior q(z_s | z_t, x_0)), for any s < t: with abar_{t|s} = abar_t / abar_s,
         # mean = sqrt(abar_s) beta_{t|s} / (1 - abar_t) x0 + sqrt(abar_{t|s}) (1 - abar_s) / (1 - abar_t) z_t,
         # var = (1 - abar_s) / (1 - abar_t) beta_{t|s}   (sigma_t^2 = beta-tilde_t)
-        at, as_ = self.abar[k].item(), self.abar[s].item()
-        a_ts = at / as_
-        mean = math.sqrt(as_) * (1 - a_ts) / (1 - at) * x0 + math.sqrt(a_ts) * (1 - as_) / (1 - at) * x
-        return mean + math.sqrt((1 - as_) / (1 - at) * (1 - a_ts)) * noise
+        alpha_prod_t, alpha_prod_s = self.abar[k].item(), self.abar[s].item()
+        alpha_t_given_s = alpha_prod_t / alpha_prod_s  # abar_{t|s}; beta_{t|s} = 1 - abar_{t|s}
+        mean = (math.sqrt(alpha_prod_s) * (1 - alpha_t_given_s) / (1 - alpha_prod_t) * x0
+                + math.sqrt(alpha_t_given_s) * (1 - alpha_prod_s) / (1 - alpha_prod_t) * x)
+        return mean + math.sqrt((1 - alpha_prod_s) / (1 - alpha_prod_t) * (1 - alpha_t_given_s)) * noise
 
     def ddim_step(self, x, x0, k: int, s: int):
         # Song et al. eq. 12 with eta = 0: z_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps_hat
-        at, as_ = self.abar[k].item(), self.abar[s].item()
-        eps = (x - math.sqrt(at) * x0) / math.sqrt(1 - at)
-        return math.sqrt(as_) * x0 + math.sqrt(1 - as_) * eps
+        alpha_prod_t, alpha_prod_s = self.abar[k].item(), self.abar[s].item()
+        eps = (x - math.sqrt(alpha_prod_t) * x0) / math.sqrt(1 - alpha_prod_t)
+        return math.sqrt(alpha_prod_s) * x0 + math.sqrt(1 - alpha_prod_s) * eps
 
     def prior(self, shape, g, device):
         return torch.randn(shape, generator=g, device=g.device if g is not None else device).to(device)

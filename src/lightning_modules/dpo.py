@@ -20,12 +20,9 @@ Log-probabilities are sums over completion tokens (prompt and padding masked).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM
 
 from src.lightning_modules.lm import LMModule, completion_logps, token_logps
 
@@ -108,41 +105,18 @@ class DPOModule(LMModule):
             raise ValueError(f"algo.beta={beta}: must be > 0")
         if not 0 <= label_smoothing < 0.5:
             raise ValueError(f"algo.label_smoothing={label_smoothing}: must be in [0, 0.5)")
-        # pi_ref: a frozen copy of the initial policy (pi_0 = pi_ref), or another checkpoint.
-        self.ref_model = None
         if loss_type in NEEDS_REF:
-            if ref_pretrained:
-                self.ref_model = AutoModelForCausalLM.from_pretrained(ref_pretrained, local_files_only=True)
-            else:
-                self.ref_model = copy.deepcopy(self.model)
-            self.ref_model.requires_grad_(False).eval()
-        self._ref_cache: dict[tuple[str, int], tuple[float, float]] = {}
+            self.init_reference(ref_pretrained)
         # pair-weighted means over the val (or test) split, summed across processes
         self.eval_stats = torch.nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in STATS + ("loss",)})
         self._margins: list[torch.Tensor] = []  # per-pair reward margins of this evaluation, for the histogram
 
     # ------------------------------------------------------------------ reference
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.ref_model is not None:
-            self.ref_model.eval()  # the reference stays in eval mode
-        return self
-
-    def invalidate_ref_cache(self) -> None:
-        self._ref_cache.clear()
-
-    @torch.no_grad()
     def reference_logps(self, batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi_ref of chosen and rejected; cached per example while the reference is unchanged."""
         keys = [(split, int(i)) for i in batch["index"]]
-        if self.hparams.cache_ref_logps and all(k in self._ref_cache for k in keys):
-            rc, rr = zip(*(self._ref_cache[k] for k in keys))
-            return batch["input_ids"].new_tensor(rc, dtype=torch.float32), batch["input_ids"].new_tensor(rr, dtype=torch.float32)
-        logps, _ = pair_logps(self.ref_model, batch)
-        rc, rr = logps.chunk(2)
-        if self.hparams.cache_ref_logps:
-            self._ref_cache.update(zip(keys, zip(rc.tolist(), rr.tolist())))
-        return rc, rr
+        return self.cached_reference(keys, lambda: pair_logps(self.ref_model, batch)[0].chunk(2),
+                                     enabled=self.hparams.cache_ref_logps)
 
     # ------------------------------------------------------------------ steps
     def forward(self, batch: dict, split: str) -> tuple[torch.Tensor, dict]:
@@ -194,9 +168,3 @@ class DPOModule(LMModule):
     def on_test_epoch_end(self) -> None:
         self._margins_histogram("test")
         super().on_test_epoch_end()
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")

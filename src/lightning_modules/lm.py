@@ -6,17 +6,18 @@ The algorithms themselves (SFT, DPO, ...) live one per file beside this one.
 
 from __future__ import annotations
 
-import math
+import copy
 from collections.abc import Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
-from transformers import DynamicCache, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from src.metrics import ExactMatch
 from src.models.rollout import cache_kwarg, fp32_logits, position_ids
+from src.optim import adamw_cosine
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,28 +79,6 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     return logp, entropy
 
 
-def _can_fuse(params: list[torch.Tensor]) -> bool:
-    """torch's fused AdamW takes plain float tensors on CPU or CUDA (not sharded DTensors)."""
-    return bool(params) and all(
-        type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda") and p.is_floating_point()
-        for p in params
-    )
-
-
-def adamw_cosine(module: L.LightningModule, groups: list[dict], lr: float, betas, warmup_steps: int,
-                 min_lr_ratio: float) -> dict:
-    """Fused AdamW over parameter groups, with linear warm-up then cosine decay to min_lr_ratio * lr over
-    the run, stepped per optimizer step (what every algorithm here trains with)."""
-    params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=_can_fuse(params) or None)  # one kernel
-    est = module.trainer.estimated_stepping_batches  # inf when only trainer.max_time bounds the run
-    total = max(int(est), 1) if math.isfinite(est) else 10**9
-    sched = get_cosine_with_min_lr_schedule_with_warmup(
-        opt, num_warmup_steps=min(warmup_steps, total), num_training_steps=total, min_lr_rate=min_lr_ratio
-    )
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
 class LMModule(L.LightningModule):
     def __init__(
         self,
@@ -118,11 +97,50 @@ class LMModule(L.LightningModule):
             raise ValueError(f"algo.lr={lr}: must be > 0")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"algo.min_lr_ratio={min_lr_ratio}: must be in [0, 1]")
-        self.save_hyperparameters(ignore=["net", "tokenizer", "reward"], logger=False)
+        self.save_hyperparameters(ignore=["net", "tokenizer", "reward", "rollout"], logger=False)
         self.tokenizer = tokenizer
         self.model = net(tokenizer=tokenizer)
         self.val_exact_match, self.test_exact_match = ExactMatch(), ExactMatch()
         self._samples: list[list] = []
+        self.ref_model: PreTrainedModel | None = None  # pi_ref, when the algorithm has one (init_reference)
+        self._ref_cache: dict = {}
+
+    # ------------------------------------------------------------------ the reference policy
+    def init_reference(self, ref_pretrained: str | None = None) -> None:
+        """pi_ref: another local checkpoint, or a copy of the initial policy (pi_0 = pi_ref); frozen (no
+        gradients) and always in eval mode. Its weights are part of the module, so of every checkpoint."""
+        ref = (AutoModelForCausalLM.from_pretrained(ref_pretrained, local_files_only=True) if ref_pretrained
+               else copy.deepcopy(self.model))
+        self.ref_model = ref.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def refresh_reference(self, alpha: float) -> None:
+        """TR-DPO's update pi_ref <- alpha pi_theta + (1 - alpha) pi_ref (alpha = 1: a copy); clears the cache."""
+        for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
+            p_ref.lerp_(p.to(p_ref.dtype), alpha)  # p_ref + alpha (p - p_ref)
+        self._ref_cache.clear()
+
+    def cached_reference(self, keys: list, compute: Callable[[], tuple[torch.Tensor, ...]], enabled: bool = True):
+        """The reference's per-example values (e.g. log pi_ref of chosen and rejected), computed once per key
+        while the reference does not change (`refresh_reference` clears the cache)."""
+        if enabled and keys and all(k in self._ref_cache for k in keys):
+            columns = zip(*(self._ref_cache[k] for k in keys))
+            return tuple(torch.tensor(c, dtype=torch.float32, device=self.device) for c in columns)
+        with torch.no_grad():
+            values = compute()
+        if enabled:
+            self._ref_cache.update(zip(keys, zip(*(v.tolist() for v in values))))
+        return values
+
+    def frozen_models(self) -> list[torch.nn.Module]:
+        """Copies of the policy that never train (the reference; RLVR's lagged generator)."""
+        return [self.ref_model] if self.ref_model is not None else []
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.frozen_models():
+            m.eval()  # no dropout in pi_ref / pi_gen, whatever Lightning does to the module
+        return self
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -186,6 +204,17 @@ class LMModule(L.LightningModule):
             return
         self.log_table(f"{stage}/samples", columns, self._samples)
         self._samples = []
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
+        """One val or test batch (`stage`); each algorithm writes its own."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
 
     def on_validation_epoch_end(self) -> None:
         self.log_samples("val")

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 
 import torch
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM
 
 from src.lightning_modules.lm import LMModule, completion_logps
 from src.metrics import PassAtK
-from src.models.rollout import HFRollout, Rollout
+from src.models.rollout import HFRollout, Rollout, RolloutEngine
 from src.rewards import score
 
 LOSS_TYPES = ("cispo", "grpo", "dapo")
@@ -165,6 +165,33 @@ def rlvr_loss(
 
 
 # --------------------------------------------------------------------------- the module
+def check_recipe(reward, loss_type, loss_agg, adv_norm, clip_high, num_generations, generation_lag, epsilon,
+                 reward_on_error, val_num_samples) -> tuple[str, str, float | None]:
+    """Validate the recipe's options (naming the key at fault); return loss_agg, adv_norm and clip_high with
+    the loss type's own defaults filled in."""
+    if reward is None or not callable(reward):
+        raise ValueError("algo.reward: a verifier is required (reward=exact|numeric|math|custom)")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"algo.loss_type={loss_type!r}: must be one of {list(LOSS_TYPES)}")
+    preset = PRESETS[loss_type]
+    agg, norm = loss_agg or preset["loss_agg"], adv_norm or preset["adv_norm"]
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"algo.loss_agg={loss_agg!r}: must be one of {list(AGGREGATIONS)}")
+    if norm not in NORMALISATIONS:
+        raise ValueError(f"algo.adv_norm={adv_norm!r}: must be one of {list(NORMALISATIONS)}")
+    checks = [
+        (num_generations >= 2, f"algo.num_generations={num_generations}: group advantages need >= 2 samples"),
+        (generation_lag >= 0, f"algo.generation_lag={generation_lag}: must be >= 0 (0 = on-policy)"),
+        (epsilon > 0, f"algo.epsilon={epsilon}: must be > 0"),
+        (reward_on_error in ("raise", "zero"), f"algo.reward_on_error={reward_on_error!r}: must be 'raise' or 'zero'"),
+        (val_num_samples >= 1, f"algo.val_num_samples={val_num_samples}: must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return agg, norm, clip_high if clip_high is not None else preset["clip_high"]
+
+
 class RLVRModule(LMModule):
     def __init__(
         self,
@@ -190,53 +217,36 @@ class RLVRModule(LMModule):
         val_num_samples: int = 8,
         val_temperature: float = 1.0,
         log_completions_every_n_steps: int = 50,
+        rollout: Callable[..., RolloutEngine] | None = None,
         seed: int = 0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if reward is None or not callable(reward):
-            raise ValueError("algo.reward: a verifier is required (reward=exact|numeric|math|custom)")
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"algo.loss_type={loss_type!r}: must be one of {list(LOSS_TYPES)}")
-        preset = PRESETS[loss_type]
-        self.loss_agg = loss_agg or preset["loss_agg"]
-        self.adv_norm = adv_norm or preset["adv_norm"]
-        self.clip_high = clip_high if clip_high is not None else preset["clip_high"]
-        if self.loss_agg not in AGGREGATIONS:
-            raise ValueError(f"algo.loss_agg={loss_agg!r}: must be one of {list(AGGREGATIONS)}")
-        if self.adv_norm not in NORMALISATIONS:
-            raise ValueError(f"algo.adv_norm={adv_norm!r}: must be one of {list(NORMALISATIONS)}")
-        if num_generations < 2:
-            raise ValueError(f"algo.num_generations={num_generations}: group advantages need >= 2 samples")
-        if generation_lag < 0:
-            raise ValueError(f"algo.generation_lag={generation_lag}: must be >= 0 (0 = on-policy)")
-        if epsilon <= 0:
-            raise ValueError(f"algo.epsilon={epsilon}: must be > 0")
-        if reward_on_error not in ("raise", "zero"):
-            raise ValueError(f"algo.reward_on_error={reward_on_error!r}: must be 'raise' or 'zero'")
-        if val_num_samples < 1:
-            raise ValueError(f"algo.val_num_samples={val_num_samples}: must be >= 1")
+        self.loss_agg, self.adv_norm, self.clip_high = check_recipe(
+            reward, loss_type, loss_agg, adv_norm, clip_high, num_generations, generation_lag, epsilon,
+            reward_on_error, val_num_samples)
         self.reward = reward
-        tok = self.tokenizer
-        # pi_gen: a lagged copy refreshed every `generation_lag` steps; with 0 the policy itself
+        if beta > 0:  # the KL penalty's pi_ref: model.ref_pretrained, or pi_0
+            self.init_reference(ref_pretrained)
+        # pi_gen: the engine samples with a lagged copy of the policy, refreshed every `generation_lag` optimizer
+        # steps through `engine.load_weights` (its weights are in the checkpoint); with 0, the policy itself
         self.generator = copy.deepcopy(self.model).requires_grad_(False).eval() if generation_lag > 0 else None
-        self.ref_model = None
-        if beta > 0:
-            self.ref_model = (
-                AutoModelForCausalLM.from_pretrained(ref_pretrained, local_files_only=True)
-                if ref_pretrained else copy.deepcopy(self.model)
-            ).requires_grad_(False).eval()
-        self.engine = HFRollout(self.model if self.generator is None else self.generator, tok.eos_token_id, tok.pad_token_id)
-        self.eval_engine = HFRollout(self.model, tok.eos_token_id, tok.pad_token_id)
+        make_engine = rollout or HFRollout
+        tok = self.tokenizer
+        self.engine: RolloutEngine = make_engine(self.generator or self.model, tok.eos_token_id, tok.pad_token_id)
+        self.eval_engine: RolloutEngine = (
+            make_engine(self.model, tok.eos_token_id, tok.pad_token_id) if self.generator is not None else self.engine)
+        self._synced_at = -1  # the optimizer step of pi_gen's last refresh
+        # ScaleRL state (checkpointed): retired prompts, cumulative compute and samples
         self.retired: set[int] = set()  # train prompts with pass rate >= retire_threshold
         self.compute = 0.0  # cumulative model FLOPs: 2 N per generated token, 6 N per trained token
         self.samples = 0  # cumulative sampled completions
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        # evaluation: pass@k for k = 1, 2, 4, ... up to the samples per prompt, majority vote, mean reward
         ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= val_num_samples] + [val_num_samples]
         self.val_pass, self.test_pass = PassAtK(ks), PassAtK(ks)
         self.val_reward, self.test_reward = MeanMetric(), MeanMetric()
         self.last_val: dict[str, float] = {}
-        self.n_params = sum(p.numel() for p in self.model.parameters())
-        self._synced_at = -1  # the optimizer step of pi_gen's last refresh
 
     # ------------------------------------------------------------------ state
     def setup(self, stage: str) -> None:
@@ -245,12 +255,8 @@ class RLVRModule(LMModule):
             dm.retired.update(self.retired)
             self.retired = dm.retired  # one set: the train sampler skips what the module retires
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for m in (self.generator, self.ref_model):
-            if m is not None:
-                m.eval()
-        return self
+    def frozen_models(self) -> list[torch.nn.Module]:
+        return super().frozen_models() + ([self.generator] if self.generator is not None else [])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rlvr"] = {"retired": sorted(self.retired), "compute": self.compute, "samples": self.samples}
@@ -283,42 +289,63 @@ class RLVRModule(LMModule):
             return x
         return self.all_gather(x).flatten(0, 1)
 
-    # ------------------------------------------------------------------ training
+    # ------------------------------------------------------------------ training: the ScaleRL pipeline
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        roll, texts, t_gen = self.sample(batch)  # G completions per prompt from pi_gen
+        r, errors = self.score(batch, texts, roll)  # the verifier's rewards, (B, G)
+        adv, keep, zv_all = self.advantages(r)  # group advantages, batch-normalised; zero-variance filter
+        passed = self.retire(batch, r)  # no-positive resampling
+        loss, stats, entropy, t_train = self.policy_loss(batch, roll, adv, keep)  # truncated IS, prompt-level
+        self.log_step(batch, roll, texts, r, passed, zv_all, errors, loss, stats, entropy, t_gen, t_train)
+        return loss
+
+    def sample(self, batch: dict) -> tuple[Rollout, list[str], float]:
         hp = self.hparams
-        b, g = batch["prompt_input_ids"].size(0), hp.num_generations
         t0 = time.perf_counter()
-        roll: Rollout = self.engine.generate(
-            batch["prompt_input_ids"], batch["prompt_attention_mask"], g, hp.max_new_tokens,
+        roll = self.engine.generate(
+            batch["prompt_input_ids"], batch["prompt_attention_mask"], hp.num_generations, hp.max_new_tokens,
             hp.temperature, hp.top_p, self._rng("train", self.global_step),
         )
         t_gen = time.perf_counter() - t0
-        texts = self.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True)
-        r, errors = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated)
-        r = r.view(b, g)
+        return roll, self.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True), t_gen
 
-        # batch-level statistics over all processes: advantages, zero-variance, retirement
+    def score(self, batch: dict, texts: list[str], roll: Rollout) -> tuple[torch.Tensor, int]:
+        r, errors = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated)
+        return r.view(len(batch["prompts"]), self.hparams.num_generations), errors
+
+    def advantages(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This process's (B, G) advantages and kept groups, from statistics over the whole batch (all processes)."""
+        b = r.size(0)
         r_all = self._gather(r)
         zv_all = zero_variance(r_all)
-        keep_all = ~zv_all if hp.zero_variance_filter else torch.ones_like(zv_all)
+        keep_all = ~zv_all if self.hparams.zero_variance_filter else torch.ones_like(zv_all)
         adv_all = group_advantages(r_all, self.adv_norm, keep_all)
         lo = self.global_rank * b if self.trainer.world_size > 1 else 0
-        adv, keep = adv_all[lo : lo + b], keep_all[lo : lo + b]
-        self.last_batch = {"rewards_all": r_all, "keep_all": keep_all, "adv": adv}  # for inspection
+        self.last_batch = {"rewards_all": r_all, "keep_all": keep_all, "adv": adv_all[lo : lo + b]}  # for inspection
+        return adv_all[lo : lo + b], keep_all[lo : lo + b], zv_all
+
+    def retire(self, batch: dict, r: torch.Tensor) -> torch.Tensor:
+        """Retire prompts whose pass rate reaches `retire_threshold` (on every process); return the passes."""
+        hp = self.hparams
         passed = (r >= hp.pass_threshold).float()
         if hp.retire_threshold is not None:
             idx_all, rate_all = self._gather(batch["index"]), self._gather(passed.mean(-1))
             self.retired.update(idx_all[rate_all >= hp.retire_threshold].tolist())
+        return passed
 
-        # policy log-probs of the sampled tokens, and the loss
+    def policy_loss(self, batch: dict, roll: Rollout, adv: torch.Tensor, keep: torch.Tensor):
+        """-J: log pi_train of the sampled tokens (each prompt encoded once for its G samples), pi_ref's for
+        the KL term, and `rlvr_loss` with a denominator counted over all processes."""
+        hp = self.hparams
+        b, g = adv.shape
         t1 = time.perf_counter()
-        p_ids, p_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-        seqs = (p_ids, p_mask, roll.completion_ids, roll.completion_mask, hp.temperature, g)
+        seqs = (batch["prompt_input_ids"], batch["prompt_attention_mask"], roll.completion_ids, roll.completion_mask,
+                hp.temperature, g)
         logp, entropy = completion_logps(self.model, *seqs)
         ref_logp = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_logp = completion_logps(self.ref_model, *seqs)[0].view(b, g, -1)
+                ref_logp = completion_logps(self.ref_model, *seqs, with_entropy=False)[0].view(b, g, -1)
         mask = roll.completion_mask.view(b, g, -1)
         units = count_units(mask, keep, self.loss_agg)
         normalizer = self._gather(units.view(1)).sum().float() / self.trainer.world_size
@@ -326,9 +353,10 @@ class RLVRModule(LMModule):
             logp.view(b, g, -1), roll.logps.view(b, g, -1), adv, mask, keep, hp.loss_type, self.loss_agg,
             hp.epsilon, hp.clip_low, self.clip_high, ref_logp, hp.beta, normalizer,
         )
-        t_train = time.perf_counter() - t1  # forward only; backward follows in Lightning
+        return loss, stats, entropy, time.perf_counter() - t1  # forward only; backward follows in Lightning
 
-        # bookkeeping and metrics
+    def log_step(self, batch, roll, texts, r, passed, zv_all, errors, loss, stats, entropy, t_gen, t_train) -> None:
+        b, g = r.shape
         n_gen = int(roll.lengths.sum())
         n_prompt = int(batch["prompt_attention_mask"].sum())
         n_train = n_prompt + n_gen  # each prompt is encoded once for its G samples
@@ -357,13 +385,12 @@ class RLVRModule(LMModule):
         every = self.hparams.log_completions_every_n_steps
         if every and self.global_step % every == 0:
             self._log_completions(batch, texts, r, roll.truncated, g)
-        return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """Refresh pi_gen from the trainer's weights every `generation_lag` optimizer steps."""
         lag = self.hparams.generation_lag
         if lag > 0 and self.global_step % lag == 0 and self.global_step != self._synced_at:
-            self.generator.load_state_dict(self.model.state_dict())
+            self.engine.load_weights(self.model.state_dict())
             self._synced_at = self.global_step
 
     def _log_completions(self, batch, texts, r, truncated, g) -> None:
@@ -416,11 +443,6 @@ class RLVRModule(LMModule):
                 self.log(k, v, prog_bar=k.endswith("pass@1"), sync_dist=False)
         self.log_samples(stage, columns=("prompt", "completion", "answer", "reward"))
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")

@@ -7,10 +7,12 @@ N the number of completion tokens in the batch; prompt and padding tokens carry 
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from src.callbacks.validate_at_end import ValidateAtEnd
 from src.lightning_modules.lm import LMModule, masked_nll
 
 
@@ -48,8 +50,26 @@ class SFTModule(LMModule):
         self._token_accuracy(logits, batch["labels"], stage)
         self.eval_generation(batch, stage, batch_idx)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
+def warm_start(net, tokenizer, datamodule, target: float, max_steps: int, val_every: int = 25, lr: float = 1e-3,
+               warmup_steps: int = 50, accelerator: str = "cpu", gradient_clip_val: float | None = 1.0,
+               progress_bar: bool = True):
+    """SFT from scratch until the greedy held-out exact match reaches `target` (validated every `val_every`
+    steps; Lightning's EarlyStopping with a stopping threshold), at most `max_steps`. DPO and RLVR start from
+    such a policy (the lecture: "Pretrain -> SFT on good examples -> ..."). Returns the model and
+    {"warm_start/exact_match", "warm_start/steps"}."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    sft = SFTModule(net=net, tokenizer=tokenizer, lr=lr, warmup_steps=warmup_steps)
+    # Lightning stops when the metric is strictly above the threshold; "reaches the target" is >=
+    stop = EarlyStopping(monitor="val/exact_match", mode="max", stopping_threshold=target - 1e-9, patience=10**9,
+                         check_on_train_epoch_end=False)
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+        val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        gradient_clip_val=gradient_clip_val, enable_model_summary=False, enable_progress_bar=progress_bar,
+        callbacks=[stop, ValidateAtEnd()],
+    )
+    trainer.fit(sft, datamodule=datamodule)
+    reached = float(trainer.callback_metrics["val/exact_match"])
+    return sft.model, {"warm_start/exact_match": reached, "warm_start/steps": float(trainer.global_step)}

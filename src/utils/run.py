@@ -142,17 +142,19 @@ def hyperparameters(cfg: DictConfig, module: L.LightningModule) -> dict:
 
 
 class LogHyperparameters(L.Callback):
-    """Sends `hyperparameters(...)` to every logger when fit (or a test-only run) starts: inside the worker
+    """Sends `hyperparameters(...)` (and metrics known before the run) to every logger when fit (or a test-only run) starts: inside the worker
     processes, so that with fork-launched strategies (`ddp_fork`) no logger is opened in the parent
     (a W&B run opened before the fork is unusable in the children)."""
 
-    def __init__(self, hparams: dict):
-        self.hparams, self.done = hparams, False
+    def __init__(self, hparams: dict, metrics: dict | None = None):
+        self.hparams, self.metrics, self.done = hparams, metrics or {}, False
 
     def _log(self, trainer: L.Trainer) -> None:
         if not self.done:
             for logger in trainer.loggers:
                 logger.log_hyperparams(self.hparams)
+                if self.metrics and not trainer.testing:  # e.g. the warm start's quality, at step 0
+                    logger.log_metrics(self.metrics, step=0)
             self.done = True
 
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -45,7 +45,7 @@ def parity_reward(completion: str, answer: str) -> float:
 
 # A small RLVR run on the arithmetic task with the parity verifier: seconds on 2 cores.
 RLVR_RUN = [
-    "algo=rlvr", "reward=custom", "reward.fn._target_=tests.helpers.parity_reward", "warm_start.steps=0",
+    "algo=rlvr", "reward=custom", "reward.fn._target_=tests.helpers.parity_reward", "warm_start.max_steps=0",
     "test=false", "data.source.n_train=16", "data.batch_size=4", "data.eval_batch_size=16",
     "algo.num_generations=4", "algo.max_new_tokens=4", "algo.val_num_samples=2", "algo.lr=1e-3",
     "algo.generation_lag=3", "algo.truncated_reward=null", "trainer.val_check_interval=4",
