@@ -53,7 +53,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict
         cfg.get("callbacks"), has_logger=bool(loggers), progress_bar=cfg.trainer.get("enable_progress_bar", True)
     )
     net, start = sft_warm_start(cfg, shared.get("tokenizer"))
-    module: L.LightningModule = hydra.utils.instantiate(cfg.algo, net=net or hydra.utils.instantiate(cfg.model.net), **shared)
+    policy_options = {k: cfg.model[k] for k in ("lora", "gradient_checkpointing") if k in cfg.model}  # LM models
+    module: L.LightningModule = hydra.utils.instantiate(
+        cfg.algo, net=net or hydra.utils.instantiate(cfg.model.net), **shared, **policy_options)
     if loggers:
         callbacks.append(LogHyperparameters(hyperparameters(cfg, module), metrics=start))
     callbacks += [*extra_callbacks, ValidateAtEnd(), FinishWandbInWorker()]  # the final weights are always validated
@@ -80,10 +82,10 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict
         if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
             log.info("Best checkpoint: %s", trainer.checkpoint_callback.best_model_path)
         for cb in callbacks:
-            if isinstance(cb, HFExport) and hasattr(module, "export_pretrained"):
-                log.info("Hugging Face export: %s", cb.dirpath)
-            elif isinstance(cb, HFExport):
+            if isinstance(cb, HFExport) and "tokenizer" in shared:  # a causal LM the next algorithm can start from
                 log.info("Hugging Face export: %s  (use: model=hf model.pretrained=%s)", cb.dirpath, cb.dirpath)
+            elif isinstance(cb, HFExport):
+                log.info("Hugging Face export: %s", cb.dirpath)
         for r in runs:
             log.info("W&B run: %s", r)
     return metrics, objects

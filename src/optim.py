@@ -22,7 +22,10 @@ def adamw_cosine(module: L.LightningModule, groups: list[dict], lr: float, betas
     """Fused AdamW over parameter groups, with linear warm-up then cosine decay to min_lr_ratio * lr over
     the run, stepped per optimizer step (what every algorithm here trains with)."""
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=_can_fuse(params) or None)  # one kernel
+    # Lightning's mixed-precision plugin refuses gradient clipping with a fused optimizer (it would unscale
+    # internally): fused AdamW only at full precision
+    mixed = "mixed" in str(module.trainer.precision)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=(_can_fuse(params) and not mixed) or None)
     est = module.trainer.estimated_stepping_batches  # inf when only trainer.max_time bounds the run
     total = max(int(est), 1) if math.isfinite(est) else 10**9
     sched = get_cosine_with_min_lr_schedule_with_warmup(

@@ -13,7 +13,7 @@ from tests.conftest import CONF
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml") if not p.stem.startswith("_"))  # _x: included parts
 
 
 DIFFUSION_ALGOS = {"ddpm"}

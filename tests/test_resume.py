@@ -18,6 +18,8 @@ from tests.helpers import DQUICK, RLVR_RUN, train_with
 # (overrides, total steps, batches per epoch); every run has 2+ epochs and validates inside epochs
 ALGOS = {
     "sft": (["algo=sft", "trainer.val_check_interval=3"], 10, 4),
+    # LoRA: the adapters and their optimizer state come back (the frozen base is in the checkpoint too)
+    "sft_lora": (["algo=sft", "model.lora.r=4", "model.lora.dropout=0.0", "trainer.val_check_interval=3"], 10, 4),
     "tr_dpo": (["algo=tr_dpo", "warm_start.max_steps=0", "callbacks.reference_refresh.tau=3", "callbacks.reference_refresh.alpha=0.5", "trainer.val_check_interval=3"], 10, 4),
     "rlvr": ([o for o in RLVR_RUN if not o.startswith("trainer.val_check_interval")] + ["trainer.val_check_interval=3"],
              10, 4),

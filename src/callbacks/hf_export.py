@@ -29,19 +29,15 @@ def quiet_progress():
 
 
 class HFExport(L.Callback):
-    def __init__(self, dirpath: str, safe_serialization: bool = True):
+    """At the end of fit, the module's `export_pretrained(dirpath)` (rank 0): the LM algorithms write the policy
+    and tokenizer (with LoRA: merged, and the adapter in `adapter/`), DDPM a diffusers pipeline."""
+
+    def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
-        self.safe_serialization = safe_serialization
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        if hasattr(pl_module, "export_pretrained"):  # e.g. DDPMModule: a diffusers pipeline directory
-            pl_module.export_pretrained(self.dirpath)
-            log.info("Hugging Face export: %s", self.dirpath)
-            return
-        with quiet_progress():  # no "Writing model shards" bar for a one-shard model in our logs
-            pl_module.model.save_pretrained(self.dirpath, safe_serialization=self.safe_serialization)
-        pl_module.tokenizer.save_pretrained(self.dirpath)
+        pl_module.export_pretrained(self.dirpath)
         log.info("Hugging Face export: %s", self.dirpath)

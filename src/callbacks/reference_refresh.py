@@ -25,7 +25,7 @@ class ReferenceRefresh(L.Callback):
         self.refreshes, self.last_step = 0, 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if getattr(pl_module, "ref_model", None) is None:
+        if not getattr(pl_module, "has_reference", False):
             raise ValueError(
                 f"ReferenceRefresh needs a module with a reference model; {type(pl_module).__name__} "
                 f"(loss_type={pl_module.hparams.get('loss_type')}) has none"

@@ -189,9 +189,21 @@ def join(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
     }
 
 
+def pack(prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Padding-free: the B sequences concatenated into one row, positions restarting at 0 for each, no attention
+    mask. transformers reads the restarts in `position_ids` and keeps attention within each sequence
+    (a block-diagonal causal mask); labels are -100 on prompts, so no loss crosses a boundary."""
+    ids, labels, pos = [], [], []
+    for p, c in zip(prompts, completions):
+        ids += p + c
+        labels += [IGNORE] * len(p) + c
+        pos += list(range(len(p) + len(c)))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos])}
+
+
 class Collator:
-    def __init__(self, kind: str, pad_id: int):
-        self.kind, self.pad_id = kind, pad_id
+    def __init__(self, kind: str, pad_id: int, packing: bool = False):
+        self.kind, self.pad_id, self.packing = kind, pad_id, packing
 
     def __call__(self, examples: list[dict]) -> dict:
         prompts = [e["prompt_ids"] for e in examples]
@@ -203,7 +215,8 @@ class Collator:
             "index": torch.tensor([e["index"] for e in examples]),  # position in its split (caches)
         }
         if self.kind == "sft":
-            batch.update(join(prompts, [e["completion_ids"] for e in examples], self.pad_id))
+            completions = [e["completion_ids"] for e in examples]
+            batch.update(pack(prompts, completions) if self.packing else join(prompts, completions, self.pad_id))
         elif self.kind == "preference":
             # chosen rows then rejected rows: one forward pass computes both (B -> 2B).
             completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
@@ -228,15 +241,18 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         truncation: str = "error",
         num_workers: int = 0,
         seed: int = 0,
+        packing: bool = False,
     ):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"data.kind={kind!r}: must be one of {list(KINDS)}")
+        if packing and kind != "sft":
+            raise ValueError(f"data.packing=true packs SFT examples; data.kind={kind!r} does not use it (set data.packing=false)")
         self.source, self.tokenizer, self.kind = source, tokenizer, kind
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_length, self.truncation, self.num_workers = max_length, truncation, num_workers
         self.seed = seed
-        self.collate = Collator(kind, tokenizer.pad_token_id)
+        self.collate = Collator(kind, tokenizer.pad_token_id, packing)
         self.examples: dict[str, list[dict]] = {}
         self.retired: set[int] = set()  # train indices never to be sampled again (RLVR)
 

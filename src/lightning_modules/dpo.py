@@ -115,8 +115,11 @@ class DPOModule(LMModule):
     def reference_logps(self, batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi_ref of chosen and rejected; cached per example while the reference is unchanged."""
         keys = [(split, int(i)) for i in batch["index"]]
-        return self.cached_reference(keys, lambda: pair_logps(self.ref_model, batch)[0].chunk(2),
-                                     enabled=self.hparams.cache_ref_logps)
+        def compute():
+            with self.reference() as ref:
+                return pair_logps(ref, batch)[0].chunk(2)
+
+        return self.cached_reference(keys, compute, enabled=self.hparams.cache_ref_logps)
 
     # ------------------------------------------------------------------ steps
     def forward(self, batch: dict, split: str) -> tuple[torch.Tensor, dict]:
@@ -124,7 +127,7 @@ class DPOModule(LMModule):
         # prompt encoded once for its two completions
         logps, lengths = pair_logps(self.model, batch)
         pc, pr = logps.chunk(2)
-        rc, rr = self.reference_logps(batch, split) if self.ref_model is not None else (None, None)
+        rc, rr = self.reference_logps(batch, split) if self.has_reference else (None, None)
         hp = self.hparams
         losses, r_w, r_l = dpo_loss(pc, pr, rc, rr, hp.beta, hp.loss_type, hp.label_smoothing, lengths.chunk(2)[0])
         stats = {

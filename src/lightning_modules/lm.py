@@ -6,8 +6,10 @@ The algorithms themselves (SFT, DPO, ...) live one per file beside this one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -16,7 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from src.metrics import ExactMatch
-from src.models.rollout import cache_kwarg, fp32_logits, position_ids
+from src.models.rollout import cache_kwarg, causal_lm, fp32_logits, position_ids
 from src.optim import adamw_cosine
 
 
@@ -52,21 +54,26 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     B*G samples (prompt-major): each prompt is encoded once and its keys/values are shared by its G
     completions (gradients flow back through the shared cache), instead of G identical copies.
     """
+    lm = causal_lm(model)
+    if group > 1 and lm.is_gradient_checkpointing and lm.training and torch.is_grad_enabled():
+        # transformers drops the KV cache under gradient checkpointing: encode each prompt once per completion
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(group, 0), prompt_mask.repeat_interleave(group, 0)
+        group = 1
     if group == 1:
         ids = torch.cat([prompt_ids, completion_ids], 1)
         mask = torch.cat([prompt_mask.bool(), completion_mask.bool()], 1).long()
-        hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
         hidden = hidden[:, -completion_ids.size(1) - 1 : -1]  # the positions that predict y_0 .. y_{T-1}
     else:
-        kw = {cache_kwarg(model): DynamicCache(config=model.config)}
-        out = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+        kw = {cache_kwarg(model): DynamicCache(config=lm.config)}
+        out = lm.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
                                use_cache=True, **kw)
         hidden = out.last_hidden_state[:, -1:].repeat_interleave(group, 0)  # predicts y_0
         if completion_ids.size(1) > 1:
             kw[cache_kwarg(model)].batch_repeat_interleave(group)
             mask = torch.cat([prompt_mask.repeat_interleave(group, 0).bool(), completion_mask.bool()], 1).long()
             p = prompt_ids.size(1)
-            rest = model.base_model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
+            rest = lm.base_model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
                                     position_ids=position_ids(mask)[:, p:-1], use_cache=True, **kw)
             hidden = torch.cat([hidden, rest.last_hidden_state], 1)  # predicts y_1 .. y_{T-1}
     logits = fp32_logits(model, hidden, temperature)
@@ -77,6 +84,21 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
         with torch.no_grad():
             entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
+
+
+def policy(model: PreTrainedModel, lora: dict | None = None, gradient_checkpointing: bool = False):
+    """The trained policy: the model, with LoRA adapters (peft) when `lora.r` is set (`model.lora.*`), and
+    non-reentrant gradient checkpointing when asked (`model.gradient_checkpointing`)."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora and lora.get("r"):
+        from peft import LoraConfig, get_peft_model
+
+        target = lora.get("target_modules", "all-linear")
+        model = get_peft_model(model, LoraConfig(
+            r=lora["r"], lora_alpha=lora.get("alpha", 2 * lora["r"]), lora_dropout=lora.get("dropout", 0.0),
+            target_modules=list(target) if not isinstance(target, str) else target, task_type="CAUSAL_LM"))
+    return model
 
 
 class LMModule(L.LightningModule):
@@ -91,6 +113,8 @@ class LMModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         max_new_tokens: int = 16,
         num_logged_samples: int = 8,
+        lora: dict | None = None,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         if lr <= 0:
@@ -99,25 +123,62 @@ class LMModule(L.LightningModule):
             raise ValueError(f"algo.min_lr_ratio={min_lr_ratio}: must be in [0, 1]")
         self.save_hyperparameters(ignore=["net", "tokenizer", "reward", "rollout"], logger=False)
         self.tokenizer = tokenizer
-        self.model = net(tokenizer=tokenizer)
+        self.model = policy(net(tokenizer=tokenizer), lora, gradient_checkpointing)
         self.val_exact_match, self.test_exact_match = ExactMatch(), ExactMatch()
         self._samples: list[list] = []
-        self.ref_model: PreTrainedModel | None = None  # pi_ref, when the algorithm has one (init_reference)
+        self.has_reference = False  # init_reference
+        self.ref_model: PreTrainedModel | None = None  # pi_ref as its own copy (without LoRA)
         self._ref_cache: dict = {}
+
+    @property
+    def uses_lora(self) -> bool:
+        return hasattr(self.model, "peft_config")
 
     # ------------------------------------------------------------------ the reference policy
     def init_reference(self, ref_pretrained: str | None = None) -> None:
-        """pi_ref: another local checkpoint, or a copy of the initial policy (pi_0 = pi_ref); frozen (no
-        gradients) and always in eval mode. Its weights are part of the module, so of every checkpoint."""
-        ref = (AutoModelForCausalLM.from_pretrained(ref_pretrained, local_files_only=True) if ref_pretrained
-               else copy.deepcopy(self.model))
-        self.ref_model = ref.requires_grad_(False).eval()
+        """pi_ref: another local checkpoint, or the initial policy (pi_0 = pi_ref); frozen (no gradients) and
+        always in eval mode. Without LoRA it is a copy of the initial policy; with LoRA it is the policy with its
+        adapters disabled (the base model: no second copy in memory, as TRL does). Its weights are part of the
+        module, so of every checkpoint."""
+        self.has_reference = True
+        if ref_pretrained or not self.uses_lora:
+            ref = (AutoModelForCausalLM.from_pretrained(ref_pretrained, local_files_only=True) if ref_pretrained
+                   else copy.deepcopy(self.model))
+            self.ref_model = ref.requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The model to run pi_ref's forward passes with (no gradients)."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        was_training = self.model.training
+        self.model.eval()  # no LoRA dropout in pi_ref
+        try:
+            with self.model.disable_adapter():
+                yield self.model
+        finally:
+            self.model.train(was_training)
 
     @torch.no_grad()
     def refresh_reference(self, alpha: float) -> None:
-        """TR-DPO's update pi_ref <- alpha pi_theta + (1 - alpha) pi_ref (alpha = 1: a copy); clears the cache."""
-        for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
-            p_ref.lerp_(p.to(p_ref.dtype), alpha)  # p_ref + alpha (p - p_ref)
+        """TR-DPO's update pi_ref <- alpha pi_theta + (1 - alpha) pi_ref (alpha = 1: a copy); clears the cache.
+
+        With LoRA (pi_ref = the base W, pi_theta = W + dW with dW = s B A), the same update is exact on the
+        weights: W <- W + alpha dW and B <- (1 - alpha) B, so that pi_ref becomes W + alpha dW and the policy
+        stays W + dW (a hard update merges the adapter into the base and restarts it at B = 0)."""
+        if self.ref_model is not None:
+            for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
+                p_ref.lerp_(p.to(p_ref.dtype), alpha)  # p_ref + alpha (p - p_ref)
+        else:
+            from peft.tuners.lora import LoraLayer
+
+            for layer in self.model.modules():
+                if isinstance(layer, LoraLayer):
+                    for name in layer.active_adapters:
+                        base = layer.get_base_layer().weight
+                        base.add_(layer.get_delta_weight(name).to(base.dtype), alpha=alpha)
+                        layer.lora_B[name].weight.mul_(1 - alpha)
         self._ref_cache.clear()
 
     def cached_reference(self, keys: list, compute: Callable[[], tuple[torch.Tensor, ...]], enabled: bool = True):
@@ -141,6 +202,21 @@ class LMModule(L.LightningModule):
         for m in self.frozen_models():
             m.eval()  # no dropout in pi_ref / pi_gen, whatever Lightning does to the module
         return self
+
+    # ------------------------------------------------------------------ export
+    def export_pretrained(self, path) -> None:
+        """The policy and tokenizer as an ordinary HF directory (`AutoModelForCausalLM.from_pretrained`); with
+        LoRA, the adapters merged into the base weights there, and the adapter alone in `path/adapter/`."""
+        from src.callbacks.hf_export import quiet_progress
+
+        path = Path(path)
+        with quiet_progress():  # no "Writing model shards" bar for a one-shard model in our logs
+            if self.uses_lora:
+                self.model.save_pretrained(path / "adapter")
+                copy.deepcopy(self.model).merge_and_unload().save_pretrained(path)
+            else:
+                self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -343,9 +343,9 @@ class RLVRModule(LMModule):
                 hp.temperature, g)
         logp, entropy = completion_logps(self.model, *seqs)
         ref_logp = None
-        if self.ref_model is not None:
-            with torch.no_grad():
-                ref_logp = completion_logps(self.ref_model, *seqs, with_entropy=False)[0].view(b, g, -1)
+        if self.has_reference:
+            with torch.no_grad(), self.reference() as ref:
+                ref_logp = completion_logps(ref, *seqs, with_entropy=False)[0].view(b, g, -1)
         mask = roll.completion_mask.view(b, g, -1)
         units = count_units(mask, keep, self.loss_agg)
         normalizer = self._gather(units.view(1)).sum().float() / self.trainer.world_size

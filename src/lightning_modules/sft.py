@@ -26,7 +26,10 @@ class SFTModule(LMModule):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # packed batches (data.packing) carry per-sequence position_ids and no attention mask; transformers builds
+        # the block-diagonal mask from them only without a KV cache (which it would otherwise create)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                            position_ids=batch.get("position_ids"), use_cache=False).logits
         loss, n_tokens = masked_nll(logits, batch["labels"])
         return loss, n_tokens, logits
 

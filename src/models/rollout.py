@@ -54,9 +54,15 @@ class RolloutEngine(Protocol):
 
 
 # --------------------------------------------------------------------------- model helpers
+def causal_lm(model) -> PreTrainedModel:
+    """The `transformers` causal LM inside a peft (LoRA) wrapper, or the model itself: its `base_model` is
+    the transformer stack (hidden states) and `get_output_embeddings()` the LM head, adapters included."""
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
 def cache_kwarg(model: PreTrainedModel) -> str:
     """transformers >= 5.x names the KV cache argument `cache`; earlier versions `past_key_values`."""
-    return _cache_kwarg_of(type(model.base_model))
+    return _cache_kwarg_of(type(causal_lm(model).base_model))
 
 
 @functools.cache
@@ -71,7 +77,7 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 def fp32_logits(model: PreTrainedModel, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """The LM head in float32, outside any autocast (ScaleRL: FP32 logits at the LM head)."""
-    head = model.get_output_embeddings()
+    head = causal_lm(model).get_output_embeddings()
     with torch.autocast(hidden.device.type, enabled=False):
         logits = hidden.float() @ head.weight.float().T
         if getattr(head, "bias", None) is not None:
@@ -103,7 +109,7 @@ class HFRollout:
         self.model.load_state_dict(state_dict)
 
     def _step(self, input_ids, attention_mask, pos, cache, temperature):
-        out = self.model.base_model(
+        out = causal_lm(self.model).base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
             **{self._cache_kw: cache},
         )
@@ -130,7 +136,7 @@ class HFRollout:
             self.model.train(was_training)
 
     def _generate(self, prompt_ids, prompt_mask, g, max_new_tokens, temperature, top_p, generator) -> Rollout:
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=causal_lm(self.model).config)
         # 1. prefill the B distinct prompts once
         logits = self._step(prompt_ids, prompt_mask, position_ids(prompt_mask), cache, temperature)
         # 2. share each prompt's cache among its G samples: (B, ...) -> (B*G, ...)

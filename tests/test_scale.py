@@ -1,0 +1,273 @@
+"""The path to real checkpoints: LoRA (peft), gradient checkpointing, bf16 autocast, and every algorithm on
+tiny Qwen2 and GPT-2 checkpoints with a byte-level BPE tokenizer (not only the default Llama)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from src.datamodules.arithmetic import ArithmeticTask
+from src.datamodules.lm import LMDataModule
+from src.lightning_modules.dpo import DPOModule, pair_logps
+from src.lightning_modules.lm import completion_logps, masked_nll, policy
+from src.lightning_modules.sft import SFTModule
+from src.models import tiny_llama
+from tests.helpers import RLVR_RUN, train_with
+from tests.helpers.checkpoints import tiny_checkpoint
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {arch: tiny_checkpoint(arch, root / arch) for arch in ("qwen2", "gpt2", "llama")}
+
+
+def _net(tokenizer):
+    return lambda tokenizer: tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
+
+
+def _batch(tokenizer, kind: str, n: int = 8):
+    dm = LMDataModule(ArithmeticTask(n_train=32, n_val=8, n_test=8), tokenizer, kind=kind, batch_size=n)
+    dm.setup()
+    return next(iter(dm.train_dataloader()))
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+def test_lora_trains_only_the_adapters_lowers_the_loss_and_exports_merged(cfg_factory, tmp_path):
+    """Only adapter weights change; the loss falls; hf/ (merged) gives the adapted model's logits and
+    hf/adapter/ holds the adapter alone."""
+    cfg = cfg_factory("algo=sft", "model.lora.r=8", "model.lora.alpha=16", "model.lora.dropout=0.0", "algo.lr=3e-3",
+                      "algo.warmup_steps=0", "trainer.max_steps=30", "trainer.val_check_interval=30", "test=false",
+                      "callbacks=default", "logger=csv")
+    from lightning.pytorch.callbacks import Callback
+
+    class Losses(Callback):
+        def __init__(self):
+            self.losses = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    initial = {k: v.clone() for k, v in tiny_llama(__import__("src.models", fromlist=["char_tokenizer"]).char_tokenizer(),
+                                                    seed=cfg.seed).state_dict().items()}
+    rec = Losses()
+    _, objs = train_with(cfg, rec)
+    module = objs["module"]
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable), "only adapter weights train"
+    base = module.model.get_base_model()
+    for name, p in base.named_parameters():
+        if "lora_" not in name:
+            key = name.replace(".base_layer", "")
+            assert torch.equal(p, initial[key]), f"the frozen base weight {key} changed"
+    assert sum(rec.losses[-5:]) / 5 < 0.9 * sum(rec.losses[:5]) / 5, f"loss did not fall: {rec.losses[:5]} -> {rec.losses[-5:]}"
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    assert (tmp_path / "hf" / "adapter" / "adapter_config.json").is_file()
+    ids = objs["module"].tokenizer(["12+34=", "7+8="], padding=True, return_tensors="pt")
+    module.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(**ids).logits, module.model(**ids).logits, atol=1e-5)
+        assert not torch.allclose(merged(**ids).logits, tiny_llama(objs["module"].tokenizer, seed=cfg.seed)(**ids).logits)
+
+
+def test_lora_reference_is_the_base_model_with_adapters_disabled(tokenizer):
+    """No second copy of the model: pi_ref is the policy with its adapters off, equal to the base model."""
+    base = _net(tokenizer)(tokenizer)
+    module = DPOModule(net=lambda tokenizer: copy.deepcopy(base), tokenizer=tokenizer, lora=LORA)
+    assert module.ref_model is None and module.has_reference
+    with torch.no_grad():  # make the adapters do something
+        for n, p in module.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    batch = _batch(tokenizer, "preference")
+    ref_c, ref_r = module.reference_logps(batch, "train")
+    want = pair_logps(base.eval(), batch)[0].chunk(2)
+    assert torch.allclose(ref_c, want[0], atol=1e-5) and torch.allclose(ref_r, want[1], atol=1e-5)
+    with torch.no_grad():
+        policy_c = pair_logps(module.model, batch)[0].chunk(2)[0]
+    assert not torch.allclose(policy_c, ref_c, atol=1e-3), "the adapted policy should differ from its reference"
+    n_base = sum(p.numel() for p in base.parameters())
+    assert sum(p.numel() for p in module.parameters()) < 1.2 * n_base, "a second copy of the model was made"
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_tr_dpo_refresh_with_lora_is_the_alpha_rule_on_the_weights(tokenizer, alpha):
+    """With adapters, pi_ref <- alpha pi_theta + (1 - alpha) pi_ref holds on the weights (base W + alpha dW) and the
+    policy itself is unchanged by the refresh; the reference cache is cleared."""
+    module = DPOModule(net=_net(tokenizer), tokenizer=tokenizer, lora=LORA)
+    with torch.no_grad():
+        for n, p in module.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    batch = _batch(tokenizer, "preference")
+    module.eval()
+    with torch.no_grad():
+        policy_before = pair_logps(module.model, batch)[0]
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in module.model.modules() if isinstance(m, LoraLayer)]
+    want = [m.get_base_layer().weight + alpha * m.get_delta_weight("default") for m in layers]
+    module._ref_cache[("train", 0)] = (0.0, 0.0)
+    module.refresh_reference(alpha)
+    assert not module._ref_cache
+    for m, w in zip(layers, want):
+        assert torch.allclose(m.get_base_layer().weight, w, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(pair_logps(module.model, batch)[0], policy_before, atol=1e-5), "the policy moved"
+        with module.reference() as ref:
+            ref_logps = pair_logps(ref, batch)[0]
+    if alpha == 1.0:  # a hard update: the reference is the policy
+        assert torch.allclose(ref_logps, policy_before, atol=1e-5)
+    else:
+        assert not torch.allclose(ref_logps, policy_before, atol=1e-4)
+
+
+@pytest.mark.parametrize("algo", ["sft", "dpo", "rlvr"])
+def test_lora_runs_every_algorithm(cfg_factory, algo):
+    extra = RLVR_RUN if algo == "rlvr" else [f"algo={algo}"] + (["warm_start.max_steps=0"] if algo == "dpo" else [])
+    metrics, objs = train_with(cfg_factory(*extra, "model.lora.r=4", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                                           "test=false"))
+    assert objs["module"].uses_lora and torch.isfinite(metrics["train/loss"])
+
+
+# ------------------------------------------------------------------------------------- checkpointing
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("path", ["sft", "shared_prompt"])
+def test_gradient_checkpointing_gives_the_plain_gradients(tokenizer, path):
+    """Non-reentrant checkpointing recomputes activations; the gradients are the plain run's (SFT's forward, and the
+    shared-prompt forward of DPO / RLVR, which falls back to one prompt encoding per completion)."""
+    plain = _net(tokenizer)(tokenizer).train()
+    ckpt = policy(copy.deepcopy(plain), gradient_checkpointing=True).train()
+    assert ckpt.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    batch = _batch(tokenizer, "sft" if path == "sft" else "preference")
+    for model in (plain, ckpt):
+        if path == "sft":
+            loss, _ = masked_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                 batch["labels"])
+        else:
+            loss = -pair_logps(model, batch)[0].sum()
+        loss.backward()
+    a, b = _grads(plain), _grads(ckpt)
+    assert a.keys() == b.keys() and a
+    for n in a:
+        assert torch.allclose(a[n], b[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_gradient_checkpointing_runs_from_the_config(cfg_factory):
+    _, objs = train_with(cfg_factory("algo=dpo", "warm_start.max_steps=0", "model.gradient_checkpointing=true",
+                                     "trainer.max_steps=2", "test=false"))
+    assert objs["module"].model.is_gradient_checkpointing
+
+
+# --------------------------------------------------------------------------------------------- bf16
+@pytest.mark.parametrize("algo", ["sft", "dpo", "rlvr"])
+def test_bf16_mixed_on_cpu_runs_in_bf16_with_an_fp32_head(cfg_factory, algo):
+    """trainer.precision=bf16-mixed: the decoder layers compute in bfloat16, the LM head log-probs stay float32."""
+    import lightning as L
+
+    class Dtypes(L.Callback):
+        def __init__(self):
+            self.layer, self.loss = set(), set()
+
+        def on_train_start(self, trainer, module):
+            layer = module.model.model.layers[0]
+            layer.mlp.register_forward_hook(lambda m, i, o: self.layer.add(o.dtype))
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.loss.add(outputs["loss"].dtype)
+
+    extra = RLVR_RUN if algo == "rlvr" else [f"algo={algo}"] + (["warm_start.max_steps=0"] if algo == "dpo" else [])
+    rec = Dtypes()
+    metrics, _ = train_with(cfg_factory(*extra, "trainer.precision=bf16-mixed", "trainer.max_steps=2", "test=false"), rec)
+    assert rec.layer == {torch.bfloat16}, "autocast did not run the decoder in bf16"
+    assert rec.loss == {torch.float32} and torch.isfinite(metrics["train/loss"])
+
+
+def test_completion_logps_are_float32_under_bf16_autocast(tokenizer):
+    model = _net(tokenizer)(tokenizer)
+    batch = _batch(tokenizer, "preference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _ = completion_logps(model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                   batch["completion_ids"][:8], batch["completion_mask"][:8])
+    assert logp.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------- Qwen2 and GPT-2
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("algo", ["sft", "dpo", "rlvr"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_every_algorithm_on_qwen2_and_gpt2(cfg_factory, checkpoints, arch, algo, lora):
+    """Each algorithm, with and without LoRA, on a non-Llama checkpoint with a byte-level BPE tokenizer and a
+    ChatML template; the trained export reloads."""
+    extra = RLVR_RUN if algo == "rlvr" else [f"algo={algo}"]
+    cfg = cfg_factory(*extra, "model=hf", f"model.pretrained={checkpoints[arch]}", "trainer.max_steps=2",
+                      "trainer.val_check_interval=2", "test=false", "callbacks=default",
+                      *(["model.lora.r=4"] if lora else []))
+    metrics, objs = train_with(cfg)
+    assert torch.isfinite(metrics["train/loss"])
+    assert type(objs["module"].model.config).__name__.lower().startswith(arch.replace("2", "2") if arch == "qwen2" else "gpt2")
+    reloaded = AutoModelForCausalLM.from_pretrained(cfg.paths.output_dir + "/hf", local_files_only=True)
+    assert type(reloaded).__name__ == {"qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}[arch]
+
+
+def test_sft_module_on_qwen2_matches_the_hand_loss(checkpoints):
+    """The completion-only loss on a byte-level BPE tokenizer: prompt and padding are masked."""
+    from src.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(checkpoints["qwen2"]))
+    module = SFTModule(net=lambda tokenizer: AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"]), tokenizer=tok)
+    batch = _batch(tok, "sft")
+    loss, n, logits = module(batch)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    labels = batch["labels"][:, 1:]
+    m = labels != -100
+    want = -(logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * m).sum() / m.sum()
+    assert torch.allclose(loss, want, atol=1e-5) and n == m.sum()
+
+
+# ------------------------------------------------------------------------------------------ packing
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_packed_sft_batch_has_the_padded_loss_and_gradients(checkpoints, arch):
+    """data.packing=true: one row, no padding, positions restarting per sequence; transformers keeps attention
+    within each sequence, so the loss and every gradient equal the padded batch's on the same examples."""
+    from src.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(checkpoints[arch]))
+    rows = [(f"w{i}", {"prompt": f"{a}+{b}=", "completion": str(a + b)}) for i, (a, b) in enumerate([(1, 2), (13, 44), (7, 95), (60, 6)])]
+    batches = {}
+    for packing in (False, True):
+        dm = LMDataModule(ArithmeticTask(n_train=8, n_val=4, n_test=4), tok, kind="sft", packing=packing)
+        examples = __import__("src.datamodules.lm", fromlist=["build_examples"]).build_examples(rows, tok, "sft", "x", 64, "error")
+        batches[packing] = dm.collate(examples)
+    packed, padded = batches[True], batches[False]
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["input_ids"].numel() == int(padded["attention_mask"].sum()), "packing must drop every pad token"
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[arch]).train()
+    model.config.attn_pdrop = model.config.resid_pdrop = model.config.embd_pdrop = 0.0
+    module = SFTModule(net=lambda tokenizer: model, tokenizer=tok)
+    grads, losses = [], []
+    for batch in (padded, packed):
+        module.model.zero_grad()
+        loss, n, _ = module(batch)
+        loss.backward()
+        losses.append((loss.item(), int(n)))
+        grads.append(_grads(module.model))
+    assert losses[0][1] == losses[1][1] and losses[0][0] == pytest.approx(losses[1][0], rel=1e-5)
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_packing_trains_from_the_config_and_only_for_sft(cfg_factory, tokenizer):
+    metrics, objs = train_with(cfg_factory("algo=sft", "data.packing=true", "trainer.max_steps=2", "test=false"))
+    assert torch.isfinite(metrics["train/loss"]) and "val/exact_match" in metrics
+    with pytest.raises(ValueError, match="data.packing=true packs SFT examples"):
+        LMDataModule(ArithmeticTask(n_train=8, n_val=4, n_test=4), tokenizer, kind="preference", packing=True)
