@@ -11,7 +11,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import src  # noqa: F401  (sets PROJECT_ROOT for conf/paths)
 from src.callbacks import HFExport, ValidateAtEnd
@@ -53,9 +53,11 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict
         cfg.get("callbacks"), has_logger=bool(loggers), progress_bar=cfg.trainer.get("enable_progress_bar", True)
     )
     net, start = sft_warm_start(cfg, shared.get("tokenizer"))
-    policy_options = {k: cfg.model[k] for k in ("lora", "gradient_checkpointing") if k in cfg.model}  # LM models
+    policy_options = {k: OmegaConf.to_object(cfg.model[k]) if OmegaConf.is_config(cfg.model[k]) else cfg.model[k]
+                      for k in ("lora", "gradient_checkpointing") if k in cfg.model}  # LM models
+    # plain Python containers in the module's hyper-parameters (sharded checkpoints load them weights-only)
     module: L.LightningModule = hydra.utils.instantiate(
-        cfg.algo, net=net or hydra.utils.instantiate(cfg.model.net), **shared, **policy_options)
+        cfg.algo, net=net or hydra.utils.instantiate(cfg.model.net), **shared, **policy_options, _convert_="all")
     if loggers:
         callbacks.append(LogHyperparameters(hyperparameters(cfg, module), metrics=start))
     callbacks += [*extra_callbacks, ValidateAtEnd(), FinishWandbInWorker()]  # the final weights are always validated

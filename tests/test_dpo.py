@@ -210,7 +210,7 @@ def test_dpo_fast_dev_run_logs_trl_metric_names(cfg_factory):
 # ----------------------------------------------------------------------------- learning
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory):
-    """algo=dpo on the embedded default: warm-start SFT (imperfect), then DPO."""
+    """algo=dpo on the embedded default: warm-start SFT (to exact match 0.85), then DPO."""
     from hydra.core.global_hydra import GlobalHydra
 
     from tests.conftest import make_cfg
@@ -254,7 +254,8 @@ def test_dpo_raises_heldout_reward_accuracy_without_hurting_exact_match(dpo_run)
     before = _validate(_module_from(sft_init, objs["module"]), objs["datamodule"])
     after = _validate(objs["module"], objs["datamodule"])
     assert before["val/rewards/accuracies"] == 0.0  # pi = pi_ref: no margin yet
-    assert 0.05 < before["val/exact_match"] < 0.95, "the SFT start should be imperfect"
+    # the start first: the warm start trains to val exact match 0.85; a start outside the band is its failure
+    assert 0.8 <= before["val/exact_match"] <= 0.99, f"the warm start is off: exact match {before['val/exact_match']:.3f}"
     assert after["val/rewards/accuracies"] > 0.9, after
     assert after["val/exact_match"] >= before["val/exact_match"] - 0.02, (before, after)
 

@@ -347,21 +347,22 @@ def test_retired_prompts_are_never_sampled_again_and_resume_is_exact(cfg_factory
 
 
 @pytest.mark.slow
-def test_rlvr_raises_heldout_pass_at_1_from_a_weak_sft_start(cfg_factory):
-    """The default recipe from the default warm start (a short, imperfect SFT): val pass@1 (8
-    samples per prompt, 500 held-out prompts) climbs clearly within 200 steps; the ScaleRL fit runs."""
+def test_rlvr_default_recipe_raises_heldout_pass_at_1_from_its_warm_start(cfg_factory):
+    """`algo=rlvr` as shipped (warm start to greedy exact match 0.4, 64 prompts x 8, lr 1e-4), 200 of its 400
+    steps: first the start must be in its band (else the warm start failed, not RL), then held-out pass@1
+    (8 samples per prompt, 500 prompts) must climb by 15 points or more (measured: about 30)."""
     from src.callbacks import ScaleRLCurve
 
-    cfg = cfg_factory("algo=rlvr", "warm_start.steps=450", "trainer.max_steps=200", "trainer.val_check_interval=50",
-                      "test=false", "logger=csv", quick=False)
+    cfg = cfg_factory("algo=rlvr", "trainer.max_steps=200", "trainer.val_check_interval=50", "test=false", "logger=none",
+                      "trainer.enable_progress_bar=false", quick=False)
     metrics, objs = train_with(cfg)
     curve = next(c for c in objs["trainer"].callbacks if isinstance(c, ScaleRLCurve))
     (c0, r0), (_, final) = curve.points[0], curve.points[-1]
     assert c0 == 0.0 and len(curve.points) == 5
-    assert 0.2 < r0 < 0.6, f"the warm start should be weak but not hopeless, got pass@1 {r0:.3f}"
-    assert final - r0 >= 0.03, f"val pass@1 {r0:.3f} -> {final:.3f}"
+    assert 0.1 <= r0 <= 0.4, f"the warm start is off: pass@1 {r0:.3f} before RL (expected 0.1-0.4)"
+    assert final - r0 >= 0.15, f"RL did not learn: val pass@1 {r0:.3f} -> {final:.3f}"
     assert metrics["val/pass@8"] > metrics["val/pass@1"]
-    assert curve.fit is not None and 0 < curve.fit[0] <= 1
+    assert curve.fit is not None and r0 < curve.fit[0] <= 1
 
 
 class StepMetrics(L.Callback if (L := __import__("lightning")) else object):

@@ -29,15 +29,16 @@ def quiet_progress():
 
 
 class HFExport(L.Callback):
-    """At the end of fit, the module's `export_pretrained(dirpath)` (rank 0): the LM algorithms write the policy
+    """At the end of fit, the module's `export_pretrained(dirpath)`: the LM algorithms write the policy
     and tokenizer (with LoRA: merged, and the adapter in `adapter/`), DDPM a diffusers pipeline."""
 
     def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        self.dirpath.mkdir(parents=True, exist_ok=True)
+        # every process calls the export (sharded weights are gathered collectively); rank 0 writes
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
         pl_module.export_pretrained(self.dirpath)
-        log.info("Hugging Face export: %s", self.dirpath)
+        if trainer.is_global_zero:
+            log.info("Hugging Face export: %s", self.dirpath)

@@ -22,7 +22,8 @@ class EpochShuffle(Sampler[int]):
     `exclude` (a set that may grow during training, e.g. RLVR's retired prompts) are skipped from the
     next epoch on. `order` is the current epoch's order, as drawn at its start. The length is the
     full `n` whatever is excluded, so that Lightning counts the same batches per epoch in a resumed run
-    as in the original one (an epoch with exclusions just ends early)."""
+    as in the original one (an epoch with exclusions just ends early; under several processes the kept
+    indices fill the excluded slots instead, since the distributed sampler needs all n)."""
 
     def __init__(self, n: int, seed: int, exclude: set[int] | None = None):
         self.n, self.seed, self.epoch = n, seed, 0
@@ -46,6 +47,12 @@ class EpochShuffle(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         self.order = [i for i in order if i not in self.exclude] if self.exclude else order
+        if len(self.order) < self.n and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # Lightning's distributed sampler splits a list of fixed length n among the processes: fill the
+            # excluded slots by cycling the kept indices (every process holds the same excluded set)
+            if not self.order:
+                raise RuntimeError("every train example is excluded (RLVR: all prompts retired); nothing to sample")
+            self.order = (self.order * (self.n // len(self.order) + 1))[: self.n]
         return iter(self.order)
 
     def __len__(self) -> int:

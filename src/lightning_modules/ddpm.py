@@ -387,9 +387,12 @@ class DDPMModule(L.LightningModule):
         )
 
     def export_pretrained(self, path) -> None:
-        """The (EMA) network as a diffusers directory; a vp UNet as a `DDPMPipeline` (unet + scheduler)."""
+        """The (EMA) network as a diffusers directory; a vp UNet as a `DDPMPipeline` (unet + scheduler). Rank 0
+        writes (every process calls it at the end of fit)."""
         from diffusers import DDPMPipeline, UNet2DModel
 
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return
         sched = self.diffusers_scheduler()
         if sched is not None and isinstance(self.net, UNet2DModel):
             DDPMPipeline(unet=self.net, scheduler=sched).save_pretrained(path)

@@ -131,6 +131,11 @@ class LMModule(L.LightningModule):
         self._ref_cache: dict = {}
 
     @property
+    def sharded(self) -> bool:
+        """Whether the policy is sharded over processes (FSDP2): forward passes are then collective."""
+        return getattr(self, "_sharded", False) and torch.distributed.is_initialized()
+
+    @property
     def uses_lora(self) -> bool:
         return hasattr(self.model, "peft_config")
 
@@ -168,6 +173,11 @@ class LMModule(L.LightningModule):
         weights: W <- W + alpha dW and B <- (1 - alpha) B, so that pi_ref becomes W + alpha dW and the policy
         stays W + dW (a hard update merges the adapter into the base and restarts it at B = 0)."""
         if self.ref_model is not None:
+            if self.sharded:  # both sides as their shards (each process updates its own)
+                from src.models.lm import reshard
+
+                reshard(self.ref_model)
+                reshard(self.model)
             for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
                 p_ref.lerp_(p.to(p_ref.dtype), alpha)  # p_ref + alpha (p - p_ref)
         else:
@@ -203,19 +213,59 @@ class LMModule(L.LightningModule):
             m.eval()  # no dropout in pi_ref / pi_gen, whatever Lightning does to the module
         return self
 
+    # ------------------------------------------------------------------ FSDP2
+    def configure_model(self) -> None:
+        """Under `trainer=fsdp` (ModelParallelStrategy), shard the policy and its frozen copies (reference,
+        lagged generator) over the data-parallel mesh; a no-op for every other strategy."""
+        if self.device_mesh is None or getattr(self, "_sharded", False):
+            return
+        from src.models.lm import fsdp2_shard
+
+        for model in [self.model, *self.frozen_models()]:
+            fsdp2_shard(model, self.device_mesh["data_parallel"])
+        self._sharded = True
+
+    def _unsharded_policy(self):
+        """The policy with full (unsharded) weights, for the export: the model itself, or under FSDP2 a CPU copy
+        built from the gathered state dict (a collective: every process calls it; None on the other ranks)."""
+        from torch.distributed.tensor import DTensor
+
+        if not any(isinstance(p, DTensor) for p in self.model.parameters()):
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.trainer.is_global_zero:
+            return None
+        lm = causal_lm(self.model)
+        full = type(lm)(lm.config)
+        if self.uses_lora:
+            from peft import get_peft_model
+
+            full = get_peft_model(full, self.model.peft_config["default"])
+        missing, unexpected = full.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.endswith("lm_head.weight")] + list(unexpected)  # a tied head has no key
+        if bad:
+            raise RuntimeError(f"FSDP2 export: the gathered state does not fit {type(lm).__name__}: {bad[:5]}")
+        return full
+
     # ------------------------------------------------------------------ export
     def export_pretrained(self, path) -> None:
         """The policy and tokenizer as an ordinary HF directory (`AutoModelForCausalLM.from_pretrained`); with
-        LoRA, the adapters merged into the base weights there, and the adapter alone in `path/adapter/`."""
+        LoRA, the adapters merged into the base weights there, and the adapter alone in `path/adapter/`. Called
+        on every process (under FSDP2 the weights are gathered first); only rank 0 writes."""
         from src.callbacks.hf_export import quiet_progress
 
+        model = self._unsharded_policy()
+        if model is None or (self._trainer is not None and not self.trainer.is_global_zero):
+            return
         path = Path(path)
         with quiet_progress():  # no "Writing model shards" bar for a one-shard model in our logs
             if self.uses_lora:
-                self.model.save_pretrained(path / "adapter")
-                copy.deepcopy(self.model).merge_and_unload().save_pretrained(path)
+                model.save_pretrained(path / "adapter")
+                (model if model is not self.model else copy.deepcopy(model)).merge_and_unload().save_pretrained(path)
             else:
-                self.model.save_pretrained(path)
+                model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
     # ------------------------------------------------------------------ optimisation
@@ -239,6 +289,8 @@ class LMModule(L.LightningModule):
             do_sample=False,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
+            # sharded weights (FSDP2): every process must run as many forward passes as the slowest one
+            synced_gpus=self.sharded,
             **kwargs,
         )
         return tok.batch_decode(out[:, input_ids.size(1) :], skip_special_tokens=True)

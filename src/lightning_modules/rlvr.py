@@ -390,6 +390,10 @@ class RLVRModule(LMModule):
         """Refresh pi_gen from the trainer's weights every `generation_lag` optimizer steps."""
         lag = self.hparams.generation_lag
         if lag > 0 and self.global_step % lag == 0 and self.global_step != self._synced_at:
+            if self.sharded:  # FSDP2: the policy's own shards (the engine's copy is sharded the same way)
+                from src.models.lm import reshard
+
+                reshard(self.model)
             self.engine.load_weights(self.model.state_dict())
             self._synced_at = self.global_step
 

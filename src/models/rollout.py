@@ -77,11 +77,18 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 def fp32_logits(model: PreTrainedModel, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """The LM head in float32, outside any autocast (ScaleRL: FP32 logits at the LM head)."""
-    head = causal_lm(model).get_output_embeddings()
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    # tied embeddings: read the weight where the model keeps it (under FSDP2 the head's own reference is stale)
+    tied = getattr(lm.config, "tie_word_embeddings", False)
     with torch.autocast(hidden.device.type, enabled=False):
-        logits = hidden.float() @ head.weight.float().T
-        if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias.float()
+        if not tied and head.weight.dtype == torch.float32:
+            logits = head(hidden.float())  # through the module: under FSDP2 its hooks gather the weight
+        else:
+            weight = lm.get_input_embeddings().weight if tied else head.weight
+            logits = hidden.float() @ weight.float().T
+            if getattr(head, "bias", None) is not None:
+                logits = logits + head.bias.float()
     return logits / temperature if temperature != 1.0 else logits
 
 
@@ -105,8 +112,28 @@ class HFRollout:
         self.model, self.eos, self.pad = model, eos_token_id, pad_token_id
         self._cache_kw = cache_kwarg(model)
 
+    @property
+    def sharded(self) -> bool:
+        from torch.distributed.tensor import DTensor
+
+        return torch.distributed.is_initialized() and any(isinstance(p, DTensor) for p in self.model.parameters())
+
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if self.sharded:  # FSDP2: shard to shard, on every process
+            from src.models.lm import reshard
+
+            reshard(self.model)
         self.model.load_state_dict(state_dict)
+
+    def _all_done(self, done: torch.Tensor) -> bool:
+        """Every row has stopped; with sharded weights (FSDP2) on every process, since each decoding step is a
+        collective forward pass that all processes must take together."""
+        finished = done.all()
+        if self.sharded:
+            flag = finished.float()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            return bool(flag)
+        return bool(finished)
 
     def _step(self, input_ids, attention_mask, pos, cache, temperature):
         out = causal_lm(self.model).base_model(
@@ -157,7 +184,7 @@ class HFRollout:
             logps.append(logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1).masked_fill(done, 0.0))
             alive.append(~done)
             done = done | (tok == self.eos)
-            if bool(done.all()) or t == max_new_tokens - 1:
+            if self._all_done(done) or t == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos + 1

@@ -208,6 +208,6 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         latest = max(found, key=lambda p: p.stat().st_mtime)
         log.info("ckpt_path=last: resuming %s", latest)
         return str(latest)
-    if not Path(path).is_file():
+    if not Path(path).exists():  # a file, or a sharded (FSDP2) checkpoint directory
         raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
     return str(path)
