@@ -235,8 +235,8 @@ def test_sft_module_on_qwen2_matches_the_hand_loss(checkpoints):
 
 
 # ------------------------------------------------------------------------------------------ packing
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_packed_sft_batch_has_the_padded_loss_and_gradients(checkpoints, arch):
+@pytest.mark.parametrize("arch, max_tokens", [("llama", 64), ("qwen2", 64), ("gpt2", 64), ("llama", 12)])
+def test_packed_sft_batch_has_the_padded_loss_and_gradients(checkpoints, arch, max_tokens):
     """data.packing=true: one row, no padding, positions restarting per sequence; transformers keeps attention
     within each sequence, so the loss and every gradient equal the padded batch's on the same examples."""
     from src.models.tokenizer import load_tokenizer
@@ -245,12 +245,15 @@ def test_packed_sft_batch_has_the_padded_loss_and_gradients(checkpoints, arch):
     rows = [(f"w{i}", {"prompt": f"{a}+{b}=", "completion": str(a + b)}) for i, (a, b) in enumerate([(1, 2), (13, 44), (7, 95), (60, 6)])]
     batches = {}
     for packing in (False, True):
-        dm = LMDataModule(ArithmeticTask(n_train=8, n_val=4, n_test=4), tok, kind="sft", packing=packing)
+        dm = LMDataModule(ArithmeticTask(n_train=8, n_val=4, n_test=4), tok, kind="sft", packing=packing, max_length=max_tokens)
         examples = __import__("src.datamodules.lm", fromlist=["build_examples"]).build_examples(rows, tok, "sft", "x", 64, "error")
         batches[packing] = dm.collate(examples)
     packed, padded = batches[True], batches[False]
-    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
-    assert packed["input_ids"].numel() == int(padded["attention_mask"].sum()), "packing must drop every pad token"
+    assert "attention_mask" not in packed and int(packed["num_tokens"]) == int(padded["attention_mask"].sum())
+    if max_tokens == 64:  # everything fits one row: not a single pad token
+        assert packed["input_ids"].shape[0] == 1 and packed["input_ids"].numel() == int(packed["num_tokens"])
+    else:  # rows of at most max_tokens
+        assert packed["input_ids"].shape[0] > 1 and packed["input_ids"].shape[1] <= max_tokens
     model = AutoModelForCausalLM.from_pretrained(checkpoints[arch]).train()
     model.config.attn_pdrop = model.config.resid_pdrop = model.config.embd_pdrop = 0.0
     module = SFTModule(net=lambda tokenizer: model, tokenizer=tok)

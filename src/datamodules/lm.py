@@ -189,21 +189,37 @@ def join(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
     }
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
-    """Padding-free: the B sequences concatenated into one row, positions restarting at 0 for each, no attention
-    mask. transformers reads the restarts in `position_ids` and keeps attention within each sequence
-    (a block-diagonal causal mask); labels are -100 on prompts, so no loss crosses a boundary."""
+def pack(prompts: list[list[int]], completions: list[list[int]], max_tokens: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Padding-free: the batch's sequences concatenated into rows of at most `max_tokens` (first-fit decreasing,
+    so a row is not one long sequence whose dense attention mask would cost more than the padding it saves),
+    positions restarting at 0 for each sequence, no attention mask: transformers reads the restarts in
+    `position_ids` and keeps attention within each sequence (a block-diagonal causal mask). Labels are -100
+    on prompts, so no loss crosses a boundary; a short row's tail is one more masked segment."""
+    seqs = [(p + c, [IGNORE] * len(p) + c) for p, c in zip(prompts, completions)]
+    rows: list[list[int]] = []  # sequence indices per row
+    used: list[int] = []
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0])):
+        n = len(seqs[i][0])
+        j = next((j for j, u in enumerate(used) if u + n <= max_tokens), None)
+        if j is None:
+            rows.append([i])
+            used.append(n)
+        else:
+            rows[j].append(i)
+            used[j] += n
+    width = max(used)
     ids, labels, pos = [], [], []
-    for p, c in zip(prompts, completions):
-        ids += p + c
-        labels += [IGNORE] * len(p) + c
-        pos += list(range(len(p) + len(c)))
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos])}
+    for row, u in zip(rows, used):
+        ids.append(sum((seqs[i][0] for i in row), []) + [pad_id] * (width - u))
+        labels.append(sum((seqs[i][1] for i in row), []) + [IGNORE] * (width - u))
+        pos.append(sum((list(range(len(seqs[i][0]))) for i in row), []) + list(range(width - u)))
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos),
+            "num_tokens": torch.tensor(sum(used))}
 
 
 class Collator:
-    def __init__(self, kind: str, pad_id: int, packing: bool = False):
-        self.kind, self.pad_id, self.packing = kind, pad_id, packing
+    def __init__(self, kind: str, pad_id: int, packing: bool = False, max_length: int = 512):
+        self.kind, self.pad_id, self.packing, self.max_length = kind, pad_id, packing, max_length
 
     def __call__(self, examples: list[dict]) -> dict:
         prompts = [e["prompt_ids"] for e in examples]
@@ -216,7 +232,8 @@ class Collator:
         }
         if self.kind == "sft":
             completions = [e["completion_ids"] for e in examples]
-            batch.update(pack(prompts, completions) if self.packing else join(prompts, completions, self.pad_id))
+            batch.update(pack(prompts, completions, self.max_length, self.pad_id) if self.packing
+                         else join(prompts, completions, self.pad_id))
         elif self.kind == "preference":
             # chosen rows then rejected rows: one forward pass computes both (B -> 2B).
             completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
@@ -252,7 +269,7 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_length, self.truncation, self.num_workers = max_length, truncation, num_workers
         self.seed = seed
-        self.collate = Collator(kind, tokenizer.pad_token_id, packing)
+        self.collate = Collator(kind, tokenizer.pad_token_id, packing, max_length)
         self.examples: dict[str, list[dict]] = {}
         self.retired: set[int] = set()  # train indices never to be sampled again (RLVR)
 
