@@ -77,6 +77,22 @@ def test_fsdp2_matches_ddp_step_by_step_and_exports_one_hf_directory(cfg_factory
     assert checkpoint.is_dir() and (checkpoint / ".metadata").is_file(), "checkpoints are sharded directories"
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_fsdp2_on_qwen2_and_gpt2_matches_ddp(cfg_factory, tmp_path, arch):
+    """The blocks to shard come from `_no_split_modules` (Qwen2DecoderLayer, GPT2Block): no class names in YAML."""
+    from tests.helpers.checkpoints import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(arch, tmp_path / f"{arch}-init")
+    model = ["model=hf", f"model.pretrained={ckpt}", "trainer.max_steps=4", "trainer.log_every_n_steps=1"]
+    fsdp = _fsdp(tmp_path, "sft", *model)
+    ddp = _ddp(cfg_factory, tmp_path, "sft", *model)
+    got, want = _losses(fsdp), _losses(ddp)
+    assert sorted(got) == sorted(want) and len(got) == 4
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), f"{arch}: loss differs at step {step}"
+    _same_weights(fsdp / "hf", ddp / "hf")
+
+
 def test_fsdp2_sharded_checkpoint_resumes_exactly(tmp_path):
     """Resume an 8-step run from its sharded step-4 checkpoint: the same losses and final weights as 8 straight."""
     straight = _fsdp(tmp_path, "sft:straight", "trainer.max_steps=8", "trainer.log_every_n_steps=1",
