@@ -1,6 +1,11 @@
 """DPO benchmark: our DPOModule (Lightning) against TRL's DPOTrainer on identical work.
 
     OMP_WAIT_POLICY=PASSIVE python bench/dpo_speed.py [--steps 40] [--rounds 3]
+    OMP_WAIT_POLICY=PASSIVE python bench/dpo_speed.py --size 30m --steps 6 --pairs 8   # compute-bound
+
+`--size 30m`: a 33.6 M-parameter Llama (hidden 512, 8 layers) on random variable-length pairs (prompt
+40-120 tokens, chosen and rejected 50-130 each, so prompt + completion 90-250), max length 512: a step is
+matmul work, not Python overhead.
 
 Identical work: the default tiny Llama (same seed), the arithmetic preference pairs, 64 pairs per
 step, max length 16, beta 0.1, fp32, AdamW at the same lr, grad-norm clip 1.0, 2 CPU threads, no
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import sys
 import tempfile
@@ -35,6 +41,13 @@ from src.lightning_modules.dpo import DPOModule  # noqa: E402
 from src.models import char_tokenizer, tiny_llama  # noqa: E402
 
 PAIRS, MAX_LEN, BETA, LR = 64, 16, 0.1, 2e-4
+SIZES = {"tiny": {}, "30m": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 2048,
+                            "max_position_embeddings": 512}}
+SIZE = SIZES["tiny"]
+
+
+def net(tok):
+    return tiny_llama(tok, seed=0, **SIZE)
 
 
 class Rows:
@@ -49,6 +62,10 @@ class Rows:
 
 def data(steps: int):
     n = PAIRS * max(steps // 2, 1)
+    if SIZE:  # compute-bound: random variable-length text pairs
+        rng, abc = random.Random(0), "abcdefghijklmnopqrstuvwxyz0123456789 "
+        text = lambda lo, hi: "".join(rng.choices(abc, k=rng.randint(lo, hi)))  # noqa: E731
+        return [{"prompt": text(40, 120), "chosen": text(50, 130), "rejected": text(50, 130)} for _ in range(n)]
     task = ArithmeticTask(n_train=n, n_val=16, n_test=16, seed=0)
     return [r for _, r in task.preference_rows("train")]
 
@@ -58,7 +75,7 @@ def ours(rows, steps: int, cache: bool) -> tuple[float, float]:
     dm = LMDataModule(Rows([(f"row {i}", r) for i, r in enumerate(rows)]), tok, kind="preference",
                       batch_size=PAIRS, max_length=MAX_LEN)
     dm.setup()
-    module = DPOModule(net=lambda tokenizer: tiny_llama(tokenizer, seed=0), tokenizer=tok, beta=BETA, lr=LR,
+    module = DPOModule(net=lambda tokenizer: net(tokenizer), tokenizer=tok, beta=BETA, lr=LR,
                        weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0, cache_ref_logps=cache)
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -74,7 +91,7 @@ def trl(rows, steps: int, precompute: bool) -> float:
     from trl import DPOConfig, DPOTrainer
 
     tok = char_tokenizer()
-    model = tiny_llama(tok, seed=0)
+    model = net(tok)
     ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PAIRS, max_steps=steps, learning_rate=LR,
@@ -101,12 +118,19 @@ def matmul_flops(n: int = 1024, reps: int = 20) -> float:
 
 
 def main() -> None:
+    global SIZE, PAIRS, MAX_LEN
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", choices=list(SIZES), default="tiny")
+    ap.add_argument("--pairs", type=int, default=PAIRS)
     args = ap.parse_args()
+    SIZE, PAIRS = SIZES[args.size], args.pairs
+    MAX_LEN = 512 if SIZE else MAX_LEN
     torch.set_num_threads(args.threads)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print(f"CPU: {cpu}; torch threads: {torch.get_num_threads()}; size {args.size}; {PAIRS} pairs/step")
     rows = data(args.steps)
     res = {k: [] for k in ("ours_ref", "trl_ref", "ours_cached", "trl_precompute")}
     tokens_per_step = 0.0
@@ -116,14 +140,16 @@ def main() -> None:
         res["trl_ref"].append(trl(rows, args.steps, precompute=False))
         res["ours_cached"].append(ours(rows, args.steps, cache=True)[0])
         res["trl_precompute"].append(trl(rows, args.steps, precompute=True))
-        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f} steps/s" for k, v in res.items()), flush=True)
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.3f} steps/s" for k, v in res.items()), flush=True)
     med = {k: statistics.median(v) for k, v in res.items()}
+    for k, v in res.items():
+        print(f"  {k}: median {med[k]:.3f} steps/s (min-max {min(v):.3f}-{max(v):.3f})")
     print(f"\nsteps/s (median of {args.rounds}; {args.steps} steps; {PAIRS} pairs/step; {args.threads} threads)")
     print(f"  frozen reference, every step: ours {med['ours_ref']:.2f}  TRL {med['trl_ref']:.2f}  ratio {med['ours_ref'] / med['trl_ref']:.2f}x")
     print(f"  reference once (cache / precompute): ours {med['ours_cached']:.2f}  TRL {med['trl_precompute']:.2f}  ratio {med['ours_cached'] / med['trl_precompute']:.2f}x")
     print(f"  our default (frozen reference, log-probs cached) vs TRL frozen ref_model: "
           f"{med['ours_cached']:.2f} vs {med['trl_ref']:.2f}, ratio {med['ours_cached'] / med['trl_ref']:.2f}x")
-    params = sum(p.numel() for p in tiny_llama(char_tokenizer()).parameters())
+    params = sum(p.numel() for p in net(char_tokenizer()).parameters())
     peak = statistics.median(matmul_flops() for _ in range(3))
     flops_ref = (6 + 2) * params * tokens_per_step * med["ours_ref"]
     flops_cached = 6 * params * tokens_per_step * med["ours_cached"]
