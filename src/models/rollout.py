@@ -125,11 +125,12 @@ class HFRollout:
             reshard(self.model)
         self.model.load_state_dict(state_dict)
 
-    def _all_done(self, done: torch.Tensor) -> bool:
+    @staticmethod
+    def _all_done(done: torch.Tensor, sharded: bool) -> bool:
         """Every row has stopped; with sharded weights (FSDP2) on every process, since each decoding step is a
         collective forward pass that all processes must take together."""
         finished = done.all()
-        if self.sharded:
+        if sharded:
             flag = finished.float()
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             return bool(flag)
@@ -163,6 +164,7 @@ class HFRollout:
             self.model.train(was_training)
 
     def _generate(self, prompt_ids, prompt_mask, g, max_new_tokens, temperature, top_p, generator) -> Rollout:
+        sharded = self.sharded  # once per call, not at every decoding step
         cache = DynamicCache(config=causal_lm(self.model).config)
         # 1. prefill the B distinct prompts once
         logits = self._step(prompt_ids, prompt_mask, position_ids(prompt_mask), cache, temperature)
@@ -184,7 +186,7 @@ class HFRollout:
             logps.append(logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1).masked_fill(done, 0.0))
             alive.append(~done)
             done = done | (tok == self.eos)
-            if self._all_done(done) or t == max_new_tokens - 1:
+            if self._all_done(done, sharded) or t == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos + 1
