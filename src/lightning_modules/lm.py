@@ -133,7 +133,9 @@ class LMModule(L.LightningModule):
     @property
     def sharded(self) -> bool:
         """Whether the policy is sharded over processes (FSDP2): forward passes are then collective."""
-        return getattr(self, "_sharded", False) and torch.distributed.is_initialized()
+        from src.models.lm import is_sharded
+
+        return is_sharded(self.model)
 
     @property
     def uses_lora(self) -> bool:
@@ -217,20 +219,17 @@ class LMModule(L.LightningModule):
     def configure_model(self) -> None:
         """Under `trainer=fsdp` (ModelParallelStrategy), shard the policy and its frozen copies (reference,
         lagged generator) over the data-parallel mesh; a no-op for every other strategy."""
-        if self.device_mesh is None or getattr(self, "_sharded", False):
+        if self.device_mesh is None or self.sharded:  # (test after fit: already sharded)
             return
         from src.models.lm import fsdp2_shard
 
         for model in [self.model, *self.frozen_models()]:
             fsdp2_shard(model, self.device_mesh["data_parallel"])
-        self._sharded = True
 
     def _unsharded_policy(self):
         """The policy with full (unsharded) weights, for the export: the model itself, or under FSDP2 a CPU copy
         built from the gathered state dict (a collective: every process calls it; None on the other ranks)."""
-        from torch.distributed.tensor import DTensor
-
-        if not any(isinstance(p, DTensor) for p in self.model.parameters()):
+        if not self.sharded:
             return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

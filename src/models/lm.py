@@ -8,6 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 
+def is_sharded(model) -> bool:
+    """Whether `model`'s weights are sharded over processes (FSDP2 DTensors): its forward passes are collective."""
+    from torch.distributed.tensor import DTensor
+
+    return torch.distributed.is_initialized() and any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def reshard(model) -> None:
     """Return every FSDP2 unit of `model` to its sharded parameters. The root unit keeps its gathered weights
     after a forward pass until the backward; a frozen copy (reference, generator) has no backward, so this

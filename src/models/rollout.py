@@ -114,9 +114,9 @@ class HFRollout:
 
     @property
     def sharded(self) -> bool:
-        from torch.distributed.tensor import DTensor
+        from src.models.lm import is_sharded
 
-        return torch.distributed.is_initialized() and any(isinstance(p, DTensor) for p in self.model.parameters())
+        return is_sharded(self.model)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         if self.sharded:  # FSDP2: shard to shard, on every process
