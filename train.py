@@ -40,6 +40,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict
     configured ones (for programmatic use: recorders, fault injection in tests)."""
     check_required(cfg)
     ckpt_path = resolve_ckpt_path(cfg)  # before any work: a wrong path fails at once
+    engine = OmegaConf.select(cfg, "rollout._target_")  # and so does a rollout engine not installed here
+    if engine and hasattr(engine_cls := hydra.utils.get_class(engine), "check_installed"):
+        engine_cls.check_installed()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 

@@ -77,7 +77,11 @@ def _weights(objs):
 
 @pytest.mark.parametrize("algo", list(ALGOS))
 def test_sigterm_mid_epoch_and_kill_between_checkpoints_resume_exactly(cfg_factory, tmp_path, algo):
-    overrides, total, per_epoch = ALGOS[algo]
+    check_resume_exactly(cfg_factory, tmp_path, algo, *ALGOS[algo])
+
+
+def check_resume_exactly(cfg_factory, tmp_path, algo, overrides, total, per_epoch):
+    """SIGTERM mid-epoch and a kill between checkpoints: both resumed runs repeat the uninterrupted one."""
     straight = Losses()
     _, full = train_with(_cfg(cfg_factory, tmp_path, "full", overrides, f"trainer.max_steps={total}"), straight)
     assert len(straight.by_step) == total

@@ -430,7 +430,7 @@ def test_wandb_run_holds_rl_metrics_and_completion_table(cfg_factory, tmp_path):
     history = [r["history"]["item"] for r in leet(run, summary=False) if r["type"] == "history"]
     keys = set().union(*history)
     for k in ("train/reward/mean", "train/pass_rate", "train/frac_zero_variance", "train/rho/mean",
-              "train/entropy", "perf/gen_tokens_per_s", "val/pass@1", "val/pass@2", "val/majority@k",
+              "train/logp_diff/mean", "train/entropy", "perf/gen_tokens_per_s", "val/pass@1", "val/pass@2", "val/majority@k",
               "train/samples", "val/samples", "val/compute_flops"):  # the samples / compute axes
         assert k in keys, k
     tables = [h for h in history if h.get("train/completions._type") == "table-file"]

@@ -153,7 +153,10 @@ def rlvr_loss(
     with torch.no_grad():
         m = mask.bool()
         r = rho.detach()[m]
+        drift = (logp.detach() - logp_gen)[m].abs()  # |log pi_train - log pi_gen|: policy lag + engine mismatch
         stats = {
+            "logp_diff/mean": drift.mean() if r.numel() else r.new_tensor(0.0),
+            "logp_diff/max": drift.max() if r.numel() else r.new_tensor(0.0),
             "rho/mean": r.mean() if r.numel() else r.new_tensor(1.0),
             "rho/max": r.max() if r.numel() else r.new_tensor(1.0),
             "rho/frac_truncated": clipped[m].float().mean() if r.numel() else r.new_tensor(0.0),
@@ -302,6 +305,8 @@ class RLVRModule(LMModule):
     def sample(self, batch: dict) -> tuple[Rollout, list[str], float]:
         hp = self.hparams
         t0 = time.perf_counter()
+        if self.generator is None:  # on-policy: the engine samples from the policy as the last step left it
+            self.engine.load_weights(self.model.state_dict())
         roll = self.engine.generate(
             batch["prompt_input_ids"], batch["prompt_attention_mask"], hp.num_generations, hp.max_new_tokens,
             hp.temperature, hp.top_p, self._rng("train", self.global_step),
@@ -447,6 +452,12 @@ class RLVRModule(LMModule):
                 self.log(k, v, prog_bar=k.endswith("pass@1"), sync_dist=False)
         self.log_samples(stage, columns=("prompt", "completion", "answer", "reward"))
 
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_engine.load_weights(self.model.state_dict())  # the policy as training left it
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_engine.load_weights(self.model.state_dict())
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")

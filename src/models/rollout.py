@@ -39,6 +39,10 @@ class Rollout:
 
 
 class RolloutEngine(Protocol):
+    """`load_weights` is called with new weights for the engine's model (pi_gen's refresh), and with the
+    model's own state when it was changed in place (the policy after an optimizer step), before sampling
+    from it: an engine that keeps its own copy of the weights (vLLM) refreshes it then."""
+
     def generate(
         self,
         prompt_ids: torch.Tensor,
@@ -104,6 +108,25 @@ def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _storage(t: torch.Tensor) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return (t._local_tensor if isinstance(t, DTensor) else t).data_ptr()
+
+
+def load_into(model, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy `state_dict` into `model` in place (nothing to do when it is the model's own); under FSDP2 shard to
+    shard, on every process."""
+    from src.models.lm import is_sharded, reshard
+
+    own = model.state_dict()
+    if own.keys() == state_dict.keys() and all(_storage(own[k]) == _storage(v) for k, v in state_dict.items()):
+        return
+    if is_sharded(model):
+        reshard(model)
+    model.load_state_dict(state_dict)
+
+
 # --------------------------------------------------------------------------- engine
 class HFRollout:
     """Batched KV-cache sampling with a `transformers` causal LM (the policy or a lagged copy)."""
@@ -119,11 +142,7 @@ class HFRollout:
         return is_sharded(self.model)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        if self.sharded:  # FSDP2: shard to shard, on every process
-            from src.models.lm import reshard
-
-            reshard(self.model)
-        self.model.load_state_dict(state_dict)
+        load_into(self.model, state_dict)
 
     @staticmethod
     def _all_done(done: torch.Tensor, sharded: bool) -> bool:

@@ -1,0 +1,170 @@
+"""rollout=vllm: the colocated vLLM engine against HFRollout and the trainer, weight sync, LoRA, a full run.
+
+The engines of this module share one in-process `vllm.LLM` (same architecture and settings): it is built
+once (~15 s on 2 cores) and every test pushes its own weights into it, which is what the engine does in
+training too. `make test` installs vLLM first (`make install-vllm`), so CI runs this module.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import pytest
+import torch
+
+from src.lightning_modules.lm import completion_logps
+from tests.helpers import RLVR_RUN, train_with
+
+vllm = pytest.importorskip("vllm", reason="rollout=vllm tests need vLLM: make install-vllm")
+
+
+def _prompts(tokenizer, texts):
+    from src.datamodules.lm import pad
+
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    return pad(ids, tokenizer.pad_token_id, left=True), pad([[1] * len(i) for i in ids], 0, left=True)
+
+
+PROMPTS = ["12+3=", "1+1=", "45+67=", "9+90="]
+
+
+def _engines(model, tokenizer):
+    from src.models.rollout import HFRollout
+    from src.models.rollout_vllm import VLLMRollout
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return HFRollout(model, eos, pad), VLLMRollout(model, eos, pad, max_model_len=128)
+
+
+def _greedy(engine, ids, mask, n=12):
+    roll = engine.generate(ids, mask, 1, n, 1.0, 1e-9, torch.Generator().manual_seed(0))
+    return [row[m].tolist() for row, m in zip(roll.completion_ids, roll.completion_mask)]
+
+
+def test_vllm_greedy_equals_hf_and_its_logps_are_the_trainers(tokenizer):
+    from src.models import tiny_llama
+
+    model = tiny_llama(tokenizer, seed=0)
+    ids, mask = _prompts(tokenizer, PROMPTS)
+    hf, vl = _engines(model, tokenizer)
+    assert _greedy(vl, ids, mask) == _greedy(hf, ids, mask)
+    roll = vl.generate(ids, mask, 4, 10, 1.0, 1.0, torch.Generator().manual_seed(1))
+    assert roll.completion_ids.shape[0] == 16 and roll.completion_mask[:, 0].all()
+    for row, m, trunc in zip(roll.completion_ids, roll.completion_mask, roll.truncated):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()
+        assert bool(trunc) == (row[n - 1] != tokenizer.eos_token_id)
+    assert len({tuple(r.tolist()) for r in roll.completion_ids}) > 8, "the 16 samples are not independent draws"
+    # log pi_gen recorded by vLLM's sampler vs log pi_train recomputed by the trainer on the same tokens. Both
+    # are float32 here; only the kernels differ (vLLM's CPU attention and GEMMs vs PyTorch's), so the two agree
+    # to float32 rounding accumulated over 4 layers: 1e-4 is 100x the differences seen (~1e-6), and 1e-2 below
+    # what a real mismatch (wrong position, wrong token, wrong temperature) gives.
+    with torch.no_grad():
+        logp, _ = completion_logps(model, ids, mask, roll.completion_ids, roll.completion_mask, 1.0, group=4)
+    m = roll.completion_mask
+    assert (logp - roll.logps)[m].abs().max() < 1e-4
+    # temperature: the sampler's log-probs are those of the tempered distribution
+    hot = vl.generate(ids, mask, 2, 6, 0.7, 1.0, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logp7, _ = completion_logps(model, ids, mask, hot.completion_ids, hot.completion_mask, 0.7, group=2)
+    assert (logp7 - hot.logps)[hot.completion_mask].abs().max() < 1e-4
+    # seeded: the same generator draws the same samples (a resumed run samples what the first one did)
+    again = vl.generate(ids, mask, 4, 10, 1.0, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(again.completion_ids, roll.completion_ids)
+
+
+def test_weight_sync_reaches_the_live_engine_without_a_reload(tokenizer):
+    from src.models import tiny_llama
+    from src.models import rollout_vllm
+
+    model = tiny_llama(tokenizer, seed=0)
+    ids, mask = _prompts(tokenizer, PROMPTS)
+    hf, vl = _engines(model, tokenizer)
+    before = _greedy(vl, ids, mask)
+    llm, pushes = vl.llm, vl.pushes
+    assert _greedy(vl, ids, mask) == before and vl.pushes == pushes, "unchanged weights are not pushed again"
+    vl.load_weights(tiny_llama(tokenizer, seed=1).state_dict())  # what a pi_gen refresh does
+    after = _greedy(vl, ids, mask)
+    assert after == _greedy(hf, ids, mask), "the engine does not sample from the new weights"
+    assert after != before
+    assert vl.pushes == pushes + 1 and vl.llm is llm and len(rollout_vllm._engines) == 1, "the engine was rebuilt"
+    # the model changed in place (an optimizer step on the policy): its own state marks the engine stale
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    roll = vl.generate(ids, mask, 1, 4, 1.0, 1.0, torch.Generator().manual_seed(0))
+    completion_logps(model, ids, mask, roll.completion_ids, roll.completion_mask)[0].sum().backward()
+    opt.step()
+    stale = _greedy(vl, ids, mask)
+    vl.load_weights(model.state_dict())
+    assert _greedy(vl, ids, mask) == _greedy(hf, ids, mask) != stale
+
+
+def test_lora_policy_is_served_merged(tokenizer):
+    from src.lightning_modules.lm import policy
+    from src.models import tiny_llama
+
+    model = policy(tiny_llama(tokenizer, seed=0), {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # adapters that change the greedy answers (B = 0 at init would not)
+    ids, mask = _prompts(tokenizer, PROMPTS)
+    hf, vl = _engines(model.eval(), tokenizer)
+    with model.disable_adapter():
+        base = _greedy(hf, ids, mask)
+    adapted = _greedy(hf, ids, mask)
+    assert adapted != base
+    assert _greedy(vl, ids, mask) == adapted
+
+
+def test_rlvr_runs_on_vllm_and_logs_the_train_inference_drift(cfg_factory):
+    cfg = cfg_factory(*RLVR_RUN, "rollout=vllm", "rollout.max_model_len=128", "trainer.max_steps=4",
+                      "algo.generation_lag=0", "algo.loss_type=dapo")
+    _, objs = train_with(cfg)
+    module, metrics = objs["module"], objs["trainer"].callback_metrics
+    assert type(module.engine).__name__ == "VLLMRollout" and module.eval_engine is module.engine
+    # on-policy: rho = pi_train / pi_gen is 1 up to the kernels' difference, which logp_diff reports
+    assert 0 < float(metrics["train/logp_diff/max"]) < 1e-3
+    assert float(metrics["train/logp_diff/mean"]) <= float(metrics["train/logp_diff/max"])
+    assert "val/pass@1" in metrics
+
+
+def test_rlvr_on_vllm_resumes_exactly(cfg_factory, tmp_path):
+    """The lagged pi_gen comes back from the checkpoint and is pushed into the engine before its first sample."""
+    from tests.test_resume import ALGOS, check_resume_exactly
+
+    overrides, total, per_epoch = ALGOS["rlvr"]
+    check_resume_exactly(cfg_factory, tmp_path, "rlvr_vllm", [*overrides, "rollout=vllm", "rollout.max_model_len=128"],
+                         total, per_epoch)
+
+
+def test_each_ddp_process_samples_with_its_own_engine(tmp_path):
+    """trainer=ddp, 2 CPU processes: each builds its engine inside the trainer's process group. A subprocess:
+    the engines of this module left a one-process group initialised in the pytest process."""
+    from tests.helpers import run_cli
+
+    out = run_cli(*RLVR_RUN, "rollout=vllm", "rollout.max_model_len=128", "trainer.max_steps=3", "logger=csv", "trainer.log_every_n_steps=1",
+                  "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_fork",
+                  "data.batch_size=2", tmp=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (path,) = tmp_path.glob("**/metrics.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert sum(bool(r["train/logp_diff/mean"]) for r in rows) == 3 and any(r["val/pass@1"] for r in rows)
+
+
+def test_unsupported_head_dimension_names_the_model(tokenizer):
+    from src.models import tiny_llama
+    from src.models.rollout_vllm import VLLMRollout
+
+    model = tiny_llama(tokenizer, hidden_size=96, num_heads=4)  # head dimension 24
+    with pytest.raises(ValueError, match=r"LlamaConfig.*head dimension 24.*rollout=hf"):
+        VLLMRollout(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def test_rollout_vllm_without_vllm_names_the_install_command(cfg_factory, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError, as when absent
+    from train import train
+
+    cfg = cfg_factory(*RLVR_RUN, "rollout=vllm")
+    with pytest.raises(ImportError, match=r"rollout=vllm needs vLLM.*make install-vllm"):
+        train(cfg)  # at once: before the warm start, data or model
