@@ -2,6 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE python bench/rlvr_speed.py [--steps 30] [--rounds 3]
     OMP_WAIT_POLICY=PASSIVE python bench/rlvr_speed.py --learning --init DIR --budget 300
+    OMP_WAIT_POLICY=PASSIVE python bench/rlvr_speed.py --engines --size tiny|30m   (rollout=vllm vs rollout=hf)
 
 Speed (default): the default tiny Llama (same seed), arithmetic prompts, 16 prompts x 8 samples
 per step, at most 6 new tokens, temperature 1, lr 1e-4 constant, loss cispo (eps 5), no KL, fp32,
@@ -17,6 +18,12 @@ Learning (--learning): from the same SFT checkpoint (--init, e.g. a warm-start e
 scored identically (both with our default recipe's batch of 64 prompts x 8, lr 5e-5, Adam beta2
 0.99, 20 warm-up steps; ours adds lag 8, zero-variance filtering and retirement): pass@1 over 8 samples (temperature 1) per val prompt, greedy exact match too.
 TRL is an optional bench dependency: pip install -e ".[bench]".
+
+Engines (--engines, needs `make install-vllm`): our two rollout engines on identical work, generation
+tokens/s (G samples of each prompt, temperature 1) and RL optimizer steps/s (on-policy, so the vLLM
+engine gets the new weights pushed before every step, as it would with generation_lag 1), rounds
+alternating. `--size tiny`: the default 1 M model, 16 prompts x 8, <= 6 new tokens. `--size 30m`: a
+33.6 M Llama (hidden 512, 8 layers, head dim 64), 8 prompts x 8, 64 new tokens.
 """
 
 from __future__ import annotations
@@ -70,15 +77,17 @@ def load_model(tok, init: str | None):
 
 
 # --------------------------------------------------------------------------- ours
-def ours(rows, steps: int | None, init: str | None = None, budget: float | None = None, lag: int = 0):
+def ours(rows, steps: int | None, init: str | None = None, budget: float | None = None, lag: int = 0,
+         rollout=None, net=None, prompts: int = PROMPTS, new: int = NEW):
     tok = char_tokenizer()
     learning = budget is not None
     dm = LMDataModule(Rows([(f"row {i}", r) for i, r in enumerate(rows)]), tok, kind="prompt",
-                      batch_size=LEARNING["prompts"] if learning else PROMPTS, max_length=32)
+                      batch_size=LEARNING["prompts"] if learning else prompts, max_length=32)
     dm.setup()
-    model = load_model(tok, init)
+    model = net() if net else load_model(tok, init)
     module = RLVRModule(
-        net=lambda tokenizer: model, tokenizer=tok, reward=ExactAnswer(), num_generations=G, max_new_tokens=NEW,
+        net=lambda tokenizer: model, tokenizer=tok, reward=ExactAnswer(), num_generations=G, max_new_tokens=new,
+        rollout=rollout,
         temperature=TEMP, loss_type="cispo", epsilon=5.0, beta=0.0, lr=LEARNING["lr"] if learning else LR,
         betas=(0.9, LEARNING["beta2"]) if learning else (0.9, 0.999), weight_decay=0.0,
         warmup_steps=LEARNING["warmup"] if learning else 0,
@@ -154,6 +163,41 @@ def generation(rows, reps: int = 5) -> tuple[float, float]:
     return n_ours / statistics.median(ours_t), n_hf / statistics.median(hf_t)
 
 
+# --------------------------------------------------------------------------- rollout=vllm vs rollout=hf
+def engines(size: str, rounds: int, steps: int) -> None:
+    from src.models.rollout_vllm import VLLMRollout
+
+    tok = char_tokenizer()
+    if size == "30m":
+        net = lambda: tiny_llama(tok, hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048, seed=0)  # noqa: E731
+        prompts, new = 8, 64
+    else:
+        net = lambda: tiny_llama(tok, seed=0)  # noqa: E731
+        prompts, new = PROMPTS, NEW
+    make = {"hf": HFRollout, "vllm": lambda m, e, p: VLLMRollout(m, e, p, max_model_len=128)}
+    rows = prompt_rows(prompts * steps)
+    ids = [tok(r["prompt"])["input_ids"] for r in rows[:prompts]]
+    p, m = pad(ids, tok.pad_token_id, left=True), pad([[1] * len(i) for i in ids], 0, left=True)
+    model = net().eval()
+    print(f"{size}: {sum(x.numel() for x in model.parameters()) / 1e6:.1f} M params, {prompts} prompts x {G} "
+          f"samples, <= {new} new tokens", flush=True)
+    built = {k: make[k](model, tok.eos_token_id, tok.pad_token_id) for k in make}
+    built["vllm"].generate(p, m, G, new, TEMP, 1.0, torch.Generator().manual_seed(0))  # engine start + warm-up
+    res = {f"{k}/{w}": [] for k in make for w in ("gen", "rl")}
+    for r in range(rounds):
+        for k in make:  # alternating engines in every round
+            t0 = time.perf_counter()
+            roll = built[k].generate(p, m, G, new, TEMP, 1.0, torch.Generator().manual_seed(r + 1))
+            res[f"{k}/gen"].append(int(roll.lengths.sum()) / (time.perf_counter() - t0))
+            res[f"{k}/rl"].append(ours(rows, steps, rollout=make[k], net=net, prompts=prompts, new=new)[0])
+        print(f"round {r}: " + "  ".join(f"{k} {v[-1]:.2f}" for k, v in res.items()), flush=True)
+    spread = lambda v: f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})"  # noqa: E731
+    print(f"\nmedian (min-max) of {rounds} rounds, {torch.get_num_threads()} threads")
+    for w, unit in (("gen", "generated tokens/s"), ("rl", "RL optimizer steps/s")):
+        ratio = statistics.median(res[f"vllm/{w}"]) / statistics.median(res[f"hf/{w}"])
+        print(f"  {unit}: vllm {spread(res[f'vllm/{w}'])}  hf {spread(res[f'hf/{w}'])}  vllm/hf {ratio:.2f}x")
+
+
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, n_samples: int = 8) -> tuple[float, float]:
@@ -183,8 +227,15 @@ def main() -> None:
     ap.add_argument("--learning", action="store_true")
     ap.add_argument("--init", default=None, help="SFT checkpoint directory to start from (learning)")
     ap.add_argument("--budget", type=float, default=300.0, help="seconds of training each (learning)")
+    ap.add_argument("--engines", action="store_true", help="rollout=vllm vs rollout=hf")
+    ap.add_argument("--size", choices=["tiny", "30m"], default="tiny")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print(f"CPU: {cpu}, {torch.get_num_threads()} threads", flush=True)
+    if args.engines:
+        engines(args.size, args.rounds, args.steps)
+        return
 
     if args.learning:
         if not args.init:

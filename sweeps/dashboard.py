@@ -57,6 +57,7 @@ PANELS: dict[str, list] = {
         ("ScaleRL recipe", [
             ("line", "zero-variance groups, retired prompts", STEP, ["train/frac_zero_variance", "train/retired_prompts"]),
             ("line", "importance weight rho = pi_train / pi_gen", STEP, ["train/rho/mean", "train/rho/max", "train/rho/frac_truncated"]),
+            ("line", "train/inference drift |log pi_train - log pi_gen|", STEP, ["train/logp_diff/mean", "train/logp_diff/max"]),
             ("line", "entropy, completion length", STEP, ["train/entropy", "train/completion_length", "train/truncation_rate"]),
             ("media", "sigmoid fit of pass rate against compute", ["scalerl/curve"]),
             ("line", "fit: asymptote A, efficiency B, C_mid", STEP, ["scalerl/A", "scalerl/B"]),

@@ -75,8 +75,7 @@ def test_vllm_greedy_equals_hf_and_its_logps_are_the_trainers(tokenizer):
 
 
 def test_weight_sync_reaches_the_live_engine_without_a_reload(tokenizer):
-    from src.models import tiny_llama
-    from src.models import rollout_vllm
+    from src.models import rollout_vllm, tiny_llama
 
     model = tiny_llama(tokenizer, seed=0)
     ids, mask = _prompts(tokenizer, PROMPTS)
@@ -150,6 +149,21 @@ def test_each_ddp_process_samples_with_its_own_engine(tmp_path):
     (path,) = tmp_path.glob("**/metrics.csv")
     rows = list(csv.DictReader(path.open()))
     assert sum(bool(r["train/logp_diff/mean"]) for r in rows) == 3 and any(r["val/pass@1"] for r in rows)
+
+
+def test_fsdp2_pushes_gathered_weights_into_each_engine(tmp_path):
+    """trainer=fsdp (2 CPU processes): the sharded policy and lagged generator are gathered tensor by tensor
+    into each process's engine. Right after a refresh (steps 0 and 3, generation_lag 3) pi_gen == pi_train,
+    so |log pi_train - log pi_gen| is float32 noise only if the gathered weights are the trainer's."""
+    from tests.test_fsdp import _fsdp
+
+    run = _fsdp(tmp_path, "rlvr", "rollout=vllm", "rollout.max_model_len=128", "trainer.max_steps=4",
+                "trainer.log_every_n_steps=1")
+    rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
+    drift = {int(r["step"]): float(r["train/logp_diff/max"]) for r in rows if r.get("train/logp_diff/max")}
+    assert sorted(drift) == [0, 1, 2, 3]
+    assert drift[0] < 1e-4 and drift[3] < 1e-4
+    assert max(drift[1], drift[2]) > 1e-3, "the lagged pi_gen should differ from the updated policy in between"
 
 
 def test_unsupported_head_dimension_names_the_model(tokenizer):

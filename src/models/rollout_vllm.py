@@ -29,8 +29,8 @@ import itertools
 import json
 import logging
 import os
-import warnings
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
