@@ -1,6 +1,7 @@
 """Draw samples from a trained diffusion checkpoint and write a PNG grid (or 2-D scatter plot):
 
     python sample.py ckpt=logs/train/runs/<run>/checkpoints/last.ckpt sampler=ddim steps=50 n=64
+    python sample.py ckpt=... label=3 guidance=2.0     # a class-conditional model: one class, guided
 
 The samples themselves are saved beside the PNG as a tensor (.pt), in the data's scale ([-1, 1] images).
 """
@@ -32,7 +33,8 @@ def sample(cfg: DictConfig) -> Path:
     module.hparams.sample_batch_size = cfg.batch_size
     g = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    x = module.sample(cfg.n, sampler=cfg.sampler, steps=cfg.steps, generator=g)
+    x = module.sample(cfg.n, sampler=cfg.sampler, steps=cfg.steps, generator=g, labels=cfg.get("label"),
+                      guidance_scale=cfg.get("guidance"))
     dt = time.perf_counter() - t0
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

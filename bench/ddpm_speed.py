@@ -2,15 +2,18 @@
 against diffusers' own training recipe and pipelines, on identical work.
 
     OMP_WAIT_POLICY=PASSIVE python bench/ddpm_speed.py [--steps 40] [--rounds 3] [--budget 120] [--n-fd 1000] [--seeds 3]
+    OMP_WAIT_POLICY=PASSIVE python bench/ddpm_speed.py --budget-steps 500,1200 --seeds 3 --ddpm-seeds 3
 
 Identical work everywhere: the default UNet2DModel config (same seed), the 1297 train digits, batch 128,
 the linear beta schedule with T = 1000, epsilon prediction and MSE, AdamW(lr 2e-3, betas 0.9/0.999, no
-weight decay), warmup 100 then cosine to 0.1 lr, grad-norm clip 1.0, EMA 0.995, fp32, 2 CPU threads,
-no logging, no progress bars.
+weight decay), warmup 100 then a flat lr (the run's length is unknown to both), grad-norm clip 1.0, EMA 0.995
+with warm-up (min(0.995, (1 + n) / (10 + n)), diffusers' EMAModel default), fp32, 2 CPU threads, no logging,
+no progress bars.
 
 1. Step time: `--steps` optimizer steps of ours (Trainer.fit, EMA callback on) and of a bare loop (the
    same forward, loss, optimizer and EMA, no Lightning), alternating for `--rounds`; medians.
-2. Equal wall-clock: each trains for `--budget` seconds (ours through Trainer.fit; diffusers through
+2. Equal budget: each trains for `--budget` seconds, or for each of `--budget-steps` optimizer steps (the same
+   figure on any machine) (ours through Trainer.fit; diffusers through
    its train_unconditional recipe: DDPMScheduler.add_noise, EMAModel, get_scheduler), then the EMA
    model draws `--n-fd` samples with DDPM-1000 (one seed) and DDIM-50 (`--seeds` seeds) (ours: DDPMModule.sample; diffusers:
    DDPMPipeline / DDIMPipeline with their default settings), scored by FD against the 500 held-out
@@ -110,7 +113,7 @@ def bare(steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def diffusers_recipe(seconds: float):
+def diffusers_recipe(seconds: float | None = None, steps: int | None = None):
     """diffusers' examples/unconditional_image_generation/train_unconditional.py, on the same work."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -122,8 +125,9 @@ def diffusers_recipe(seconds: float):
     lr_sched = get_scheduler("cosine", optimizer=opt, num_warmup_steps=WARMUP, num_training_steps=10**9)
     ema = EMAModel(model.parameters(), decay=DECAY, use_ema_warmup=False, model_cls=type(model), model_config=model.config)
     loader = torch.utils.data.DataLoader(digits_split()["train"], batch_size=BATCH, shuffle=True, drop_last=True)
-    t0, steps = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
+    t0, n = time.perf_counter(), 0
+    done = lambda: (seconds is not None and time.perf_counter() - t0 >= seconds) or (steps is not None and n >= steps)  # noqa: E731
+    while not done():
         for x0 in loader:
             noise = torch.randn(x0.shape)
             t = torch.randint(0, T, (x0.shape[0],)).long()
@@ -135,11 +139,11 @@ def diffusers_recipe(seconds: float):
             lr_sched.step()
             opt.zero_grad()
             ema.step(model.parameters())
-            steps += 1
-            if time.perf_counter() - t0 >= seconds:
+            n += 1
+            if done():
                 break
     ema.copy_to(model.parameters())
-    return model, noise_scheduler, steps
+    return model, noise_scheduler, n
 
 
 def fd(samples: torch.Tensor, heldout: torch.Tensor) -> float:
@@ -156,10 +160,15 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=120.0, help="training seconds for each side in part 2")
     ap.add_argument("--n-fd", type=int, default=1000, help="samples per FD")
     ap.add_argument("--seeds", type=int, default=3, help="sampling seeds for the DDIM-50 FD")
+    ap.add_argument("--budget-steps", default=None,
+                    help="comma-separated training budgets in optimizer steps (machine-independent), e.g. 500,1200")
+    ap.add_argument("--ddpm-seeds", type=int, default=1, help="sampling seeds for the DDPM-1000 FD")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print(f"CPU: {cpu}, {torch.get_num_threads()} threads", flush=True)
     L.seed_everything(0, verbose=False)
 
     print(f"1) step time, {args.steps} steps, batch {BATCH}, {args.threads} threads")
@@ -176,17 +185,27 @@ def main() -> None:
     if args.skip_quality:
         return
 
-    print(f"2) equal wall-clock: {args.budget:.0f} s of training each, FD on {args.n_fd} samples vs 500 held-out digits")
+    budgets = [("steps", int(b)) for b in args.budget_steps.split(",")] if args.budget_steps else [("s", args.budget)]
+    for unit, b in budgets:
+        quality(unit, b, args)
+
+
+def quality(unit: str, budget: float, args) -> None:
+    what = f"{budget} optimizer steps" if unit == "steps" else f"{budget:.0f} s of training"
+    print(f"2) equal budget: {what} each, FD on {args.n_fd} samples vs 500 held-out digits", flush=True)
     heldout = digits_split()["val"]
-    module, n_ours, _ = ours(seconds=args.budget)
+    kw = {"steps": budget} if unit == "steps" else {"seconds": budget}
+    module, n_ours, sec_ours = ours(**kw)
     module.eval()
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
 
-    model, sched, n_diff = diffusers_recipe(args.budget)
+    t0 = time.perf_counter()
+    model, sched, n_diff = diffusers_recipe(**kw)
+    sec_diff = time.perf_counter() - t0
     model.eval()
-    print(f"   optimizer steps in {args.budget:.0f} s: ours {n_ours}, diffusers {n_diff}")
+    print(f"   optimizer steps: ours {n_ours} in {sec_ours:.0f} s, diffusers {n_diff} in {sec_diff:.0f} s", flush=True)
     rows = []
-    for sampler, steps, seeds in (("ddim", 50, args.seeds), ("ddpm", 1000, 1)):
+    for sampler, steps, seeds in (("ddim", 50, args.seeds), ("ddpm", 1000, args.ddpm_seeds)):
         f_ours, f_diff, t_ours, t_diff = [], [], [], []
         for seed in range(seeds):
             g = torch.Generator().manual_seed(seed)
@@ -214,7 +233,7 @@ def main() -> None:
     print(f"   {'sampler':<10} {'FD ours':>14} {'FD diffusers':>14} {'ms/img ours':>12} {'ms/img diffusers':>17}")
     for name, fo, fdf, to, tdf in rows:
         print(f"   {name:<10} {show(fo):>14} {show(fdf):>14} {1000 * to:12.2f} {1000 * tdf:17.2f}")
-    print(f"   (FD mean ± sd over {args.seeds} sampling seeds for DDIM-50, one seed for DDPM-1000)")
+    print(f"   (FD mean ± sd over {args.seeds} sampling seeds for DDIM-50, {args.ddpm_seeds} for DDPM-1000)")
     floor = fd(digits_split()["train"][: args.n_fd], heldout)
     print(f"   FD floor (train vs held-out digits, {args.n_fd}): {floor:.2f}; DDIM-50 / DDPM-1000 FD (ours): "
           f"{statistics.mean(rows[0][1]) / statistics.mean(rows[1][1]):.2f}")

@@ -424,3 +424,208 @@ def test_digits_learning_lowers_fd_clearly(cfg_factory):
     noise = fd.compute().item()
     got = metrics["test/fd"].item()
     assert got < noise / 5 and got < 6 * floor, (got, floor, noise)
+
+
+# ---------------------------------------------------------------------------------------------- EMA warm-up
+def test_ema_warmup_is_diffusers_ema_model_and_the_formula():
+    """Our EMA update (AveragedModel + ema_multi_avg_fn) tracks diffusers' EMAModel step for step on the same
+    weight trajectory; its decay is min(decay, (1 + n) / (10 + n)) after n updates, and plain decay without."""
+    from diffusers.training_utils import EMAModel
+    from torch.optim.swa_utils import AveragedModel
+
+    from src.callbacks.ema import ema_decay, ema_multi_avg_fn
+
+    assert [ema_decay(0.995, n, True) for n in (1, 2, 10, 1000, 2000)] == [2 / 11, 3 / 12, 11 / 20, 1001 / 1010, 0.995]
+    assert ema_decay(0.995, 1, False) == 0.995
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    ours = AveragedModel(net, multi_avg_fn=ema_multi_avg_fn(0.995, True), use_buffers=True)
+    theirs = EMAModel(net.parameters(), decay=0.995)
+    for step in range(40):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update_parameters(net)
+        theirs.step(net.parameters())
+        for a, b in zip(ours.module.parameters(), theirs.shadow_params):
+            assert torch.allclose(a, b, atol=1e-6), f"update {step}"
+    plain = AveragedModel(net, multi_avg_fn=ema_multi_avg_fn(0.995, False), use_buffers=True)
+    plain.update_parameters(net)
+    before = [p.clone() for p in plain.module.parameters()]
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    plain.update_parameters(net)  # without warm-up the second update moves 0.005 of the way
+    assert torch.allclose(plain.module.weight, before[0] + 0.005, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- v-prediction
+def test_v_target_closed_forms():
+    """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho eq. in their sec. 4); x0 and eps are recovered
+    exactly from (z_t, v): x0 = sqrt(abar) z - sqrt(1 - abar) v, eps = sqrt(1 - abar) z + sqrt(abar) v."""
+    p = VPProcess(1000)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    k = torch.randint(1, 1001, (64,), generator=torch.Generator().manual_seed(1))
+    z, v = p.training_pair(x0, k, "v", torch.Generator().manual_seed(2))
+    eps = torch.randn(64, 2, generator=torch.Generator().manual_seed(2))
+    a = p.abar[k].float()[:, None]
+    assert torch.allclose(v, a.sqrt() * eps - (1 - a).sqrt() * x0, atol=1e-6)
+    assert torch.allclose(z, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-6)
+    assert torch.allclose(p.predict_x0(v, z, k, "v"), x0, atol=1e-5)
+    assert torch.allclose((1 - a).sqrt() * z + a.sqrt() * v, eps, atol=1e-5)
+    with pytest.raises(ValueError, match="algo.target=v .* process=vp"):
+        module_with(mlp2d(hidden=8, depth=1), {"name": "ve", "num_steps": 100}, target="v")
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddpm", 50), ("ddim", 50)])
+def test_v_prediction_samplers_equal_diffusers_schedulers(sampler, steps):
+    """With a v-predicting network, whole trajectories equal diffusers' prediction_type="v_prediction" steps."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    kw = dict(num_train_timesteps=1000, clip_sample=False, timestep_spacing="trailing", prediction_type="v_prediction")
+    sched = DDPMScheduler(**kw) if sampler == "ddpm" else DDIMScheduler(set_alpha_to_one=True, **kw)
+    sched.set_timesteps(steps)
+    p = VPProcess(1000)
+    grid = sampling_grid(1000, steps)
+    x_ours = x_theirs = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for i, (k, s) in enumerate(zip(grid[:-1], grid[1:])):
+        t = torch.tensor(k - 1)
+        v = _fake_eps(x_theirs, t.expand(4))
+        extra = {"generator": torch.Generator().manual_seed(i)} if sampler == "ddpm" else {"eta": 0.0}
+        x_theirs = sched.step(v, t, x_theirs, **extra).prev_sample
+        x0 = p.predict_x0(_fake_eps(x_ours, t.expand(4)), x_ours, torch.tensor(k), "v")
+        if sampler == "ddpm":
+            x_ours = p.ddpm_step(x_ours, x0, k, s, torch.randn(x_ours.shape, generator=torch.Generator().manual_seed(i)))
+        else:
+            x_ours = p.ddim_step(x_ours, x0, k, s)
+        assert torch.allclose(x_ours, x_theirs, atol=1e-4, rtol=1e-4), f"step {k} -> {s}"
+
+
+# ---------------------------------------------------------------------------------------------- min-SNR weighting
+@pytest.mark.parametrize("target", ["eps", "v", "x0"])
+def test_min_snr_loss_is_the_weighted_hand_computation(target):
+    """Hang et al. 2023: the x0-space weight min(SNR, gamma) becomes min(SNR, gamma)/SNR for eps,
+    min(SNR, gamma)/(SNR + 1) for v and min(SNR, gamma) for x0, on each example's mean squared error."""
+    torch.manual_seed(0)
+    net = mlp2d(hidden=16, depth=1)
+    module = module_with(net, {"name": "vp", "num_steps": 100}, target=target, loss_weighting="min_snr", snr_gamma=5.0)
+    x0 = torch.randn(64, 2)
+    loss = module.loss(x0, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    k = torch.randint(1, 101, (64,), generator=g)
+    eps = torch.randn(64, 2, generator=g)
+    a = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 100, dtype=torch.float64), 0)[k - 1]
+    snr = a / (1 - a)
+    w = {"eps": snr.clamp(max=5) / snr, "v": snr.clamp(max=5) / (snr + 1), "x0": snr.clamp(max=5)}[target].float()
+    a = a.float()[:, None]
+    y = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[target]
+    pred = net(a.sqrt() * x0 + (1 - a).sqrt() * eps, k - 1)
+    assert loss.item() == pytest.approx((w * ((y - pred) ** 2).mean(1)).mean().item(), rel=1e-5)
+    assert w.min() < 0.99 and w.max() <= 5.0  # the clip bites somewhere on this batch (the test can fail)
+    with pytest.raises(ValueError, match="algo.loss_weighting=min_snr"):
+        module_with(net, {"name": "ve", "num_steps": 100}, target="x_prev", loss_weighting="min_snr")
+
+
+# ---------------------------------------------------------------------------------------------- classifier-free guidance
+def _conditional(**kw):
+    from src.models.diffusion import mlp2d as mlp
+
+    torch.manual_seed(0)
+    return module_with(mlp(hidden=16, depth=1), {"name": "vp", "num_steps": 100}, class_conditional=True,
+                       num_classes=3, **kw)
+
+
+def test_guidance_is_the_ho_salimans_combination_and_labels_drop_to_null():
+    module = _conditional(cond_drop_prob=0.25, guidance_scale=2.0)
+    assert module.net.class_emb.num_embeddings == 4, "3 classes and the null class"
+    x, k = torch.randn(8, 2), torch.full((8,), 40)
+    c = torch.arange(8) % 3
+    cond, null = module.denoise(x, k, c), module.denoise(x, k, torch.full_like(c, 3))
+    assert not torch.allclose(cond, null)
+    assert torch.allclose(module.guided(x, k, c, 2.0), 3 * cond - 2 * null, atol=1e-6)
+    assert torch.allclose(module.guided(x, k, c, 0.0), cond)
+    seen = []
+    real = module.denoise
+    module.denoise = lambda x, k, labels=None: seen.append(labels) or real(x, k, labels)
+    module.loss(torch.randn(4000, 2), torch.Generator().manual_seed(0), torch.zeros(4000, dtype=torch.long))
+    assert (seen[0] == 3).float().mean().item() == pytest.approx(0.25, abs=0.03), "label dropout rate"
+    assert set(seen[0].tolist()) == {0, 3}
+    module.denoise = real
+    x = module.sample(6, "ddim", 5, torch.Generator().manual_seed(0), labels=1)
+    assert x.shape == (6, 2)
+
+
+def test_guidance_and_labels_fail_clearly():
+    with pytest.raises(ValueError, match=r"label=3: outside the model's classes 0\.\.2"):
+        _conditional().sample(4, "ddim", 5, labels=3)
+    plain = module_with(mlp2d(hidden=8, depth=1), {"name": "vp", "num_steps": 100})
+    with pytest.raises(ValueError, match=r"this model is unconditional .* algo.class_conditional=true"):
+        plain.sample(4, "ddim", 5, labels=1, guidance_scale=2.0)
+    with pytest.raises(ValueError, match=r"algo.guidance_scale=2.0 needs a class-conditional model"):
+        module_with(mlp2d(hidden=8, depth=1), {"name": "vp", "num_steps": 100}, guidance_scale=2.0)
+
+
+def test_conditional_training_on_unlabelled_data_names_the_key(cfg_factory, tmp_path):
+    from PIL import Image
+
+    from train import train
+
+    cfg = cfg_factory(*DQUICK, "data=toy2d", "algo.class_conditional=true", quick=False)
+    with pytest.raises(Exception, match=r"algo.class_conditional=true needs labelled data.*data.num_classes"):
+        train(cfg)
+    d = tmp_path / "flat"
+    d.mkdir()
+    for i in range(6):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(d / f"{i}.png")
+    cfg = cfg_factory(*DQUICK, "data=images", f"data.path={d}", "data.image_size=8", "data.num_classes=2",
+                      "algo.class_conditional=true", quick=False)
+    with pytest.raises(ValueError, match=r"0\.png is not in a class sub-folder of data.path"):
+        train(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- 32x32 RGB
+def _shapes(root: Path, n: int = 24) -> None:
+    """Coloured shapes on a dark background, one sub-folder per class (circle, square)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.RandomState(0)
+    for name in ("circle", "square"):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            img = Image.new("RGB", (32, 32), tuple(int(c) for c in rng.randint(0, 60, 3)))
+            x, y, r = rng.randint(9, 23), rng.randint(9, 23), rng.randint(5, 9)
+            draw = getattr(ImageDraw.Draw(img), "ellipse" if name == "circle" else "rectangle")
+            draw([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.randint(120, 256, 3)))
+            img.save(root / name / f"{i}.png")
+
+
+def test_rgb_32x32_conditional_run_in_bf16_lowers_the_loss_and_writes_a_grid(cfg_factory, tmp_path):
+    import lightning as L
+    from PIL import Image
+
+    from tests.helpers import train_with
+
+    _shapes(tmp_path / "shapes")
+
+    class Record(L.Callback):
+        losses, dtypes = [], set()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+        def on_train_start(self, trainer, module):
+            module.net.conv_in.register_forward_hook(lambda m, i, o: self.dtypes.add(o.dtype))
+
+    rec = Record()
+    cfg = cfg_factory(*DQUICK, "data=images", f"data.path={tmp_path / 'shapes'}", "algo.class_conditional=true",
+                      "data.num_classes=2", "trainer.precision=bf16-mixed", "trainer.max_steps=40",
+                      "trainer.val_check_interval=40", "data.batch_size=16", "algo.lr=2e-3", "algo.warmup_steps=5",
+                      "algo.val_num_samples=8", "algo.val_steps=10", "algo.guidance_scale=1.0", "test=false",
+                      quick=False)
+    _, objs = train_with(cfg, rec)
+    assert objs["module"].net.config["sample_size"] == 32 and objs["module"].net.config["num_class_embeds"] == 3
+    assert torch.bfloat16 in rec.dtypes, "the UNet did not run under bf16 autocast"
+    first, last = sum(rec.losses[:8]) / 8, sum(rec.losses[-8:]) / 8
+    assert last < 0.7 * first, (first, last)
+    (grid,) = (tmp_path / "samples").glob("val_samples_step*.png")
+    assert Image.open(grid).mode == "RGB" and Image.open(grid).size[0] >= 4 * 32

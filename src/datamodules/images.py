@@ -47,16 +47,34 @@ def _to_array(img, where: str, channels: int, size: int) -> np.ndarray:
     return a / 127.5 - 1.0
 
 
-def load_image_folder(root: str, channels: int, size: int) -> torch.Tensor:
-    """Every image under `root` (recursively, sorted), checked and resized; a corrupt file is named."""
-    from PIL import Image, UnidentifiedImageError
+def folder_labels(root: str, files: list[Path]) -> tuple[torch.Tensor, list[str]]:
+    """Class labels from the first sub-folder under `root` (sorted names -> 0, 1, ...), as torchvision's
+    ImageFolder does; an image directly under `root` has no class, which is an error."""
+    base = Path(root)
+    loose = [f for f in files if f.parent == base]
+    if loose:
+        raise ValueError(f"data.labels=true (algo.class_conditional): {loose[0]} is not in a class sub-folder of "
+                         f"data.path={root}; put each class's images in their own sub-folder")
+    names = sorted({f.relative_to(base).parts[0] for f in files})
+    index = {n: i for i, n in enumerate(names)}
+    return torch.tensor([index[f.relative_to(base).parts[0]] for f in files]), names
 
+
+def image_files(root: str) -> list[Path]:
     base = Path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"data.path={root}: no such directory")
     files = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"data.path={root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def load_image_folder(root: str, channels: int, size: int) -> torch.Tensor:
+    """Every image under `root` (recursively, sorted), checked and resized; a corrupt file is named."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = image_files(root)
     out = []
     for f in files:
         try:
@@ -93,6 +111,8 @@ class ImageDataModule(TensorSplitsDataModule):
         image_size: int = 8,
         channels: int = 1,
         metric: str = "fd",
+        labels: bool = False,
+        num_classes: int | None = None,
         batch_size: int = 128,
         eval_batch_size: int = 1000,
         val_fraction: float = 0.1,
@@ -110,6 +130,9 @@ class ImageDataModule(TensorSplitsDataModule):
             raise ValueError(f"data.source={source}: set data.path to the directory")
         if metric not in METRICS:
             raise ValueError(f"data.metric={metric!r}: must be one of {list(METRICS)}")
+        if labels and source == "disk":
+            raise ValueError("data.labels=true (algo.class_conditional): labels come from digits or from an image "
+                             "folder's sub-folders; data.source=disk has none")
         self.save_hyperparameters(logger=False)
         self.metric = metric
 
@@ -118,16 +141,25 @@ class ImageDataModule(TensorSplitsDataModule):
             return
         hp = self.hparams
         if hp.source == "digits":
-            self.splits = {k: v for k, v in digits_split(hp.split_seed).items() if not k.endswith("_labels")}
+            parts = digits_split(hp.split_seed)
+            self.splits = {k: (parts[k], parts[f"{k}_labels"]) if hp.labels else parts[k] for k in ("train", "val", "test")}
             return
+        y = None
         if hp.source == "folder":
             x = load_image_folder(hp.path, hp.channels, hp.image_size)
+            if hp.labels:
+                y, names = folder_labels(hp.path, image_files(hp.path))
+                if len(names) != hp.num_classes:
+                    raise ValueError(f"data.num_classes={hp.num_classes}, but data.path={hp.path} has {len(names)} "
+                                     f"class sub-folders ({', '.join(names[:10])}); set data.num_classes={len(names)}")
+                self.class_names = names
         else:
             x = load_image_dataset(hp.path, hp.image_column, hp.channels, hp.image_size)
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(hp.split_seed))
         n_val, n_test = int(len(x) * hp.val_fraction), int(len(x) * hp.test_fraction)
         if len(x) - n_val - n_test < 1 or n_val < 1:
             raise ValueError(f"data.path={hp.path}: {len(x)} images are too few to split (val_fraction={hp.val_fraction})")
-        self.splits = {"val": x[order[:n_val]], "test": x[order[n_val : n_val + n_test]], "train": x[order[n_val + n_test :]]}
+        parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+        self.splits = {k: (x[v], y[v]) if y is not None else x[v] for k, v in parts.items()}
         if n_test == 0:
             self.splits["test"] = self.splits["val"]

@@ -10,8 +10,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from src.datamodules.sampler import ResumableTrainData
 
 
-def _stack(rows: list[tuple[torch.Tensor]]) -> torch.Tensor:
-    return torch.stack([r[0] for r in rows])
+def _stack(rows: list[tuple[torch.Tensor, ...]]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A batch: the stacked data, or (data, labels) when the split holds labels too."""
+    cols = tuple(torch.stack(c) for c in zip(*rows))
+    return cols[0] if len(cols) == 1 else cols
 
 
 class TensorSplitsDataModule(ResumableTrainData, L.LightningDataModule):
@@ -20,11 +22,12 @@ class TensorSplitsDataModule(ResumableTrainData, L.LightningDataModule):
 
     def __init__(self):
         super().__init__()
-        self.splits: dict[str, torch.Tensor] = {}
+        self.splits: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}  # data, or (data, labels)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams
-        ds = TensorDataset(self.splits[split])
+        data = self.splits[split]
+        ds = TensorDataset(*(data if isinstance(data, tuple) else (data,)))
         kw = dict(num_workers=hp.get("num_workers", 0), collate_fn=_stack)
         if train:
             return self.train_loader(ds, hp.seed, hp.batch_size, drop_last=len(ds) >= hp.batch_size, **kw)

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.diffusion import net_from_spec, net_spec
+from src.models.diffusion import net_from_spec, net_spec, with_class_embeddings
 from src.optim import adamw_cosine
 
-TARGETS = ("eps", "x0", "x_prev")
+TARGETS = ("eps", "x0", "v", "x_prev")
+WEIGHTINGS = ("none", "min_snr")
 SAMPLERS = ("ddpm", "ddim")
 
 
@@ -59,6 +60,10 @@ class VEProcess(nn.Module):
     def marginal(self, x0, k, eps):
         # x_t = x_0 + sigma_t eps
         return x0 + per_example(self.std(k), x0) * eps
+
+    def snr(self, k: torch.Tensor) -> torch.Tensor:
+        # signal-to-noise ratio of x_t = x_0 + sigma_t eps: 1 / sigma_t^2 (per unit of data variance)
+        return 1.0 / self.std(k).double().pow(2)
 
     def training_pair(self, x0, k, target, g):
         """The lecture's recipe, steps 3-4: x_{t-dt} = x_0 + N(0, sigma^2 (t - dt)), x_t = x_{t-dt} + N(0, sigma^2 dt).
@@ -133,14 +138,25 @@ class VPProcess(nn.Module):
         alpha_prod_t = self._abar(k, x0)
         return alpha_prod_t.sqrt() * x0 + (1 - alpha_prod_t).sqrt() * eps
 
+    def snr(self, k: torch.Tensor) -> torch.Tensor:
+        # SNR_t = abar_t / (1 - abar_t)
+        alpha_prod_t = self.abar.to(k.device)[k]
+        return alpha_prod_t / (1 - alpha_prod_t)
+
     def training_pair(self, x0, k, target, g):
         eps = _randn(x0, g)
-        return self.marginal(x0, k, eps), (eps if target == "eps" else x0)
+        x_t = self.marginal(x0, k, eps)
+        if target == "v":  # Salimans & Ho 2022: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0
+            alpha_prod_t = self._abar(k, x0)
+            return x_t, alpha_prod_t.sqrt() * eps - (1 - alpha_prod_t).sqrt() * x0
+        return x_t, (eps if target == "eps" else x0)
 
     def predict_x0(self, out, x_t, k, target):
         if target == "x0":
             return out
         alpha_prod_t = self._abar(k, x_t)
+        if target == "v":  # x_0 = sqrt(abar_t) z_t - sqrt(1 - abar_t) v
+            return alpha_prod_t.sqrt() * x_t - (1 - alpha_prod_t).sqrt() * out
         return (x_t - (1 - alpha_prod_t).sqrt() * out) / alpha_prod_t.sqrt()  # invert eq. 4 with eps_theta
 
     def ddpm_step(self, x, x0, k: int, s: int, noise):
@@ -176,6 +192,14 @@ def make_process(name: str, num_steps: int, **kw) -> nn.Module:
     raise ValueError(f"algo.process.name={name!r}: must be 've' or 'vp'")
 
 
+def class_accuracy(samples: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The share of 1x8x8 digit samples that the shipped digits classifier assigns to the label asked for."""
+    from src.models.digits_classifier import DigitsFeatures
+
+    clf = DigitsFeatures().net.to(samples.device)
+    return (clf(samples.float()).argmax(-1) == labels).float().mean()
+
+
 def sampling_grid(num_steps: int, steps: int) -> list[int]:
     """k = T, ..., 0 in `steps` evenly spaced jumps ('trailing' spacing: the first step starts at T)."""
     if not 1 <= steps <= num_steps:
@@ -203,36 +227,75 @@ class DDPMModule(L.LightningModule):
         test_num_samples: int = 1000,
         sample_batch_size: int = 1000,
         num_logged_samples: int = 64,
+        loss_weighting: Literal["none", "min_snr"] = "none",
+        snr_gamma: float = 5.0,
+        class_conditional: bool = False,
+        num_classes: int | None = None,
+        cond_drop_prob: float = 0.1,
+        guidance_scale: float = 0.0,
         seed: int = 0,
     ):
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"algo.target={target!r}: must be one of {list(TARGETS)}")
+        if loss_weighting not in WEIGHTINGS:
+            raise ValueError(f"algo.loss_weighting={loss_weighting!r}: must be one of {list(WEIGHTINGS)}")
+        if loss_weighting == "min_snr" and (snr_gamma <= 0 or target == "x_prev"):
+            raise ValueError(f"algo.loss_weighting=min_snr: needs algo.snr_gamma > 0 (got {snr_gamma}) and a target "
+                             f"eps, x0 or v (got {target!r})")
+        if not 0 <= cond_drop_prob < 1:
+            raise ValueError(f"algo.cond_drop_prob={cond_drop_prob}: must be in [0, 1)")
+        if guidance_scale < 0:
+            raise ValueError(f"algo.guidance_scale={guidance_scale}: must be >= 0 (0: conditional, no guidance)")
+        if class_conditional and not num_classes:
+            raise ValueError("algo.class_conditional=true needs labelled data, and data.num_classes is not set "
+                             "(digits: 10; an image folder: one sub-folder per class, data.num_classes=K)")
+        if guidance_scale > 0 and not class_conditional:
+            raise ValueError(f"algo.guidance_scale={guidance_scale} needs a class-conditional model: "
+                             "train with algo.class_conditional=true")
         for key, value in (("val_sampler", val_sampler), ("test_sampler", test_sampler)):
             if value not in SAMPLERS:
                 raise ValueError(f"algo.{key}={value!r}: must be one of {list(SAMPLERS)}")
         self.save_hyperparameters(ignore=["net"], logger=False)
         self.process = make_process(**process)
         if target == "x_prev" and self.process.name != "ve":
-            raise ValueError("algo.target=x_prev is the lecture's ve target; process=vp predicts eps or x0")
+            raise ValueError("algo.target=x_prev is the lecture's ve target; process=vp predicts eps, x0 or v")
+        if target == "v" and self.process.name != "vp":
+            raise ValueError("algo.target=v (Salimans & Ho's velocity) is defined for process=vp; ve predicts eps, x0 "
+                             "or x_prev")
         for key, value in (("val_steps", val_steps), ("test_steps", test_steps)):
             if not 1 <= value <= self.process.T:
                 raise ValueError(f"algo.{key}={value}: must be between 1 and algo.process.num_steps={self.process.T}")
-        self.net = net
+        # classifier-free guidance: one extra class embedding, index num_classes, is the null label
+        self.null_class = num_classes if class_conditional else None
+        self.net = with_class_embeddings(net, num_classes + 1) if class_conditional else net
         # the sample metric (data.metric), built in setup; in a dict so that it is no submodule (kept out of EMA,
         # parameters and checkpoints)
         self._eval: dict = {"metric": None}
         self._samples: dict[str, torch.Tensor] = {}
+        self._class_accuracy: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ network
-    def denoise(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The network's raw output at step k (eps, x0 or the x_prev increment, per `target`)."""
+    def denoise(self, x: torch.Tensor, k: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's raw output at step k (eps, x0, v or the x_prev increment, per `target`); class-conditional
+        models take `labels` (the null class `null_class` for the unconditional output)."""
         k = k.expand(x.shape[0]) if k.dim() == 0 else k
-        out = self.net(x, self.process.net_time(k).to(x.device))
+        kw = {"class_labels": labels} if labels is not None else {}
+        out = self.net(x, self.process.net_time(k).to(x.device), **kw)
         return out.sample if hasattr(out, "sample") else out
 
-    def x0_hat(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        x0 = self.process.predict_x0(self.denoise(x, k), x, k, self.hparams.target)
+    def guided(self, x: torch.Tensor, k: torch.Tensor, labels: torch.Tensor | None, w: float) -> torch.Tensor:
+        """Classifier-free guidance (Ho & Salimans 2022): (1 + w) out(x, c) - w out(x, null); both in one batch.
+        The same combination of eps, x0 or v predictions, since x0_hat is affine in the output."""
+        if labels is None or w == 0:
+            return self.denoise(x, k, labels)
+        null = torch.full_like(labels, self.null_class)
+        k2 = k.repeat(2) if k.dim() else k
+        cond, uncond = self.denoise(torch.cat([x, x]), k2, torch.cat([labels, null])).chunk(2)
+        return (1 + w) * cond - w * uncond
+
+    def x0_hat(self, x: torch.Tensor, k: torch.Tensor, labels: torch.Tensor | None = None, w: float = 0.0) -> torch.Tensor:
+        x0 = self.process.predict_x0(self.guided(x, k, labels, w), x, k, self.hparams.target)
         c = self.hparams.clip_x0
         if c == "auto":  # our image data lies in [-1, 1]; points are not clipped
             c = 1.0 if x0.dim() > 2 else None
@@ -245,17 +308,41 @@ class DDPMModule(L.LightningModule):
         seed = (self.hparams.seed * 1_000_003 + step * 101 + salt) * 64 + self.global_rank
         return torch.Generator(device="cpu").manual_seed(seed % 2**63)
 
-    def loss(self, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Pick t uniformly from the grid, build (x_t, target), squared loss on predicting the target."""
+    def loss_weight(self, k: torch.Tensor) -> torch.Tensor | None:
+        """Min-SNR-gamma (Hang et al. 2023): the x0-space weight min(SNR_t, gamma), expressed for the target the
+        network predicts: eps min(SNR, gamma) / SNR, v min(SNR, gamma) / (SNR + 1), x0 min(SNR, gamma)."""
+        if self.hparams.loss_weighting == "none":
+            return None
+        snr = self.process.snr(k)
+        clipped = snr.clamp(max=self.hparams.snr_gamma)
+        w = {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.hparams.target]
+        return w.float()
+
+    def split(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x0, labels): labels only for a class-conditional model (the data then yields them)."""
+        x0, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        if self.null_class is not None and labels is None:
+            raise ValueError("algo.class_conditional=true but the data yields no labels")
+        return x0, (labels if self.null_class is not None else None)
+
+    def loss(self, x0: torch.Tensor, g: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Pick t uniformly from the grid, build (x_t, target), squared loss on predicting the target (per
+        example, weighted by `loss_weight`); a conditional model sees the null class with `cond_drop_prob`."""
         k = torch.randint(1, self.process.T + 1, (x0.shape[0],), generator=g).to(x0.device)
         x_t, y = self.process.training_pair(x0, k, self.hparams.target, g)
-        out = self.denoise(x_t, k)
+        if labels is not None:  # label dropout: the same network learns the unconditional model
+            drop = torch.rand(labels.shape, generator=g).to(labels.device) < self.hparams.cond_drop_prob
+            labels = labels.masked_fill(drop, self.null_class)
+        out = self.denoise(x_t, k, labels)
         pred = x_t + out if self.hparams.target == "x_prev" else out  # x_prev: mu(x_t) = x_t + net(x_t, t)
-        return F.mse_loss(pred, y)
+        err = (pred - y).pow(2).flatten(1).mean(1)
+        w = self.loss_weight(k)
+        return (err * w).mean() if w is not None else err.mean()
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self._rng("train", self.global_step))
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.shape[0])
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x0, labels = self.split(batch)
+        loss = self.loss(x0, self._rng("train", self.global_step), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
     # ------------------------------------------------------------------ sampling
@@ -268,25 +355,51 @@ class DDPMModule(L.LightningModule):
         generator: torch.Generator | None = None,
         x_T: torch.Tensor | None = None,
         shape: tuple[int, ...] | None = None,
+        labels: torch.Tensor | int | None = None,
+        guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """n samples by simulating the reverse process from x_T ~ prior on `steps` grid points (default: all T)."""
+        """n samples by simulating the reverse process from x_T ~ prior on `steps` grid points (default: all T).
+        A class-conditional model draws class `labels` (one int, or (n,); default: every class in turn) with
+        guidance w = `guidance_scale` (default: algo.guidance_scale)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r}: must be one of {list(SAMPLERS)}")
+        labels, w = self.sample_labels(n, labels, guidance_scale)
         grid = sampling_grid(self.process.T, steps or self.process.T)
         shape = shape or self.sample_shape
         out = []
         bs = self.hparams.sample_batch_size
         for i in range(0, n, bs):
             m = min(bs, n - i)
+            c = labels[i : i + m].to(self.device) if labels is not None else None
             x = x_T[i : i + m].to(self.device) if x_T is not None else self.process.prior((m, *shape), generator, self.device)
             for k, s in zip(grid[:-1], grid[1:]):
-                x0 = self.x0_hat(x, torch.tensor(k, device=self.device))
+                x0 = self.x0_hat(x, torch.tensor(k, device=self.device), c, w)
                 if sampler == "ddpm":
                     x = self.process.ddpm_step(x, x0, k, s, _randn(x, generator))
                 else:
                     x = self.process.ddim_step(x, x0, k, s)
             out.append(x)
         return torch.cat(out)
+
+    def sample_labels(self, n: int, labels, guidance_scale) -> tuple[torch.Tensor | None, float]:
+        """The (n,) class labels to draw and the guidance scale, checked against what the model was trained for."""
+        w = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        if self.null_class is None:
+            if labels is not None or w:
+                raise ValueError(f"label={labels}, guidance={w}: this model is unconditional (trained without "
+                                 "algo.class_conditional=true); sample it without a label or guidance")
+            return None, 0.0
+        if w < 0:
+            raise ValueError(f"guidance={w}: must be >= 0")
+        if labels is None:
+            return torch.arange(n) % self.null_class, w  # every class in turn
+        labels = torch.full((n,), labels) if isinstance(labels, int) else torch.as_tensor(labels).long()
+        bad = labels[(labels < 0) | (labels >= self.null_class)]
+        if bad.numel():
+            raise ValueError(f"label={bad[0].item()}: outside the model's classes 0..{self.null_class - 1}")
+        if labels.shape != (n,):
+            raise ValueError(f"labels: {tuple(labels.shape)} for {n} samples")
+        return labels, w
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -312,13 +425,20 @@ class DDPMModule(L.LightningModule):
     def _eval_start(self, stage: str) -> None:
         hp = self.hparams
         n = hp[f"{stage}_num_samples"]
-        if self._metric is None or n <= 0:
+        if n <= 0 or (self._metric is None and self._trainer is not None and self.trainer.sanity_checking):
+            return
+        if self._metric is None:  # no sample metric for this data: samples for the picture only
+            n = min(n, hp.num_logged_samples)
+        g = self._rng(stage, self.global_step)
+        labels = torch.arange(n) % self.null_class if self.null_class is not None else None  # every class in turn
+        self._samples[stage] = self.sample(n, hp[f"{stage}_sampler"], hp[f"{stage}_steps"], generator=g, labels=labels)
+        if self._metric is None:
             return
         self._metric.to(self.device)
-        g = self._rng(stage, self.global_step)
-        self._samples[stage] = self.sample(n, hp[f"{stage}_sampler"], hp[f"{stage}_steps"], generator=g)
         self._metric.reset()
         self._metric.update(self._samples[stage], real=False)
+        if labels is not None and self._metric.name == "fd":  # digits: did the sampler draw the asked class?
+            self._class_accuracy[stage] = class_accuracy(self._samples[stage], labels.to(self.device))
 
     def on_validation_epoch_start(self) -> None:
         # runs after the EMA callback swapped in the averaged weights, so samples come from the EMA model
@@ -327,11 +447,12 @@ class DDPMModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._eval_start("test")
 
-    def _eval_step(self, batch: torch.Tensor, batch_idx: int, stage: str) -> None:
-        loss = self.loss(batch, self._rng(stage, batch_idx))  # fixed noise per batch: comparable across evaluations
-        self.log(f"{stage}/loss", loss, batch_size=batch.shape[0])
-        if stage in self._samples:
-            self._metric.update(batch, real=True)
+    def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
+        x0, labels = self.split(batch)
+        loss = self.loss(x0, self._rng(stage, batch_idx), labels)  # fixed noise per batch: comparable across evaluations
+        self.log(f"{stage}/loss", loss, batch_size=x0.shape[0])
+        if stage in self._samples and self._metric is not None:
+            self._metric.update(x0, real=True)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, "val")
@@ -344,11 +465,14 @@ class DDPMModule(L.LightningModule):
         if samples is None:
             return
         hp = self.hparams
-        name = self._metric.name
-        value = self._metric.compute().float()
         tag = f"{hp[f'{stage}_sampler']}{hp[f'{stage}_steps']}"
-        self.log(f"{stage}/{name}", value, prog_bar=True)
-        self.log(f"{stage}/{name}_{tag}", value)  # the same figure, the sampler and step count in its name
+        if self._metric is not None:
+            name = self._metric.name
+            value = self._metric.compute().float()
+            self.log(f"{stage}/{name}", value, prog_bar=True)
+            self.log(f"{stage}/{name}_{tag}", value)  # the same figure, the sampler and step count in its name
+        if stage in self._class_accuracy:
+            self.log(f"{stage}/class_accuracy", self._class_accuracy.pop(stage))
         from src.utils.images import log_samples
 
         shown = samples if samples.dim() == 2 else samples[: hp.num_logged_samples]  # 2-D: the whole cloud
@@ -381,7 +505,7 @@ class DDPMModule(L.LightningModule):
             num_train_timesteps=self.process.T,
             beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[p.get("schedule", "linear")],
             beta_start=p.get("beta_start", 1e-4), beta_end=p.get("beta_end", 0.02),
-            prediction_type={"eps": "epsilon", "x0": "sample"}[self.hparams.target],
+            prediction_type={"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[self.hparams.target],
             clip_sample=c is not None, clip_sample_range=1.0 if c in (None, "auto") else float(c),
             timestep_spacing="trailing",
         )

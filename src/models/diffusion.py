@@ -58,17 +58,24 @@ class TimeMLP(ModelMixin, ConfigMixin):
     sinusoidal embedding of the timestep (diffusers' `Timesteps`) followed by a learned projection."""
 
     @register_to_config
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, time_dim: int = 64):
+    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, time_dim: int = 64,
+                 num_class_embeds: int | None = None):
         super().__init__()
         self.time_proj = Timesteps(time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_emb = TimestepEmbedding(time_dim, hidden)
+        # a label embedding added to the time embedding, as UNet2DModel's `num_class_embeds` does
+        self.class_emb = nn.Embedding(num_class_embeds, hidden) if num_class_embeds else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         t = timestep.expand(x.shape[0]) if timestep.dim() == 0 else timestep
         h = self.inp(x) + self.time_emb(self.time_proj(t).to(x.dtype))
+        if self.class_emb is not None:
+            if class_labels is None:
+                raise ValueError("this network is class-conditional: pass class_labels")
+            h = h + self.class_emb(class_labels)
         for block in self.blocks:
             h = h + block(h)  # residual MLP blocks
         return self.out(h)
@@ -76,6 +83,18 @@ class TimeMLP(ModelMixin, ConfigMixin):
 
 def mlp2d(dim: int = 2, hidden: int = 256, depth: int = 3, time_dim: int = 64) -> TimeMLP:
     return TimeMLP(dim=dim, hidden=hidden, depth=depth, time_dim=time_dim)
+
+
+def with_class_embeddings(net: nn.Module, n: int) -> nn.Module:
+    """`net` with an embedding of n class labels (added to its time embedding): UNet2DModel's `num_class_embeds`
+    (class_embed_type None), TimeMLP's own. The network is rebuilt from its config (fresh weights) unless it
+    already has it."""
+    if net.config.get("num_class_embeds") == n:
+        return net
+    if not isinstance(net, (UNet2DModel, TimeMLP)):
+        raise ValueError(f"algo.class_conditional=true: {type(net).__name__} has no class embedding")
+    config = {k: v for k, v in net.config.items() if not k.startswith("_")}  # (diffusers' own bookkeeping keys)
+    return type(net).from_config({**config, "num_class_embeds": n})
 
 
 def net_spec(net: nn.Module) -> dict:
