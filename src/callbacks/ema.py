@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
-import torch
 
 
 def ema_decay(decay: float, n: int, warmup: bool) -> float:

@@ -21,7 +21,6 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from src.models.diffusion import net_from_spec, net_spec, with_class_embeddings
