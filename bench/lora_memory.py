@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -66,5 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    _ = resource  # (ru_maxrss is read in the child)
     main()
