@@ -35,6 +35,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_name  # noqa: E402  (bench/machine.py)
+
 from src.callbacks import EMA  # noqa: E402
 from src.datamodules.images import ImageDataModule, digits_split  # noqa: E402
 from src.lightning_modules.ddpm import DDPMModule  # noqa: E402
@@ -167,7 +169,7 @@ def main() -> None:
     ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_name()
     print(f"CPU: {cpu}, {torch.get_num_threads()} threads", flush=True)
     L.seed_everything(0, verbose=False)
 

@@ -35,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_name  # noqa: E402  (bench/machine.py)
+
 from src.datamodules.arithmetic import ArithmeticTask  # noqa: E402
 from src.datamodules.lm import LMDataModule  # noqa: E402
 from src.lightning_modules.dpo import DPOModule  # noqa: E402
@@ -129,7 +131,7 @@ def main() -> None:
     SIZE, PAIRS = SIZES[args.size], args.pairs
     MAX_LEN = 512 if SIZE else MAX_LEN
     torch.set_num_threads(args.threads)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_name()
     print(f"CPU: {cpu}; torch threads: {torch.get_num_threads()}; size {args.size}; {PAIRS} pairs/step")
     rows = data(args.steps)
     res = {k: [] for k in ("ours_ref", "trl_ref", "ours_cached", "trl_precompute")}

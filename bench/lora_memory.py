@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from machine import cpu_name  # bench/machine.py
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = ["model.net.hidden_size=512", "model.net.num_layers=8", "model.net.num_heads=8",
         "model.net.intermediate_size=2048"]
@@ -43,7 +45,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
     a = ap.parse_args()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_name()
     print(f"CPU: {cpu}, {os.cpu_count()} cores; peak RSS of one train.py process per run")
     base = ["train.py", "algo=sft", *SIZE, f"trainer.max_steps={a.steps}", f"trainer.val_check_interval={a.steps}",
             "test=false", "logger=none", "callbacks.hf_export=null", "trainer.enable_progress_bar=false",

@@ -41,6 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_name  # noqa: E402  (bench/machine.py)
+
 from src.datamodules.arithmetic import ArithmeticTask  # noqa: E402
 from src.datamodules.lm import LMDataModule, pad  # noqa: E402
 from src.lightning_modules.rlvr import RLVRModule  # noqa: E402
@@ -231,7 +233,7 @@ def main() -> None:
     ap.add_argument("--size", choices=["tiny", "30m"], default="tiny")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_name()
     print(f"CPU: {cpu}, {torch.get_num_threads()} threads", flush=True)
     if args.engines:
         engines(args.size, args.rounds, args.steps)

@@ -19,7 +19,6 @@ TRL: pip install -e ".[bench]".
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import statistics
 import tempfile
@@ -27,6 +26,7 @@ import time
 
 import lightning as L
 import torch
+from machine import cpu_name  # bench/machine.py
 
 from src.datamodules.lm import LMDataModule
 from src.lightning_modules.lm import masked_nll
@@ -35,16 +35,6 @@ from src.models import char_tokenizer, tiny_llama
 
 LR, CLIP, WARMUP_STEPS = 3e-4, 1.0, 1
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def matmul_peak(n: int = 1536, reps: int = 5, dtype=torch.float32) -> float:
