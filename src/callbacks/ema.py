@@ -46,7 +46,6 @@ class EMA(EMAWeightAveraging):
                  use_buffers: bool = True, device=None):
         if not 0 < decay < 1:
             raise ValueError(f"callbacks.ema.decay={decay}: must be in (0, 1)")
-        self.decay, self.warmup = decay, warmup
         # the multi-tensor update (one torch._foreach_lerp_ over all weights) instead of Lightning's per-tensor one
         WeightAveraging.__init__(self, device=device, use_buffers=use_buffers, multi_avg_fn=ema_multi_avg_fn(decay, warmup))
         self.update_every_n_steps = update_every_n_steps

@@ -70,11 +70,12 @@ def image_files(root: str) -> list[Path]:
     return files
 
 
-def load_image_folder(root: str, channels: int, size: int) -> torch.Tensor:
-    """Every image under `root` (recursively, sorted), checked and resized; a corrupt file is named."""
+def load_image_folder(root: str, channels: int, size: int, files: list[Path] | None = None) -> torch.Tensor:
+    """Every image under `root` (recursively, sorted: `image_files`, or those given), checked and resized; a
+    corrupt file is named."""
     from PIL import Image, UnidentifiedImageError
 
-    files = image_files(root)
+    files = image_files(root) if files is None else files
     out = []
     for f in files:
         try:
@@ -146,9 +147,10 @@ class ImageDataModule(TensorSplitsDataModule):
             return
         y = None
         if hp.source == "folder":
-            x = load_image_folder(hp.path, hp.channels, hp.image_size)
+            files = image_files(hp.path)  # one walk of the folder for the images and their labels
+            x = load_image_folder(hp.path, hp.channels, hp.image_size, files)
             if hp.labels:
-                y, names = folder_labels(hp.path, image_files(hp.path))
+                y, names = folder_labels(hp.path, files)
                 if len(names) != hp.num_classes:
                     raise ValueError(f"data.num_classes={hp.num_classes}, but data.path={hp.path} has {len(names)} "
                                      f"class sub-folders ({', '.join(names[:10])}); set data.num_classes={len(names)}")

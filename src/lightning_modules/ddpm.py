@@ -429,7 +429,7 @@ class DDPMModule(L.LightningModule):
         if self._metric is None:  # no sample metric for this data: samples for the picture only
             n = min(n, hp.num_logged_samples)
         g = self._rng(stage, self.global_step)
-        labels = torch.arange(n) % self.null_class if self.null_class is not None else None  # every class in turn
+        labels, _ = self.sample_labels(n, None, None)  # a conditional model: every class in turn
         self._samples[stage] = self.sample(n, hp[f"{stage}_sampler"], hp[f"{stage}_steps"], generator=g, labels=labels)
         if self._metric is None:
             return

@@ -174,11 +174,11 @@ class VLLMRollout:
             # one engine per trainer process, inside the trainer's process group (TRL's colocate mode); vLLM
             # reads the rank from the environment, which ddp_fork does not set
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-            for name, value in (("RANK", rank), ("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)
-                                                  if torch.cuda.is_available() else rank), ("WORLD_SIZE", world)):
+            local = rank % torch.cuda.device_count() if torch.cuda.is_available() else rank
+            for name, value in (("RANK", rank), ("LOCAL_RANK", local), ("WORLD_SIZE", world)):
                 os.environ.setdefault(name, str(value))
             kw |= dict(distributed_executor_backend="external_launcher",
-                       seed=self.settings["seed"] + torch.distributed.get_rank() // self.settings["tensor_parallel_size"])
+                       seed=self.settings["seed"] + rank // self.settings["tensor_parallel_size"])
         path = Path(tempfile.mkdtemp(prefix="vllm_config_"))
         self.config.save_pretrained(path)  # the architecture only: weights come from the trainer
         set_threads = torch.set_num_threads  # vLLM's CPU worker disables it for the whole process
@@ -232,12 +232,12 @@ class VLLMRollout:
         if self.sleep_mode:
             llm.wake_up(tags=["kv_cache"])
         b = prompt_ids.size(0)
-        seeds = torch.randint(0, 2**31 - 1, (b,), generator=generator, device=generator.device if generator else None)
+        seeds = (torch.randint(0, 2**31 - 1, (b,), generator=generator, device=generator.device).tolist()
+                 if generator is not None else [None] * b)  # unseeded: vLLM's own randomness, not the trainer's RNG
         prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist()) for row, m in zip(prompt_ids, prompt_mask)]
         greedy = temperature == 0  # vLLM draws greedy samples once (n=1); they are all the same
         params = [SamplingParams(n=1 if greedy else num_samples, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 stop_token_ids=[self.eos], logprobs=0, detokenize=False,
-                                 seed=int(s) if generator is not None else None) for s in seeds]
+                                 stop_token_ids=[self.eos], logprobs=0, detokenize=False, seed=s) for s in seeds]
         outputs = llm.generate(prompts, params, use_tqdm=False)
         if self.sleep_mode:
             llm.sleep(level=1)
