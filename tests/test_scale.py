@@ -269,8 +269,95 @@ def test_packed_sft_batch_has_the_padded_loss_and_gradients(checkpoints, arch, m
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
 
 
-def test_packing_trains_from_the_config_and_only_for_sft(cfg_factory, tokenizer):
+PAIRS = [("12+34=", "46", "47"), ("7+8=", "15", "105"), ("60+6=", "66", "6"), ("99+99=", "198", "1998"),
+         ("1+2=", "3", "21")]
+
+
+@pytest.mark.parametrize("arch, max_tokens, attn", [("llama", 128, "sdpa"), ("qwen2", 128, "sdpa"), ("gpt2", 128, "sdpa"),
+                                                    ("llama", 16, "sdpa"), ("gpt2", 16, "eager")])
+def test_packed_preference_pairs_have_the_padded_log_probs_and_gradients(checkpoints, arch, max_tokens, attn):
+    """data.packing=true for DPO: each pair one padding-free prompt tree (prompt once, chosen and rejected as
+    branches that never see each other), rows of at most max_tokens. Every sequence log-prob and every
+    gradient of a DPO loss equal the padded batch's, on Llama, Qwen2 and GPT-2, with SDPA and eager attention."""
+    from src.datamodules.lm import build_examples
+    from src.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(checkpoints[arch]))
+    rows = [(f"w{i}", {"prompt": p, "chosen": c, "rejected": r}) for i, (p, c, r) in enumerate(PAIRS)]
+    examples = build_examples(rows, tok, "preference", "x", 64, "error")
+    batches = {}
+    for packing in (False, True):
+        dm = LMDataModule(ArithmeticTask(n_train=8, n_val=4, n_test=4), tok, kind="preference", packing=packing,
+                          max_length=max_tokens)
+        batches[packing] = dm.collate(examples)
+    packed, padded = batches[True], batches[False]
+    real = sum(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+    assert int(packed["num_tokens"]) == real < padded["input_ids"].numel()
+    if max_tokens == 128:  # everything in one row: no pad token at all
+        assert packed["input_ids"].shape == (1, real)
+    else:
+        assert packed["input_ids"].shape[0] > 1 and packed["input_ids"].shape[1] <= max_tokens
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[arch], attn_implementation=attn).train()
+    out = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        logps, lengths = pair_logps(model, batch)
+        chosen, rejected = logps.chunk(2)
+        (-torch.nn.functional.logsigmoid(0.1 * (chosen - rejected)).mean()).backward()
+        out.append((logps.detach(), lengths, _grads(model)))
+    (lp0, n0, g0), (lp1, n1, g1) = out
+    assert torch.equal(n0, n1) and torch.allclose(lp0, lp1, atol=1e-4, rtol=1e-5), (lp0, lp1)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_a_packed_rejected_branch_does_not_see_the_chosen_one(checkpoints):
+    """The tree mask is what makes packing exact: with the rejected branch also attending to the chosen tokens
+    (a plain causal mask over the segment), its log-probs change."""
+    from src.datamodules.lm import build_examples
+    from src.lightning_modules.lm import packed_completion_logps
+    from src.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(checkpoints["llama"]))
+    rows = [(f"w{i}", {"prompt": p, "chosen": c, "rejected": r}) for i, (p, c, r) in enumerate(PAIRS)]
+    dm = LMDataModule(ArithmeticTask(n_train=8, n_val=4, n_test=4), tok, kind="preference", packing=True, max_length=128)
+    batch = dm.collate(build_examples(rows, tok, "preference", "x", 64, "error"))
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"]).eval()
+    with torch.no_grad():
+        tree = packed_completion_logps(model, batch, 2 * len(PAIRS))[0]
+        flat = packed_completion_logps(model, {**batch, "branch_ids": torch.zeros_like(batch["branch_ids"])},
+                                       2 * len(PAIRS))[0]
+    chosen, rejected = len(PAIRS), slice(len(PAIRS), None)
+    assert torch.allclose(tree[:chosen], flat[:chosen])  # chosen tokens come before rejected ones: the same
+    assert (tree[rejected] - flat[rejected]).abs().min() > 1e-3
+
+
+def test_packed_dpo_run_equals_the_padded_run(cfg_factory):
+    """`algo=dpo data.packing=true` from the config: the same losses step by step and the same validation
+    metrics as the padded run (reference log-probs cached, so the reference went through the packed path too)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Losses(Callback):
+        def __init__(self):
+            self.losses = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    runs = []
+    for packing in ("false", "true"):
+        rec = Losses()
+        metrics, _ = train_with(cfg_factory("algo=dpo", "warm_start.max_steps=0", f"data.packing={packing}",
+                                            "trainer.max_steps=4", "algo.lr=1e-3", "test=false"), rec)
+        runs.append((rec.losses, metrics))
+    (l0, m0), (l1, m1) = runs
+    assert len(l0) == 4 and l0 == pytest.approx(l1, rel=1e-4) and l0[0] != pytest.approx(l0[-1], rel=1e-3)
+    for key in ("val/loss", "val/rewards/margins", "val/logps/chosen"):
+        assert float(m0[key]) == pytest.approx(float(m1[key]), rel=1e-4, abs=1e-5), key
+
+
+def test_packing_trains_sft_from_the_config_and_not_rlvr(cfg_factory, tokenizer):
     metrics, objs = train_with(cfg_factory("algo=sft", "data.packing=true", "trainer.max_steps=2", "test=false"))
     assert torch.isfinite(metrics["train/loss"]) and "val/exact_match" in metrics
-    with pytest.raises(ValueError, match="data.packing=true packs SFT examples"):
-        LMDataModule(ArithmeticTask(n_train=8, n_val=4, n_test=4), tokenizer, kind="preference", packing=True)
+    with pytest.raises(ValueError, match="data.kind='prompt' \\(RLVR\\) does not use it"):
+        LMDataModule(ArithmeticTask(n_train=8, n_val=4, n_test=4), tokenizer, kind="prompt", packing=True)

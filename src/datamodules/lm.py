@@ -10,6 +10,7 @@ Every kind also carries the left-padded prompt and the reference text, for evalu
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Sequence
 
@@ -189,24 +190,34 @@ def join(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
     }
 
 
+def balanced_rows(lengths: list[int], capacity: int) -> tuple[list[list[int]], list[int]]:
+    """Item indices per row, and each row's used length: the fewest rows of at most `capacity` tokens (or the
+    longest item) that longest-first assignment to the least-filled row achieves. Rows come out about equally
+    full, so little is padded when they are stacked into one tensor as wide as the fullest row."""
+    capacity = max(capacity, *lengths)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = -(-sum(lengths) // capacity)
+    while True:
+        heap = [(0, r) for r in range(n)]  # (used, row)
+        rows: list[list[int]] = [[] for _ in range(n)]
+        for i in order:
+            used, r = heapq.heappop(heap)
+            rows[r].append(i)
+            heapq.heappush(heap, (used + lengths[i], r))
+        used = [sum(lengths[i] for i in row) for row in rows]
+        if max(used) <= capacity:
+            return rows, used
+        n += 1
+
+
 def pack(prompts: list[list[int]], completions: list[list[int]], max_tokens: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Padding-free: the batch's sequences concatenated into rows of at most `max_tokens` (first-fit decreasing,
-    so a row is not one long sequence whose dense attention mask would cost more than the padding it saves),
+    """Padding-free: the batch's sequences concatenated into rows of at most `max_tokens` (`balanced_rows`; bounded,
+    so that a row is not one long sequence whose dense attention mask costs more than the padding it saves),
     positions restarting at 0 for each sequence, no attention mask: transformers reads the restarts in
     `position_ids` and keeps attention within each sequence (a block-diagonal causal mask). Labels are -100
     on prompts, so no loss crosses a boundary; a short row's tail is one more masked segment."""
     seqs = [(p + c, [IGNORE] * len(p) + c) for p, c in zip(prompts, completions)]
-    rows: list[list[int]] = []  # sequence indices per row
-    used: list[int] = []
-    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0])):
-        n = len(seqs[i][0])
-        j = next((j for j, u in enumerate(used) if u + n <= max_tokens), None)
-        if j is None:
-            rows.append([i])
-            used.append(n)
-        else:
-            rows[j].append(i)
-            used[j] += n
+    rows, used = balanced_rows([len(s) for s, _ in seqs], max_tokens)
     width = max(used)
     ids, labels, pos = [], [], []
     for row, u in zip(rows, used):
@@ -215,6 +226,44 @@ def pack(prompts: list[list[int]], completions: list[list[int]], max_tokens: int
         pos.append(sum((list(range(len(seqs[i][0]))) for i in row), []) + list(range(width - u)))
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos),
             "num_tokens": torch.tensor(sum(used))}
+
+
+def pack_pairs(prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], max_tokens: int,
+               pad_id: int) -> dict[str, torch.Tensor]:
+    """Padding-free preference pairs: each pair is one segment `prompt, chosen, rejected` (the prompt once), the
+    segments packed into rows of at most `max_tokens` tokens, or one pair where it is longer (`balanced_rows`). Positions restart at 0 for
+    each segment, and the rejected completion's positions restart after the prompt, as if it followed the
+    prompt directly. The attention pattern (a tree: the prompt causal, each completion on the prompt and on
+    itself, never on the other completion or another pair) is given as `segment_ids` and `branch_ids`
+    (0 prompt, 1 chosen, 2 rejected; the model builds the mask). The completion tokens to score are listed
+    flat: `logp_index` (row * width + the position that predicts the token), `logp_target` (the token) and
+    `logp_seq` (its sequence: chosen i is i, rejected i is B + i, as in the padded layout)."""
+    b = len(prompts)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
+    rows, used = balanced_rows(lengths, max_tokens)
+    width = max(used)
+    ids, pos, seg, branch = [[] for _ in rows], [[] for _ in rows], [[] for _ in rows], [[] for _ in rows]
+    index, target, seq = [], [], []
+    for r, (row, u) in enumerate(zip(rows, used)):
+        for s, i in enumerate(row):
+            p, c, rj = prompts[i], chosen[i], rejected[i]
+            start = r * width + len(ids[r])  # flat index of the segment's first token
+            ids[r] += p + c + rj
+            pos[r] += [*range(len(p)), *range(len(p), len(p) + len(c)), *range(len(p), len(p) + len(rj))]
+            seg[r] += [s] * lengths[i]
+            branch[r] += [0] * len(p) + [1] * len(c) + [2] * len(rj)
+            last, c0, r0 = start + len(p) - 1, start + len(p), start + len(p) + len(c)  # the last prompt token
+            index += [last, *range(c0, c0 + len(c) - 1), last, *range(r0, r0 + len(rj) - 1)]  # predicts both y_0
+            target += c + rj
+            seq += [i] * len(c) + [b + i] * len(rj)
+        tail = width - u  # padding: a segment of its own (causal in itself, so no query row is empty)
+        ids[r] += [pad_id] * tail
+        pos[r] += range(tail)
+        seg[r] += [len(row)] * tail
+        branch[r] += [0] * tail
+    return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(pos), "segment_ids": torch.tensor(seg),
+            "branch_ids": torch.tensor(branch), "logp_index": torch.tensor(index), "logp_target": torch.tensor(target),
+            "logp_seq": torch.tensor(seq), "num_tokens": torch.tensor(sum(used))}
 
 
 class Collator:
@@ -236,6 +285,10 @@ class Collator:
                          else join(prompts, completions, self.pad_id))
         elif self.kind == "preference":
             # chosen rows then rejected rows: one forward pass computes both (B -> 2B).
+            if self.packing:
+                batch.update(pack_pairs(prompts, [e["chosen_ids"] for e in examples],
+                                        [e["rejected_ids"] for e in examples], self.max_length, self.pad_id))
+                return batch
             completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
             batch.update(join(prompts + prompts, completions, self.pad_id))
             # the completions alone (right-padded), for a forward that encodes each prompt once
@@ -263,8 +316,9 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"data.kind={kind!r}: must be one of {list(KINDS)}")
-        if packing and kind != "sft":
-            raise ValueError(f"data.packing=true packs SFT examples; data.kind={kind!r} does not use it (set data.packing=false)")
+        if packing and kind == "prompt":
+            raise ValueError("data.packing=true packs SFT examples and preference pairs; data.kind='prompt' (RLVR) "
+                             "does not use it (set data.packing=false)")
         self.source, self.tokenizer, self.kind = source, tokenizer, kind
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_length, self.truncation, self.num_workers = max_length, truncation, num_workers

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from src.lightning_modules.lm import LMModule, completion_logps, token_logps
+from src.lightning_modules.lm import LMModule, completion_logps, packed_completion_logps, token_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "naive_margin", "sft_chosen")
 NEEDS_REF = ("sigmoid", "ipo", "hinge")
@@ -78,8 +78,11 @@ def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tens
 
 def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logps` of the 2B stacked rows (chosen, then rejected), with each prompt encoded once
-    and its keys/values shared by its two completions (the same values; fewer tokens)."""
+    and its keys/values shared by its two completions (the same values; fewer tokens). A packed batch
+    (`data.packing=true`) holds each pair as one padding-free prompt tree instead."""
     b = batch["prompt_input_ids"].size(0)
+    if "logp_index" in batch:
+        return packed_completion_logps(model, batch, 2 * b)
     ids, mask = batch["completion_ids"], batch["completion_mask"]
     order = torch.arange(2 * b, device=ids.device).view(2, b).T.reshape(-1)  # c_0, r_0, c_1, r_1, ...
     logp, _ = completion_logps(model, batch["prompt_input_ids"], batch["prompt_attention_mask"], ids[order],
@@ -142,7 +145,7 @@ class DPOModule(LMModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, stats = self(batch, "train")
-        n = batch["input_ids"].size(0) // 2
+        n = batch["index"].numel()
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         for k, v in stats.items():
             self.log(f"train/{k}", v.mean(), prog_bar=k == "rewards/accuracies", batch_size=n)
@@ -150,7 +153,7 @@ class DPOModule(LMModule):
 
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
         loss, stats = self(batch, stage)
-        n = batch["input_ids"].size(0) // 2
+        n = batch["index"].numel()
         stats["loss"] = loss.expand(n)
         for k, v in stats.items():
             metric = self.eval_stats[k.replace("/", "_")]

@@ -86,6 +86,38 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     return logp, entropy
 
 
+def tree_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, attn_implementation: str) -> torch.Tensor:
+    """The 4-D attention mask (rows, 1, W, W) of packed prompt trees (`data.packing` for preference pairs): a query
+    sees earlier keys of its own segment that are prompt (branch 0) or of its own branch. Boolean (True = attend)
+    for SDPA, additive for eager attention; FlashAttention takes no such mask."""
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"data.packing=true for preference pairs needs a custom attention mask, which "
+                         f"attn_implementation={attn_implementation!r} does not take: use sdpa or eager, or data.packing=false")
+    w = segment_ids.size(1)
+    causal = torch.ones(w, w, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    branch = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    mask = (causal & same & branch)[:, None]
+    if attn_implementation == "eager":
+        return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    return mask
+
+
+def packed_completion_logps(model, batch: dict, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs (FP32 LM head) of the `n_sequences` completions of a packed batch (`pack_pairs`:
+    each prompt once, its completions as branches of one segment, no padding inside rows), and their lengths.
+    The LM head runs only at the positions that predict a completion token."""
+    lm = causal_lm(model)
+    mask = tree_mask(batch["segment_ids"], batch["branch_ids"], lm.config._attn_implementation)
+    hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                           use_cache=False).last_hidden_state
+    logits = fp32_logits(model, hidden.flatten(0, 1)[batch["logp_index"]])
+    logp = torch.log_softmax(logits, -1).gather(-1, batch["logp_target"].unsqueeze(-1)).squeeze(-1)
+    seq = batch["logp_seq"]
+    sums = torch.zeros(n_sequences, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
+    return sums, torch.bincount(seq, minlength=n_sequences)
+
+
 def policy(model: PreTrainedModel, lora: dict | None = None, gradient_checkpointing: bool = False):
     """The trained policy: the model, with LoRA adapters (peft) when `lora.r` is set (`model.lora.*`), and
     non-reentrant gradient checkpointing when asked (`model.gradient_checkpointing`)."""
