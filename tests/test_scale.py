@@ -31,8 +31,8 @@ def _net(tokenizer):
     return lambda tokenizer: tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
 
 
-def _batch(tokenizer, kind: str, n: int = 8):
-    dm = LMDataModule(ArithmeticTask(n_train=32, n_val=8, n_test=8), tokenizer, kind=kind, batch_size=n)
+def _batch(tokenizer, kind: str, n: int = 8, packing: bool = False):
+    dm = LMDataModule(ArithmeticTask(n_train=32, n_val=8, n_test=8), tokenizer, kind=kind, batch_size=n, packing=packing)
     dm.setup()
     return next(iter(dm.train_dataloader()))
 
@@ -128,9 +128,10 @@ def test_tr_dpo_refresh_with_lora_is_the_alpha_rule_on_the_weights(tokenizer, al
         assert not torch.allclose(ref_logps, policy_before, atol=1e-4)
 
 
-@pytest.mark.parametrize("algo", ["sft", "dpo", "rlvr"])
+@pytest.mark.parametrize("algo", ["sft", "dpo", "dpo_packed", "rlvr"])
 def test_lora_runs_every_algorithm(cfg_factory, algo):
-    extra = RLVR_RUN if algo == "rlvr" else [f"algo={algo}"] + (["warm_start.max_steps=0"] if algo == "dpo" else [])
+    extra = (RLVR_RUN if algo == "rlvr" else ["algo=sft"] if algo == "sft"
+             else ["algo=dpo", "warm_start.max_steps=0", f"data.packing={algo == 'dpo_packed'}"])
     metrics, objs = train_with(cfg_factory(*extra, "model.lora.r=4", "trainer.max_steps=2", "trainer.val_check_interval=2",
                                            "test=false"))
     assert objs["module"].uses_lora and torch.isfinite(metrics["train/loss"])
@@ -141,14 +142,15 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("path", ["sft", "shared_prompt"])
+@pytest.mark.parametrize("path", ["sft", "shared_prompt", "packed_pairs"])
 def test_gradient_checkpointing_gives_the_plain_gradients(tokenizer, path):
-    """Non-reentrant checkpointing recomputes activations; the gradients are the plain run's (SFT's forward, and the
-    shared-prompt forward of DPO / RLVR, which falls back to one prompt encoding per completion)."""
+    """Non-reentrant checkpointing recomputes activations; the gradients are the plain run's (SFT's forward, the
+    shared-prompt forward of DPO / RLVR, which falls back to one prompt encoding per completion, and packed DPO
+    pairs, which keep their prompt trees)."""
     plain = _net(tokenizer)(tokenizer).train()
     ckpt = policy(copy.deepcopy(plain), gradient_checkpointing=True).train()
     assert ckpt.is_gradient_checkpointing and not plain.is_gradient_checkpointing
-    batch = _batch(tokenizer, "sft" if path == "sft" else "preference")
+    batch = _batch(tokenizer, "sft" if path == "sft" else "preference", packing=path == "packed_pairs")
     for model in (plain, ckpt):
         if path == "sft":
             loss, _ = masked_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
@@ -169,7 +171,7 @@ def test_gradient_checkpointing_runs_from_the_config(cfg_factory):
 
 
 # --------------------------------------------------------------------------------------------- bf16
-@pytest.mark.parametrize("algo", ["sft", "dpo", "rlvr"])
+@pytest.mark.parametrize("algo", ["sft", "dpo", "dpo_packed", "rlvr"])
 def test_bf16_mixed_on_cpu_runs_in_bf16_with_an_fp32_head(cfg_factory, algo):
     """trainer.precision=bf16-mixed: the decoder layers compute in bfloat16, the LM head log-probs stay float32."""
     import lightning as L
@@ -185,7 +187,8 @@ def test_bf16_mixed_on_cpu_runs_in_bf16_with_an_fp32_head(cfg_factory, algo):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.loss.add(outputs["loss"].dtype)
 
-    extra = RLVR_RUN if algo == "rlvr" else [f"algo={algo}"] + (["warm_start.max_steps=0"] if algo == "dpo" else [])
+    extra = (RLVR_RUN if algo == "rlvr" else ["algo=sft"] if algo == "sft"
+             else ["algo=dpo", "warm_start.max_steps=0", f"data.packing={algo == 'dpo_packed'}"])
     rec = Dtypes()
     metrics, _ = train_with(cfg_factory(*extra, "trainer.precision=bf16-mixed", "trainer.max_steps=2", "test=false"), rec)
     assert rec.layer == {torch.bfloat16}, "autocast did not run the decoder in bf16"
@@ -269,6 +272,29 @@ def test_packed_sft_batch_has_the_padded_loss_and_gradients(checkpoints, arch, m
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
 
 
+def test_balanced_rows_are_few_even_and_within_capacity():
+    """Packed rows are stacked as wide as the fullest. Longest-first balancing alone would put 5+3+3 = 11 in one
+    row and need three rows; first-fit decreasing finds two. Evening out moves the item that lowers the fullest
+    row most. Random batches: each item exactly once, no row over capacity, none far above the even share."""
+    import random
+
+    from src.datamodules.lm import _even_out, balanced_rows
+
+    rows, used = balanced_rows([5, 5, 4, 3, 3], 10)
+    assert sorted(used) == [10, 10] and sorted(map(sorted, rows)) == [[0, 1], [2, 3, 4]]
+    rows, used = [[0, 1], [2]], [9, 3]
+    _even_out(rows, used, [5, 4, 3])  # to rows of 5 and 7 (moving the 5 alone would give 4 and 8)
+    assert sorted(used) == [5, 7] and used == [sum([5, 4, 3][i] for i in row) for row in rows]
+    assert balanced_rows([300, 20], 128) == ([[0], [1]], [300, 20])  # an item over capacity gets its own row
+    rng = random.Random(0)
+    for n, lo, hi, cap in [(8, 140, 380, 1024), (16, 90, 250, 512), (128, 8, 16, 32), (64, 50, 500, 1024)]:
+        lengths = [rng.randint(lo, hi) for _ in range(n)]
+        rows, used = balanced_rows(lengths, cap)
+        assert sorted(i for row in rows for i in row) == list(range(n)) and max(used) <= cap
+        assert used == [sum(lengths[i] for i in row) for row in rows]
+        assert max(used) - sum(lengths) / len(rows) < hi, (max(used), sum(lengths) / len(rows))
+
+
 PAIRS = [("12+34=", "46", "47"), ("7+8=", "15", "105"), ("60+6=", "66", "6"), ("99+99=", "198", "1998"),
          ("1+2=", "3", "21")]
 
@@ -277,7 +303,7 @@ PAIRS = [("12+34=", "46", "47"), ("7+8=", "15", "105"), ("60+6=", "66", "6"), ("
                                                     ("llama", 16, "sdpa"), ("gpt2", 16, "eager")])
 def test_packed_preference_pairs_have_the_padded_log_probs_and_gradients(checkpoints, arch, max_tokens, attn):
     """data.packing=true for DPO: each pair one padding-free prompt tree (prompt once, chosen and rejected as
-    branches that never see each other), rows of at most max_tokens. Every sequence log-prob and every
+    branches that never see each other), rows of at most 2 x max_length. Every sequence log-prob and every
     gradient of a DPO loss equal the padded batch's, on Llama, Qwen2 and GPT-2, with SDPA and eager attention."""
     from src.datamodules.lm import build_examples
     from src.models.tokenizer import load_tokenizer
@@ -295,8 +321,8 @@ def test_packed_preference_pairs_have_the_padded_log_probs_and_gradients(checkpo
     assert int(packed["num_tokens"]) == real < padded["input_ids"].numel()
     if max_tokens == 128:  # everything in one row: no pad token at all
         assert packed["input_ids"].shape == (1, real)
-    else:
-        assert packed["input_ids"].shape[0] > 1 and packed["input_ids"].shape[1] <= max_tokens
+    else:  # rows of at most 2 x max_length (the longest a pair's tree can be)
+        assert packed["input_ids"].shape[0] > 1 and packed["input_ids"].shape[1] <= 2 * max_tokens
     model = AutoModelForCausalLM.from_pretrained(checkpoints[arch], attn_implementation=attn).train()
     out = []
     for batch in (padded, packed):

@@ -191,23 +191,57 @@ def join(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
 
 
 def balanced_rows(lengths: list[int], capacity: int) -> tuple[list[list[int]], list[int]]:
-    """Item indices per row, and each row's used length: the fewest rows of at most `capacity` tokens (or the
-    longest item) that longest-first assignment to the least-filled row achieves. Rows come out about equally
-    full, so little is padded when they are stacked into one tensor as wide as the fullest row."""
+    """Item indices per row, and each row's used length, in rows of at most `capacity` tokens (or the longest
+    item). As few rows as first-fit decreasing needs, as even as longest-first assignment to the least-filled row
+    makes them (when that fits), then evened out further by moves and swaps out of the fullest row. The rows are
+    stacked into one tensor as wide as the fullest row: the more even, the less padding."""
     capacity = max(capacity, *lengths)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n = -(-sum(lengths) // capacity)
-    while True:
-        heap = [(0, r) for r in range(n)]  # (used, row)
-        rows: list[list[int]] = [[] for _ in range(n)]
-        for i in order:
-            used, r = heapq.heappop(heap)
-            rows[r].append(i)
-            heapq.heappush(heap, (used + lengths[i], r))
-        used = [sum(lengths[i] for i in row) for row in rows]
-        if max(used) <= capacity:
-            return rows, used
-        n += 1
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in order:  # first-fit decreasing: the number of rows
+        r = next((r for r, u in enumerate(used) if u + lengths[i] <= capacity), None)
+        if r is None:
+            rows.append([])
+            used.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        used[r] += lengths[i]
+    heap = [(0, r) for r in range(len(rows))]  # (used, row): longest first onto the least-filled row
+    even: list[list[int]] = [[] for _ in rows]
+    for i in order:
+        u, r = heapq.heappop(heap)
+        even[r].append(i)
+        heapq.heappush(heap, (u + lengths[i], r))
+    if max(u for u, _ in heap) <= capacity:
+        rows, used = even, [sum(lengths[i] for i in row) for row in even]
+    if len(lengths) <= 64:  # quadratic; with many short items the rows are already about even
+        _even_out(rows, used, lengths)
+    return rows, used
+
+
+def _even_out(rows: list[list[int]], used: list[int], lengths: list[int]) -> None:
+    """In place: repeatedly the move or swap of items between the fullest row and another that lowers the fullest
+    row most, while one does."""
+    for _ in range(4 * len(lengths)):
+        top = max(range(len(rows)), key=used.__getitem__)
+        best = None  # (new width of the two rows, item out of top, row, item back or None)
+        for i in rows[top]:
+            for r in range(len(rows)):
+                for j in [None, *rows[r]] if r != top else []:
+                    d = lengths[i] - (lengths[j] if j is not None else 0)
+                    if d > 0 and (width := max(used[top] - d, used[r] + d)) < used[top]:
+                        if best is None or width < best[0]:
+                            best = (width, i, r, j)
+        if best is None:
+            return
+        _, i, r, j = best
+        rows[top].remove(i)
+        rows[r].append(i)
+        if j is not None:
+            rows[r].remove(j)
+            rows[top].append(j)
+        used[top], used[r] = sum(lengths[k] for k in rows[top]), sum(lengths[k] for k in rows[r])
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], max_tokens: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -231,7 +265,8 @@ def pack(prompts: list[list[int]], completions: list[list[int]], max_tokens: int
 def pack_pairs(prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], max_tokens: int,
                pad_id: int) -> dict[str, torch.Tensor]:
     """Padding-free preference pairs: each pair is one segment `prompt, chosen, rejected` (the prompt once), the
-    segments packed into rows of at most `max_tokens` tokens, or one pair where it is longer (`balanced_rows`). Positions restart at 0 for
+    segments packed into rows of at most `max_tokens` tokens (`balanced_rows`; the collator gives 2 x max_length,
+    the longest a pair's tree can be). Positions restart at 0 for
     each segment, and the rejected completion's positions restart after the prompt, as if it followed the
     prompt directly. The attention pattern (a tree: the prompt causal, each completion on the prompt and on
     itself, never on the other completion or another pair) is given as `segment_ids` and `branch_ids`
@@ -287,7 +322,7 @@ class Collator:
             # chosen rows then rejected rows: one forward pass computes both (B -> 2B).
             if self.packing:
                 batch.update(pack_pairs(prompts, [e["chosen_ids"] for e in examples],
-                                        [e["rejected_ids"] for e in examples], self.max_length, self.pad_id))
+                                        [e["rejected_ids"] for e in examples], 2 * self.max_length, self.pad_id))
                 return batch
             completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
             batch.update(join(prompts + prompts, completions, self.pad_id))
