@@ -1,6 +1,7 @@
 """RLVR benchmark: our RLVRModule (Lightning) against TRL's GRPOTrainer on identical work.
 
     OMP_WAIT_POLICY=PASSIVE python bench/rlvr_speed.py [--steps 30] [--rounds 3]
+    OMP_WAIT_POLICY=PASSIVE python bench/rlvr_speed.py --size 30m --steps 4   # compute-bound
     OMP_WAIT_POLICY=PASSIVE python bench/rlvr_speed.py --learning --init DIR --budget 300
     OMP_WAIT_POLICY=PASSIVE python bench/rlvr_speed.py --engines --size tiny|30m   (rollout=vllm vs rollout=hf)
 
@@ -12,6 +13,12 @@ completions), epsilon_high=5.0, beta=0, no activation/gradient checkpointing. Ti
 before training to its end; rounds alternate ours and TRL. Generation alone: our KV-cache engine
 (prefill once per prompt, cache shared by the 8 samples) against `model.generate(do_sample=True)`
 on the 128 repeated prompts, which is what TRL calls.
+
+`--size 30m` (compute-bound): a 33.6 M Llama (hidden 512, 8 layers), 8 prompts x 8 samples per step, prompts of
+100-190 tokens (random text ending in a question), at most 64 new tokens (sampling stops at <eos> too, so
+completion lengths vary), reward 1 when the completion contains the prompt's answer digit (about 80% of random
+completions do: groups have variance, so every step trains). The same reward function, model init and
+settings on both sides; everything else as above.
 
 Learning (--learning): from the same SFT checkpoint (--init, e.g. a warm-start export
 `<run>/sft_init`), each trainer runs for --budget seconds of wall-clock, then both policies are
@@ -48,7 +55,7 @@ from src.datamodules.lm import LMDataModule, pad  # noqa: E402
 from src.lightning_modules.rlvr import RLVRModule  # noqa: E402
 from src.models import char_tokenizer, tiny_llama  # noqa: E402
 from src.models.rollout import HFRollout  # noqa: E402
-from src.rewards import ExactAnswer  # noqa: E402
+from src.rewards import ExactAnswer, FunctionReward  # noqa: E402
 
 PROMPTS, G, NEW, LR, TEMP = 16, 8, 6, 1e-4, 1.0
 # the learning comparison runs both with our default recipe's settings (conf/algo/rlvr.yaml)
@@ -80,15 +87,16 @@ def load_model(tok, init: str | None):
 
 # --------------------------------------------------------------------------- ours
 def ours(rows, steps: int | None, init: str | None = None, budget: float | None = None, lag: int = 0,
-         rollout=None, net=None, prompts: int = PROMPTS, new: int = NEW):
+         rollout=None, net=None, prompts: int = PROMPTS, new: int = NEW, reward=None):
     tok = char_tokenizer()
     learning = budget is not None
     dm = LMDataModule(Rows([(f"row {i}", r) for i, r in enumerate(rows)]), tok, kind="prompt",
-                      batch_size=LEARNING["prompts"] if learning else prompts, max_length=32)
+                      batch_size=LEARNING["prompts"] if learning else prompts, max_length=512 if net else 32)
     dm.setup()
     model = net() if net else load_model(tok, init)
     module = RLVRModule(
-        net=lambda tokenizer: model, tokenizer=tok, reward=ExactAnswer(), num_generations=G, max_new_tokens=new,
+        net=lambda tokenizer: model, tokenizer=tok, reward=FunctionReward(reward) if reward else ExactAnswer(),
+        num_generations=G, max_new_tokens=new,
         rollout=rollout,
         temperature=TEMP, loss_type="cispo", epsilon=5.0, beta=0.0, lr=LEARNING["lr"] if learning else LR,
         betas=(0.9, LEARNING["beta2"]) if learning else (0.9, 0.999), weight_decay=0.0,
@@ -106,16 +114,19 @@ def ours(rows, steps: int | None, init: str | None = None, budget: float | None 
 
 
 # --------------------------------------------------------------------------- TRL
-def trl(rows, steps: int | None, init: str | None = None, budget: float | None = None):
+def trl(rows, steps: int | None, init: str | None = None, budget: float | None = None, net=None,
+        prompts: int = PROMPTS, new: int = NEW, reward=None):
     import datasets
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     tok = char_tokenizer()
-    model = load_model(tok, init)
+    model = net() if net else load_model(tok, init)
     ds = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
 
     def exact(prompts, completions, answer, **kw):
+        if reward:
+            return [float(reward(c, a)) for c, a in zip(completions, answer)]
         return [float(c.strip() == a) for c, a in zip(completions, answer)]
 
     class Budget(TrainerCallback):
@@ -124,12 +135,12 @@ def trl(rows, steps: int | None, init: str | None = None, budget: float | None =
                 control.should_training_stop = True
 
     args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=(LEARNING["prompts"] if budget else PROMPTS) * G,
-        num_generations=G, max_completion_length=NEW, temperature=TEMP,
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=(LEARNING["prompts"] if budget else prompts) * G,
+        num_generations=G, max_completion_length=new, temperature=TEMP,
         learning_rate=LEARNING["lr"] if budget else LR, adam_beta2=LEARNING["beta2"] if budget else 0.999,
         lr_scheduler_type="constant_with_warmup" if budget else "constant",
         warmup_steps=LEARNING["warmup"] if budget else 0, weight_decay=0.0, loss_type="cispo", epsilon_high=5.0, beta=0.0, scale_rewards="batch",
-        max_steps=steps or 10**6, bf16=False, fp16=False, use_cpu=True, activation_checkpointing=False,
+        max_steps=steps or 10**6, bf16=False, fp16=False, use_cpu=True,
         gradient_checkpointing=False, report_to="none", logging_steps=10**6, save_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0, seed=0,
     )
@@ -200,6 +211,40 @@ def engines(size: str, rounds: int, steps: int) -> None:
         print(f"  {unit}: vllm {spread(res[f'vllm/{w}'])}  hf {spread(res[f'hf/{w}'])}  vllm/hf {ratio:.2f}x")
 
 
+# --------------------------------------------------------------------------- compute-bound: ours vs TRL at 33.6 M
+def contains_answer(completion: str, answer: str) -> float:
+    return float(answer in completion)
+
+
+def long_prompt_rows(n: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rng, abc = random.Random(seed), "abcdefghijklmnopqrstuvwxyz0123456789 "
+    return [{"prompt": "".join(rng.choices(abc, k=rng.randint(98, 188))) + " ?", "answer": rng.choice("0123456789")}
+            for _ in range(n)]
+
+
+def compute_bound(rounds: int, steps: int) -> None:
+    tok = char_tokenizer()
+    net = lambda: tiny_llama(tok, hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048,  # noqa: E731
+                             max_position_embeddings=512, seed=0)
+    prompts, new = 8, 64
+    rows = long_prompt_rows(prompts * steps)
+    print(f"33.6 M Llama: {prompts} prompts x {G} samples per step, prompts 100-190 tokens, <= {new} new tokens, "
+          f"{steps} steps per run", flush=True)
+    res = {"ours": [], "trl": []}
+    for r in range(rounds):  # alternating
+        res["ours"].append(ours(rows, steps, net=net, prompts=prompts, new=new, reward=contains_answer)[0])
+        res["trl"].append(trl(rows, steps, net=net, prompts=prompts, new=new, reward=contains_answer)[0])
+        print(f"round {r}: ours {res['ours'][-1]:.3f} steps/s, TRL {res['trl'][-1]:.3f} steps/s", flush=True)
+    spread = lambda v: f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})"  # noqa: E731
+    ratios = [a / b for a, b in zip(res["ours"], res["trl"])]
+    print(f"\nmedian (min-max) of {rounds} rounds, {torch.get_num_threads()} threads")
+    print(f"  RL optimizer steps/s: ours {spread(res['ours'])}  TRL GRPOTrainer {spread(res['trl'])}  "
+          f"ratio {statistics.median(res['ours']) / statistics.median(res['trl']):.2f}x "
+          f"(per-round {min(ratios):.2f}-{max(ratios):.2f})")
+
+
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, n_samples: int = 8) -> tuple[float, float]:
@@ -255,6 +300,9 @@ def main() -> None:
               f"TRL {100 * (b[0] - start[0]):+.1f} points")
         return
 
+    if args.size == "30m":
+        compute_bound(args.rounds, args.steps)
+        return
     rows = prompt_rows(PROMPTS * args.steps)
     res = {k: [] for k in ("ours", "trl", "gen_ours", "gen_hf")}
     for r in range(args.rounds):  # alternate so background load hits both alike

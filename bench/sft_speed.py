@@ -20,6 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from machine import cpu_name  # bench/machine.py
 from omegaconf import open_dict
 
 import src  # noqa: F401
@@ -147,6 +148,7 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_name()}; torch threads: {torch.get_num_threads()}", flush=True)
     import tempfile
 
     tmp = tempfile.mkdtemp()
@@ -167,10 +169,11 @@ def main() -> None:
 
 def report(args, cfg, bare, ours, ours_bar) -> None:
     mb, mo, mob = (statistics.median(x) for x in (bare, ours, ours_bar))
-    print(f"\nthroughput (median of {args.rounds}, {args.threads} threads, batch {cfg.data.batch_size}):")
-    print(f"  bare PyTorch loop        {mb:8.0f} tokens/s")
-    print(f"  Lightning SFTModule      {mo:8.0f} tokens/s   ratio {mo / mb:.3f}")
-    print(f"  Lightning + progress bar {mob:8.0f} tokens/s   ratio {mob / mb:.3f}")
+    spread = lambda v: f"({min(v):.0f}-{max(v):.0f})"  # noqa: E731
+    print(f"\nthroughput, median (min-max) of {args.rounds} rounds, {args.threads} threads, batch {cfg.data.batch_size}:")
+    print(f"  bare PyTorch loop        {mb:8.0f} tokens/s {spread(bare)}")
+    print(f"  Lightning SFTModule      {mo:8.0f} tokens/s {spread(ours)}  ratio {mo / mb:.3f}")
+    print(f"  Lightning + progress bar {mob:8.0f} tokens/s {spread(ours_bar)}  ratio {mob / mb:.3f}")
 
 
 if __name__ == "__main__":
