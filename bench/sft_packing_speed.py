@@ -6,7 +6,7 @@
 Variants, run alternately in each round on the same data, model init, optimizer and clipping:
   bare        a plain PyTorch loop over our padded batches (forward, completion-only loss, clip, fused AdamW)
   ours        SFTModule through Lightning's Trainer, padded batches
-  ours_packed SFTModule, data.packing=true (padding-free: one row, per-sequence position_ids)
+  ours_packed SFTModule, data.packing=true (padding-free: balanced rows of <= 512 tokens, per-sequence position_ids)
   trl         TRL's SFTTrainer, its default (padded) setup, prompt-completion data (completion-only loss)
   trl_pf      TRL's SFTTrainer with padding_free=True (its best setup that runs on CPU)
   *_bf16      the same under bf16 autocast (ours: trainer precision bf16-mixed; TRL: its default bf16=True,

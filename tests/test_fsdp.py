@@ -20,9 +20,10 @@ COMMON = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-
           "logger=csv", "extras.print_config=false", "trainer.enable_progress_bar=false", "test=false"]
 ALGOS = {
     "sft": ["algo=sft"],
-    # the frozen reference is sharded too, and refreshed (TR-DPO) at steps 2, 4, 6
+    # the frozen reference is sharded too, and refreshed (TR-DPO) at steps 2, 4, 6; pairs packed as prompt trees
+    # (the padded shared-prompt forward is the one RLVR uses below)
     "tr_dpo": ["algo=tr_dpo", "warm_start.max_steps=0", "callbacks.reference_refresh.tau=2",
-               "callbacks.reference_refresh.alpha=0.5"],
+               "callbacks.reference_refresh.alpha=0.5", "data.packing=true"],
     "sft_lora": ["algo=sft", "model.lora.r=4", "model.lora.dropout=0.0", "algo.lr=1e-2"],
     # the lagged generator is sharded too and refreshed shard to shard (generation_lag 3: steps 3, 6)
     "rlvr": [o for o in RLVR_RUN if not o.startswith(("test=", "trainer.val_check_interval", "data.batch_size"))],
