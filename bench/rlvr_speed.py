@@ -314,11 +314,13 @@ def main() -> None:
         print(f"round {r}: ours {res['ours'][-1]:.2f} steps/s, TRL {res['trl'][-1]:.2f} steps/s, "
               f"generation ours {go:.0f} tok/s, HF generate {gh:.0f} tok/s", flush=True)
     med = {k: statistics.median(v) for k, v in res.items()}
-    print(f"\nmedian of {args.rounds} rounds; {args.steps} steps of {PROMPTS} prompts x {G} samples, "
+    spread = {k: f"({min(v):.2f}-{max(v):.2f})" for k, v in res.items()}
+    print(f"\nmedian (min-max) of {args.rounds} rounds; {args.steps} steps of {PROMPTS} prompts x {G} samples, "
           f"<= {NEW} new tokens; {args.threads} threads")
-    print(f"  optimizer steps/s: ours {med['ours']:.2f}  TRL {med['trl']:.2f}  ratio {med['ours'] / med['trl']:.2f}x")
-    print(f"  generation tokens/s: ours {med['gen_ours']:.0f}  HF generate (TRL's) {med['gen_hf']:.0f}  "
-          f"ratio {med['gen_ours'] / med['gen_hf']:.2f}x")
+    print(f"  optimizer steps/s: ours {med['ours']:.2f} {spread['ours']}  TRL {med['trl']:.2f} {spread['trl']}  "
+          f"ratio {med['ours'] / med['trl']:.2f}x")
+    print(f"  generation tokens/s: ours {med['gen_ours']:.0f} {spread['gen_ours']}  HF generate (TRL's) "
+          f"{med['gen_hf']:.0f} {spread['gen_hf']}  ratio {med['gen_ours'] / med['gen_hf']:.2f}x")
 
 
 if __name__ == "__main__":

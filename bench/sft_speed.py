@@ -85,8 +85,9 @@ def bare_tokens_per_s(cfg, steps: int) -> float:
     dm, module = build(cfg)
     model = module.model.train()
 
-    class T:  # configure_optimizers reads the stepping-batch count from its trainer
+    class T:  # configure_optimizers reads the stepping-batch count and the precision from its trainer
         estimated_stepping_batches = steps + WARMUP
+        precision = "32-true"
 
     module._trainer = T
     conf = module.configure_optimizers()

@@ -266,9 +266,8 @@ def pack_pairs(prompts: list[list[int]], chosen: list[list[int]], rejected: list
                pad_id: int) -> dict[str, torch.Tensor]:
     """Padding-free preference pairs: each pair is one segment `prompt, chosen, rejected` (the prompt once), the
     segments packed into rows of at most `max_tokens` tokens (`balanced_rows`; the collator gives 2 x max_length,
-    the longest a pair's tree can be). Positions restart at 0 for
-    each segment, and the rejected completion's positions restart after the prompt, as if it followed the
-    prompt directly. The attention pattern (a tree: the prompt causal, each completion on the prompt and on
+    the longest a pair's tree can be). Positions restart at 0 for each segment, and the rejected completion's
+    positions restart after the prompt, as if it followed the prompt directly. The attention pattern (a tree: the prompt causal, each completion on the prompt and on
     itself, never on the other completion or another pair) is given as `segment_ids` and `branch_ids`
     (0 prompt, 1 chosen, 2 rejected; the model builds the mask). The completion tokens to score are listed
     flat: `logp_index` (row * width + the position that predicts the token), `logp_target` (the token) and
