@@ -16,8 +16,8 @@ on the 128 repeated prompts, which is what TRL calls.
 
 `--size 30m` (compute-bound): a 33.6 M Llama (hidden 512, 8 layers), 8 prompts x 8 samples per step, prompts of
 100-190 tokens (random text ending in a question), at most 64 new tokens (sampling stops at <eos> too, so
-completion lengths vary), reward 1 when the completion contains the prompt's answer digit (about 80% of random
-completions do: groups have variance, so every step trains). The same reward function, model init and
+completion lengths vary), reward 1 when the completion contains the prompt's answer digit (about half of the
+random init's completions do: groups have variance, so every step trains). The same reward function, model init and
 settings on both sides; everything else as above.
 
 Learning (--learning): from the same SFT checkpoint (--init, e.g. a warm-start export
