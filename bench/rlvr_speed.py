@@ -87,11 +87,11 @@ def load_model(tok, init: str | None):
 
 # --------------------------------------------------------------------------- ours
 def ours(rows, steps: int | None, init: str | None = None, budget: float | None = None, lag: int = 0,
-         rollout=None, net=None, prompts: int = PROMPTS, new: int = NEW, reward=None):
+         rollout=None, net=None, prompts: int = PROMPTS, new: int = NEW, reward=None, max_length: int = 32):
     tok = char_tokenizer()
     learning = budget is not None
     dm = LMDataModule(Rows([(f"row {i}", r) for i, r in enumerate(rows)]), tok, kind="prompt",
-                      batch_size=LEARNING["prompts"] if learning else prompts, max_length=512 if net else 32)
+                      batch_size=LEARNING["prompts"] if learning else prompts, max_length=max_length)
     dm.setup()
     model = net() if net else load_model(tok, init)
     module = RLVRModule(
@@ -234,7 +234,8 @@ def compute_bound(rounds: int, steps: int) -> None:
           f"{steps} steps per run", flush=True)
     res = {"ours": [], "trl": []}
     for r in range(rounds):  # alternating
-        res["ours"].append(ours(rows, steps, net=net, prompts=prompts, new=new, reward=contains_answer)[0])
+        res["ours"].append(ours(rows, steps, net=net, prompts=prompts, new=new, reward=contains_answer,
+                                max_length=512)[0])
         res["trl"].append(trl(rows, steps, net=net, prompts=prompts, new=new, reward=contains_answer)[0])
         print(f"round {r}: ours {res['ours'][-1]:.3f} steps/s, TRL {res['trl'][-1]:.3f} steps/s", flush=True)
     spread = lambda v: f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})"  # noqa: E731

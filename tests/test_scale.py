@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM
 
 from src.datamodules.arithmetic import ArithmeticTask
@@ -27,6 +28,16 @@ def checkpoints(tmp_path_factory):
     return {arch: tiny_checkpoint(arch, root / arch) for arch in ("qwen2", "gpt2", "llama")}
 
 
+class Losses(Callback):
+    """The training loss of each step."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
 def _net(tokenizer):
     return lambda tokenizer: tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
 
@@ -44,15 +55,6 @@ def test_lora_trains_only_the_adapters_lowers_the_loss_and_exports_merged(cfg_fa
     cfg = cfg_factory("algo=sft", "model.lora.r=8", "model.lora.alpha=16", "model.lora.dropout=0.0", "algo.lr=3e-3",
                       "algo.warmup_steps=0", "trainer.max_steps=30", "trainer.val_check_interval=30", "test=false",
                       "callbacks=default", "logger=csv")
-    from lightning.pytorch.callbacks import Callback
-
-    class Losses(Callback):
-        def __init__(self):
-            self.losses = []
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.losses.append(float(outputs["loss"]))
-
     initial = {k: v.clone() for k, v in tiny_llama(__import__("src.models", fromlist=["char_tokenizer"]).char_tokenizer(),
                                                     seed=cfg.seed).state_dict().items()}
     rec = Losses()
@@ -361,15 +363,6 @@ def test_a_packed_rejected_branch_does_not_see_the_chosen_one(checkpoints):
 def test_packed_dpo_run_equals_the_padded_run(cfg_factory):
     """`algo=dpo data.packing=true` from the config: the same losses step by step and the same validation
     metrics as the padded run (reference log-probs cached, so the reference went through the packed path too)."""
-    from lightning.pytorch.callbacks import Callback
-
-    class Losses(Callback):
-        def __init__(self):
-            self.losses = []
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.losses.append(float(outputs["loss"]))
-
     runs = []
     for packing in ("false", "true"):
         rec = Losses()

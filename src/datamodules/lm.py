@@ -214,7 +214,7 @@ def balanced_rows(lengths: list[int], capacity: int) -> tuple[list[list[int]], l
         even[r].append(i)
         heapq.heappush(heap, (u + lengths[i], r))
     if max(u for u, _ in heap) <= capacity:
-        rows, used = even, [sum(lengths[i] for i in row) for row in even]
+        rows, used = even, [u for u, _ in sorted(heap, key=lambda x: x[1])]
     if len(lengths) <= 64:  # quadratic; with many short items the rows are already about even
         _even_out(rows, used, lengths)
     return rows, used
@@ -225,23 +225,24 @@ def _even_out(rows: list[list[int]], used: list[int], lengths: list[int]) -> Non
     row most, while one does."""
     for _ in range(4 * len(lengths)):
         top = max(range(len(rows)), key=used.__getitem__)
-        best = None  # (new width of the two rows, item out of top, row, item back or None)
+        best = None  # (new width of the two rows, item out of top, row, item back or None, tokens moved)
         for i in rows[top]:
             for r in range(len(rows)):
                 for j in [None, *rows[r]] if r != top else []:
                     d = lengths[i] - (lengths[j] if j is not None else 0)
                     if d > 0 and (width := max(used[top] - d, used[r] + d)) < used[top]:
                         if best is None or width < best[0]:
-                            best = (width, i, r, j)
+                            best = (width, i, r, j, d)
         if best is None:
             return
-        _, i, r, j = best
+        _, i, r, j, d = best
         rows[top].remove(i)
         rows[r].append(i)
         if j is not None:
             rows[r].remove(j)
             rows[top].append(j)
-        used[top], used[r] = sum(lengths[k] for k in rows[top]), sum(lengths[k] for k in rows[r])
+        used[top] -= d
+        used[r] += d
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], max_tokens: int, pad_id: int) -> dict[str, torch.Tensor]:
