@@ -406,7 +406,7 @@ def test_variants_differ_where_they_should(cfg_factory):
 def test_fp32_head_under_bf16_autocast(tokenizer):
     """ScaleRL's FP32 logits: under bf16 mixed precision the LM head and log-softmax stay float32."""
     from src.models import tiny_llama
-    from src.models.rollout import fp32_logits
+    from src.models.lm import fp32_logits
 
     model = tiny_llama(tokenizer, seed=0)
     hidden = torch.randn(3, 5, model.config.hidden_size)

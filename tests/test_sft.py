@@ -62,10 +62,13 @@ def test_training_step_loss_is_the_masked_cross_entropy_of_the_model(cfg_factory
     dm.setup()
     module = hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net), tokenizer=tok)
     batch = next(iter(dm.train_dataloader()))
-    loss, n, logits = module(batch)
-    want, want_n = _hand_nll(logits.detach(), batch["labels"])
+    loss, n, pred, target = module(batch)
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
+    want, want_n = _hand_nll(logits, batch["labels"])
     assert n.item() == want_n
     assert abs(loss.item() - want) < 1e-4
+    scored = batch["labels"][:, 1:] != -100  # the greedy predictions at the scored positions, in order
+    assert torch.equal(pred, logits[:, :-1].argmax(-1)[scored]) and torch.equal(target, batch["labels"][:, 1:][scored])
     # prompt tokens do not contribute: changing the prompt's labels to scored changes the loss
     labels = batch["labels"].clone()
     labels[batch["attention_mask"].bool() & (labels == -100)] = 5

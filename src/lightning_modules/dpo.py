@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from src.lightning_modules.lm import LMModule, completion_logps, packed_completion_logps, token_logps
+from src.lightning_modules.lm import LMModule, completion_logps, labelled_logps, packed_completion_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "naive_margin", "sft_chosen")
 NEEDS_REF = ("sigmoid", "ipo", "hinge")
@@ -70,9 +70,8 @@ def dpo_loss(
 
 
 def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of completion-token log-probs per row, and the number of completion tokens."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    logps, mask = token_logps(logits, labels)
+    """Sum of completion-token log-probs per row, and the number of completion tokens (each row encoded whole)."""
+    logps, mask, _ = labelled_logps(model, input_ids, labels, attention_mask)
     return logps.sum(-1), mask.sum(-1)
 
 

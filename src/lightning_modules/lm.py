@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from src.metrics import ExactMatch
-from src.models.rollout import cache_kwarg, causal_lm, fp32_logits, position_ids
+from src.models.lm import cache_kwarg, causal_lm, fsdp2_shard, head_logps, is_sharded, position_ids, reshard
 from src.optim import adamw_cosine
 
 
@@ -34,8 +34,22 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return picked * mask, mask
 
 
+def labelled_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None, argmax: bool = False):
+    """`token_logps` from the model itself, with the LM head run only at the scored positions and in chunks
+    (`head_logps`: one chunk of float32 logits in memory). Returns the (B, L-1) log-probs (0 where not scored), the
+    mask of scored tokens, and with `argmax` the greedy predictions at the scored positions (flat, in order)."""
+    hidden = causal_lm(model).base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                         use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logp, _, pred = head_logps(model, hidden[:, :-1][mask], targets[mask], argmax=argmax)
+    return torch.zeros(mask.shape, dtype=logp.dtype, device=logp.device).masked_scatter(mask, logp), mask, pred
+
+
 def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token cross-entropy over the scored (completion) tokens, and their count."""
+    """Mean next-token cross-entropy over the scored (completion) tokens, and their count, from given logits (the
+    plain formula: the benches' bare loops and the tests' reference; training uses `labelled_logps`)."""
     targets = labels[:, 1:]
     n = (targets != -100).sum()
     loss = F.cross_entropy(
@@ -47,8 +61,8 @@ def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
 def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
                      group: int = 1, with_entropy: bool = True):
     """log pi(y_t | x, y_<t) of each completion token (FP32 LM head, temperature applied), and the
-    entropy of pi at each of those positions (None with `with_entropy=False`). Prompts are
-    left-padded, completions right-padded.
+    entropy of pi at each of those positions (None with `with_entropy=False`; 0 at padding). Prompts are
+    left-padded, completions right-padded. The LM head runs at the completion tokens only, in chunks.
 
     With `group` = G > 1, `prompt_ids` holds the B distinct prompts and the completions are their
     B*G samples (prompt-major): each prompt is encoded once and its keys/values are shared by its G
@@ -76,14 +90,10 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
             rest = lm.base_model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
                                     position_ids=position_ids(mask)[:, p:-1], use_cache=True, **kw)
             hidden = torch.cat([hidden, rest.last_hidden_state], 1)  # predicts y_1 .. y_{T-1}
-    logits = fp32_logits(model, hidden, temperature)
-    logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    m = completion_mask.bool()
+    logp, ent, _ = head_logps(model, hidden[m], completion_ids[m], temperature, entropy=with_entropy)
+    zeros = torch.zeros(m.shape, dtype=logp.dtype, device=logp.device)
+    return zeros.masked_scatter(m, logp), None if ent is None else zeros.detach().masked_scatter(m, ent)
 
 
 def tree_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, attn_implementation: str) -> torch.Tensor:
@@ -111,8 +121,7 @@ def packed_completion_logps(model, batch: dict, n_sequences: int) -> tuple[torch
     mask = tree_mask(batch["segment_ids"], batch["branch_ids"], lm.config._attn_implementation)
     hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
                            use_cache=False).last_hidden_state
-    logits = fp32_logits(model, hidden.flatten(0, 1)[batch["logp_index"]])
-    logp = torch.log_softmax(logits, -1).gather(-1, batch["logp_target"].unsqueeze(-1)).squeeze(-1)
+    logp = head_logps(model, hidden.flatten(0, 1)[batch["logp_index"]], batch["logp_target"])[0]
     seq = batch["logp_seq"]
     sums = torch.zeros(n_sequences, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
     return sums, torch.bincount(seq, minlength=n_sequences)
@@ -165,8 +174,6 @@ class LMModule(L.LightningModule):
     @property
     def sharded(self) -> bool:
         """Whether the policy is sharded over processes (FSDP2): forward passes are then collective."""
-        from src.models.lm import is_sharded
-
         return is_sharded(self.model)
 
     @property
@@ -208,8 +215,6 @@ class LMModule(L.LightningModule):
         stays W + dW (a hard update merges the adapter into the base and restarts it at B = 0)."""
         if self.ref_model is not None:
             if self.sharded:  # both sides as their shards (each process updates its own)
-                from src.models.lm import reshard
-
                 reshard(self.ref_model)
                 reshard(self.model)
             for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
@@ -253,8 +258,6 @@ class LMModule(L.LightningModule):
         lagged generator) over the data-parallel mesh; a no-op for every other strategy."""
         if self.device_mesh is None or self.sharded:  # (test after fit: already sharded)
             return
-        from src.models.lm import fsdp2_shard
-
         for model in [self.model, *self.frozen_models()]:
             fsdp2_shard(model, self.device_mesh["data_parallel"])
 

@@ -75,28 +75,34 @@ def group_advantages(rewards: torch.Tensor, norm: str = "batch", keep: torch.Ten
 
 
 # --------------------------------------------------------------------------- the loss
+def token_weights(mask: torch.Tensor, keep: torch.Tensor, how: str) -> torch.Tensor:
+    """Each completion token's weight in the sum that `aggregate` divides by the count of units (B, G, T):
+
+    prompt    1 / sum_g |y_g| of its prompt (ScaleRL: per prompt, sum over its G samples' tokens / their count)
+    token     1 (DAPO: every token of the batch alike)
+    sequence  1 / |y_i| of its sample (GRPO: per sample, the mean over its tokens)
+    0 for the groups that keep = False drops. Counted over whole groups, so that a micro-batch holding part of a
+    group weighs its tokens exactly as the whole step would.
+    """
+    m = (mask & keep[:, None, None]).float()
+    if how == "prompt":
+        return m / m.sum((1, 2), keepdim=True).clamp(min=1)
+    if how == "token":
+        return m
+    if how == "sequence":
+        return m / m.sum(-1, keepdim=True).clamp(min=1)
+    raise ValueError(f"algo.loss_agg={how!r}: must be one of {list(AGGREGATIONS)}")
+
+
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, how: str,
               normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
-    """Reduce per-token losses (B, G, T) over the kept groups' completion tokens.
-
-    prompt    per prompt: sum over its G samples' tokens / sum_g |y_g|; mean over prompts (ScaleRL)
-    token     sum over all tokens / number of tokens (DAPO)
-    sequence  per sample: mean over its tokens; mean over samples (GRPO)
-    `normalizer` replaces the local count of units (prompts, tokens, samples), e.g. by the count
-    over all processes divided by their number, so that DDP's gradient average is exact.
+    """Reduce per-token losses (B, G, T) over the kept groups' completion tokens: the sum of per-unit means
+    (`token_weights`) over the number of units (prompts, tokens, samples: `count_units`).
+    `normalizer` replaces the local count of units, e.g. by the count over all processes divided by their
+    number, so that DDP's gradient average is exact.
     """
-    m = mask & keep[:, None, None]
-    lm = loss * m
-    if how == "prompt":
-        per_unit = lm.sum((1, 2)) / m.sum((1, 2)).clamp(min=1)
-    elif how == "token":
-        per_unit = lm
-    elif how == "sequence":
-        per_unit = lm.sum(-1) / m.sum(-1).clamp(min=1)
-    else:
-        raise ValueError(f"algo.loss_agg={how!r}: must be one of {list(AGGREGATIONS)}")
     n = count_units(mask, keep, how) if normalizer is None else normalizer
-    return per_unit.sum() / max(float(n), 1.0)
+    return (loss * token_weights(mask, keep, how)).sum() / max(float(n), 1.0)
 
 
 def count_units(mask: torch.Tensor, keep: torch.Tensor, how: str) -> torch.Tensor:
@@ -123,48 +129,66 @@ def rlvr_loss(
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
     normalizer: float | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    with_stats: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The policy loss (to minimise: -J) and importance-ratio statistics.
+    """The policy loss (to minimise: -J) and importance-ratio statistics (`ratio_stats`).
 
     logp: log pi_train(y_t) (B, G, T), with gradient; logp_gen: log pi_gen(y_t) from the sampler;
     adv: normalised advantages (B, G); mask: completion tokens (B, G, T); keep: groups in the loss (B,).
+    A micro-batch of samples passes (N, T) tensors, adv (N,), and its tokens' `weights` (`token_weights` of the
+    whole step) with the whole step's `normalizer`: the micro-batches' losses then sum to the step's.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"algo.loss_type={loss_type!r}: must be one of {list(LOSS_TYPES)}")
-    keep = torch.ones(adv.size(0), dtype=torch.bool, device=adv.device) if keep is None else keep
-    a = adv.unsqueeze(-1)  # (B, G, 1): one advantage per sample, for all its tokens
+    a = adv.unsqueeze(-1)  # one advantage per sample, for all its tokens
     if loss_type == "cispo":
         rho = torch.exp(logp.detach() - logp_gen)  # pi_train / pi_gen, no gradient (sg)
         weight = torch.clamp(rho, max=epsilon)  # min(rho, eps)
         objective = weight * a * logp  # sg(min(rho, eps)) A log pi_train
-        clipped = rho > epsilon
     else:  # grpo, dapo: PPO's clipped surrogate, the gradient flows through rho
         rho = torch.exp(logp - logp_gen)
         rho_clip = torch.clamp(rho, 1 - clip_low, 1 + clip_high)
         objective = torch.minimum(rho * a, rho_clip * a)
-        clipped = (rho_clip * a < rho * a).detach()
     if beta > 0:
         if ref_logp is None:
             raise ValueError("algo.beta > 0 needs the reference log-probs")
         d = ref_logp - logp  # log pi_ref / pi_theta
         objective = objective - beta * (torch.exp(d) - d - 1)  # k3 estimator of KL(pi_theta || pi_ref)
-    loss = aggregate(-objective, mask, keep, loss_agg, normalizer)
-
-    with torch.no_grad():
-        m = mask.bool()
-        r = rho.detach()[m]
-        drift = (logp.detach() - logp_gen)[m].abs()  # |log pi_train - log pi_gen|: policy lag + engine mismatch
-        stats = {
-            "logp_diff/mean": drift.mean() if r.numel() else r.new_tensor(0.0),
-            "logp_diff/max": drift.max() if r.numel() else r.new_tensor(0.0),
-            "rho/mean": r.mean() if r.numel() else r.new_tensor(1.0),
-            "rho/max": r.max() if r.numel() else r.new_tensor(1.0),
-            "rho/frac_truncated": clipped[m].float().mean() if r.numel() else r.new_tensor(0.0),
-        }
-        if beta > 0:
-            d = (ref_logp - logp.detach())[m]
-            stats["kl"] = (torch.exp(d) - d - 1).mean()
+    if weights is None:
+        keep = torch.ones(adv.size(0), dtype=torch.bool, device=adv.device) if keep is None else keep
+        loss = aggregate(-objective, mask, keep, loss_agg, normalizer)
+    else:
+        loss = (-objective * weights).sum() / max(float(normalizer), 1.0)
+    stats = ratio_stats(logp.detach(), logp_gen, adv, mask, loss_type, epsilon, clip_low, clip_high,
+                        ref_logp, beta) if with_stats else {}
     return loss, stats
+
+
+@torch.no_grad()
+def ratio_stats(logp, logp_gen, adv, mask, loss_type, epsilon, clip_low, clip_high, ref_logp=None, beta=0.0):
+    """Over the completion tokens: |log pi_train - log pi_gen| (policy lag + engine mismatch), rho's mean and max,
+    the share of tokens whose weight is truncated (CISPO) or clipped (PPO), and with beta > 0 the k3 KL."""
+    m = mask.bool()
+    rho = torch.exp(logp - logp_gen)
+    if loss_type == "cispo":
+        clipped = rho > epsilon
+    else:
+        a = adv.unsqueeze(-1)
+        clipped = torch.clamp(rho, 1 - clip_low, 1 + clip_high) * a < rho * a
+    r = rho[m]
+    drift = (logp - logp_gen)[m].abs()
+    stats = {
+        "logp_diff/mean": drift.mean() if r.numel() else r.new_tensor(0.0),
+        "logp_diff/max": drift.max() if r.numel() else r.new_tensor(0.0),
+        "rho/mean": r.mean() if r.numel() else r.new_tensor(1.0),
+        "rho/max": r.max() if r.numel() else r.new_tensor(1.0),
+        "rho/frac_truncated": clipped[m].float().mean() if r.numel() else r.new_tensor(0.0),
+    }
+    if beta > 0:
+        d = (ref_logp - logp)[m]
+        stats["kl"] = (torch.exp(d) - d - 1).mean()
+    return stats
 
 
 # --------------------------------------------------------------------------- the module
@@ -221,10 +245,18 @@ class RLVRModule(LMModule):
         val_temperature: float = 1.0,
         log_completions_every_n_steps: int = 50,
         rollout: Callable[..., RolloutEngine] | None = None,
+        micro_batch_size: int | None = None,
+        max_tokens_per_micro_batch: int | None = None,
         seed: int = 0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"algo.micro_batch_size={micro_batch_size}: must be >= 1 sample (or null: the whole step)")
+        longest = self.hparams.max_new_tokens + 1  # the shortest a sample can be at its longest: 1 prompt token
+        if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < longest:
+            raise ValueError(f"algo.max_tokens_per_micro_batch={max_tokens_per_micro_batch} cannot hold one sample: "
+                             f"a sample can be a prompt + algo.max_new_tokens={self.hparams.max_new_tokens} tokens")
         self.loss_agg, self.adv_norm, self.clip_high = check_recipe(
             reward, loss_type, loss_agg, adv_norm, clip_high, num_generations, generation_lag, epsilon,
             reward_on_error, val_num_samples)
@@ -253,6 +285,16 @@ class RLVRModule(LMModule):
 
     # ------------------------------------------------------------------ state
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # One optimizer step per batch of prompts, over micro-batches of its samples (`policy_update`): the
+            # module steps the optimizer itself, with the trainer's clipping settings. (Set here, after Lightning's
+            # check that refuses `gradient_clip_val` with manual optimization: this module applies it.)
+            if self.trainer.accumulate_grad_batches != 1:
+                raise ValueError(
+                    f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches}: RLVR takes one optimizer "
+                    "step per batch of prompts; bound its memory with algo.micro_batch_size / "
+                    "algo.max_tokens_per_micro_batch (gradients accumulate over them within the step)")
+            self.automatic_optimization = False
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "retired"):
             dm.retired.update(self.retired)
@@ -298,7 +340,7 @@ class RLVRModule(LMModule):
         r, errors = self.score(batch, texts, roll)  # the verifier's rewards, (B, G)
         adv, keep, zv_all = self.advantages(r)  # group advantages, batch-normalised; zero-variance filter
         passed = self.retire(batch, r)  # no-positive resampling
-        loss, stats, entropy, t_train = self.policy_loss(batch, roll, adv, keep)  # truncated IS, prompt-level
+        loss, stats, entropy, t_train = self.policy_update(batch, roll, adv, keep)  # truncated IS, prompt-level
         self.log_step(batch, roll, texts, r, passed, zv_all, errors, loss, stats, entropy, t_gen, t_train)
         return loss
 
@@ -338,27 +380,92 @@ class RLVRModule(LMModule):
             self.retired.update(idx_all[rate_all >= hp.retire_threshold].tolist())
         return passed
 
-    def policy_loss(self, batch: dict, roll: Rollout, adv: torch.Tensor, keep: torch.Tensor):
-        """-J: log pi_train of the sampled tokens (each prompt encoded once for its G samples), pi_ref's for
-        the KL term, and `rlvr_loss` with a denominator counted over all processes."""
+    def policy_update(self, batch: dict, roll: Rollout, adv: torch.Tensor, keep: torch.Tensor):
+        """-J over micro-batches of the step's samples, then one optimizer step. Each micro-batch computes log
+        pi_train of its sampled tokens (with gradient; each prompt encoded once for its samples there), pi_ref's for
+        the KL term, and its share of `rlvr_loss`: the tokens' weights and the loss's denominator are counted over
+        the whole step (all processes) first, so the accumulated gradient is the whole step's. Returns the step's
+        loss, statistics, entropy (N, T) and forward time."""
         hp = self.hparams
         b, g = adv.shape
-        t1 = time.perf_counter()
-        seqs = (batch["prompt_input_ids"], batch["prompt_attention_mask"], roll.completion_ids, roll.completion_mask,
-                hp.temperature, g)
-        logp, entropy = completion_logps(self.model, *seqs)
-        ref_logp = None
-        if self.has_reference:
-            with torch.no_grad(), self.reference() as ref:
-                ref_logp = completion_logps(ref, *seqs, with_entropy=False)[0].view(b, g, -1)
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
         mask = roll.completion_mask.view(b, g, -1)
+        weights = token_weights(mask, keep, self.loss_agg).flatten(0, 1)
         units = count_units(mask, keep, self.loss_agg)
         normalizer = self._gather(units.view(1)).sum().float() / self.trainer.world_size
-        loss, stats = rlvr_loss(
-            logp.view(b, g, -1), roll.logps.view(b, g, -1), adv, mask, keep, hp.loss_type, self.loss_agg,
-            hp.epsilon, hp.clip_low, self.clip_high, ref_logp, hp.beta, normalizer,
-        )
-        return loss, stats, entropy, time.perf_counter() - t1  # forward only; backward follows in Lightning
+        adv_flat = adv.flatten()
+        logp = torch.zeros_like(roll.logps)
+        entropy = torch.zeros_like(roll.logps)
+        ref_logp = torch.zeros_like(roll.logps) if self.has_reference else None
+        loss, t_train = torch.zeros((), device=self.device), 0.0
+        for s, e in self.micro_batches(batch["prompt_attention_mask"], roll.lengths, g):
+            t1 = time.perf_counter()
+            seqs = self._micro_batch(batch, roll, g, s, e)
+            t = seqs[2].size(1)
+            lp, ent = completion_logps(self.model, *seqs)
+            ref = None
+            if self.has_reference:
+                with torch.no_grad(), self.reference() as ref_model:
+                    ref = completion_logps(ref_model, *seqs, with_entropy=False)[0]
+                ref_logp[s:e, :t] = ref
+            part, _ = rlvr_loss(
+                lp, roll.logps[s:e, :t], adv_flat[s:e], seqs[3], None, hp.loss_type, self.loss_agg, hp.epsilon,
+                hp.clip_low, self.clip_high, ref, hp.beta, normalizer, weights[s:e, :t], with_stats=False)
+            t_train += time.perf_counter() - t1
+            self.manual_backward(part)
+            loss += part.detach()
+            logp[s:e, :t], entropy[s:e, :t] = lp.detach(), ent
+        self.clip_gradients(opt)  # the trainer's gradient_clip_val / gradient_clip_algorithm
+        opt.step()
+        self.lr_schedulers().step()
+        stats = ratio_stats(logp, roll.logps, adv_flat, roll.completion_mask, hp.loss_type, hp.epsilon, hp.clip_low,
+                            self.clip_high, ref_logp, hp.beta)
+        return loss, stats, entropy, t_train  # t_train: the forward passes only
+
+    def micro_batches(self, prompt_mask: torch.Tensor, lengths: torch.Tensor, g: int) -> list[tuple[int, int]]:
+        """Consecutive sample ranges [s, e) of at most `algo.micro_batch_size` samples whose padded size (samples x
+        (longest prompt + longest completion) among them) fits `algo.max_tokens_per_micro_batch`, as verl's dynamic
+        batch size; as many on every process (a process with fewer splits its largest ranges), since under DDP and
+        FSDP2 each forward and backward is collective."""
+        hp = self.hparams
+        n = lengths.numel()
+        cap, budget = hp.micro_batch_size or n, hp.max_tokens_per_micro_batch
+        prompt_len = prompt_mask.sum(-1).repeat_interleave(g).tolist()
+        comp_len = lengths.tolist()
+        size = lambda s, e: (e - s) * (max(prompt_len[s:e]) + max(comp_len[s:e]))  # noqa: E731
+        ranges, s = [], 0
+        while s < n:
+            e = s + 1
+            if budget is not None and size(s, e) > budget:
+                raise ValueError(
+                    f"algo.max_tokens_per_micro_batch={budget} cannot hold sample {s} of this step: "
+                    f"{prompt_len[s]} prompt + {comp_len[s]} completion tokens")
+            while e < n and e - s < cap and (budget is None or size(s, e + 1) <= budget):
+                e += 1
+            ranges.append((s, e))
+            s = e
+        count = int(self._gather(torch.tensor([len(ranges)], device=self.device)).max())
+        while len(ranges) < count:  # split the largest range in two (each half still fits)
+            i = max(range(len(ranges)), key=lambda j: size(*ranges[j]) if ranges[j][1] - ranges[j][0] > 1 else -1)
+            s, e = ranges[i]
+            ranges[i : i + 1] = [(s, (s + e) // 2), ((s + e) // 2, e)]
+        return ranges
+
+    def _micro_batch(self, batch: dict, roll: Rollout, g: int, s: int, e: int) -> tuple:
+        """`completion_logps`'s arguments for samples [s, e): whole groups share their prompt's encoding; a range
+        that splits a group encodes the prompt once per sample. Columns that are padding in every row are cut."""
+        ids, pmask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        if s % g == 0 and e % g == 0:
+            ids, pmask, group = ids[s // g : e // g], pmask[s // g : e // g], g
+        else:
+            rows = torch.arange(s, e, device=ids.device) // g
+            ids, pmask, group = ids[rows], pmask[rows], 1
+        first = int(pmask.any(0).long().argmax())  # prompts are left-padded
+        cmask = roll.completion_mask[s:e]
+        t = max(int(cmask.sum(-1).max()), 1)
+        return (ids[:, first:], pmask[:, first:], roll.completion_ids[s:e, :t], cmask[:, :t],
+                self.hparams.temperature, group)
 
     def log_step(self, batch, roll, texts, r, passed, zv_all, errors, loss, stats, entropy, t_gen, t_train) -> None:
         b, g = r.shape

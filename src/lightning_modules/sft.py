@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.callbacks.validate_at_end import ValidateAtEnd
-from src.lightning_modules.lm import LMModule, masked_nll
+from src.lightning_modules.lm import LMModule, labelled_logps
 
 
 class SFTModule(LMModule):
@@ -25,32 +25,35 @@ class SFTModule(LMModule):
             setattr(self, f"{stage}_token_acc", MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=-100))
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # packed batches (data.packing) carry per-sequence position_ids and no attention mask; transformers builds
-        # the block-diagonal mask from them only without a KV cache (which it would otherwise create)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                            position_ids=batch.get("position_ids"), use_cache=False).logits
-        loss, n_tokens = masked_nll(logits, batch["labels"])
-        return loss, n_tokens, logits
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss, the number of completion tokens, and the greedy prediction and target at each of them.
+        The LM head runs at the completion tokens only, in chunks (`labelled_logps`): no (batch x length x
+        vocabulary) logits. Packed batches (data.packing) carry per-sequence position_ids and no attention mask;
+        transformers builds the block-diagonal mask from them only without a KV cache (use_cache=False)."""
+        labels = batch["labels"]
+        logp, mask, pred = labelled_logps(self.model, batch["input_ids"], labels, batch.get("attention_mask"),
+                                          batch.get("position_ids"), argmax=True)
+        n_tokens = mask.sum()
+        return -logp.sum() / n_tokens.clamp(min=1), n_tokens, pred, labels[:, 1:][mask]
 
-    def _token_accuracy(self, logits: torch.Tensor, labels: torch.Tensor, stage: str) -> None:
+    def _token_accuracy(self, pred: torch.Tensor, target: torch.Tensor, stage: str) -> None:
         acc = getattr(self, f"{stage}_token_acc")
-        acc(logits[:, :-1].argmax(-1), labels[:, 1:])
+        acc(pred, target)
         self.log(f"{stage}/token_accuracy", acc, on_step=stage == "train", on_epoch=stage != "train")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, n_tokens, logits = self(batch)
+        loss, n_tokens, pred, target = self(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         self.log("train/completion_tokens", n_tokens.float(), reduce_fx="sum", batch_size=1)
-        self._token_accuracy(logits.detach(), batch["labels"], "train")
+        self._token_accuracy(pred, target, "train")
         return loss
 
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
-        loss, n_tokens, logits = self(batch)
+        loss, n_tokens, pred, target = self(batch)
         mean = getattr(self, f"{stage}_loss")
         mean.update(loss, weight=n_tokens)  # token-weighted mean over the split
         self.log(f"{stage}/loss", mean, on_epoch=True, prog_bar=stage == "val")
-        self._token_accuracy(logits, batch["labels"], stage)
+        self._token_accuracy(pred, target, stage)
         self.eval_generation(batch, stage, batch_idx)
 
 

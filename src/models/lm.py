@@ -1,11 +1,140 @@
-"""Causal language models: the tiny Llama of the embedded default, or any local HF checkpoint."""
+"""Causal language models: the tiny Llama of the embedded default, or any local HF checkpoint; the helpers every
+algorithm and engine runs them with (the LM head in float32 and in chunks, positions, the KV-cache argument);
+FSDP2 sharding."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+# The LM head's float32 logits are computed in chunks of at most this many elements (tokens x vocabulary): 2**24
+# floats, 64 MiB. At a 151,936-row vocabulary that is 110 tokens a chunk, whatever the batch; a character
+# vocabulary of 100 takes 167,772 tokens a chunk, so small runs compute in one chunk as before.
+LOGITS_CHUNK_ELEMENTS = 2**24
+
+
+def causal_lm(model) -> PreTrainedModel:
+    """The `transformers` causal LM inside a peft (LoRA) wrapper, or the model itself: its `base_model` is
+    the transformer stack (hidden states) and `get_output_embeddings()` the LM head, adapters included."""
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """transformers >= 5.x names the KV cache argument `cache`; earlier versions `past_key_values`."""
+    return _cache_kwarg_of(type(causal_lm(model).base_model))
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:  # inspected once per model class, not on every forward
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: 0 at each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _head_weights(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight and bias as tensors. Tied embeddings: the weight where the model keeps it (under FSDP2
+    the head's own reference is stale). The head is read, never called: under FSDP2 it is part of the root unit
+    (`fsdp2_shard`), whose weights are gathered by the transformer stack's forward."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    if getattr(lm.config, "tie_word_embeddings", False):
+        weight = lm.get_input_embeddings().weight
+    elif isinstance(head, torch.nn.Linear | TiedHead):
+        weight = head.weight
+    else:  # e.g. LoRA on the LM head (peft's all-linear leaves it out): its weight alone is not the head
+        raise ValueError(f"the LM head {type(head).__name__} is not a plain linear layer: leave it out of "
+                         "model.lora.target_modules")
+    return weight, getattr(head, "bias", None)
+
+
+def fp32_logits(model: PreTrainedModel, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """All logits of `hidden`'s positions, from the LM head in float32, outside any autocast (ScaleRL: FP32
+    logits at the LM head). For a few positions at a time (one decoding step); `head_logps` for many."""
+    weight, bias = _head_weights(model)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = _logits(hidden, weight.float(), None if bias is None else bias.float(), temperature)
+    return logits
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    logits = hidden.float() @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return logits / temperature if temperature != 1.0 else logits
+
+
+class _ChunkedHeadLogp(torch.autograd.Function):
+    """log softmax((h W^T + b) / temperature)[y] per position, with its gradient, never holding more than one
+    chunk of float32 logits: the forward keeps each chunk's log-partition only, the backward recomputes each
+    chunk's logits, d logp / d logits = onehot(y) - softmax (divided by the temperature)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk, want_entropy, want_argmax):
+        w = weight.float()
+        b = None if bias is None else bias.float()
+        n = hidden.size(0)
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if want_entropy else None
+        argmax = torch.empty(n, dtype=torch.long, device=hidden.device) if want_argmax else None
+        for s in range(0, n, chunk):
+            logits = _logits(hidden[s : s + chunk], w, b, temperature)
+            lse[s : s + chunk] = z = torch.logsumexp(logits, -1)
+            logp[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - z
+            if want_argmax:
+                argmax[s : s + chunk] = logits.argmax(-1)
+            if want_entropy:  # H = log Z - sum_v p_v logit_v
+                entropy[s : s + chunk] = z - (torch.softmax(logits, -1) * logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(*[t for t in (entropy, argmax) if t is not None])
+        return logp, entropy, argmax
+
+    @staticmethod
+    def backward(ctx, grad, _grad_entropy, _grad_argmax):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight.float()
+        b = None if bias is None else bias.float()
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(w) if need_w else None
+        grad_b = torch.zeros_like(b) if need_b else None
+        for s in range(0, hidden.size(0), ctx.chunk):
+            h, g = hidden[s : s + ctx.chunk], grad[s : s + ctx.chunk, None]
+            logits = _logits(h, w, b, ctx.temperature)
+            # d logp_y / d logits = onehot(y) - softmax(logits), in place on the recomputed chunk
+            d = logits.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g)
+            d.scatter_add_(-1, targets[s : s + ctx.chunk, None], g)
+            if ctx.temperature != 1.0:
+                d.div_(ctx.temperature)
+            if need_h:
+                grad_h[s : s + ctx.chunk] = (d @ w).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(d.T, h.float())
+            if need_b:
+                grad_b.add_(d.sum(0))
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+
+
+def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, entropy: bool = False,
+               argmax: bool = False, chunk_elements: int | None = None):
+    """log pi(y | h) of each position of `hidden` (N, H) for its target token `targets` (N,), from the LM head in
+    float32 (outside any autocast; temperature applied), with its gradient; with `entropy` the entropy of pi at
+    each position and with `argmax` the greedy token (no gradient; else None). The logits are computed in chunks of
+    at most `chunk_elements` (default `LOGITS_CHUNK_ELEMENTS`) and recomputed in the backward, so memory holds one
+    chunk of (tokens x vocabulary) floats, never the batch's."""
+    weight, bias = _head_weights(model)
+    chunk = max(1, (chunk_elements or LOGITS_CHUNK_ELEMENTS) // weight.size(0))
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ChunkedHeadLogp.apply(hidden, weight, bias, targets, temperature, chunk, entropy, argmax)
 
 
 def is_sharded(model) -> bool:
@@ -46,11 +175,9 @@ class TiedHead(torch.nn.Module):
 
 def fsdp2_shard(model, mesh, mp_policy=None) -> None:
     """FSDP2: `fully_shard` each transformer block (the classes in the model's `_no_split_modules`, so any HF
-    architecture), then the transformer stack (embeddings, final norm: the root unit our forward passes call)
-    and an untied LM head. Tied embeddings stay in one unit; the LM head reads them through the embedding."""
+    architecture), then the transformer stack (embeddings, final norm) with the LM head: the root unit our forward
+    passes call. Tied embeddings: the LM head reads them through the embedding."""
     from torch.distributed.fsdp import fully_shard
-
-    from src.models.rollout import causal_lm
 
     lm = causal_lm(model)
     blocks = set(getattr(lm, "_no_split_modules", None) or [])
@@ -60,12 +187,12 @@ def fsdp2_shard(model, mesh, mp_policy=None) -> None:
     for module in lm.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, **kw)
-    fully_shard(lm.base_model, **kw)
     if getattr(lm.config, "tie_word_embeddings", False):
+        fully_shard(lm.base_model, **kw)
         head = lm.get_output_embeddings()
         lm.set_output_embeddings(TiedHead(lm.get_input_embeddings(), getattr(head, "bias", None)))
-    else:
-        fully_shard(lm.get_output_embeddings(), **kw)
+    else:  # the head in the root unit too: `head_logps` reads its weight, gathered by the stack's forward
+        fully_shard([lm.base_model, lm.get_output_embeddings()], **kw)
 
 
 def tiny_llama(

@@ -15,13 +15,13 @@ needed for the importance ratio.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+
+from src.models.lm import cache_kwarg, causal_lm, fp32_logits, is_sharded, position_ids, reshard
 
 
 @dataclass
@@ -36,6 +36,18 @@ class Rollout:
     @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
+
+    @staticmethod
+    def cat(parts: list[Rollout], pad: int) -> Rollout:
+        """The rollouts of consecutive pieces of a batch as one, right-padded to the longest."""
+        if len(parts) == 1:
+            return parts[0]
+        t = max(p.completion_ids.size(1) for p in parts)
+        widen = lambda x, v: torch.nn.functional.pad(x, (0, t - x.size(1)), value=v)  # noqa: E731
+        return Rollout(torch.cat([widen(p.completion_ids, pad) for p in parts]),
+                       torch.cat([widen(p.completion_mask, False) for p in parts]),
+                       torch.cat([widen(p.logps, 0.0) for p in parts]),
+                       torch.cat([p.truncated for p in parts]))
 
 
 class RolloutEngine(Protocol):
@@ -57,45 +69,7 @@ class RolloutEngine(Protocol):
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
 
 
-# --------------------------------------------------------------------------- model helpers
-def causal_lm(model) -> PreTrainedModel:
-    """The `transformers` causal LM inside a peft (LoRA) wrapper, or the model itself: its `base_model` is
-    the transformer stack (hidden states) and `get_output_embeddings()` the LM head, adapters included."""
-    return model.get_base_model() if hasattr(model, "peft_config") else model
-
-
-def cache_kwarg(model: PreTrainedModel) -> str:
-    """transformers >= 5.x names the KV cache argument `cache`; earlier versions `past_key_values`."""
-    return _cache_kwarg_of(type(causal_lm(model).base_model))
-
-
-@functools.cache
-def _cache_kwarg_of(cls: type) -> str:  # inspected once per model class, not on every forward
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that ignore left padding: 0 at each row's first real token."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def fp32_logits(model: PreTrainedModel, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """The LM head in float32, outside any autocast (ScaleRL: FP32 logits at the LM head)."""
-    lm = causal_lm(model)
-    head = lm.get_output_embeddings()
-    # tied embeddings: read the weight where the model keeps it (under FSDP2 the head's own reference is stale)
-    tied = getattr(lm.config, "tie_word_embeddings", False)
-    with torch.autocast(hidden.device.type, enabled=False):
-        if not tied and head.weight.dtype == torch.float32:
-            logits = head(hidden.float())  # through the module: under FSDP2 its hooks gather the weight
-        else:
-            weight = lm.get_input_embeddings().weight if tied else head.weight
-            logits = hidden.float() @ weight.float().T
-            if getattr(head, "bias", None) is not None:
-                logits = logits + head.bias.float()
-    return logits / temperature if temperature != 1.0 else logits
-
-
+# --------------------------------------------------------------------------- sampling
 def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p."""
     probs = torch.softmax(logits, dim=-1)
@@ -117,8 +91,6 @@ def _storage(t: torch.Tensor) -> int:
 def load_into(model, state_dict: dict[str, torch.Tensor]) -> None:
     """Copy `state_dict` into `model` in place (nothing to do when it is the model's own); under FSDP2 shard to
     shard, on every process."""
-    from src.models.lm import is_sharded, reshard
-
     own = model.state_dict()
     if own.keys() == state_dict.keys() and all(_storage(own[k]) == _storage(v) for k, v in state_dict.items()):
         return
@@ -129,16 +101,19 @@ def load_into(model, state_dict: dict[str, torch.Tensor]) -> None:
 
 # --------------------------------------------------------------------------- engine
 class HFRollout:
-    """Batched KV-cache sampling with a `transformers` causal LM (the policy or a lagged copy)."""
+    """Batched KV-cache sampling with a `transformers` causal LM (the policy or a lagged copy), at most
+    `max_batch_size` sequences at a time (None: the whole call), so that the KV cache and the per-step logits are
+    bounded by that, not by the step's prompts x G."""
 
-    def __init__(self, model: PreTrainedModel, eos_token_id: int, pad_token_id: int):
+    def __init__(self, model: PreTrainedModel, eos_token_id: int, pad_token_id: int, max_batch_size: int | None = None):
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"rollout.max_batch_size={max_batch_size}: must be >= 1 (or null: no bound)")
         self.model, self.eos, self.pad = model, eos_token_id, pad_token_id
+        self.max_batch_size = max_batch_size
         self._cache_kw = cache_kwarg(model)
 
     @property
     def sharded(self) -> bool:
-        from src.models.lm import is_sharded
-
         return is_sharded(self.model)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -178,9 +153,24 @@ class HFRollout:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._generate(prompt_ids, prompt_mask, num_samples, max_new_tokens, temperature, top_p, generator)
+            parts = [self._generate(ids, mask, g, max_new_tokens, temperature, top_p, generator)
+                     for ids, mask, g in self._pieces(prompt_ids, prompt_mask, num_samples)]
+            return Rollout.cat(parts, self.pad)
         finally:
             self.model.train(was_training)
+
+    def _pieces(self, prompt_ids, prompt_mask, g):
+        """(prompts, mask, samples per prompt) of each piece of at most `max_batch_size` samples, in order: whole
+        groups where they fit (each prompt prefilled once), else a group's samples split over pieces (the prompt
+        prefilled once per sample there)."""
+        n, cap = prompt_ids.size(0) * g, self.max_batch_size or prompt_ids.size(0) * g
+        for s in range(0, n, cap):
+            e = min(s + cap, n)
+            if s % g == 0 and e % g == 0:
+                yield prompt_ids[s // g : e // g], prompt_mask[s // g : e // g], g
+            else:
+                idx = torch.arange(s, e, device=prompt_ids.device) // g
+                yield prompt_ids[idx], prompt_mask[idx], 1
 
     def _generate(self, prompt_ids, prompt_mask, g, max_new_tokens, temperature, top_p, generator) -> Rollout:
         sharded = self.sharded  # once per call, not at every decoding step

