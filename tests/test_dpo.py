@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from src.datamodules.lm import LMDataModule
 from src.lightning_modules.dpo import DPOModule, dpo_loss, pair_logps, sequence_logps
 from src.models import tiny_llama
 from tests.conftest import write_jsonl
+from tests.helpers import train_with
 
 PC, PR = torch.tensor([-2.0, -5.0]), torch.tensor([-3.0, -1.0])  # policy chosen / rejected
 RC, RR = torch.tensor([-2.5, -4.0]), torch.tensor([-2.5, -2.0])  # reference chosen / rejected
@@ -183,7 +185,7 @@ def test_refresh_happens_exactly_at_multiples_of_tau_by_the_alpha_rule(tokenizer
                 p.add_(0.01 * step)
         trainer.global_step = step
         before = [p.detach().clone() for p in module.ref_model.parameters()]
-        cb.on_train_batch_end(trainer, module, None, None, step)
+        cb.on_train_batch_start(trainer, module, None, step)
         after = list(module.ref_model.parameters())
         if step % 3 == 0:
             want = [0.25 * p + 0.75 * r for p, r in zip(module.model.parameters(), ref)]
@@ -194,8 +196,49 @@ def test_refresh_happens_exactly_at_multiples_of_tau_by_the_alpha_rule(tokenizer
             assert all(torch.equal(a, b) for a, b in zip(after, before)), f"reference changed at step {step}"
     assert cb.state_dict()["refreshes"] == 2
     # a repeated call at the same step (e.g. gradient accumulation) does not refresh twice
-    cb.on_train_batch_end(trainer, module, None, None, 0)
+    cb.on_train_batch_start(trainer, module, None, 0)
     assert cb.refreshes == 2
+
+
+class ValRecorder(L.Callback):
+    """The val metrics at each validation, by optimizer step, and the steps at which the reference is refreshed."""
+
+    def __init__(self):
+        self.val, self.refreshed_at = {}, []
+
+    def setup(self, trainer, pl_module, stage):
+        refresh = pl_module.refresh_reference
+        pl_module.refresh_reference = lambda alpha: (self.refreshed_at.append(trainer.global_step), refresh(alpha))
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.val[trainer.global_step] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
+def test_tr_dpo_validation_at_a_refresh_step_compares_with_the_reference_trained_against(cfg_factory):
+    """tau = val_check_interval = 2: every validation falls on a refresh step. It must see the reference of the last
+    tau steps (non-zero margins, loss != log 2), not a copy of the policy made just before it."""
+    import math
+
+    rec = ValRecorder()
+    train_with(cfg_factory("algo=tr_dpo", "warm_start.max_steps=0", "callbacks.reference_refresh.tau=2",
+                           "trainer.val_check_interval=2", "trainer.max_steps=6", "test=false"), rec)
+    assert rec.refreshed_at == [2, 4], "refreshes at the start of the steps after steps 2 and 4"
+    assert sorted(rec.val) == [2, 4, 6]
+    for step, m in rec.val.items():
+        assert abs(m["val/rewards/margins"]) > 1e-4, f"step {step}: margins 0: the reference equals the policy"
+        assert abs(m["val/loss"] - math.log(2)) > 1e-5, f"step {step}"
+
+
+def test_tr_dpo_tau_counts_optimizer_steps_under_gradient_accumulation(cfg_factory):
+    """accumulate_grad_batches = 3: tau = 2 optimizer steps is 6 batches; one refresh per tau steps, never one per
+    micro-batch, and the run takes max_steps optimizer steps."""
+    rec = ValRecorder()
+    metrics, objs = train_with(cfg_factory(
+        "algo=tr_dpo", "warm_start.max_steps=0", "callbacks.reference_refresh.tau=2", "trainer.accumulate_grad_batches=3",
+        "trainer.val_check_interval=6", "trainer.max_steps=5", "test=false", "data.batch_size=4"), rec)
+    assert objs["trainer"].global_step == 5
+    assert rec.refreshed_at == [2, 4]
 
 
 def test_dpo_fast_dev_run_logs_trl_metric_names(cfg_factory):

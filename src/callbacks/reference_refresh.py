@@ -4,7 +4,10 @@ Alignment"): every `tau` optimizer steps,
     pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref        (soft update; alpha = 1 is the hard one)
 
 The lecture's "Idea 3": keep updating pi_ref every tau steps to be pi_theta (e.g. tau = 512).
-The update itself is `LMModule.refresh_reference`; this decides when. The reference weights live in
+The update itself is `LMModule.refresh_reference`; this decides when: at the start of the first batch after
+every tau-th optimizer step, so that a validation at that step (which Lightning runs after the step's batch)
+still compares pi_theta with the reference it trained against, never with a copy of itself; under
+gradient accumulation once per optimizer step, not per micro-batch. The reference weights live in
 the module (so in every checkpoint); the refresh counter lives here
 (`state_dict`, also checkpointed). Every DDP rank holds the same policy after its optimizer step,
 so every rank computes the same reference with no communication.
@@ -31,7 +34,7 @@ class ReferenceRefresh(L.Callback):
                 f"(loss_type={pl_module.hparams.get('loss_type')}) has none"
             )
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step  # optimizer steps taken so far
         if step > 0 and step % self.tau == 0 and step != self.last_step:
             pl_module.refresh_reference(self.alpha)
