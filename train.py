@@ -20,6 +20,7 @@ from src.utils import (
     check_required,
     extras,
     finish_loggers,
+    fixed_mmap_threshold,
     get_metric_value,
     hyperparameters,
     instantiate_callbacks,
@@ -33,6 +34,7 @@ from src.utils.loggers import FinishWandbInWorker, forks_workers, prepare_for_wo
 log = logging.getLogger(__name__)
 register_resolvers()
 quiet_known_noise()
+fixed_mmap_threshold()  # host memory that returns to the system (src/utils/run.py)
 
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict, dict]:

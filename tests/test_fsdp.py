@@ -25,9 +25,12 @@ ALGOS = {
     "tr_dpo": ["algo=tr_dpo", "warm_start.max_steps=0", "callbacks.reference_refresh.tau=2",
                "callbacks.reference_refresh.alpha=0.5", "data.packing=true"],
     "sft_lora": ["algo=sft", "model.lora.r=4", "model.lora.dropout=0.0", "algo.lr=1e-2"],
-    # the lagged generator is sharded too and refreshed shard to shard (generation_lag 3: steps 3, 6)
-    "rlvr": [o for o in RLVR_RUN if not o.startswith(("test=", "trainer.val_check_interval", "data.batch_size"))],
+    # the lagged generator is sharded too and refreshed shard to shard (generation_lag 3: steps 3, 6); the KL's
+    # reference is sharded; the FSDP2 side trains in micro-batches of 3 samples (MICRO), the DDP side in one
+    "rlvr": [o for o in RLVR_RUN if not o.startswith(("test=", "trainer.val_check_interval", "data.batch_size"))]
+    + ["algo.beta=0.1"],
 }
+MICRO = {"rlvr": ["algo.micro_batch_size=3"]}
 
 
 def _fsdp(tmp: Path, name: str, *overrides: str) -> Path:
@@ -61,7 +64,7 @@ def _same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
 
 @pytest.mark.parametrize("name", list(ALGOS))
 def test_fsdp2_matches_ddp_step_by_step_and_exports_one_hf_directory(cfg_factory, tmp_path, name):
-    fsdp = _fsdp(tmp_path, name, "trainer.max_steps=6", "trainer.log_every_n_steps=1")
+    fsdp = _fsdp(tmp_path, name, "trainer.max_steps=6", "trainer.log_every_n_steps=1", *MICRO.get(name, []))
     ddp = _ddp(cfg_factory, tmp_path, name, "trainer.max_steps=6")
     got, want = _losses(fsdp), _losses(ddp)
     assert sorted(got) == sorted(want) and len(got) == 6
@@ -78,9 +81,10 @@ def test_fsdp2_matches_ddp_step_by_step_and_exports_one_hf_directory(cfg_factory
     assert checkpoint.is_dir() and (checkpoint / ".metadata").is_file(), "checkpoints are sharded directories"
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2", "llama"])
 def test_fsdp2_on_qwen2_and_gpt2_matches_ddp(cfg_factory, tmp_path, arch):
-    """The blocks to shard come from `_no_split_modules` (Qwen2DecoderLayer, GPT2Block): no class names in YAML."""
+    """The blocks to shard come from `_no_split_modules` (Qwen2DecoderLayer, GPT2Block): no class names in YAML.
+    This Llama has an untied LM head, sharded in the root unit with the stack (`head_logps` reads its weight)."""
     from tests.helpers.checkpoints import tiny_checkpoint
 
     ckpt = tiny_checkpoint(arch, tmp_path / f"{arch}-init")

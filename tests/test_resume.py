@@ -21,8 +21,9 @@ ALGOS = {
     # LoRA: the adapters and their optimizer state come back (the frozen base is in the checkpoint too)
     "sft_lora": (["algo=sft", "model.lora.r=4", "model.lora.dropout=0.0", "trainer.val_check_interval=3"], 10, 4),
     "tr_dpo": (["algo=tr_dpo", "warm_start.max_steps=0", "callbacks.reference_refresh.tau=3", "callbacks.reference_refresh.alpha=0.5", "trainer.val_check_interval=3"], 10, 4),
-    "rlvr": ([o for o in RLVR_RUN if not o.startswith("trainer.val_check_interval")] + ["trainer.val_check_interval=3"],
-             10, 4),
+    # in micro-batches of 3 samples (groups of 4 split across them)
+    "rlvr": ([o for o in RLVR_RUN if not o.startswith("trainer.val_check_interval")] + ["trainer.val_check_interval=3",
+                                                                                       "algo.micro_batch_size=3"], 10, 4),
     "ddpm": (DQUICK + ["data=toy2d", "data.n_train=1024", "data.n_val=100", "data.n_test=100", "data.batch_size=256",
                        "trainer.val_check_interval=3", "algo.val_num_samples=50", "algo.test_num_samples=50"], 10, 4),
 }

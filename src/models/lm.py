@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from pathlib import Path
 
 import torch
@@ -40,8 +41,7 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 def _head_weights(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM head's weight and bias as tensors. Tied embeddings: the weight where the model keeps it (under FSDP2
-    the head's own reference is stale). The head is read, never called: under FSDP2 it is part of the root unit
-    (`fsdp2_shard`), whose weights are gathered by the transformer stack's forward."""
+    the head's own reference is stale; the stack's forward has gathered the embedding's)."""
     lm = causal_lm(model)
     head = lm.get_output_embeddings()
     if getattr(lm.config, "tie_word_embeddings", False):
@@ -54,13 +54,22 @@ def _head_weights(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, getattr(head, "bias", None)
 
 
+def _sharded_head(model):
+    """An untied LM head sharded as its own FSDP2 unit (`fsdp2_shard`), or None: it must be called through its
+    module (forward or `chunked_logps`), whose hooks gather its weight and reduce-scatter its gradient."""
+    head = causal_lm(model).get_output_embeddings()
+    return head if hasattr(head, "chunked_logps") else None
+
+
 def fp32_logits(model: PreTrainedModel, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """All logits of `hidden`'s positions, from the LM head in float32, outside any autocast (ScaleRL: FP32
     logits at the LM head). For a few positions at a time (one decoding step); `head_logps` for many."""
-    weight, bias = _head_weights(model)
     with torch.autocast(hidden.device.type, enabled=False):
-        logits = _logits(hidden, weight.float(), None if bias is None else bias.float(), temperature)
-    return logits
+        if (head := _sharded_head(model)) is not None:
+            logits = head(hidden.float()).float()
+            return logits / temperature if temperature != 1.0 else logits
+        weight, bias = _head_weights(model)
+        return _logits(hidden, weight.float(), None if bias is None else bias.float(), temperature)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
@@ -131,10 +140,19 @@ def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: 
     each position and with `argmax` the greedy token (no gradient; else None). The logits are computed in chunks of
     at most `chunk_elements` (default `LOGITS_CHUNK_ELEMENTS`) and recomputed in the backward, so memory holds one
     chunk of (tokens x vocabulary) floats, never the batch's."""
-    weight, bias = _head_weights(model)
-    chunk = max(1, (chunk_elements or LOGITS_CHUNK_ELEMENTS) // weight.size(0))
+    vocab = causal_lm(model).get_output_embeddings().weight.size(0)
+    chunk = max(1, (chunk_elements or LOGITS_CHUNK_ELEMENTS) // vocab)
     with torch.autocast(hidden.device.type, enabled=False):
+        if (head := _sharded_head(model)) is not None:
+            return head.chunked_logps(hidden, targets, temperature, chunk, entropy, argmax)
+        weight, bias = _head_weights(model)
         return _ChunkedHeadLogp.apply(hidden, weight, bias, targets, temperature, chunk, entropy, argmax)
+
+
+def _linear_head_logps(head: torch.nn.Linear, hidden, targets, temperature, chunk, entropy, argmax):
+    """`head_logps` as a method of a sharded untied head, registered as an FSDP2 forward method: inside it the
+    head's weight is gathered, and the gradient that reaches it is reduce-scattered after the backward."""
+    return _ChunkedHeadLogp.apply(hidden, head.weight, head.bias, targets, temperature, chunk, entropy, argmax)
 
 
 def is_sharded(model) -> bool:
@@ -175,8 +193,8 @@ class TiedHead(torch.nn.Module):
 
 def fsdp2_shard(model, mesh, mp_policy=None) -> None:
     """FSDP2: `fully_shard` each transformer block (the classes in the model's `_no_split_modules`, so any HF
-    architecture), then the transformer stack (embeddings, final norm) with the LM head: the root unit our forward
-    passes call. Tied embeddings: the LM head reads them through the embedding."""
+    architecture), then the transformer stack (embeddings, final norm: the root unit our forward passes call)
+    and an untied LM head. Tied embeddings stay in one unit; the LM head reads them through the embedding."""
     from torch.distributed.fsdp import fully_shard
 
     lm = causal_lm(model)
@@ -187,12 +205,16 @@ def fsdp2_shard(model, mesh, mp_policy=None) -> None:
     for module in lm.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, **kw)
+    fully_shard(lm.base_model, **kw)
+    head = lm.get_output_embeddings()
     if getattr(lm.config, "tie_word_embeddings", False):
-        fully_shard(lm.base_model, **kw)
-        head = lm.get_output_embeddings()
         lm.set_output_embeddings(TiedHead(lm.get_input_embeddings(), getattr(head, "bias", None)))
-    else:  # the head in the root unit too: `head_logps` reads its weight, gathered by the stack's forward
-        fully_shard([lm.base_model, lm.get_output_embeddings()], **kw)
+    else:  # its own unit; `head_logps` runs as one of its forward methods
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        fully_shard(head, **kw)
+        head.chunked_logps = types.MethodType(_linear_head_logps, head)
+        register_fsdp_forward_method(head, "chunked_logps")
 
 
 def tiny_llama(

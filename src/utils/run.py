@@ -67,6 +67,26 @@ class _DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
+def fixed_mmap_threshold(nbytes: int = 4 << 20) -> bool:
+    """glibc: serve every allocation of `nbytes` or more with its own mmap, returned to the system when freed.
+
+    glibc's default threshold moves up to the size of the largest block freed (up to 32 MiB), after which blocks of
+    a few MiB (a decoding step's logits at a 150k vocabulary) come from the heap, which then only grows: measured,
+    one RLVR step's peak grew by 25% from 16 to 256 samples at a fixed micro-batch, and by 1% with the threshold
+    fixed. The environment's MALLOC_MMAP_THRESHOLD_ wins when set; elsewhere than glibc (macOS) nothing is done.
+    Returns whether the threshold was set."""
+    import ctypes
+    import ctypes.util
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, nbytes))  # M_MMAP_THRESHOLD; fixing it also stops its adjustment
+    except (OSError, AttributeError):
+        return False
+
+
 def quiet_known_noise() -> None:
     """Silence what every run would print and no user can act on, each by its message and origin
     (never all warnings): Lightning's own use of a torch API that torch deprecates, Lightning's
