@@ -41,8 +41,13 @@ NEW, G, MICRO = 128, 8, 8
 SEQ, PAIRS, BATCH = 512, 8, 8
 
 
-def build(d: Path) -> Path:
-    """The real-vocabulary Qwen2 and its tokenizer, saved in `d/model`; the JSONL data beside it."""
+SMALL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+             intermediate_size=512)
+
+
+def build(d: Path, shape: dict = SMALL) -> Path:
+    """A Qwen2 of `shape` with the real vocabulary and its tokenizer, saved in `d/model` (random weights); the
+    JSONL data beside it."""
     import torch
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -60,9 +65,8 @@ def build(d: Path) -> Path:
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
                                      chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
     assert len(hf_tok) == VOCAB
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=32, intermediate_size=512, max_position_embeddings=1024,
-                         tie_word_embeddings=True, pad_token_id=hf_tok.pad_token_id, bos_token_id=hf_tok.bos_token_id,
+    config = Qwen2Config(vocab_size=VOCAB, **shape, max_position_embeddings=2048, tie_word_embeddings=True,
+                         pad_token_id=hf_tok.pad_token_id, bos_token_id=hf_tok.bos_token_id,
                          eos_token_id=hf_tok.eos_token_id)
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(d / "model")

@@ -34,3 +34,17 @@ def test_a_run_shorter_than_one_val_interval_exits_0_and_prints_no_noise(tmp_pat
     for noise in ("LeafSpec", "litlogger", "anonymous setting", "overridden `transfer_batch_to_device`",
                   "Writing model shards", "does not have many workers"):
         assert noise not in out, f"console noise: {noise!r}"
+
+
+def test_gpu_check_stops_loudly_without_cuda_and_composes_every_run():
+    """bench/gpu_check.py is for GPU machines: here it exits non-zero saying why; --dry-run composes each run's
+    config (a renamed key would fail it)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "no CUDA device here" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("composed: ") == 7 and "composed: rlvr_vllm trainer=gpu" in r.stdout
