@@ -42,6 +42,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict
     configured ones (for programmatic use: recorders, fault injection in tests)."""
     check_required(cfg)
     ckpt_path = resolve_ckpt_path(cfg)  # before any work: a wrong path fails at once
+    if not cfg.get("train") and cfg.get("test") and not ckpt_path:
+        raise ValueError("train=false evaluates a checkpoint: pass ckpt_path=<Lightning checkpoint> (or ckpt_path=last); "
+                         "without one it would score a freshly initialised model")
     engine = OmegaConf.select(cfg, "rollout._target_")  # and so does a rollout engine not installed here
     if engine and hasattr(engine_cls := hydra.utils.get_class(engine), "check_installed"):
         engine_cls.check_installed()
@@ -76,9 +79,12 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict
             # our own checkpoints hold hyper-parameters beyond tensors: trusted, so not weights-only
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
         metrics = dict(trainer.callback_metrics)
-        if cfg.get("test"):
-            ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=False)
+        if cfg.get("test"):  # the best checkpoint of this fit, or with train=false the one given
+            if cfg.get("train"):
+                ckpt = (trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "") or None
+            else:
+                ckpt = ckpt_path
+            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
             metrics.update(trainer.callback_metrics)
     finally:
         runs = finish_loggers(trainer)

@@ -146,7 +146,7 @@ MICRO_RUN = [o for o in RLVR_RUN if not o.startswith("trainer.val_check_interval
 @pytest.mark.parametrize("loss_agg", ["prompt", "token", "sequence"])
 def test_micro_batch_losses_sum_to_the_step_loss(loss_type, loss_agg):
     """`rlvr_loss` on ranges of samples with the step's `token_weights` and denominator sums, in value and gradient,
-    to `rlvr_loss` of the whole (B, G, T) step (the aggregation the hand-computation tests check)."""
+    to `rlvr_loss` of the whole (B, G, T) step (the aggregation the hand-computation tests check), KL term included."""
     from src.lightning_modules.rlvr import count_units, rlvr_loss, token_weights
 
     torch.manual_seed(0)
@@ -155,13 +155,13 @@ def test_micro_batch_losses_sum_to_the_step_loss(loss_type, loss_agg):
     logp_gen, ref = logp.detach() + 0.3 * torch.randn(b, g, t), logp.detach() + 0.2 * torch.randn(b, g, t)
     mask = torch.rand(b, g, t) > 0.3
     adv, keep = torch.randn(b, g), torch.tensor([True, False, True])
-    kw = dict(loss_type=loss_type, loss_agg=loss_agg, ref_logp=None, beta=0.0)
-    want, _ = rlvr_loss(logp, logp_gen, adv, mask, keep, **kw, clip_high=0.2)
+    kw = dict(loss_type=loss_type, loss_agg=loss_agg, beta=0.1, clip_high=0.2)
+    want, _ = rlvr_loss(logp, logp_gen, adv, mask, keep, **kw, ref_logp=ref)
     (want_g,) = torch.autograd.grad(want, logp)
     weights, n = token_weights(mask, keep, loss_agg).flatten(0, 1), count_units(mask, keep, loss_agg)
     flat = lambda x: x.flatten(0, 1)  # noqa: E731
     parts = [rlvr_loss(flat(logp)[s:e], flat(logp_gen)[s:e], adv.flatten()[s:e], flat(mask)[s:e], None, **kw,
-                       clip_high=0.2, normalizer=n, weights=weights[s:e], with_stats=False)[0]
+                       ref_logp=flat(ref)[s:e], normalizer=n, weights=weights[s:e], with_stats=False)[0]
              for s, e in [(0, 3), (3, 7), (7, 12)]]  # ranges that split groups
     got = sum(parts)
     (got_g,) = torch.autograd.grad(got, logp)
@@ -244,7 +244,8 @@ def test_rlvr_micro_batch_plan_fits_the_budget_and_refuses_what_cannot_fit(cfg_f
     module.hparams.max_tokens_per_micro_batch = 8  # samples 0 and 3 are 3 + 5 = 8 tokens; sample 5 is 4 + 5 = 9
     with pytest.raises(ValueError, match=r"algo.max_tokens_per_micro_batch=8 cannot hold sample 5 .*4 prompt \+ 5"):
         module.micro_batches(prompt_mask, lengths, 4)
-    from hydra.errors import InstantiationException  # what a bad key raises at instantiation, its message kept
+    # what a bad key raises at instantiation, with its message kept
+    from hydra.errors import InstantiationException
 
     with pytest.raises(InstantiationException, match="algo.micro_batch_size=0: must be >= 1"):
         train_with(cfg_factory(*MICRO_RUN, "algo.micro_batch_size=0"))

@@ -130,3 +130,17 @@ def test_warm_start_stops_at_its_target_or_its_cap_and_is_logged(cfg_factory, tm
     (row,) = [r for r in rows if r.get("warm_start/exact_match")]
     assert float(row["warm_start/steps"]) == steps
     assert 0.0 <= float(row["warm_start/exact_match"]) <= 1.0
+
+
+def test_train_false_scores_the_given_checkpoint_and_refuses_to_score_none(cfg_factory):
+    """train=false test=true ckpt_path=X gives X's test scores (those its training run reported for it); without
+    ckpt_path it stops instead of scoring a freshly initialised model."""
+    from train import train
+
+    trained, objs = train(cfg_factory("algo=sft", "trainer.max_steps=6", "trainer.val_check_interval=3"))
+    best = objs["trainer"].checkpoint_callback.best_model_path
+    assert best
+    scored, _ = train(cfg_factory("algo=sft", "train=false", f"ckpt_path={best}"))
+    assert float(scored["test/loss"]) == pytest.approx(float(trained["test/loss"]), rel=1e-6)
+    with pytest.raises(ValueError, match="train=false evaluates a checkpoint: pass ckpt_path"):
+        train(cfg_factory("algo=sft", "train=false"))
