@@ -7,12 +7,9 @@ vLLM), and is how one algorithm hands its model to the next: `model=hf model.pre
 from __future__ import annotations
 
 import contextlib
-import logging
 from pathlib import Path
 
 import lightning as L
-
-log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -39,6 +36,4 @@ class HFExport(L.Callback):
         # every process calls the export (sharded weights are gathered collectively); rank 0 writes
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-        pl_module.export_pretrained(self.dirpath)
-        if trainer.is_global_zero:
-            log.info("Hugging Face export: %s", self.dirpath)
+        pl_module.export_pretrained(self.dirpath)  # train.py logs where it is, once, at the end

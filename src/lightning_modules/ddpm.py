@@ -1,7 +1,7 @@
 """Diffusion models: training and DDPM (stochastic) / DDIM (deterministic) sampling.
 
-Two forward processes, each a small class with the same five operations (marginal, training pair,
-x0 from the network's output, one DDPM step, one DDIM step). Steps are integers k in {0, ..., T};
+Two forward processes, each a small class with the same operations (the marginal and its SNR, the training
+pair, x0 from the network's output, one DDPM step, one DDIM step, the prior, the network's time input). Steps are integers k in {0, ..., T};
 k = 0 is clean data. Sampling with n <= T steps visits k = T, ..., 0 on an evenly spaced grid.
 
   ve  Nakkiran et al. 2024, "Step-by-step Diffusion" (the lecture):

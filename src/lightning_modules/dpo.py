@@ -109,8 +109,9 @@ class DPOModule(LMModule):
             raise ValueError(f"algo.label_smoothing={label_smoothing}: must be in [0, 0.5)")
         if loss_type in NEEDS_REF:
             self.init_reference(ref_pretrained)
-        # pair-weighted means over the val (or test) split, summed across processes
-        self.eval_stats = torch.nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in STATS + ("loss",)})
+        # pair-weighted means over the val / test split, summed across processes; one set per stage
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_stats", torch.nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in STATS + ("loss",)}))
         self._margins: list[torch.Tensor] = []  # per-pair reward margins of this evaluation, for the histogram
 
     # ------------------------------------------------------------------ reference
@@ -155,7 +156,7 @@ class DPOModule(LMModule):
         n = batch["index"].numel()
         stats["loss"] = loss.expand(n)
         for k, v in stats.items():
-            metric = self.eval_stats[k.replace("/", "_")]
+            metric = getattr(self, f"{stage}_stats")[k.replace("/", "_")]
             metric.update(v)
             self.log(f"{stage}/{k}", metric, on_epoch=True, prog_bar=k == "rewards/accuracies", batch_size=n)
         self._margins.append(stats["rewards/margins"].detach())

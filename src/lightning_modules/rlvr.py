@@ -6,7 +6,7 @@ Reinforcement Learning Compute for LLMs"), the lecture's objective:
 
     rho_{i,t} = pi_train(y_{i,t}) / pi_gen(y_{i,t})       (truncated importance sampling, CISPO)
     A_i = r_i - mean_group(r),   A_i^norm = A_i / std_batch(A)   (batch-level normalisation)
-    kept only if 0 < mean_group(r) < 1                      (zero-variance filtering)
+    kept only if the group's rewards are not all equal      (zero-variance filtering)
     and pass_rate(x) < 0.9                                  (no-positive resampling)
 
 pi_gen is a copy of the policy refreshed every `generation_lag` optimizer steps (ScaleRL's
@@ -274,7 +274,7 @@ class RLVRModule(LMModule):
         self._synced_at = -1  # the optimizer step of pi_gen's last refresh
         # ScaleRL state (checkpointed): retired prompts, cumulative compute and samples
         self.retired: set[int] = set()  # train prompts with pass rate >= retire_threshold
-        self.compute = 0.0  # cumulative model FLOPs: 2 N per generated token, 6 N per trained token
+        self.compute = 0.0  # cumulative model FLOPs: 2 N per token the sampler runs (prompt, generated), 6 N per trained token
         self.samples = 0  # cumulative sampled completions
         self.n_params = sum(p.numel() for p in self.model.parameters())
         # evaluation: pass@k for k = 1, 2, 4, ... up to the samples per prompt, majority vote, mean reward

@@ -59,11 +59,11 @@ def _quiet_engine_noise(single_process: bool) -> None:
     """What vLLM prints here that no user can act on, each by its origin and message: the chat-template
     warm-up (no tokenizer in the engine, by design: it takes token ids), the rotary embedding having no weights
     to reload, and Lightning asking for `sync_dist` because vLLM set up a one-process group."""
-    from src.utils.run import _DropMessage
+    from src.utils.run import DropMessage
 
-    logging.getLogger("vllm.renderers.base").addFilter(_DropMessage("Chat template warmup failed"))
+    logging.getLogger("vllm.renderers.base").addFilter(DropMessage("Chat template warmup failed"))
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
-        _DropMessage("%s: Failed to load weights"))
+        DropMessage("%s: Failed to load weights"))
     if single_process:
         warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True",
                                 module=r"lightning\.pytorch")

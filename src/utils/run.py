@@ -58,7 +58,7 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
-class _DropMessage(logging.Filter):
+class DropMessage(logging.Filter):
     def __init__(self, prefix: str):
         super().__init__()
         self.prefix = prefix
@@ -95,8 +95,8 @@ def quiet_known_noise() -> None:
                             module=r"lightning\.pytorch\.utilities\._pytree")
     warnings.filterwarnings("ignore", message=r".*does not have many workers", module=r"lightning\.pytorch")
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropMessage) for f in rank_zero.filters):
-        rank_zero.addFilter(_DropMessage("💡 Tip: For seamless cloud logging"))
+    if not any(isinstance(f, DropMessage) for f in rank_zero.filters):
+        rank_zero.addFilter(DropMessage("💡 Tip: For seamless cloud logging"))
 
 
 def extras(cfg: DictConfig) -> None:
