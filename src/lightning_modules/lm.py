@@ -128,16 +128,17 @@ def packed_completion_logps(model, batch: dict, n_sequences: int) -> tuple[torch
 
 
 def policy(model: PreTrainedModel, lora: dict | None = None, gradient_checkpointing: bool = False):
-    """The trained policy: the model, with LoRA adapters (peft) when `lora.r` is set (`model.lora.*`), and
-    non-reentrant gradient checkpointing when asked (`model.gradient_checkpointing`)."""
+    """The trained policy: the model, with LoRA adapters (peft) when `lora.r` is set (`model.lora.*`: r, alpha,
+    dropout, target_modules, whose defaults live in conf/model/_policy.yaml), and non-reentrant gradient
+    checkpointing when asked (`model.gradient_checkpointing`)."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora and lora.get("r"):
         from peft import LoraConfig, get_peft_model
 
-        target = lora.get("target_modules", "all-linear")
+        target = lora["target_modules"]
         model = get_peft_model(model, LoraConfig(
-            r=lora["r"], lora_alpha=lora.get("alpha", 2 * lora["r"]), lora_dropout=lora.get("dropout", 0.0),
+            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
             target_modules=list(target) if not isinstance(target, str) else target, task_type="CAUSAL_LM"))
     return model
 
