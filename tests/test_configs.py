@@ -125,7 +125,9 @@ def test_logger_callback_trainer_configs_instantiate(cfg_factory, group):
 PRESETS = {
     "experiment/sft_arith3": {"data.source.digits": (2, 3), "data.source.ops": (["+"], ["+", "-"]),
                               "trainer.max_steps": (1500, 6000), "data.source.n_train": (8000, 50000)},
-    "debug/fdr": {"trainer.fast_dev_run": (None, True), "logger": (["wandb"], []), "callbacks": ("default", [])},
+    "debug/fdr": {"trainer.fast_dev_run": (None, True), "logger": (["wandb"], []),
+                  "callbacks": (["finite_loss", "hf_export", "lr_monitor", "model_checkpoint", "rich_progress_bar",
+                                 "wandb_axes"], [])},
 }
 
 
@@ -134,7 +136,7 @@ def _value(cfg, key):
 
     node = OmegaConf.select(cfg, key)
     if key in ("logger", "callbacks"):  # a group: the names of what it instantiates
-        return sorted(node) if key == "logger" or not node else "default"
+        return sorted(k for k in node if node[k] is not None)
     return OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
 
 

@@ -40,11 +40,13 @@ class AdvantageCheck(L.Callback):
     computation on the whole (gathered) batch; and whether the ranks agree on the retired set."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        from src.lightning_modules.rlvr import group_advantages
-
         last = pl_module.last_batch
         local = pl_module.all_gather(last["adv"]).flatten(0, 1)  # (world * B, G), rank order
-        single = group_advantages(last["rewards_all"], pl_module.adv_norm, last["keep_all"])
+        # by hand on the whole (gathered) batch, as one process would: A = r - mean_group(r), divided by the std of
+        # the kept groups' advantages over the batch, 0 for the dropped groups
+        r, keep = last["rewards_all"], last["keep_all"]
+        centred = r - r.mean(-1, keepdim=True)
+        single = centred / (centred[keep].std() + 1e-6) * keep[:, None] if keep.sum() > 0 else centred * 0
         n = pl_module.all_gather(torch.tensor(float(len(pl_module.retired))))
         pol = pl_module.all_gather(torch.stack([p.double().sum() for p in pl_module.model.parameters()]).sum())
         worst = {  # the maximum over all steps of the epoch

@@ -130,13 +130,31 @@ def test_tr_dpo_refresh_with_lora_is_the_alpha_rule_on_the_weights(tokenizer, al
         assert not torch.allclose(ref_logps, policy_before, atol=1e-4)
 
 
+class BatchKinds(Callback):
+    """Whether each training batch was packed (DPO prompt trees carry `logp_index`, SFT rows `position_ids`)."""
+
+    def __init__(self):
+        self.packed: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.packed.append("logp_index" in batch or "position_ids" in batch)
+
+
 @pytest.mark.parametrize("algo", ["sft", "dpo", "dpo_packed", "rlvr"])
 def test_lora_runs_every_algorithm(cfg_factory, algo):
+    """Only the adapters train (every other weight is frozen, and B moved from its zero start); packed DPO batches
+    are packed."""
     extra = (RLVR_RUN if algo == "rlvr" else ["algo=sft"] if algo == "sft"
              else ["algo=dpo", "warm_start.max_steps=0", f"data.packing={algo == 'dpo_packed'}"])
+    kinds = BatchKinds()
     metrics, objs = train_with(cfg_factory(*extra, "model.lora.r=4", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                                           "test=false"))
-    assert objs["module"].uses_lora and torch.isfinite(metrics["train/loss"])
+                                           "test=false"), kinds)
+    module = objs["module"]
+    assert module.uses_lora and torch.isfinite(metrics["train/loss"])
+    trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert any(p.abs().sum() > 0 for n, p in module.model.named_parameters() if "lora_B" in n), "the adapters never moved"
+    assert kinds.packed == [algo == "dpo_packed"] * 2
 
 
 # ------------------------------------------------------------------------------------- checkpointing
@@ -219,9 +237,18 @@ def test_every_algorithm_on_qwen2_and_gpt2(cfg_factory, checkpoints, arch, algo,
                       *(["model.lora.r=4"] if lora else []))
     metrics, objs = train_with(cfg)
     assert torch.isfinite(metrics["train/loss"])
-    assert type(objs["module"].model.config).__name__.lower().startswith(arch.replace("2", "2") if arch == "qwen2" else "gpt2")
+    cls = {"qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}[arch]
+    module = objs["module"]
+    assert type(module.model.get_base_model() if lora else module.model).__name__ == cls
     reloaded = AutoModelForCausalLM.from_pretrained(cfg.paths.output_dir + "/hf", local_files_only=True)
-    assert type(reloaded).__name__ == {"qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}[arch]
+    assert type(reloaded).__name__ == cls
+    # the export holds the trained policy (adapters merged), which moved from the checkpoint it started from
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    initial = AutoModelForCausalLM.from_pretrained(checkpoints[arch], local_files_only=True)
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits
+        assert torch.allclose(got, module.model.eval()(input_ids=ids).logits, atol=1e-5)
+        assert not torch.allclose(got, initial(input_ids=ids).logits, atol=1e-4)
 
 
 def test_sft_module_on_qwen2_matches_the_hand_loss(checkpoints):
@@ -231,7 +258,8 @@ def test_sft_module_on_qwen2_matches_the_hand_loss(checkpoints):
     tok = load_tokenizer(str(checkpoints["qwen2"]))
     module = SFTModule(net=lambda tokenizer: AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"]), tokenizer=tok)
     batch = _batch(tok, "sft")
-    loss, n, logits = module(batch)
+    loss, n, _, _ = module(batch)
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
     labels = batch["labels"][:, 1:]
     m = labels != -100

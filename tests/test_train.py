@@ -120,10 +120,16 @@ def test_warm_start_stops_at_its_target_or_its_cap_and_is_logged(cfg_factory, tm
     max_steps; its quality reaches the run's logger as warm_start/exact_match."""
     cfg = cfg_factory("algo=dpo", f"warm_start.target={target}", "warm_start.val_every=2", "warm_start.max_steps=6",
                       "logger=csv", "trainer.max_steps=2", "test=false")
-    train(cfg)
+    _, objs = train(cfg)
+    import hydra
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "sft_init", local_files_only=True) is not None
+    # the export is the policy DPO started from: its reference (pi_ref = pi_0), not the fresh initialisation
+    export = AutoModelForCausalLM.from_pretrained(tmp_path / "sft_init", local_files_only=True).state_dict()
+    ref = objs["module"].ref_model.state_dict()
+    fresh = hydra.utils.instantiate(cfg.model.net)(tokenizer=objs["module"].tokenizer).state_dict()
+    assert all(torch.equal(export[k], ref[k]) for k in export)
+    assert any(not torch.equal(export[k], fresh[k]) for k in export)
     import csv
 
     rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
