@@ -76,15 +76,15 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict
 
     try:
         if cfg.get("train"):
-            # our own checkpoints hold hyper-parameters beyond tensors: trusted, so not weights-only
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+            # weights-only (torch's safe unpickler): loading a checkpoint runs no code (`load_checkpoint`)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = dict(trainer.callback_metrics)
         if cfg.get("test"):  # the best checkpoint of this fit, or with train=false the one given
             if cfg.get("train"):
                 ckpt = (trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "") or None
             else:
                 ckpt = ckpt_path
-            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
             metrics.update(trainer.callback_metrics)
     finally:
         runs = finish_loggers(trainer)

@@ -525,7 +525,9 @@ class DDPMModule(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str = "cpu") -> DDPMModule:
         """The module from one of our checkpoints; its weights are the EMA ones when EMA was on."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        from src.utils.run import load_checkpoint
+
+        ckpt = load_checkpoint(path, "ckpt", map_location)  # weights-only: loading runs no code
         if "net_spec" not in ckpt:
             raise ValueError(f"{path}: not a DDPMModule checkpoint (no 'net_spec' key)")
         module = cls(net=net_from_spec(ckpt["net_spec"]), **ckpt["hyper_parameters"])

@@ -217,6 +217,24 @@ def get_metric_value(metrics: dict, name: str | None) -> float | None:
     return float(value.item() if hasattr(value, "item") else value)
 
 
+def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str = "cpu") -> dict:
+    """A Lightning checkpoint file, loaded with torch's weights-only unpickler: tensors and plain containers, never
+    code (a shared checkpoint cannot run anything when loaded). One that holds other Python objects is refused,
+    naming the file; ours never do (hyper-parameters are plain containers)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{key}={path}: refused: the file holds Python objects that weights-only loading does not allow, which "
+            f"could run code when unpickled ({reason}). Checkpoints written by this project never do; load a file "
+            "you trust elsewhere with torch.load(..., weights_only=False) if you must.") from None
+
+
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """`ckpt_path`: a checkpoint file, or `last`: the newest `last.ckpt` among this task's earlier runs
     (`<log_dir>/<task_name>/{runs,multiruns}/...`). A path that does not exist is an error, not a fresh start."""
@@ -233,4 +251,6 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         return str(latest)
     if not Path(path).exists():  # a file, or a sharded (FSDP2) checkpoint directory
         raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
+    if Path(path).is_file():
+        load_checkpoint(path)  # before any work: a file that would need unsafe unpickling stops here
     return str(path)
