@@ -37,15 +37,10 @@ quiet_known_noise()
 fixed_mmap_threshold()  # host memory that returns to the system (src/utils/run.py)
 
 
-def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict, dict]:
-    """Fit (and test) the configured algorithm; return (metrics, objects). `extra_callbacks` join the
-    configured ones (for programmatic use: recorders, fault injection in tests)."""
-    check_required(cfg)
-    ckpt_path = resolve_ckpt_path(cfg)  # before any work: a wrong path fails at once
-    if not cfg.get("train") and cfg.get("test") and not ckpt_path:
-        raise ValueError("train=false evaluates a checkpoint: pass ckpt_path=<Lightning checkpoint> (or ckpt_path=last); "
-                         "without one it would score a freshly initialised model")
-    engine = OmegaConf.select(cfg, "rollout._target_")  # and so does a rollout engine not installed here
+def build(cfg: DictConfig, extra_callbacks: list[L.Callback] = (), warm_start: bool = True) -> dict:
+    """The run's objects from its config: data, the algorithm's module (after the SFT warm start when its config
+    asks for one and `warm_start`), loggers, callbacks and the trainer. Shared by train.py and eval.py."""
+    engine = OmegaConf.select(cfg, "rollout._target_")  # a rollout engine not installed here fails at once
     if engine and hasattr(engine_cls := hydra.utils.get_class(engine), "check_installed"):
         engine_cls.check_installed()
     if cfg.get("seed") is not None:
@@ -60,7 +55,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict
     callbacks = instantiate_callbacks(
         cfg.get("callbacks"), has_logger=bool(loggers), progress_bar=cfg.trainer.get("enable_progress_bar", True)
     )
-    net, start = sft_warm_start(cfg, shared.get("tokenizer"))
+    net, start = sft_warm_start(cfg, shared.get("tokenizer")) if warm_start else (None, {})
     policy_options = {k: OmegaConf.to_object(cfg.model[k]) if OmegaConf.is_config(cfg.model[k]) else cfg.model[k]
                       for k in ("lora", "gradient_checkpointing") if k in cfg.model}  # LM models
     # plain Python containers in the module's hyper-parameters (sharded checkpoints load them weights-only)
@@ -72,7 +67,21 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if forks_workers(trainer):  # ddp_fork: fit and test run in separate worker processes
         prepare_for_workers(trainer)
-    objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}
+    return {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer, "callbacks": callbacks,
+            "shared": shared}
+
+
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict, dict]:
+    """Fit (and test) the configured algorithm; return (metrics, objects). `extra_callbacks` join the
+    configured ones (for programmatic use: recorders, fault injection in tests)."""
+    check_required(cfg)
+    ckpt_path = resolve_ckpt_path(cfg)  # before any work: a wrong path fails at once
+    if not cfg.get("train") and cfg.get("test") and not ckpt_path:
+        raise ValueError("train=false evaluates a checkpoint: pass ckpt_path=<Lightning checkpoint> (or ckpt_path=last); "
+                         "without one it would score a freshly initialised model (or use eval.py)")
+    objects = build(cfg, extra_callbacks)
+    datamodule, module, trainer = objects["datamodule"], objects["module"], objects["trainer"]
+    callbacks, shared = objects.pop("callbacks"), objects.pop("shared")
 
     try:
         if cfg.get("train"):

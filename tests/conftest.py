@@ -38,11 +38,11 @@ QUICK = [
 ]
 
 
-def make_cfg(tmp_path: Path, overrides: list[str] = (), quick: bool = True) -> DictConfig:
-    """Compose conf/train.yaml with overrides; its output dir is `tmp_path`."""
+def make_cfg(tmp_path: Path, overrides: list[str] = (), quick: bool = True, name: str = "train") -> DictConfig:
+    """Compose conf/<name>.yaml (train or eval) with overrides; its output dir is `tmp_path`."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=(QUICK if quick else []) + list(overrides), return_hydra_config=True)
+        cfg = compose(name, overrides=(QUICK if quick else []) + list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
         cfg.paths.log_dir = str(tmp_path)
@@ -54,8 +54,8 @@ def make_cfg(tmp_path: Path, overrides: list[str] = (), quick: bool = True) -> D
 
 @pytest.fixture
 def cfg_factory(tmp_path):
-    def factory(*overrides: str, quick: bool = True) -> DictConfig:
-        return make_cfg(tmp_path, list(overrides), quick)
+    def factory(*overrides: str, quick: bool = True, name: str = "train") -> DictConfig:
+        return make_cfg(tmp_path, list(overrides), quick, name)
 
     yield factory
     GlobalHydra.instance().clear()

@@ -150,3 +150,17 @@ def test_train_false_scores_the_given_checkpoint_and_refuses_to_score_none(cfg_f
     assert float(scored["test/loss"]) == pytest.approx(float(trained["test/loss"]), rel=1e-6)
     with pytest.raises(ValueError, match="train=false evaluates a checkpoint: pass ckpt_path"):
         train(cfg_factory("algo=sft", "train=false"))
+
+
+def test_last_checkpoint_is_the_latest_validation_even_when_the_metric_did_not_improve(cfg_factory, tmp_path):
+    """Validations at steps 3 and 6, the monitored metric (val/loss, mode max) worse at 6: the best checkpoint is
+    step 3's and `last.ckpt` (what ckpt_path=last resumes) is step 6's, not a copy of the best."""
+    import torch
+
+    from train import train
+
+    _, objs = train(cfg_factory("algo=sft", "trainer.max_steps=6", "trainer.val_check_interval=3", "test=false",
+                                "optimized_metric=val/loss", "monitor_mode=max"))
+    best = objs["trainer"].checkpoint_callback.best_model_path
+    assert torch.load(best, weights_only=True)["global_step"] == 3, "the metric improved at step 6: no test"
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6

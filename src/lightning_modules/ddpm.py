@@ -428,7 +428,9 @@ class DDPMModule(L.LightningModule):
             return
         if self._metric is None:  # no sample metric for this data: samples for the picture only
             n = min(n, hp.num_logged_samples)
-        g = self._rng(stage, self.global_step)
+        # test: the same noise whoever evaluates the checkpoint (the test after fit, eval.py), so its score is a
+        # function of its weights; val: varies with the step
+        g = self._rng(stage, self.global_step if stage == "val" else 0)
         labels, _ = self.sample_labels(n, None, None)  # a conditional model: every class in turn
         self._samples[stage] = self.sample(n, hp[f"{stage}_sampler"], hp[f"{stage}_steps"], generator=g, labels=labels)
         if self._metric is None:

@@ -1,0 +1,63 @@
+"""Evaluate a trained model: `python eval.py ckpt_path=<Lightning checkpoint> [algo=... data=... model=...]`, or an
+HF export with `python eval.py model=hf model.pretrained=<dir> algo=...`, on the test split (`eval.split=val`: the
+val split). Logged like training (W&B / CSV) and printed as a table.
+
+This file only composes, as train.py does (the objects come from `train.build`); the metrics are each algorithm's
+own test / val metrics.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+import src  # noqa: F401  (sets PROJECT_ROOT for conf/paths)
+from src.utils import check_required, extras, finish_loggers, fixed_mmap_threshold, resolve_ckpt_path
+from train import build
+
+fixed_mmap_threshold()
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
+    """Score the checkpoint (or HF export) on the configured split; return (metrics, objects)."""
+    check_required(cfg)
+    ckpt_path = resolve_ckpt_path(cfg)  # weights-only: loading it runs no code
+    split = cfg.get("eval", {}).get("split", "test")
+    if split not in ("test", "val"):
+        raise ValueError(f"eval.split={split!r}: must be 'test' or 'val'")
+    if not ckpt_path and "pretrained" not in cfg.model:
+        raise ValueError("eval.py scores a trained model: pass ckpt_path=<Lightning checkpoint> or model=hf "
+                         "model.pretrained=<HF export>; without either it would score a freshly initialised model")
+    objects = build(cfg, warm_start=False)
+    trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
+    run = trainer.test if split == "test" else trainer.validate
+    try:
+        run(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        finish_loggers(trainer)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
+    if trainer.is_global_zero:
+        print_table(metrics, f"{split} split: {ckpt_path or cfg.model.pretrained}")
+    return metrics, objects
+
+
+def print_table(metrics: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in sorted(metrics):
+        table.add_row(k, f"{metrics[k]:.4f}")
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    extras(cfg)
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
