@@ -28,17 +28,48 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     if not ckpt_path and "pretrained" not in cfg.model:
         raise ValueError("eval.py scores a trained model: pass ckpt_path=<Lightning checkpoint> or model=hf "
                          "model.pretrained=<HF export>; without either it would score a freshly initialised model")
+    ev = cfg.get("eval", {})
+    if ev.get("num_samples") and "tokenizer" not in cfg.model:
+        raise ValueError("eval.num_samples: test-time compute samples completions: it is for language models (SFT, "
+                         "DPO, RLVR checkpoints)")
     objects = build(cfg, warm_start=False)
     trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
     run = trainer.test if split == "test" else trainer.validate
     try:
         run(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
+        if ev.get("num_samples"):
+            metrics |= test_time_compute(cfg, trainer, module, datamodule, split)
     finally:
         finish_loggers(trainer)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
     if trainer.is_global_zero:
         print_table(metrics, f"{split} split: {ckpt_path or cfg.model.pretrained}")
     return metrics, objects
+
+
+def test_time_compute(cfg: DictConfig, trainer, module, datamodule, split: str) -> dict:
+    """n samples per prompt of the split: pass@k, majority@k, best-of-k for k = 1 .. n (src/test_time.py), logged to
+    the run's loggers and plotted (W&B and <run>/test_time_compute.png)."""
+    from pathlib import Path
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    from src.test_time import curves_at_k, plot_curves
+
+    ev = cfg.eval
+    loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+    curves = curves_at_k(module, loader, ev.num_samples, ev.temperature, hydra.utils.instantiate(ev.verifier),
+                         ev.scorer, max_batch_size=ev.max_batch_size, seed=cfg.seed)
+    metrics = {f"{split}/ttc/{name}@{k}": v for name, vs in (("pass", curves["pass"]), ("majority", curves["majority"]),
+                                                               ("best_of", curves["best"]))
+               for k, v in enumerate(vs, 1)}
+    png = Path(cfg.paths.output_dir) / "test_time_compute.png"
+    plot_curves(curves, f"{split}: {ev.num_samples} samples per prompt, temperature {ev.temperature}", png)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=f"{split}/ttc/curves", images=[str(png)], step=trainer.global_step)
+    return metrics
 
 
 def print_table(metrics: dict, title: str) -> None:

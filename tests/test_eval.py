@@ -67,3 +67,59 @@ def test_eval_command_prints_the_table(tmp_path):
                        env={**__import__("os").environ, "PROJECT_ROOT": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "test/exact_match" in r.stdout and "test/loss" in r.stdout and "last.ckpt" in r.stdout
+
+
+# ----------------------------------------------------------------------------- test-time compute
+def test_curves_at_k_equal_their_definitions_by_enumeration():
+    """pass@k = the share of k-subsets of the n samples with a correct one; majority@k and best_of@k read the first k
+    samples (ties: the first); two prompts, averaged."""
+    from itertools import combinations
+
+    from src.test_time import CurvesAtK
+
+    correct = [[False, True, False, True, False], [True, False, False, False, False]]
+    answers = [["3", "5", "3", "5", "5"], ["7", "8", "8", "9", None]]
+    scores = [[0.1, -1.0, 0.3, 2.0, 0.0], [-0.5, 0.2, 0.1, -2.0, 3.0]]
+    m = CurvesAtK(5)
+    m.update(correct, answers, scores)
+    got = m.compute()
+    for k in range(1, 6):
+        want_pass = sum(sum(any(c[i] for i in s) for s in combinations(range(5), k)) / len(list(combinations(range(5), k)))
+                        for c in correct) / 2
+        assert got["pass"][k - 1] == pytest.approx(want_pass)
+    # majority of the first k: prompt 1: 3 | 3,5 tie -> 3 | 3 | 3,5 tie -> 3 | 5 wins; prompt 2: 7 | 7 | 8 | 8 | 8
+    assert got["majority"] == pytest.approx([0.5, 0.5, 0.0, 0.0, 0.5])
+    # best score among the first k: prompt 1: 0.1 (F) | 0.1 | 0.3 (F) | 2.0 (T) | T; prompt 2: -0.5 (T) | 0.2 (F) ...
+    assert got["best"] == pytest.approx([0.5, 0.0, 0.0, 0.5, 0.5])
+    with pytest.raises(ValueError, match="eval.num_samples=5"):
+        m.update([[True]], [["1"]], [[0.0]])
+
+
+def test_eval_test_time_compute_at_low_temperature_is_greedy_and_writes_its_curves(cfg_factory, tmp_path):
+    """Near-greedy sampling (temperature 1e-4): every sample is the greedy completion, so pass@k, majority@k and
+    best-of-k equal, at every k, the share of greedy completions (transformers' own `generate`) that the verifier
+    accepts; the plot is written; at temperature 1 pass@1 differs. The verifier is the tests' parity one, which
+    accepts some completions of any model (exact match would be 0 for a model this small)."""
+    from eval import evaluate
+    from tests.helpers import parity_reward
+    from train import train
+
+    train(cfg_factory(*RUNS["sft"], "test=false"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    run = [*RUNS["sft"], f"ckpt_path={last}", "eval.num_samples=3", "data.source.n_test=64",
+           "eval.verifier._target_=tests.helpers.parity_reward", "+eval.verifier._partial_=true"]
+    cold, objs = evaluate(cfg_factory(*run, "eval.temperature=1e-4", name="eval"))
+    module, ok = objs["module"], []
+    for batch in objs["datamodule"].test_dataloader():
+        texts = module.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+        ok += [parity_reward(t, a) for t, a in zip(texts, batch["references"])]
+    greedy = sum(ok) / len(ok)
+    assert 0 < greedy < 1 and len(ok) == 64
+    for k in (1, 2, 3):
+        for name in ("pass", "majority", "best_of"):
+            assert cold[f"test/ttc/{name}@{k}"] == pytest.approx(greedy), f"{name}@{k}"
+    assert (tmp_path / "test_time_compute.png").stat().st_size > 0
+    hot, _ = evaluate(cfg_factory(*run, "eval.temperature=1.0", name="eval"))
+    assert hot["test/ttc/pass@1"] != pytest.approx(greedy)
+    with pytest.raises(ValueError, match="eval.num_samples: test-time compute .* language models"):
+        evaluate(cfg_factory(*RUNS["ddpm"], f"ckpt_path={last}", "eval.num_samples=2", quick=False, name="eval"))
