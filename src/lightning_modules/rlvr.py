@@ -155,11 +155,11 @@ def rlvr_loss(
             raise ValueError("algo.beta > 0 needs the reference log-probs")
         d = ref_logp - logp  # log pi_ref / pi_theta
         objective = objective - beta * (torch.exp(d) - d - 1)  # k3 estimator of KL(pi_theta || pi_ref)
-    if weights is None:
+    if weights is None:  # the whole step: its own weights and count of units (`aggregate`)
         keep = torch.ones(adv.size(0), dtype=torch.bool, device=adv.device) if keep is None else keep
-        loss = aggregate(-objective, mask, keep, loss_agg, normalizer)
-    else:
-        loss = (-objective * weights).sum() / max(float(normalizer), 1.0)
+        weights = token_weights(mask, keep, loss_agg)
+        normalizer = count_units(mask, keep, loss_agg) if normalizer is None else normalizer
+    loss = (-objective * weights).sum() / max(float(normalizer), 1.0)
     stats = ratio_stats(logp.detach(), logp_gen, adv, mask, loss_type, epsilon, clip_low, clip_high,
                         ref_logp, beta) if with_stats else {}
     return loss, stats
