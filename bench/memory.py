@@ -185,7 +185,7 @@ def main() -> None:
     state = 16 * params / 2**20
     print(f"\nmedian (min-max) of {a.rounds} rounds; Qwen2 {params / 1e6:.1f} M parameters, vocabulary {VOCAB}, fp32")
     print(f"lower bound: imports {base:.0f} MB + weights, gradients, Adam moments {state:.0f} MB = {base + state:.0f} MB"
-          " (+ one micro-batch's activations)")
+          f" (+ one micro-batch's activations; DPO + {4 * params / 2**20:.0f} MB for its frozen reference)")
     for k, v in res.items():
         print(f"  {k}: {med[k]:.0f} MB ({min(v):.0f}-{max(v):.0f})")
     if "rlvr" in only:
