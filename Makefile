@@ -49,7 +49,7 @@ bench: install
 	$(PY) bench/sft_speed.py
 
 lint: install
-	$(VENV)/bin/ruff check src tests bench sweeps scripts train.py sample.py
+	$(VENV)/bin/ruff check src tests bench sweeps scripts train.py eval.py sample.py
 
 clean:
 	rm -rf logs .pytest_cache .ruff_cache
