@@ -108,6 +108,13 @@ class _ChunkedHeadLogp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_entropy, _grad_argmax):
+        # float32 as in the forward, also when the backward is called inside an autocast region (RLVR's
+        # manual_backward runs within its training step)
+        with torch.autocast(grad.device.type, enabled=False):
+            return _ChunkedHeadLogp._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         w = weight.float()
@@ -116,7 +123,7 @@ class _ChunkedHeadLogp(torch.autograd.Function):
         grad_w = torch.zeros_like(w) if need_w else None
         grad_b = torch.zeros_like(b) if need_b else None
         for s in range(0, hidden.size(0), ctx.chunk):
-            h, g = hidden[s : s + ctx.chunk], grad[s : s + ctx.chunk, None]
+            h, g = hidden[s : s + ctx.chunk], grad[s : s + ctx.chunk, None].float()
             logits = _logits(h, w, b, ctx.temperature)
             # d logp_y / d logits = onehot(y) - softmax(logits), in place on the recomputed chunk
             d = logits.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g)
