@@ -293,7 +293,7 @@ def test_packed_sft_batch_has_the_padded_loss_and_gradients(checkpoints, arch, m
     grads, losses = [], []
     for batch in (padded, packed):
         module.model.zero_grad()
-        loss, n, _ = module(batch)
+        loss, n, _, _ = module(batch)
         loss.backward()
         losses.append((loss.item(), int(n)))
         grads.append(_grads(module.model))

@@ -72,7 +72,9 @@ def test_csv_logger(cfg_factory, tmp_path):
 def test_sft_learns_arithmetic(cfg_factory):
     """From an untrained model (exact match 0), a short run gets well above it on held-out problems."""
     cfg = cfg_factory(
-        "trainer.max_steps=450", "trainer.val_check_interval=150", "trainer.log_every_n_steps=50",
+        # 600 steps: past the steep part of the curve (3% at 250, 60% at 500), where float-level differences move
+        # the exact match at a given step by several points
+        "trainer.max_steps=600", "trainer.val_check_interval=200", "trainer.log_every_n_steps=50",
         "data.source.n_train=8000", "data.source.n_val=200", "data.source.n_test=200", "data.batch_size=128",
         "algo.warmup_steps=50", "test=false",
     )
