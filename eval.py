@@ -49,7 +49,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
 
 def test_time_compute(cfg: DictConfig, trainer, module, datamodule, split: str) -> dict:
     """n samples per prompt of the split: pass@k, majority@k, best-of-k for k = 1 .. n (src/test_time.py), logged to
-    the run's loggers and plotted (W&B and <run>/test_time_compute.png)."""
+    the run's loggers and plotted (W&B and <run>/test_time_compute.png; the curves in <run>/test_time_compute.json)."""
+    import json
     from pathlib import Path
 
     from lightning.pytorch.loggers import WandbLogger
@@ -65,8 +66,11 @@ def test_time_compute(cfg: DictConfig, trainer, module, datamodule, split: str) 
                for k, v in enumerate(vs, 1)}
     png = Path(cfg.paths.output_dir) / "test_time_compute.png"
     plot_curves(curves, f"{split}: {ev.num_samples} samples per prompt, temperature {ev.temperature}", png)
+    (png.parent / "test_time_compute.json").write_text(json.dumps({"num_samples": ev.num_samples, "temperature":
+                                                                   ev.temperature, "scorer": ev.scorer, **curves}))
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
+        logger.save()  # the test loop has finalized the loggers: CSV writes these rows only when asked
         if isinstance(logger, WandbLogger):
             logger.log_image(key=f"{split}/ttc/curves", images=[str(png)], step=trainer.global_step)
     return metrics

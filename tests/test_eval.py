@@ -119,7 +119,16 @@ def test_eval_test_time_compute_at_low_temperature_is_greedy_and_writes_its_curv
         for name in ("pass", "majority", "best_of"):
             assert cold[f"test/ttc/{name}@{k}"] == pytest.approx(greedy), f"{name}@{k}"
     assert (tmp_path / "test_time_compute.png").stat().st_size > 0
-    hot, _ = evaluate(cfg_factory(*run, "eval.temperature=1.0", name="eval"))
+    hot, _ = evaluate(cfg_factory(*run, "eval.temperature=1.0", "logger=csv", name="eval"))
     assert hot["test/ttc/pass@1"] != pytest.approx(greedy)
+    # what reached the CSV log (written after the test loop finalized the logger) and the curves' JSON
+    import csv
+    import json
+
+    (path,) = tmp_path.glob("csv/version_*/metrics.csv")
+    rows = [r for r in csv.DictReader(path.open()) if r.get("test/ttc/pass@1")]
+    assert [float(rows[0][f"test/ttc/pass@{k}"]) for k in (1, 2, 3)] == pytest.approx([hot[f"test/ttc/pass@{k}"] for k in (1, 2, 3)])
+    saved = json.loads((tmp_path / "test_time_compute.json").read_text())
+    assert saved["majority"] == pytest.approx([hot[f"test/ttc/majority@{k}"] for k in (1, 2, 3)])
     with pytest.raises(ValueError, match="eval.num_samples: test-time compute .* language models"):
         evaluate(cfg_factory(*RUNS["ddpm"], f"ckpt_path={last}", "eval.num_samples=2", quick=False, name="eval"))
