@@ -29,6 +29,8 @@ ALGOS = {
     # reference is sharded; the FSDP2 side trains in micro-batches of 3 samples (MICRO), the DDP side in one
     "rlvr": [o for o in RLVR_RUN if not o.startswith(("test=", "trainer.val_check_interval", "data.batch_size"))]
     + ["algo.beta=0.1"],
+    # a sequence classifier: its score head joins the root unit, the export is AutoModelForSequenceClassification's
+    "reward_model": ["algo=reward_model", "warm_start.max_steps=0", "algo.lr=1e-3"],
 }
 MICRO = {"rlvr": ["algo.micro_batch_size=3"]}
 
@@ -72,9 +74,10 @@ def test_fsdp2_matches_ddp_step_by_step_and_exports_one_hf_directory(cfg_factory
         assert got[step] == pytest.approx(want[step], rel=1e-4), f"{name}: loss differs at step {step}"
     # the export is one ordinary HF directory, gathered from the shards, with the DDP run's weights
     _same_weights(fsdp / "hf", ddp / "hf")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    AutoModelForCausalLM.from_pretrained(fsdp / "hf", local_files_only=True)
+    (AutoModelForSequenceClassification if name == "reward_model" else AutoModelForCausalLM).from_pretrained(
+        fsdp / "hf", local_files_only=True)
     if name == "sft_lora":
         assert (fsdp / "hf" / "adapter" / "adapter_config.json").is_file()
     checkpoint = fsdp / "checkpoints" / "last.ckpt"

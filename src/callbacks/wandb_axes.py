@@ -15,7 +15,7 @@ STEP = "trainer/global_step"
 PREFIXES = ("train/*", "val/*", "test/*", "perf/*", "scalerl/*", "ref/*", "lr-*")
 AXES = ("train/samples", "train/compute_flops", "val/samples", "val/compute_flops")
 MIN = ("loss", "fd", "energy_distance", "kl")
-MAX = ("exact_match", "accuracies", "pass@", "majority", "pass_rate", "reward/mean", "token_accuracy")
+MAX = ("exact_match", "accuracies", "accuracy", "pass@", "majority", "pass_rate", "reward/mean", "token_accuracy")
 
 
 def summary_for(name: str) -> str:

@@ -92,6 +92,14 @@ def preference_text(row: dict, tokenizer, where: str) -> tuple[str, str, str, bo
     return prompt, chosen, rejected, templated
 
 
+def preference_margin(row: dict, where: str) -> float:
+    """A pair's optional `margin` (how much better chosen is: the reward model's Bradley-Terry margin); 0 if absent."""
+    m = row.get("margin", 0.0)
+    if isinstance(m, bool) or not isinstance(m, int | float) or m != m or abs(m) == float("inf"):
+        raise DataError(f"{where}: 'margin' must be a finite number, got {m!r}")
+    return float(m)
+
+
 def prompt_text(row: dict, tokenizer, where: str) -> tuple[str, str, bool]:
     """(prompt, answer, templated) of an RL prompt row."""
     key = "messages" if "messages" in row and "prompt" not in row else "prompt"
@@ -159,6 +167,7 @@ def build_examples(rows, tokenizer, kind: str, split: str, max_length: int, trun
                 "chosen_ids": t.fit(p, t.completion(chosen), where),
                 "rejected_ids": t.fit(p, t.completion(rejected), where),
                 "reference": row.get("answer", chosen),
+                "margin": preference_margin(row, where),
             }
         else:
             prompt, answer, templated = prompt_text(row, tokenizer, where)
@@ -320,6 +329,7 @@ class Collator:
                          else join(prompts, completions, self.pad_id))
         elif self.kind == "preference":
             # chosen rows then rejected rows: one forward pass computes both (B -> 2B).
+            batch["margins"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
             if self.packing:
                 batch.update(pack_pairs(prompts, [e["chosen_ids"] for e in examples],
                                         [e["rejected_ids"] for e in examples], 2 * self.max_length, self.pad_id))

@@ -17,9 +17,17 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+from src.callbacks.wandb_axes import STEP
 from src.metrics import ExactMatch
 from src.models.lm import cache_kwarg, causal_lm, fsdp2_shard, head_logps, is_sharded, position_ids, reshard
 from src.optim import adamw_cosine
+
+# the W&B dashboard section of greedy evaluation (sweeps/dashboard.py reads each module's `DASHBOARD`)
+EVAL_PANELS = ("Evaluation", [
+    ("line", "held-out exact match (greedy)", STEP, ["val/exact_match"]),
+    ("line", "held-out loss", STEP, ["val/loss"]),
+    ("table", "val/samples"),
+])
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,10 +135,12 @@ def packed_completion_logps(model, batch: dict, n_sequences: int) -> tuple[torch
     return sums, torch.bincount(seq, minlength=n_sequences)
 
 
-def policy(model: PreTrainedModel, lora: dict | None = None, gradient_checkpointing: bool = False):
+def policy(model: PreTrainedModel, lora: dict | None = None, gradient_checkpointing: bool = False,
+           task_type: str = "CAUSAL_LM"):
     """The trained policy: the model, with LoRA adapters (peft) when `lora.r` is set (`model.lora.*`: r, alpha,
     dropout, target_modules, whose defaults live in conf/model/_policy.yaml), and non-reentrant gradient
-    checkpointing when asked (`model.gradient_checkpointing`)."""
+    checkpointing when asked (`model.gradient_checkpointing`). `task_type` is peft's: SEQ_CLS (a reward model)
+    also trains the new score head in full."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora and lora.get("r"):
@@ -139,11 +149,13 @@ def policy(model: PreTrainedModel, lora: dict | None = None, gradient_checkpoint
         target = lora["target_modules"]
         model = get_peft_model(model, LoraConfig(
             r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-            target_modules=list(target) if not isinstance(target, str) else target, task_type="CAUSAL_LM"))
+            target_modules=list(target) if not isinstance(target, str) else target, task_type=task_type))
     return model
 
 
 class LMModule(L.LightningModule):
+    LORA_TASK = "CAUSAL_LM"  # peft's task type for LoRA adapters
+
     def __init__(
         self,
         net: Callable[..., PreTrainedModel],
@@ -165,12 +177,16 @@ class LMModule(L.LightningModule):
             raise ValueError(f"algo.min_lr_ratio={min_lr_ratio}: must be in [0, 1]")
         self.save_hyperparameters(ignore=["net", "tokenizer", "reward", "rollout"], logger=False)
         self.tokenizer = tokenizer
-        self.model = policy(net(tokenizer=tokenizer), lora, gradient_checkpointing)
+        self.model = policy(self.build_model(net, tokenizer), lora, gradient_checkpointing, self.LORA_TASK)
         self.val_exact_match, self.test_exact_match = ExactMatch(), ExactMatch()
         self._samples: list[list] = []
         self.has_reference = False  # init_reference
         self.ref_model: PreTrainedModel | None = None  # pi_ref as its own copy (without LoRA)
         self._ref_cache: dict = {}
+
+    def build_model(self, net: Callable[..., PreTrainedModel], tokenizer) -> PreTrainedModel:
+        """The network this algorithm trains, from the `net` factory (a causal LM); a reward model converts it."""
+        return net(tokenizer=tokenizer)
 
     @property
     def sharded(self) -> bool:

@@ -214,6 +214,9 @@ def fsdp2_shard(model, mesh, mp_policy=None) -> None:
             fully_shard(module, **kw)
     fully_shard(lm.base_model, **kw)
     head = lm.get_output_embeddings()
+    if head is None:  # a sequence classifier (reward model): its forward is the model's own, its score head the root's
+        fully_shard(lm, **kw)
+        return
     if getattr(lm.config, "tie_word_embeddings", False):
         lm.set_output_embeddings(TiedHead(lm.get_input_embeddings(), getattr(head, "bias", None)))
     else:  # its own unit; `head_logps` runs as one of its forward methods
