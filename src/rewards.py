@@ -9,6 +9,8 @@ Each also has `extract(completion)`, the normalised final answer used for majori
     math     the final answer (last \\boxed{...}, else the last number) equals the answer,
              numerically when both are numbers, else as normalised text
     custom   any Python callable f(completion, answer) -> float, by `_target_`
+    model    a trained reward model r_phi(prompt, completion) (`RewardModel`: algo=reward_model's export), not a
+             verifier: scored in batches on the trainer's device, optionally whitened and mixed with a verifier
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import re
 import unicodedata
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +187,105 @@ def score(verifier: Callable[[str, str], float], prompts: list[str], completions
             errors, r = errors + 1, 0.0
         rewards.append(r)
     return rewards, errors
+
+
+class RewardModel(torch.nn.Module):
+    """r(prompt, completion) from a reward model directory (`AutoModelForSequenceClassification` with one output:
+    algo=reward_model's `hf/` export, or any such local checkpoint): the RLHF reward.
+
+    A frozen copy, never trained: a submodule of the RL module, so it sits on the trainer's device, is sharded with
+    the policy under FSDP2 and is part of checkpoints. It scores text, re-tokenised with its own tokenizer as it was
+    trained (prompt with the tokenizer's special tokens unless the chat template wrote them, completion + <eos>),
+    in micro-batches of `batch_size` sequences without gradients. Options:
+      normalize        whiten: (r - mean) / std with running statistics over every training score so far (all
+                       processes; checkpointed), so that beta and verifier_weight keep their meaning
+      verifier         what `correct` means for pass@k, majority voting and the logs (the model reward is not a
+                       pass/fail): any verifier, exact match by default
+      verifier_weight  r = r_model + verifier_weight * verifier(completion, answer) (0: the model alone)
+    """
+
+    name = "model"
+
+    def __init__(self, pretrained: str, verifier: Verifier | None = None, verifier_weight: float = 0.0,
+                 normalize: bool = False, batch_size: int = 64):
+        super().__init__()
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.check_config({"pretrained": pretrained})
+        if batch_size < 1:
+            raise ValueError(f"reward.batch_size={batch_size}: must be >= 1")
+        self.model = AutoModelForSequenceClassification.from_pretrained(pretrained, local_files_only=True)
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"reward.pretrained={pretrained!r} has {self.model.config.num_labels} outputs; a reward "
+                             "model has one (num_labels=1)")
+        self.model.requires_grad_(False).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(pretrained, local_files_only=True)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.verifier = verifier or ExactAnswer()
+        self.verifier_weight, self.normalize, self.batch_size = verifier_weight, normalize, batch_size
+        # running count, mean and M2 of the raw scores (Chan et al.'s parallel update), checkpointed
+        self.register_buffer("stats", torch.zeros(3, dtype=torch.float64))
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        """A missing reward model directory stops before any work (RLVRModule.check_config), naming the key."""
+        path = cfg.get("pretrained")
+        if not path or not Path(path).is_dir():
+            raise FileNotFoundError(f"reward.pretrained={path!r} is not a directory holding a reward model "
+                                    "(train one: python train.py algo=reward_model, then pass its hf/ export)")
+
+    def extract(self, completion: str) -> str | None:
+        return self.verifier.extract(completion)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: always in eval mode
+
+    def _encode(self, prompt: str, completion: str) -> list[int]:
+        tok = self.tokenizer
+        templated = bool(tok.bos_token) and prompt.startswith(tok.bos_token)
+        ids = tok(prompt, add_special_tokens=not templated)["input_ids"] + tok(completion, add_special_tokens=False)["input_ids"]
+        return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+
+    @torch.no_grad()
+    def raw_scores(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        """r_phi of each (prompt, completion), float32, on the model's device."""
+        device = next(self.model.parameters()).device
+        seqs = [self._encode(p, c) for p, c in zip(prompts, completions)]
+        out = []
+        for i in range(0, len(seqs), self.batch_size):
+            part = seqs[i : i + self.batch_size]
+            width = max(len(s) for s in part)
+            ids = torch.tensor([s + [self.tokenizer.pad_token_id] * (width - len(s)) for s in part], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in part], device=device)
+            out.append(self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0].float())
+        return torch.cat(out) if out else torch.zeros(0, device=device)
+
+    def _update_stats(self, r: torch.Tensor) -> None:
+        batch = torch.stack([r.new_tensor(r.numel(), dtype=torch.float64), r.double().sum(), (r.double() ** 2).sum()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(batch)  # every process whitens with the same statistics
+        n_b, mean_b = batch[0], batch[1] / batch[0].clamp(min=1)
+        m2_b = batch[2] - n_b * mean_b**2
+        n_a, mean_a, m2_a = self.stats
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        self.stats.copy_(torch.stack([n, mean_a + delta * n_b / n, m2_a + m2_b + delta**2 * n_a * n_b / n]))
+
+    def score_batch(self, prompts: list[str], completions: list[str], answers: list[str], update: bool = False) -> torch.Tensor:
+        """The rewards of a step's samples (N,): the model's (whitened with `normalize`; `update` adds these
+        scores to the running statistics first), plus verifier_weight x the verifier's."""
+        r = self.raw_scores(prompts, completions)
+        if self.normalize:
+            if update and r.numel():
+                self._update_stats(r)
+            n, mean, m2 = self.stats.tolist()
+            std = math.sqrt(m2 / (n - 1)) if n > 1 else 1.0
+            r = (r - mean) / (std + 1e-6)
+        if self.verifier_weight:
+            v, _ = score(self.verifier, prompts, completions, answers)
+            r = r + self.verifier_weight * torch.tensor(v, dtype=r.dtype, device=r.device)
+        return r
+
+    def forward(self, completion: str, answer: str) -> float:
+        raise TypeError("reward=model scores (prompt, completion) pairs in batches: call score_batch")

@@ -75,13 +75,19 @@ def test_prompt_level_aggregation_is_the_lectures_normaliser():
     assert aggregate(x, MASK, torch.tensor([True, True]), "sequence").item() == pytest.approx(4.0 / 4)
 
 
-def test_kl_penalty_is_the_k3_estimator():
+@pytest.mark.parametrize("estimator", ["k3", "k2"])
+def test_kl_penalty_in_the_loss_is_the_importance_weighted_estimator(estimator):
+    """kl_in=loss: + beta sg(min(rho, eps)) k(d) per token, d = log pi/pi_ref (here 0.3 everywhere), averaged like
+    the policy term; train/kl is k3's value whatever trains."""
     ref = LOGP - 0.3
-    base, _ = rlvr_loss(LOGP, LOGP_GEN, ADV, MASK, loss_type="cispo", loss_agg="token")
-    with_kl, stats = rlvr_loss(LOGP, LOGP_GEN, ADV, MASK, loss_type="cispo", loss_agg="token", ref_logp=ref, beta=0.1)
-    k3 = math.exp(-0.3) + 0.3 - 1
-    assert (with_kl - base).item() == pytest.approx(0.1 * k3, rel=1e-4)
-    assert stats["kl"].item() == pytest.approx(k3, rel=1e-5)
+    base, _ = rlvr_loss(LOGP, LOGP_GEN, ADV, MASK, loss_type="cispo", loss_agg="token", epsilon=1.1)
+    with_kl, stats = rlvr_loss(LOGP, LOGP_GEN, ADV, MASK, loss_type="cispo", loss_agg="token", ref_logp=ref, beta=0.1,
+                               epsilon=1.1, kl_estimator=estimator)
+    k = {"k3": math.exp(-0.3) + 0.3 - 1, "k2": 0.3**2 / 2}[estimator]
+    iw = torch.clamp(torch.exp(LOGP - LOGP_GEN), max=1.1)
+    assert 0 < iw[MASK].min() < 1 and iw[MASK].max() == pytest.approx(1.1)  # both sides of 1, and capped
+    assert (with_kl - base).item() == pytest.approx(0.1 * k * (iw * MASK).sum().item() / MASK.sum().item(), rel=1e-4)
+    assert stats["kl"].item() == pytest.approx(math.exp(-0.3) + 0.3 - 1, rel=1e-5)
 
 
 def test_cispo_gradient_does_not_flow_through_rho():

@@ -16,8 +16,15 @@ Variants to compare (`loss_type`):
     grpo   PPO's clipped ratio, min(rho A, clip(rho, 1-e_lo, 1+e_hi) A), group-std advantages,
            sequence-mean aggregation (Shao et al. 2024, DeepSeekMath)
     dapo   the clipped ratio with clip-higher (e_hi = 0.28), token-level aggregation (Yu et al. 2025)
-With beta > 0 a KL penalty to a frozen reference is added per token, with the k3 estimator
-pi_ref/pi - log(pi_ref/pi) - 1 (DeepSeekMath): the lecture's KL-regularised objective.
+With beta > 0, the lecture's KL-regularised objective E[r] - beta KL[pi || pi_ref] to a frozen reference, whose
+optimum is pi_ref(y|x) exp(r(x, y) / beta) / Z(x). With d_t = log pi(y_t) / pi_ref(y_t) (`kl_in`, `kl_estimator`):
+    reward  r_i <- r_i - beta sum_t d_t with the sampler's log-probs (k1 in the reward, PPO-RLHF): the policy
+            gradient of E[r] - beta KL[pi || pi_ref]; the advantages' normalisation leaves its optimum unchanged
+    loss    + beta sg(min(rho_t, eps)) k(d_t) per token (importance-weighted: samples come from pi_gen), with
+            k2 = d^2 / 2, whose gradient E[d grad log pi] is KL[pi || pi_ref]'s (reverse), or
+            k3 = exp(-d) + d - 1 (DeepSeekMath, TRL's GRPO): an estimate of KL[pi || pi_ref] whose gradient
+            E[(1 - pi_ref / pi) grad log pi] is that of KL[pi_ref || pi] (forward): it converges elsewhere.
+            Here the advantage's scale weighs the reward against beta: the normalised reward's optimum.
 Logits and log-softmax are float32 at the LM head, even under bf16 mixed precision.
 """
 
@@ -30,12 +37,15 @@ from collections.abc import Callable
 import torch
 from torchmetrics import MeanMetric
 
+from src.callbacks.wandb_axes import STEP
 from src.lightning_modules.lm import LMModule, completion_logps
 from src.metrics import PassAtK
 from src.models.rollout import HFRollout, Rollout, RolloutEngine
 from src.rewards import score
 
 LOSS_TYPES = ("cispo", "grpo", "dapo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_IN = ("reward", "loss")
 AGGREGATIONS = ("prompt", "token", "sequence")
 NORMALISATIONS = ("batch", "group", "none")
 # each loss type as its paper states it; `adv_norm` / `loss_agg` / `clip_high` override
@@ -72,6 +82,27 @@ def group_advantages(rewards: torch.Tensor, norm: str = "batch", keep: torch.Ten
     elif norm == "group":
         adv = adv / (rewards.std(-1, keepdim=True) + STD_EPS)
     return adv * keep.unsqueeze(-1)
+
+
+# --------------------------------------------------------------------------- the KL to the reference
+def kl_term(d: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimator of d = log pi(y_t) / pi_ref(y_t), y_t ~ pi; each has expectation KL[pi || pi_ref],
+    their gradients as loss terms differ: k1 = d (zero in expectation), k2 = d^2 / 2 (reverse KL's),
+    k3 = exp(-d) + d - 1 (forward KL's)."""
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d**2
+    if estimator == "k3":
+        return torch.exp(-d) + d - 1
+    raise ValueError(f"algo.kl_estimator={estimator!r}: must be one of {list(KL_ESTIMATORS)}")
+
+
+def kl_penalised_rewards(rewards: torch.Tensor, logp_gen: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                         beta: float) -> torch.Tensor:
+    """`kl_in=reward`: r_i - beta sum_t log pi_gen(y_t) / pi_ref(y_t) over each sample's completion tokens (k1,
+    with the sampler's log-probs: fixed at sampling, as PPO-RLHF's). rewards (B, G); the others (B, G, T)."""
+    return rewards - beta * ((logp_gen - ref_logp) * mask).sum(-1)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -131,6 +162,8 @@ def rlvr_loss(
     normalizer: float | torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     with_stats: bool = True,
+    kl_estimator: str = "k3",
+    kl_in: str = "loss",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy loss (to minimise: -J) and importance-ratio statistics (`ratio_stats`).
 
@@ -138,6 +171,8 @@ def rlvr_loss(
     adv: normalised advantages (B, G); mask: completion tokens (B, G, T); keep: groups in the loss (B,).
     A micro-batch of samples passes (N, T) tensors, adv (N,), and its tokens' `weights` (`token_weights` of the
     whole step) with the whole step's `normalizer`: the micro-batches' losses then sum to the step's.
+    With beta > 0 and `kl_in=loss`, the KL term of `kl_estimator` on `ref_logp` (log pi_ref); with `kl_in=reward`
+    the penalty is already in the advantages (`kl_penalised_rewards`).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"algo.loss_type={loss_type!r}: must be one of {list(LOSS_TYPES)}")
@@ -150,11 +185,11 @@ def rlvr_loss(
         rho = torch.exp(logp - logp_gen)
         rho_clip = torch.clamp(rho, 1 - clip_low, 1 + clip_high)
         objective = torch.minimum(rho * a, rho_clip * a)
-    if beta > 0:
+    if beta > 0 and kl_in == "loss":
         if ref_logp is None:
             raise ValueError("algo.beta > 0 needs the reference log-probs")
-        d = ref_logp - logp  # log pi_ref / pi_theta
-        objective = objective - beta * (torch.exp(d) - d - 1)  # k3 estimator of KL(pi_theta || pi_ref)
+        iw = torch.clamp(torch.exp(logp.detach() - logp_gen), max=epsilon)  # sg(min(rho, eps)): samples from pi_gen
+        objective = objective - beta * iw * kl_term(logp - ref_logp, kl_estimator)
     if weights is None:  # the whole step: its own weights and count of units (`aggregate`)
         keep = torch.ones(adv.size(0), dtype=torch.bool, device=adv.device) if keep is None else keep
         weights = token_weights(mask, keep, loss_agg)
@@ -185,9 +220,8 @@ def ratio_stats(logp, logp_gen, adv, mask, loss_type, epsilon, clip_low, clip_hi
         "rho/max": r.max() if r.numel() else r.new_tensor(1.0),
         "rho/frac_truncated": clipped[m].float().mean() if r.numel() else r.new_tensor(0.0),
     }
-    if beta > 0:
-        d = (ref_logp - logp)[m]
-        stats["kl"] = (torch.exp(d) - d - 1).mean()
+    if beta > 0 and ref_logp is not None:  # the k3 estimate of KL[pi || pi_ref] per token, whichever option trains
+        stats["kl"] = kl_term((logp - ref_logp)[m], "k3").mean() if r.numel() else r.new_tensor(0.0)
     return stats
 
 
@@ -220,6 +254,30 @@ def check_recipe(reward, loss_type, loss_agg, adv_norm, clip_high, num_generatio
 
 
 class RLVRModule(LMModule):
+    DASHBOARD = [  # the W&B workspace's sections (sweeps/dashboard.py)
+        ("Reward", [
+            ("line", "mean reward against steps", STEP, ["train/reward/mean", "train/pass_rate"]),
+            ("line", "mean reward against samples", "train/samples", ["train/reward/mean"]),
+            ("line", "held-out pass@1 against samples", "val/samples", ["val/pass@1", "val/majority@k"]),
+            ("line", "held-out pass@1 against compute (FLOPs)", "val/compute_flops", ["val/pass@1"]),
+            ("line", "held-out pass@k", STEP, ["val/pass@1", "val/pass@k", "val/majority@k"]),
+        ]),
+        ("ScaleRL recipe", [
+            ("line", "zero-variance groups, retired prompts", STEP, ["train/frac_zero_variance", "train/retired_prompts"]),
+            ("line", "importance weight rho = pi_train / pi_gen", STEP,
+             ["train/rho/mean", "train/rho/max", "train/rho/frac_truncated"]),
+            ("line", "train/inference drift |log pi_train - log pi_gen|", STEP, ["train/logp_diff/mean", "train/logp_diff/max"]),
+            ("line", "entropy, completion length", STEP, ["train/entropy", "train/completion_length", "train/truncation_rate"]),
+        ]),
+        ("KL to the reference (beta > 0; RLHF: reward=model)", [
+            ("line", "KL[pi || pi_ref] per token (k3 estimate)", STEP, ["train/kl"]),
+            ("line", "reward (the model's, RLHF) against verified pass rate: hacking if they part", STEP,
+             ["train/reward/mean", "train/pass_rate"]),
+        ]),
+        ("Samples", [("table", "train/completions"), ("table", "val/samples")]),
+        ("Throughput", [("line", "tokens/s", STEP, ["perf/gen_tokens_per_s", "perf/train_forward_tokens_per_s"])]),
+    ]
+
     def __init__(
         self,
         *args,
@@ -234,6 +292,8 @@ class RLVRModule(LMModule):
         clip_low: float = 0.2,
         clip_high: float | None = None,
         beta: float = 0.0,
+        kl_estimator: str | None = None,
+        kl_in: str = "loss",
         ref_pretrained: str | None = None,
         generation_lag: int = 8,
         zero_variance_filter: bool = True,
@@ -260,7 +320,22 @@ class RLVRModule(LMModule):
         self.loss_agg, self.adv_norm, self.clip_high = check_recipe(
             reward, loss_type, loss_agg, adv_norm, clip_high, num_generations, generation_lag, epsilon,
             reward_on_error, val_num_samples)
-        self.reward = reward
+        if kl_in not in KL_IN:
+            raise ValueError(f"algo.kl_in={kl_in!r}: must be one of {list(KL_IN)}")
+        self.kl_estimator = kl_estimator or {"reward": "k1", "loss": "k3"}[kl_in]
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"algo.kl_estimator={kl_estimator!r}: must be one of {list(KL_ESTIMATORS)}")
+        if kl_in == "reward" and self.kl_estimator != "k1":
+            raise ValueError(f"algo.kl_in=reward folds k1 = log pi/pi_ref into the reward (the policy gradient "
+                             f"carries its gradient); algo.kl_estimator={kl_estimator!r} belongs in the loss: use k1 or null")
+        if kl_in == "loss" and self.kl_estimator == "k1":
+            raise ValueError("algo.kl_estimator=k1 as a loss term has a zero gradient in expectation: use k2 (the "
+                             "reverse KL's gradient) or k3 in the loss, or algo.kl_in=reward")
+        self.reward = reward  # a reward model (an nn.Module) becomes a frozen submodule: device, FSDP2, checkpoints
+        self.verifier = getattr(reward, "verifier", reward)  # what "passes" (pass@k, pass rate): never the model
+        if self.verifier is not reward and retire_threshold is not None:
+            raise ValueError(f"algo.retire_threshold={retire_threshold} retires prompts by their pass rate, which a "
+                             "reward model does not give: set algo.retire_threshold=null (experiment=rlhf does)")
         if beta > 0:  # the KL penalty's pi_ref: model.ref_pretrained, or pi_0
             self.init_reference(ref_pretrained)
         # pi_gen: the engine samples with a lagged copy of the policy, refreshed every `generation_lag` optimizer
@@ -283,6 +358,17 @@ class RLVRModule(LMModule):
         self.val_reward, self.test_reward = MeanMetric(), MeanMetric()
         self.last_val: dict[str, float] = {}
 
+    @staticmethod
+    def check_config(cfg) -> None:
+        """Before any work (train.py calls it first): the rollout engine is installed, a reward model exists."""
+        from hydra.utils import get_class
+        from omegaconf import OmegaConf
+
+        for key in ("algo.rollout._target_", "algo.reward._target_"):
+            target = OmegaConf.select(cfg, key)
+            if target and hasattr(cls := get_class(target), "check_config"):
+                cls.check_config(OmegaConf.select(cfg, key.rsplit(".", 1)[0]))
+
     # ------------------------------------------------------------------ state
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -301,7 +387,8 @@ class RLVRModule(LMModule):
             self.retired = dm.retired  # one set: the train sampler skips what the module retires
 
     def frozen_models(self) -> list[torch.nn.Module]:
-        return super().frozen_models() + ([self.generator] if self.generator is not None else [])
+        reward_model = [self.reward.model] if isinstance(self.reward, torch.nn.Module) else []
+        return super().frozen_models() + ([self.generator] if self.generator is not None else []) + reward_model
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rlvr"] = {"retired": sorted(self.retired), "compute": self.compute, "samples": self.samples}
@@ -319,11 +406,15 @@ class RLVRModule(LMModule):
 
     # ------------------------------------------------------------------ rewards
     def rewards(self, prompts: list[str], answers: list[str], texts: list[str], truncated: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(B*G,) rewards; truncated completions get `truncated_reward` when it is set."""
+        """(B*G,) rewards; truncated completions get `truncated_reward` when it is set. A reward model (reward=model)
+        scores the batch on this device (its running statistics updated while training)."""
         g = len(texts) // len(prompts)
         rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
-        r, errors = score(self.reward, rep(prompts), texts, rep(answers), self.hparams.reward_on_error)
-        r = torch.tensor(r, dtype=torch.float32, device=self.device)
+        if hasattr(self.reward, "score_batch"):
+            r, errors = self.reward.score_batch(rep(prompts), texts, rep(answers), update=self.training), 0
+        else:
+            r, errors = score(self.reward, rep(prompts), texts, rep(answers), self.hparams.reward_on_error)
+        r = torch.as_tensor(r, dtype=torch.float32, device=self.device)
         if self.hparams.truncated_reward is not None:
             r = torch.where(truncated, torch.full_like(r, self.hparams.truncated_reward), r)
         return r, errors
@@ -338,11 +429,28 @@ class RLVRModule(LMModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         roll, texts, t_gen = self.sample(batch)  # G completions per prompt from pi_gen
         r, errors = self.score(batch, texts, roll)  # the verifier's rewards, (B, G)
-        adv, keep, zv_all = self.advantages(r)  # group advantages, batch-normalised; zero-variance filter
-        passed = self.retire(batch, r)  # no-positive resampling
-        loss, stats, entropy, t_train = self.policy_update(batch, roll, adv, keep)  # truncated IS, prompt-level
+        ranges = self.micro_batches(batch["prompt_attention_mask"], roll.lengths, r.size(1))
+        ref_logp = self.reference_logps(batch, roll, ranges) if self.has_reference else None
+        r_train = r
+        if self.hparams.kl_in == "reward" and self.hparams.beta > 0:  # r - beta KL sample, PPO-RLHF
+            r_train = kl_penalised_rewards(r, roll.logps.view(*r.shape, -1), ref_logp.view(*r.shape, -1),
+                                           roll.completion_mask.view(*r.shape, -1), self.hparams.beta)
+        adv, keep, zv_all = self.advantages(r_train)  # group advantages, batch-normalised; zero-variance filter
+        passed = self.retire(batch, r, texts, roll.truncated)  # no-positive resampling
+        loss, stats, entropy, t_train = self.policy_update(batch, roll, adv, keep, ranges, ref_logp)
         self.log_step(batch, roll, texts, r, passed, zv_all, errors, loss, stats, entropy, t_gen, t_train)
         return loss
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict, roll: Rollout, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        """log pi_ref of every sampled token (N, T), in the step's micro-batches, without gradients."""
+        out = torch.zeros_like(roll.logps)
+        g = roll.logps.size(0) // batch["prompt_input_ids"].size(0)
+        with self.reference() as ref_model:
+            for s, e in ranges:
+                seqs = self._micro_batch(batch, roll, g, s, e)
+                out[s:e, : seqs[2].size(1)] = completion_logps(ref_model, *seqs, with_entropy=False)[0]
+        return out
 
     def sample(self, batch: dict) -> tuple[Rollout, list[str], float]:
         hp = self.hparams
@@ -360,6 +468,19 @@ class RLVRModule(LMModule):
         r, errors = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated)
         return r.view(len(batch["prompts"]), self.hparams.num_generations), errors
 
+    def verified(self, prompts: list[str], answers: list[str], texts: list[str], r: torch.Tensor,
+                 truncated: torch.Tensor) -> torch.Tensor:
+        """(B*G,) 1.0 where a sample passes: its reward >= pass_threshold, or with a reward model its verifier's
+        (`reward.verifier`: the model's reward is a preference score, not a pass/fail)."""
+        if self.verifier is self.reward:
+            return (r.flatten() >= self.hparams.pass_threshold).float()
+        g = len(texts) // len(prompts)
+        v, _ = score(self.verifier, [p for p in prompts for _ in range(g)], texts, [a for a in answers for _ in range(g)])
+        v = torch.tensor(v, dtype=torch.float32, device=self.device)
+        if self.hparams.truncated_reward is not None:
+            v = torch.where(truncated, torch.zeros_like(v), v)
+        return (v >= self.hparams.pass_threshold).float()
+
     def advantages(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This process's (B, G) advantages and kept groups, from statistics over the whole batch (all processes)."""
         b = r.size(0)
@@ -371,19 +492,20 @@ class RLVRModule(LMModule):
         self.last_batch = {"rewards_all": r_all, "keep_all": keep_all, "adv": adv_all[lo : lo + b]}  # for inspection
         return adv_all[lo : lo + b], keep_all[lo : lo + b], zv_all
 
-    def retire(self, batch: dict, r: torch.Tensor) -> torch.Tensor:
+    def retire(self, batch: dict, r: torch.Tensor, texts: list[str], truncated: torch.Tensor) -> torch.Tensor:
         """Retire prompts whose pass rate reaches `retire_threshold` (on every process); return the passes."""
         hp = self.hparams
-        passed = (r >= hp.pass_threshold).float()
+        passed = self.verified(batch["prompts"], batch["references"], texts, r, truncated).view_as(r)
         if hp.retire_threshold is not None:
             idx_all, rate_all = self._gather(batch["index"]), self._gather(passed.mean(-1))
             self.retired.update(idx_all[rate_all >= hp.retire_threshold].tolist())
         return passed
 
-    def policy_update(self, batch: dict, roll: Rollout, adv: torch.Tensor, keep: torch.Tensor):
+    def policy_update(self, batch: dict, roll: Rollout, adv: torch.Tensor, keep: torch.Tensor,
+                      ranges: list[tuple[int, int]] | None = None, ref_logp: torch.Tensor | None = None):
         """-J over micro-batches of the step's samples, then one optimizer step. Each micro-batch computes log
-        pi_train of its sampled tokens (with gradient; each prompt encoded once for its samples there), pi_ref's for
-        the KL term, and its share of `rlvr_loss`: the tokens' weights and the loss's denominator are counted over
+        pi_train of its sampled tokens (with gradient; each prompt encoded once for its samples there) and its share
+        of `rlvr_loss` (the KL term reads `ref_logp`, `reference_logps` of the step): the tokens' weights and the loss's denominator are counted over
         the whole step (all processes) first, so the accumulated gradient is the whole step's. Returns the step's
         loss, statistics, entropy (N, T) and forward time."""
         hp = self.hparams
@@ -397,21 +519,19 @@ class RLVRModule(LMModule):
         adv_flat = adv.flatten()
         logp = torch.zeros_like(roll.logps)
         entropy = torch.zeros_like(roll.logps)
-        ref_logp = torch.zeros_like(roll.logps) if self.has_reference else None
+        ranges = ranges or self.micro_batches(batch["prompt_attention_mask"], roll.lengths, g)
+        if ref_logp is None and self.has_reference:
+            ref_logp = self.reference_logps(batch, roll, ranges)
         loss, t_train = torch.zeros((), device=self.device), 0.0
-        for s, e in self.micro_batches(batch["prompt_attention_mask"], roll.lengths, g):
+        for s, e in ranges:
             t1 = time.perf_counter()
             seqs = self._micro_batch(batch, roll, g, s, e)
             t = seqs[2].size(1)
             lp, ent = completion_logps(self.model, *seqs)
-            ref = None
-            if self.has_reference:
-                with torch.no_grad(), self.reference() as ref_model:
-                    ref = completion_logps(ref_model, *seqs, with_entropy=False)[0]
-                ref_logp[s:e, :t] = ref
             part, _ = rlvr_loss(
                 lp, roll.logps[s:e, :t], adv_flat[s:e], seqs[3], None, hp.loss_type, self.loss_agg, hp.epsilon,
-                hp.clip_low, self.clip_high, ref, hp.beta, normalizer, weights[s:e, :t], with_stats=False)
+                hp.clip_low, self.clip_high, None if ref_logp is None else ref_logp[s:e, :t], hp.beta, normalizer,
+                weights[s:e, :t], with_stats=False, kl_estimator=self.kl_estimator, kl_in=hp.kl_in)
             t_train += time.perf_counter() - t1
             self.manual_backward(part)
             loss += part.detach()
@@ -530,8 +650,8 @@ class RLVRModule(LMModule):
         texts = self.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True)
         r, _ = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated)
         b = len(batch["prompts"])
-        correct = (r >= hp.pass_threshold).view(b, n).tolist()
-        answers = [self.reward.extract(t) if hasattr(self.reward, "extract") else t.strip() for t in texts]
+        correct = self.verified(batch["prompts"], batch["references"], texts, r, roll.truncated).bool().view(b, n).tolist()
+        answers = [self.verifier.extract(t) if hasattr(self.verifier, "extract") else t.strip() for t in texts]
         getattr(self, f"{stage}_pass").update(correct, [answers[i * n : (i + 1) * n] for i in range(b)])
         getattr(self, f"{stage}_reward").update(r)
         if batch_idx == 0:
