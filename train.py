@@ -7,7 +7,6 @@ Hydra config (conf/); the algorithms live in src/lightning_modules/, one file ea
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
 import lightning as L
@@ -38,11 +37,12 @@ fixed_mmap_threshold()  # host memory that returns to the system (src/utils/run.
 
 
 def build(cfg: DictConfig, extra_callbacks: list[L.Callback] = (), warm_start: bool = True) -> dict:
-    """The run's objects from its config: data, the algorithm's module (after the SFT warm start when its config
-    asks for one and `warm_start`), loggers, callbacks and the trainer. Shared by train.py and eval.py."""
-    engine = OmegaConf.select(cfg, "rollout._target_")  # a rollout engine not installed here fails at once
-    if engine and hasattr(engine_cls := hydra.utils.get_class(engine), "check_installed"):
-        engine_cls.check_installed()
+    """The run's objects from its config: data, the algorithm's module (after the warm start its config asks for,
+    when `warm_start`), loggers, callbacks and the trainer. Shared by train.py and eval.py. Nothing here knows an
+    algorithm: each checks its own config (`check_config`) and names its warm start (`warm_start._target_`)."""
+    algo_cls = hydra.utils.get_class(cfg.algo._target_)
+    if hasattr(algo_cls, "check_config"):  # what the algorithm needs (an engine installed, a file) fails at once
+        algo_cls.check_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -55,7 +55,9 @@ def build(cfg: DictConfig, extra_callbacks: list[L.Callback] = (), warm_start: b
     callbacks = instantiate_callbacks(
         cfg.get("callbacks"), has_logger=bool(loggers), progress_bar=cfg.trainer.get("enable_progress_bar", True)
     )
-    net, start = sft_warm_start(cfg, shared.get("tokenizer")) if warm_start else (None, {})
+    ws = cfg.get("warm_start")  # a warm start the algorithm's config asks for (conf/warm_start/), run before it
+    net, start = (hydra.utils.instantiate(ws)(cfg, shared.get("tokenizer")) if warm_start and ws and "_target_" in ws
+                  else (None, {}))
     policy_options = {k: OmegaConf.to_object(cfg.model[k]) if OmegaConf.is_config(cfg.model[k]) else cfg.model[k]
                       for k in ("lora", "gradient_checkpointing") if k in cfg.model}  # LM models
     # plain Python containers in the module's hyper-parameters (sharded checkpoints load them weights-only)
@@ -111,36 +113,6 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict
         for r in runs:
             log.info("W&B run: %s", r)
     return metrics, objects
-
-
-def sft_warm_start(cfg: DictConfig, tokenizer) -> tuple:
-    """`warm_start`: SFT the from-scratch policy on the same data to a target quality before DPO / RLVR;
-    returns (a `net` factory holding it, its metrics), or (None, {}) with a checkpoint (model=hf), when resuming,
-    or without `warm_start`."""
-    ws = cfg.get("warm_start")
-    if not ws or not ws.max_steps or cfg.get("ckpt_path") or "pretrained" in cfg.model:
-        return None, {}
-    from src.datamodules.files import DataError
-    from src.lightning_modules.sft import warm_start
-
-    log.info("Warm start: SFT to val exact match %.2f (at most %d steps) before %s", ws.target, ws.max_steps,
-             cfg.algo._target_.rsplit(".", 1)[-1])
-    dm = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer, kind="sft", batch_size=ws.batch_size)
-    try:
-        dm.setup("fit")
-    except DataError as e:
-        raise DataError(f"{e}\nwarm_start runs SFT on the data, which needs SFT rows; give an SFT checkpoint instead "
-                        "(model=hf model.pretrained=DIR) or set warm_start.max_steps=0") from None
-    model, metrics = warm_start(
-        hydra.utils.instantiate(cfg.model.net), tokenizer, dm, ws.target, ws.max_steps, ws.val_every, ws.lr,
-        ws.warmup_steps, cfg.trainer.accelerator, cfg.trainer.get("gradient_clip_val"),
-        cfg.trainer.get("enable_progress_bar", True))
-    out = Path(cfg.paths.output_dir) / "sft_init"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    log.info("Warm start: val exact match %.3f after %d steps; export %s (model=hf model.pretrained=%s)",
-             metrics["warm_start/exact_match"], metrics["warm_start/steps"], out, out)
-    return (lambda tokenizer: model), metrics
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

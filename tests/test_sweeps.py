@@ -124,11 +124,13 @@ def _dashboard():
 def test_dashboard_specs_build_offline_for_every_algorithm():
     """sweeps/dashboard.py builds each W&B workspace spec with wandb-workspaces, no network."""
     dashboard = _dashboard()
+    assert set(dashboard.ALGOS) == {p.stem for p in (Path(CONF) / "algo").glob("*.yaml")}
     for algo in dashboard.ALGOS:
         spec = json.loads(dashboard.build(algo, "me", "genlight")._to_model().model_dump_json())
         text = json.dumps(spec)
         assert spec["display_name"] == f"genlight: {algo}"
-        for section, _ in dashboard.PANELS[algo]:
+        assert dashboard.panels(algo), f"{algo}: its module declares no DASHBOARD"
+        for section, _ in dashboard.panels(algo):
             assert f'"name": "{section}"' in text, section
         for key in dashboard.metrics(algo):
             assert key in text, f"{algo}: the spec lost {key}"
@@ -144,7 +146,8 @@ DASHBOARD_RUNS = {
     "dpo": [["algo=dpo", "warm_start.max_steps=0"]],
     "tr_dpo": [["algo=tr_dpo", "warm_start.max_steps=0", "callbacks.reference_refresh.tau=2"]],
     "rlvr": [[*RLVR_RUN, "trainer.max_steps=10", "trainer.val_check_interval=2", "algo.log_completions_every_n_steps=1",
-              "algo.warmup_steps=0", "callbacks.scalerl_curve.skip_fraction=0"]],
+              "algo.warmup_steps=0", "callbacks.scalerl_curve.skip_fraction=0", "algo.beta=0.05"]],
+    "reward_model": [["algo=reward_model", "warm_start.max_steps=0"]],
     "ddpm": [_DIGITS, [*_DIGITS, "data=toy2d", "data.n_train=512", "data.n_val=64", "data.n_test=64"]],
 }
 

@@ -19,6 +19,8 @@ import lightning as L
 
 
 class ReferenceRefresh(L.Callback):
+    DASHBOARD = [("Reference refresh", [("line", "reference refreshes (TR-DPO)", "trainer/global_step", ["ref/refreshes"])])]
+
     def __init__(self, tau: int = 512, alpha: float = 1.0):
         if tau < 1:
             raise ValueError(f"callbacks.reference_refresh.tau={tau}: must be >= 1")

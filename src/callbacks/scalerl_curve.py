@@ -52,6 +52,11 @@ def fit_sigmoid(compute, reward, r0: float, skip_fraction: float = 0.1) -> tuple
 
 
 class ScaleRLCurve(L.Callback):
+    DASHBOARD = [("ScaleRL curve", [
+        ("media", "sigmoid fit of pass rate against compute", ["scalerl/curve"]),
+        ("line", "fit: asymptote A, efficiency B, C_mid", "trainer/global_step", ["scalerl/A", "scalerl/B"]),
+    ])]
+
     """Records (cumulative training compute, val pass rate) at each validation and fits the ScaleRL
     sigmoid; logs `scalerl/A`, `scalerl/B`, `scalerl/C_mid` and a plot with its extrapolation.
 

@@ -207,6 +207,18 @@ def sampling_grid(num_steps: int, steps: int) -> list[int]:
 
 
 class DDPMModule(L.LightningModule):
+    DASHBOARD = [  # the W&B workspace's sections (sweeps/dashboard.py)
+        ("Training", [
+            ("line", "denoising loss", "trainer/global_step", ["train/loss", "val/loss"]),
+            ("line", "learning rate", "trainer/global_step", ["lr-AdamW"]),
+        ]),
+        ("Sample quality", [
+            ("line", "Frechet distance to held-out digits (lower is better)", "trainer/global_step", ["val/fd"]),
+            ("line", "energy distance to held-out points (2-D data)", "trainer/global_step", ["val/energy_distance"]),
+            ("media", "samples (EMA weights)", ["val/samples"]),
+        ]),
+    ]
+
     def __init__(
         self,
         net: nn.Module,

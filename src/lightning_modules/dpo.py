@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from src.lightning_modules.lm import LMModule, completion_logps, labelled_logps, packed_completion_logps
+from src.callbacks.wandb_axes import STEP
+from src.lightning_modules.lm import (
+    EVAL_PANELS,
+    LMModule,
+    completion_logps,
+    labelled_logps,
+    packed_completion_logps,
+)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "naive_margin", "sft_chosen")
 NEEDS_REF = ("sigmoid", "ipo", "hinge")
@@ -90,6 +97,20 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class DPOModule(LMModule):
+    DASHBOARD = [  # the W&B workspace's sections (sweeps/dashboard.py)
+        ("Implicit rewards", [
+            ("line", "rewards r = beta log pi/pi_ref (train)", STEP, ["train/rewards/chosen", "train/rewards/rejected"]),
+            ("line", "reward margin r_w - r_l (train, val)", STEP, ["train/rewards/margins", "val/rewards/margins"]),
+            ("line", "preference accuracy P(r_w > r_l)", STEP, ["train/rewards/accuracies", "val/rewards/accuracies"]),
+            ("line", "margins, per held-out pair (histogram)", STEP, ["val/rewards/margins_hist"]),
+        ]),
+        ("Likelihoods", [
+            ("line", "log pi(y_w), log pi(y_l)", STEP, ["train/logps/chosen", "train/logps/rejected"]),
+            ("line", "DPO loss", STEP, ["train/loss", "val/loss"]),
+        ]),
+        EVAL_PANELS,
+    ]
+
     def __init__(
         self,
         *args,

@@ -7,16 +7,32 @@ N the number of completion tokens in the batch; prompt and padding tokens carry 
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import lightning as L
 import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.callbacks.validate_at_end import ValidateAtEnd
-from src.lightning_modules.lm import LMModule, labelled_logps
+from src.callbacks.wandb_axes import STEP
+from src.lightning_modules.lm import EVAL_PANELS, LMModule, labelled_logps
+
+log = logging.getLogger(__name__)
 
 
 class SFTModule(LMModule):
+    # the W&B workspace's sections (sweeps/dashboard.py): ("line", title, x, [y...]) | ("media", ...) | ("table", key)
+    DASHBOARD = [
+        ("Training", [
+            ("line", "completion-only loss", STEP, ["train/loss", "val/loss"]),
+            ("line", "next-token accuracy on completions", STEP, ["train/token_accuracy", "val/token_accuracy"]),
+            ("line", "learning rate", STEP, ["lr-AdamW"]),
+        ]),
+        EVAL_PANELS,
+    ]
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         vocab = self.model.get_output_embeddings().out_features
@@ -79,3 +95,33 @@ def warm_start(net, tokenizer, datamodule, target: float, max_steps: int, val_ev
     trainer.fit(sft, datamodule=datamodule)
     reached = float(trainer.callback_metrics["val/exact_match"])
     return sft.model, {"warm_start/exact_match": reached, "warm_start/steps": float(trainer.global_step)}
+
+
+def warm_start_net(cfg, tokenizer, target: float, max_steps: int, val_every: int = 25, lr: float = 1e-3,
+                   warmup_steps: int = 50, batch_size: int = 128):
+    """`warm_start=sft` (conf/warm_start/sft.yaml), asked for by an algorithm's YAML: SFT the from-scratch policy on
+    the run's data to `target` (`warm_start`) before the algorithm; returns (a `net` factory holding it, its
+    metrics), or (None, {}) with a checkpoint (model=hf: start from it), when resuming, or with max_steps=0."""
+    import hydra
+
+    from src.datamodules.files import DataError
+
+    if not max_steps or cfg.get("ckpt_path") or "pretrained" in cfg.model:
+        return None, {}
+    log.info("Warm start: SFT to val exact match %.2f (at most %d steps) before %s", target, max_steps,
+             cfg.algo._target_.rsplit(".", 1)[-1])
+    dm = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer, kind="sft", batch_size=batch_size)
+    try:
+        dm.setup("fit")
+    except DataError as e:
+        raise DataError(f"{e}\nwarm_start runs SFT on the data, which needs SFT rows; give an SFT checkpoint instead "
+                        "(model=hf model.pretrained=DIR) or set warm_start.max_steps=0") from None
+    model, metrics = warm_start(
+        hydra.utils.instantiate(cfg.model.net), tokenizer, dm, target, max_steps, val_every, lr, warmup_steps,
+        cfg.trainer.accelerator, cfg.trainer.get("gradient_clip_val"), cfg.trainer.get("enable_progress_bar", True))
+    out = Path(cfg.paths.output_dir) / "sft_init"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log.info("Warm start: val exact match %.3f after %d steps; export %s (model=hf model.pretrained=%s)",
+             metrics["warm_start/exact_match"], metrics["warm_start/steps"], out, out)
+    return (lambda tokenizer: model), metrics

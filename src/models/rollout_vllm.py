@@ -203,7 +203,8 @@ class VLLMRollout:
 
     # ------------------------------------------------------------------ the RolloutEngine interface
     @staticmethod
-    def check_installed() -> None:
+    def check_config(cfg=None) -> None:
+        """rollout=vllm on a machine without vLLM fails before any work (RLVRModule.check_config)."""
         require_vllm()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
