@@ -287,3 +287,26 @@ def test_reward_model_with_lora_trains_adapters_and_its_new_score_head(cfg_facto
     torch.testing.assert_close(sequence_rewards(exported, batch["input_ids"], batch["attention_mask"]), r_module,
                                rtol=1e-4, atol=1e-5)
     assert r_module.std() > 0
+
+
+def test_rlvr_against_a_reward_model_under_ddp_whitens_with_every_process_scores(cfg_factory, reward_model_dir):
+    """Under DDP (2 processes, ddp_fork) `reward.normalize` pools its running statistics over both processes: after
+    2 steps both hold the count of all 2 x 2 x 4 x 4 scores and the same mean and M2."""
+    import lightning as L
+
+    class StatsCheck(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            s = pl_module.all_gather(pl_module.reward.stats.float())  # (world, 3)
+            pl_module.log("ddp/world", float(s.size(0)), batch_size=1, on_step=False, on_epoch=True, reduce_fx="max")
+            pl_module.log("ddp/stats_spread", (s.max(0).values - s.min(0).values).abs().max(), batch_size=1,
+                          on_step=False, on_epoch=True, reduce_fx="max")
+            pl_module.log("ddp/count", s[0, 0], batch_size=1, on_step=False, on_epoch=True, reduce_fx="max")
+
+    path, _ = reward_model_dir
+    cfg = cfg_factory("experiment=rlhf", f"reward.pretrained={path}", "warm_start.max_steps=0", "trainer.max_steps=2",
+                      "trainer.val_check_interval=2", "algo.num_generations=4", "algo.val_num_samples=2",
+                      "data.batch_size=4", "algo.max_new_tokens=4", "trainer=ddp", "trainer.strategy=ddp_fork",
+                      "trainer.accelerator=cpu", "test=false")
+    metrics, _ = train_with(cfg, StatsCheck())
+    assert metrics["ddp/world"] == 2 and metrics["ddp/count"] == 2 * 2 * 4 * 4
+    assert metrics["ddp/stats_spread"] == 0

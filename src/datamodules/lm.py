@@ -1,9 +1,10 @@
 """The language-model DataModule: rows from a source (the arithmetic task, or files), tokenized
-into the shape an algorithm needs (`kind`):
+into the shape an algorithm needs (`kind`, a `RowKind` registered by name in `ROW_KINDS`):
 
 - `sft`: prompt + completion, loss on completion tokens only (labels = -100 on the prompt).
-- `preference`: prompt + chosen + rejected (DPO family).
+- `preference`: prompt + chosen + rejected, optional margin (DPO family, the reward model).
 - `prompt`: prompt + answer to verify (RLVR).
+An algorithm with rows of its own registers their kind from its module (`register_row_kind`).
 
 Every kind also carries the left-padded prompt and the reference text, for evaluation by generation.
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -24,7 +26,6 @@ from src.models.tokenizer import CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
 IGNORE = -100
-KINDS = ("sft", "preference", "prompt")
 
 
 # --------------------------------------------------------------------------- rows -> text
@@ -151,32 +152,34 @@ class Tokenized:
             )
 
 
+def sft_example(row: dict, t: Tokenized, where: str) -> dict:
+    prompt, completion, templated = sft_text(row, t.tok, where)
+    p = t.prompt(prompt, templated)
+    return {"prompt": prompt, "prompt_ids": p, "completion_ids": t.fit(p, t.completion(completion), where),
+            "reference": completion}
+
+
+def preference_example(row: dict, t: Tokenized, where: str) -> dict:
+    prompt, chosen, rejected, templated = preference_text(row, t.tok, where)
+    p = t.prompt(prompt, templated)
+    return {"prompt": prompt, "prompt_ids": p, "chosen_ids": t.fit(p, t.completion(chosen), where),
+            "rejected_ids": t.fit(p, t.completion(rejected), where), "reference": row.get("answer", chosen),
+            "margin": preference_margin(row, where)}
+
+
+def prompt_example(row: dict, t: Tokenized, where: str) -> dict:
+    prompt, answer, templated = prompt_text(row, t.tok, where)
+    p = t.prompt(prompt, templated)
+    if len(p) >= t.max_length:
+        raise DataError(f"{where}: prompt is {len(p)} tokens, not shorter than data.max_length={t.max_length}")
+    return {"prompt": prompt, "prompt_ids": p, "reference": answer}
+
+
 def build_examples(rows, tokenizer, kind: str, split: str, max_length: int, truncation: str) -> list[dict]:
+    """Each (where, row) of a split as the example of its `kind` (`ROW_KINDS`), with its position in the split."""
     t = Tokenized(tokenizer, max_length, truncation, split)
-    out = []
-    for index, (where, row) in enumerate(rows):
-        if kind == "sft":
-            prompt, completion, templated = sft_text(row, tokenizer, where)
-            p = t.prompt(prompt, templated)
-            ex = {"prompt_ids": p, "completion_ids": t.fit(p, t.completion(completion), where), "reference": completion}
-        elif kind == "preference":
-            prompt, chosen, rejected, templated = preference_text(row, tokenizer, where)
-            p = t.prompt(prompt, templated)
-            ex = {
-                "prompt_ids": p,
-                "chosen_ids": t.fit(p, t.completion(chosen), where),
-                "rejected_ids": t.fit(p, t.completion(rejected), where),
-                "reference": row.get("answer", chosen),
-                "margin": preference_margin(row, where),
-            }
-        else:
-            prompt, answer, templated = prompt_text(row, tokenizer, where)
-            p = t.prompt(prompt, templated)
-            if len(p) >= max_length:
-                raise DataError(f"{where}: prompt is {len(p)} tokens, not shorter than data.max_length={max_length}")
-            ex = {"prompt_ids": p, "reference": answer}
-        ex["prompt"], ex["index"] = prompt, index
-        out.append(ex)
+    make = row_kind(kind).example
+    out = [{**make(row, t, where), "index": index} for index, (where, row) in enumerate(rows)]
     t.report(len(out))
     return out
 
@@ -310,9 +313,58 @@ def pack_pairs(prompts: list[list[int]], chosen: list[list[int]], rejected: list
             "logp_seq": torch.tensor(seq), "num_tokens": torch.tensor(sum(used))}
 
 
+def collate_sft(examples: list[dict], prompts: list[list[int]], c: Collator) -> dict:
+    completions = [e["completion_ids"] for e in examples]
+    return pack(prompts, completions, c.max_length, c.pad_id) if c.packing else join(prompts, completions, c.pad_id)
+
+
+def collate_preference(examples: list[dict], prompts: list[list[int]], c: Collator) -> dict:
+    """Chosen rows then rejected rows: one forward pass computes both (B -> 2B); packed, each pair a prompt tree."""
+    chosen, rejected = [e["chosen_ids"] for e in examples], [e["rejected_ids"] for e in examples]
+    margins = {"margins": torch.tensor([e["margin"] for e in examples], dtype=torch.float32)}
+    if c.packing:
+        return margins | pack_pairs(prompts, chosen, rejected, 2 * c.max_length, c.pad_id)
+    # the completions alone (right-padded) too, for a forward that encodes each prompt once
+    return margins | join(prompts + prompts, chosen + rejected, c.pad_id) | {
+        "completion_ids": pad(chosen + rejected, c.pad_id),
+        "completion_mask": pad([[1] * len(x) for x in chosen + rejected], 0)}
+
+
+class RowKind(NamedTuple):
+    """What an algorithm reads: `example(row, tokenized, where)` makes a split's example of a file row (prompt,
+    prompt_ids, reference, and its own fields; errors name `where`), `collate(examples, batch, collator)` adds its
+    tensors (returned; the batch already holds the left-padded prompts, their texts, references and indices), `packs`
+    whether `data.packing` applies."""
+
+    example: Callable[[dict, Tokenized, str], dict]
+    collate: Callable[[list[dict], list[list[int]], Collator], dict] | None = None
+    packs: bool = False
+
+
+# data.kind -> its rows; an algorithm with rows of its own registers them (`register_row_kind`) in its module, which
+# train.py imports before the data
+ROW_KINDS: dict[str, RowKind] = {}
+
+
+def register_row_kind(name: str, kind: RowKind) -> None:
+    ROW_KINDS[name] = kind
+
+
+def row_kind(name: str) -> RowKind:
+    if name not in ROW_KINDS:
+        raise ValueError(f"data.kind={name!r}: must be one of {list(ROW_KINDS)}")
+    return ROW_KINDS[name]
+
+
+register_row_kind("sft", RowKind(sft_example, collate_sft, packs=True))
+register_row_kind("preference", RowKind(preference_example, collate_preference, packs=True))
+register_row_kind("prompt", RowKind(prompt_example))
+
+
 class Collator:
     def __init__(self, kind: str, pad_id: int, packing: bool = False, max_length: int = 512):
         self.kind, self.pad_id, self.packing, self.max_length = kind, pad_id, packing, max_length
+        self._collate = row_kind(kind).collate
 
     def __call__(self, examples: list[dict]) -> dict:
         prompts = [e["prompt_ids"] for e in examples]
@@ -323,22 +375,8 @@ class Collator:
             "references": [e["reference"] for e in examples],
             "index": torch.tensor([e["index"] for e in examples]),  # position in its split (caches)
         }
-        if self.kind == "sft":
-            completions = [e["completion_ids"] for e in examples]
-            batch.update(pack(prompts, completions, self.max_length, self.pad_id) if self.packing
-                         else join(prompts, completions, self.pad_id))
-        elif self.kind == "preference":
-            # chosen rows then rejected rows: one forward pass computes both (B -> 2B).
-            batch["margins"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
-            if self.packing:
-                batch.update(pack_pairs(prompts, [e["chosen_ids"] for e in examples],
-                                        [e["rejected_ids"] for e in examples], 2 * self.max_length, self.pad_id))
-                return batch
-            completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-            batch.update(join(prompts + prompts, completions, self.pad_id))
-            # the completions alone (right-padded), for a forward that encodes each prompt once
-            batch["completion_ids"] = pad(completions, self.pad_id)
-            batch["completion_mask"] = pad([[1] * len(c) for c in completions], 0)
+        if self._collate is not None:
+            batch.update(self._collate(examples, prompts, self))
         return batch
 
 
@@ -359,10 +397,8 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         packing: bool = False,
     ):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"data.kind={kind!r}: must be one of {list(KINDS)}")
-        if packing and kind == "prompt":
-            raise ValueError("data.packing=true packs SFT examples and preference pairs; data.kind='prompt' (RLVR) "
+        if packing and not row_kind(kind).packs:
+            raise ValueError(f"data.packing=true packs SFT examples and preference pairs; data.kind={kind!r} "
                              "does not use it (set data.packing=false)")
         self.source, self.tokenizer, self.kind = source, tokenizer, kind
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
