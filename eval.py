@@ -59,8 +59,13 @@ def test_time_compute(cfg: DictConfig, trainer, module, datamodule, split: str) 
 
     ev = cfg.eval
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+    reward_model = None
+    if ev.scorer == "reward_model" and ev.get("reward_model"):
+        from src.rewards import RewardModel
+
+        reward_model = RewardModel(ev.reward_model).to(module.device)
     curves = curves_at_k(module, loader, ev.num_samples, ev.temperature, hydra.utils.instantiate(ev.verifier),
-                         ev.scorer, max_batch_size=ev.max_batch_size, seed=cfg.seed)
+                         ev.scorer, max_batch_size=ev.max_batch_size, seed=cfg.seed, reward_model=reward_model)
     metrics = {f"{split}/ttc/{name}@{k}": v for name, vs in (("pass", curves["pass"]), ("majority", curves["majority"]),
                                                                ("best_of", curves["best"]))
                for k, v in enumerate(vs, 1)}

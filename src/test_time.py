@@ -21,7 +21,7 @@ from src.metrics import majority_correct, pass_at_k
 from src.models.rollout import HFRollout
 from src.rewards import score
 
-SCORERS = ("logprob", "verifier")
+SCORERS = ("logprob", "verifier", "reward_model")
 
 
 class CurvesAtK(Metric):
@@ -55,15 +55,20 @@ class CurvesAtK(Metric):
 
 @torch.no_grad()
 def curves_at_k(module, dataloader, n: int, temperature: float, verifier, scorer: str = "logprob",
-                     max_new_tokens: int | None = None, max_batch_size: int | None = 256, seed: int = 0) -> dict:
+                     max_new_tokens: int | None = None, max_batch_size: int | None = 256, seed: int = 0,
+                     reward_model=None) -> dict:
     """Sample n completions per prompt of `dataloader` from `module`'s policy and return
-    {"pass": [...], "majority": [...], "best": [...]} (index k - 1), each the mean over prompts."""
+    {"pass": [...], "majority": [...], "best": [...]} (index k - 1), each the mean over prompts. Best-of-k picks by
+    `scorer`: the sample's mean log-prob, the verifier (an oracle), or `reward_model`'s score (a `RewardModel`)."""
     if n < 1:
         raise ValueError(f"eval.num_samples={n}: must be >= 1")
     if temperature <= 0:
         raise ValueError(f"eval.temperature={temperature}: must be > 0 (sampling)")
     if scorer not in SCORERS:
         raise ValueError(f"eval.scorer={scorer!r}: must be one of {list(SCORERS)}")
+    if scorer == "reward_model" and reward_model is None:
+        raise ValueError("eval.scorer=reward_model needs eval.reward_model=<a reward model directory> "
+                         "(algo=reward_model's hf/ export)")
     tok = module.tokenizer
     engine = HFRollout(module.model, tok.eos_token_id, tok.pad_token_id, max_batch_size)
     generator = torch.Generator(device=module.device).manual_seed(seed)
@@ -81,6 +86,8 @@ def curves_at_k(module, dataloader, n: int, temperature: float, verifier, scorer
         answers = [extract(t) if extract else t.strip() for t in texts]
         if scorer == "logprob":  # the sample's mean log-prob under the sampler (no oracle)
             s = (roll.logps.sum(-1) / roll.lengths.clamp(min=1)).tolist()
+        elif scorer == "reward_model":  # r_phi(prompt, completion), the RLHF reward
+            s = reward_model.raw_scores([p for p in prompts for _ in range(n)], texts).tolist()
         else:
             s = rewards
         curves.update(correct, [answers[i * n : (i + 1) * n] for i in range(len(prompts))],

@@ -261,6 +261,7 @@ def test_reward_model_default_recipe_reaches_090_heldout_accuracy(cfg_factory):
     test (measured in the 600-step run: 0.92 at step 200, 0.95 at 400; a 250-step run, its cosine decay shorter,
     ended at 0.888)."""
     cfg = cfg_factory("algo=reward_model", "trainer.max_steps=400", "trainer.val_check_interval=400", "logger=none",
+                      "warm_start.val_every=50",
                       "trainer.enable_progress_bar=false", quick=False)
     metrics, _ = train_with(cfg)
     assert float(metrics["val/accuracy"]) >= 0.9, metrics["val/accuracy"]
@@ -310,3 +311,41 @@ def test_rlvr_against_a_reward_model_under_ddp_whitens_with_every_process_scores
     metrics, _ = train_with(cfg, StatsCheck())
     assert metrics["ddp/world"] == 2 and metrics["ddp/count"] == 2 * 2 * 4 * 4
     assert metrics["ddp/stats_spread"] == 0
+
+
+def test_best_of_k_by_the_reward_model(cfg_factory, reward_model_dir, tmp_path):
+    """eval.scorer=reward_model: best-of-k picks the sample the reward model scores highest. With an oracle in the
+    reward model's place (it scores a sample 1 when the verifier accepts it) best-of-n equals pass@n, with its
+    negation it is lower;
+    the trained reward model runs through eval.py; without eval.reward_model the run stops, naming the key. The
+    verifier is the tests' parity one, which accepts some completions of any model."""
+    from eval import evaluate
+    from src.rewards import FunctionReward
+    from src.test_time import curves_at_k
+    from tests.helpers import parity_reward
+    from train import train
+
+    path, _ = reward_model_dir
+    train(cfg_factory("algo=sft", "test=false", "trainer.max_steps=4"))
+    run = ["algo=sft", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "eval.num_samples=4"]
+    _, objs = evaluate(cfg_factory(*run, name="eval"))
+    batch = next(iter(objs["datamodule"].test_dataloader()))
+    answers = dict(zip(batch["prompts"], batch["references"]))
+
+    class Oracle:
+        def __init__(self, sign: float):
+            self.sign = sign
+
+        def raw_scores(self, prompts, completions):
+            return self.sign * torch.tensor([parity_reward(c, answers[p]) for p, c in zip(prompts, completions)])
+
+    verifier = FunctionReward(parity_reward)
+    best = curves_at_k(objs["module"], [batch], 4, 1.0, verifier, "reward_model", reward_model=Oracle(1.0))
+    worst = curves_at_k(objs["module"], [batch], 4, 1.0, verifier, "reward_model", reward_model=Oracle(-1.0))
+    assert worst["pass"] == best["pass"] and 0 < best["pass"][0] < best["pass"][-1] < 1  # the same samples
+    assert best["best"][-1] == pytest.approx(best["pass"][-1])  # the oracle finds a correct sample when one exists
+    assert worst["best"][-1] < best["best"][-1]  # ... the anti-oracle only when all are
+    metrics, _ = evaluate(cfg_factory(*run, "eval.scorer=reward_model", f"eval.reward_model={path}", name="eval"))
+    assert all(0 <= metrics[f"test/ttc/best_of@{k}"] <= 1 for k in (1, 2, 3, 4))
+    with pytest.raises(ValueError, match="eval.scorer=reward_model needs eval.reward_model"):
+        evaluate(cfg_factory(*run, "eval.scorer=reward_model", name="eval"))
