@@ -349,3 +349,21 @@ def test_best_of_k_by_the_reward_model(cfg_factory, reward_model_dir, tmp_path):
     assert all(0 <= metrics[f"test/ttc/best_of@{k}"] <= 1 for k in (1, 2, 3, 4))
     with pytest.raises(ValueError, match="eval.scorer=reward_model needs eval.reward_model"):
         evaluate(cfg_factory(*run, "eval.scorer=reward_model", name="eval"))
+
+
+def test_rlhf_option_errors_stop_before_the_warm_start(cfg_factory, reward_model_dir, tmp_path):
+    """train.py checks the algorithm's config first: a wrong KL option, retirement with a reward model or a missing
+    reward model directory stops before the warm start trains (it would write <run>/sft_init)."""
+    from train import build
+
+    path, _ = reward_model_dir
+    for overrides, error, message in [
+        (["algo=rlvr", "algo.beta=0.1", "algo.kl_in=reward", "algo.kl_estimator=k2"], ValueError, "kl_in=reward folds"),
+        (["experiment=rlhf", f"reward.pretrained={path}", "algo.retire_threshold=0.9"], ValueError,
+         "retire_threshold=0.9 retires prompts"),
+        (["experiment=rlhf", f"reward.pretrained={tmp_path / 'nope'}"], FileNotFoundError, "is not a directory"),
+    ]:
+        cfg = cfg_factory(*overrides, "warm_start.max_steps=2", "warm_start.val_every=1")
+        with pytest.raises(error, match=message):
+            build(cfg)
+        assert not (tmp_path / "sft_init").exists(), overrides

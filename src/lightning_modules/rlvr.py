@@ -226,6 +226,29 @@ def ratio_stats(logp, logp_gen, adv, mask, loss_type, epsilon, clip_low, clip_hi
 
 
 # --------------------------------------------------------------------------- the module
+def kl_options(kl_in: str, kl_estimator: str | None) -> str:
+    """Validate where the KL goes and its estimator (naming the key at fault); return the estimator (null: the
+    place's own, reward k1, loss k3)."""
+    if kl_in not in KL_IN:
+        raise ValueError(f"algo.kl_in={kl_in!r}: must be one of {list(KL_IN)}")
+    estimator = kl_estimator or {"reward": "k1", "loss": "k3"}[kl_in]
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"algo.kl_estimator={kl_estimator!r}: must be one of {list(KL_ESTIMATORS)}")
+    if kl_in == "reward" and estimator != "k1":
+        raise ValueError(f"algo.kl_in=reward folds k1 = log pi/pi_ref into the reward (the policy gradient carries its "
+                         f"gradient); algo.kl_estimator={kl_estimator!r} belongs in the loss: use k1 or null")
+    if kl_in == "loss" and estimator == "k1":
+        raise ValueError("algo.kl_estimator=k1 as a loss term has a zero gradient in expectation: use k2 (the "
+                         "reverse KL's gradient) or k3 in the loss, or algo.kl_in=reward")
+    return estimator
+
+
+def check_retirement(model_reward: bool, retire_threshold: float | None) -> None:
+    if model_reward and retire_threshold is not None:
+        raise ValueError(f"algo.retire_threshold={retire_threshold} retires prompts by their pass rate, which a "
+                         "reward model does not give: set algo.retire_threshold=null (experiment=rlhf does)")
+
+
 def check_recipe(reward, loss_type, loss_agg, adv_norm, clip_high, num_generations, generation_lag, epsilon,
                  reward_on_error, val_num_samples) -> tuple[str, str, float | None]:
     """Validate the recipe's options (naming the key at fault); return loss_agg, adv_norm and clip_high with
@@ -320,22 +343,10 @@ class RLVRModule(LMModule):
         self.loss_agg, self.adv_norm, self.clip_high = check_recipe(
             reward, loss_type, loss_agg, adv_norm, clip_high, num_generations, generation_lag, epsilon,
             reward_on_error, val_num_samples)
-        if kl_in not in KL_IN:
-            raise ValueError(f"algo.kl_in={kl_in!r}: must be one of {list(KL_IN)}")
-        self.kl_estimator = kl_estimator or {"reward": "k1", "loss": "k3"}[kl_in]
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"algo.kl_estimator={kl_estimator!r}: must be one of {list(KL_ESTIMATORS)}")
-        if kl_in == "reward" and self.kl_estimator != "k1":
-            raise ValueError(f"algo.kl_in=reward folds k1 = log pi/pi_ref into the reward (the policy gradient "
-                             f"carries its gradient); algo.kl_estimator={kl_estimator!r} belongs in the loss: use k1 or null")
-        if kl_in == "loss" and self.kl_estimator == "k1":
-            raise ValueError("algo.kl_estimator=k1 as a loss term has a zero gradient in expectation: use k2 (the "
-                             "reverse KL's gradient) or k3 in the loss, or algo.kl_in=reward")
+        self.kl_estimator = kl_options(kl_in, kl_estimator)
         self.reward = reward  # a reward model (an nn.Module) becomes a frozen submodule: device, FSDP2, checkpoints
         self.verifier = getattr(reward, "verifier", reward)  # what "passes" (pass@k, pass rate): never the model
-        if self.verifier is not reward and retire_threshold is not None:
-            raise ValueError(f"algo.retire_threshold={retire_threshold} retires prompts by their pass rate, which a "
-                             "reward model does not give: set algo.retire_threshold=null (experiment=rlhf does)")
+        check_retirement(self.verifier is not reward, retire_threshold)
         if beta > 0:  # the KL penalty's pi_ref: model.ref_pretrained, or pi_0
             self.init_reference(ref_pretrained)
         # pi_gen: the engine samples with a lagged copy of the policy, refreshed every `generation_lag` optimizer
@@ -360,7 +371,8 @@ class RLVRModule(LMModule):
 
     @staticmethod
     def check_config(cfg) -> None:
-        """Before any work (train.py calls it first): the rollout engine is installed, a reward model exists."""
+        """Before any work (train.py calls it first, before the warm start): the rollout engine is installed, a
+        reward model exists, the KL options and retirement fit."""
         from hydra.utils import get_class
         from omegaconf import OmegaConf
 
@@ -368,6 +380,9 @@ class RLVRModule(LMModule):
             target = OmegaConf.select(cfg, key)
             if target and hasattr(cls := get_class(target), "check_config"):
                 cls.check_config(OmegaConf.select(cfg, key.rsplit(".", 1)[0]))
+        kl_options(cfg.algo.get("kl_in", "loss"), cfg.algo.get("kl_estimator"))
+        reward = OmegaConf.select(cfg, "algo.reward._target_")
+        check_retirement(bool(reward) and hasattr(get_class(reward), "score_batch"), cfg.algo.get("retire_threshold"))
 
     # ------------------------------------------------------------------ state
     def setup(self, stage: str) -> None:
