@@ -5,6 +5,11 @@ classifier assigns to the class asked for; every class in turn, n/10 each), and 
 
     python scripts/sample_quality.py CKPT [--n 1000] [--seeds 3] [--ddpm]
     python scripts/sample_quality.py CKPT --scales 0,1,3 --grid docs/cfg_digits.png     # conditional
+    python scripts/sample_quality.py CKPT --samplers ddim:10,dpmpp:10,ddpm:1000         # few-step samplers (vp)
+    python scripts/sample_quality.py CKPT --samplers euler:10,heun:5                    # a flow checkpoint
+    python scripts/sample_quality.py CKPT --points moons --samplers euler:10            # 2-D: energy distance
+
+Each line reports the network evaluations (NFE) of the sampler: its steps, and 2 steps - 1 for heun.
 """
 
 from __future__ import annotations
@@ -36,12 +41,22 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--ddpm", action="store_true", help="also DDPM-1000 (slow on CPU)")
     ap.add_argument("--grid", default=None, help="PNG: one row per class, 8 samples for each scale side by side")
+    ap.add_argument("--samplers", default=None, help="sampler:steps,... (default ddim:50, + ddpm:1000 with --ddpm)")
+    ap.add_argument("--points", default=None, help="a 2-D model's data name: energy distance to 1000 fresh points")
     args = ap.parse_args()
     module = DDPMModule.from_checkpoint(args.ckpt)
     conditional = module.null_class is not None
-    heldout = digits_split()["val"]
+    if args.points:
+        from src.datamodules.toy2d import toy2d
+
+        heldout, metric, shape, name = toy2d(args.points, 1000, seed=12345), "energy_distance", (2,), "energy distance"
+    else:
+        heldout, metric, shape, name = digits_split()["val"], "fd", (1, 8, 8), "FD"
     labels = torch.arange(args.n) % module.null_class if conditional else None
-    samplers = [("ddim", 50)] + ([("ddpm", 1000)] if args.ddpm else [])
+    if args.samplers:
+        samplers = [(sp, int(st)) for sp, _, st in (item.partition(":") for item in args.samplers.split(","))]
+    else:
+        samplers = [("ddim", 50)] + ([("ddpm", 1000)] if args.ddpm else [])
     rows = []
     for w in (float(s) for s in args.scales.split(",")) if conditional else [0.0]:
         for sampler, steps in samplers:
@@ -49,14 +64,17 @@ def main() -> None:
             for seed in range(args.seeds):
                 x = module.sample(args.n, sampler, steps, torch.Generator().manual_seed(seed), labels=labels,
                                   guidance_scale=w if conditional else None)
-                fd = sample_metric("fd", (1, 8, 8))
+                fd = sample_metric(metric, shape)
                 fd.update(heldout, real=True)
                 fd.update(x, real=False)
                 fds.append(fd.compute().item())
                 if conditional:
                     accs.append(class_accuracy(x, labels).item())
             rows.append((w, fds, accs))
-            line = f"{sampler.upper()}-{steps}" + (f", w = {w:g}" if conditional else "") + f": FD {_mean_sd(fds)}"
+            nfe = 2 * steps - 1 if sampler == "heun" else steps
+            digits = 4 if args.points else 2
+            line = (f"{sampler.upper()}-{steps} ({nfe} NFE)" + (f", w = {w:g}" if conditional else "")
+                    + f": {name} {_mean_sd(fds, digits)}")
             print(line + (f", class accuracy {_mean_sd(accs, 3)}" if accs else ""), flush=True)
     if args.grid and conditional:
         k = module.null_class

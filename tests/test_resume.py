@@ -26,6 +26,11 @@ ALGOS = {
                                                                                        "algo.micro_batch_size=3"], 10, 4),
     "ddpm": (DQUICK + ["data=toy2d", "data.n_train=1024", "data.n_val=100", "data.n_test=100", "data.batch_size=256",
                        "trainer.val_check_interval=3", "algo.val_num_samples=50", "algo.test_num_samples=50"], 10, 4),
+    # flow matching: continuous logit-normal t, Heun validation samples
+    "ddpm_flow": (DQUICK + ["data=toy2d", "data.n_train=1024", "data.n_val=100", "data.n_test=100", "data.batch_size=256",
+                            "trainer.val_check_interval=3", "algo.val_num_samples=50", "algo.test_num_samples=50",
+                            "algo.process.name=flow", "algo.t_sampling=logit_normal", "algo.val_sampler=heun",
+                            "algo.val_steps=5"], 10, 4),
 }
 
 

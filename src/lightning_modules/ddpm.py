@@ -9,6 +9,10 @@ k = 0 is clean data. Sampling with n <= T steps visits k = T, ..., 0 on an evenl
   vp  Ho et al. 2020, "Denoising Diffusion Probabilistic Models":
       z_t = sqrt(1 - beta_t) z_{t-1} + sqrt(beta_t) eps, so z_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
       The deterministic sampler is Song et al. 2020, "Denoising Diffusion Implicit Models" (eta = 0).
+  flow  Nakkiran et al.'s flow matching with the linear pointwise flow (Lipman et al. 2023, Liu et al. 2023's
+      rectified flow): x_t = (1 - t) x_0 + t eps on continuous t in [0, 1]; the network regresses the
+      velocity eps - x_0, and sampling integrates dx/dt = v(x, t) from t = 1 to 0 (Euler: DDIM for this flow;
+      Heun, second order), on a grid shifted by `shift` as SD3 / diffusers'.
 
 The network is a library one (src/models/diffusion.py); everything here is the diffusion math.
 """
@@ -16,6 +20,7 @@ The network is a library one (src/models/diffusion.py); everything here is the d
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Literal
 
 import lightning as L
@@ -26,9 +31,11 @@ from torch import nn
 from src.models.diffusion import net_from_spec, net_spec, with_class_embeddings
 from src.optim import adamw_cosine
 
-TARGETS = ("eps", "x0", "v", "x_prev")
+TARGETS = ("eps", "x0", "v", "x_prev", "velocity")
 WEIGHTINGS = ("none", "min_snr")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler", "heun")
+FLOW_SAMPLERS = ("euler", "heun")
+T_SAMPLINGS = ("uniform", "logit_normal")
 
 
 def per_example(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +48,11 @@ def _randn(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=g, device=g.device if g is not None else x.device).to(x.device, x.dtype)
 
 
+def uniform_steps(num_steps: int, n: int, g: torch.Generator | None) -> torch.Tensor:
+    """n training steps k uniform on the grid {1, ..., T} (the discrete processes)."""
+    return torch.randint(1, num_steps + 1, (n,), generator=g)
+
+
 class VEProcess(nn.Module):
     """The lecture's process: x_t = x_{t-dt} + N(0, sigma^2 dt), dt = 1/T, t = k dt."""
 
@@ -51,6 +63,9 @@ class VEProcess(nn.Module):
         if sigma <= 0:
             raise ValueError(f"algo.process.sigma={sigma}: must be > 0")
         self.T, self.sigma = num_steps, sigma
+
+    def sample_k(self, n: int, g) -> torch.Tensor:
+        return uniform_steps(self.T, n, g)
 
     def std(self, k: torch.Tensor) -> torch.Tensor:
         # sigma_t = sigma sqrt(t): the std of x_t given x_0
@@ -129,6 +144,9 @@ class VPProcess(nn.Module):
         self.register_buffer("abar", torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)]),
                              persistent=False)
 
+    def sample_k(self, n: int, g) -> torch.Tensor:
+        return uniform_steps(self.T, n, g)
+
     def _abar(self, k, x):
         return per_example(self.abar.to(x.device)[k], x)
 
@@ -181,6 +199,86 @@ class VPProcess(nn.Module):
         return k - 1  # diffusers' 0-based timestep index
 
 
+class FlowProcess(nn.Module):
+    """Flow matching with the linear pointwise flow x_t = (1 - t) x_0 + t eps, t in [0, 1] (continuous).
+
+    Steps k = t T are floats here (the network reads t T, as SD3's timesteps = sigma * 1000). The velocity of the
+    pointwise flow is dx_t/dt = eps - x_0; the network regresses it (`velocity`), or eps or x_0, equivalently:
+    x_0 = x_t - t v, eps = x_t + (1 - t) v. Sampling integrates the marginal flow dx/dt = E[eps - x_0 | x_t]
+    from t = 1 (x_1 ~ N(0, I)) to 0."""
+
+    name = "flow"
+
+    def __init__(self, num_steps: int = 1000, t_sampling: str = "uniform", logit_mean: float = 0.0,
+                 logit_std: float = 1.0, shift: float = 1.0):
+        super().__init__()
+        if t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"algo.t_sampling={t_sampling!r}: must be one of {list(T_SAMPLINGS)}")
+        if shift <= 0:
+            raise ValueError(f"algo.shift={shift}: must be > 0 (1: no shift)")
+        if logit_std <= 0:
+            raise ValueError(f"algo.process.logit_std={logit_std}: must be > 0")
+        self.T, self.t_sampling, self.shift = num_steps, t_sampling, shift
+        self.logit_mean, self.logit_std = logit_mean, logit_std
+
+    def t(self, k, x: torch.Tensor | None = None):
+        t = k / self.T
+        return per_example(t, x) if x is not None and torch.is_tensor(t) else t
+
+    def sample_k(self, n: int, g) -> torch.Tensor:
+        """t uniform on [0, 1), or logit-normal (SD3, Esser et al. 2024: sigmoid of N(m, s^2), more weight on the
+        middle of the path), as k = t T."""
+        if self.t_sampling == "uniform":
+            t = torch.rand(n, generator=g)
+        else:
+            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=g))
+        return t * self.T
+
+    def marginal(self, x0, k, eps):
+        t = self.t(k, x0)
+        return (1 - t) * x0 + t * eps
+
+    def snr(self, k: torch.Tensor) -> torch.Tensor:
+        t = k.double() / self.T
+        return ((1 - t) / t) ** 2
+
+    def training_pair(self, x0, k, target, g):
+        eps = _randn(x0, g)
+        x_t = self.marginal(x0, k, eps)
+        return x_t, {"velocity": eps - x0, "eps": eps, "x0": x0}[target]
+
+    def predict_x0(self, out, x_t, k, target):
+        t = self.t(k if torch.is_tensor(k) else torch.tensor(float(k)), x_t)
+        if target == "velocity":
+            return x_t - t * out
+        if target == "eps":  # x_t = (1 - t) x0 + t eps
+            return (x_t - t * out) / (1 - t).clamp(min=1e-4)
+        return out
+
+    def velocity(self, x, x0, k: float) -> torch.Tensor:
+        """The velocity (x_t - x_0) / t of the straight path through x_t and x_0 (= eps - x_0)."""
+        return (x - x0) / (k / self.T)
+
+    def ddim_step(self, x, x0, k: float, s: float):
+        # Euler on dx/dt = v from t to s: x_s = x_t + (s - t) v. For this flow it is DDIM: x_s = (1 - s) x0 + s eps_hat
+        return x + (s - k) / self.T * self.velocity(x, x0, k)
+
+    def grid(self, steps: int) -> list[float]:
+        """k = t T on t = 1 -> 0 in `steps` even steps, shifted (SD3 / diffusers: t <- shift t / (1 + (shift - 1) t),
+        shift > 1 spends more of the steps at high noise)."""
+        if steps < 1:
+            raise ValueError(f"steps={steps}: must be >= 1")
+        t = np.linspace(1.0, 0.0, steps + 1)
+        t = self.shift * t / (1 + (self.shift - 1) * t)
+        return (t * self.T).tolist()
+
+    def prior(self, shape, g, device):
+        return torch.randn(shape, generator=g, device=g.device if g is not None else device).to(device)
+
+    def net_time(self, k: torch.Tensor) -> torch.Tensor:
+        return k.float()  # t * T
+
+
 def make_process(name: str, num_steps: int, **kw) -> nn.Module:
     if num_steps < 1:
         raise ValueError(f"algo.process.num_steps={num_steps}: must be >= 1")
@@ -188,7 +286,10 @@ def make_process(name: str, num_steps: int, **kw) -> nn.Module:
         return VEProcess(num_steps, sigma=kw.get("sigma", 4.0))
     if name == "vp":
         return VPProcess(num_steps, kw.get("schedule", "linear"), kw.get("beta_start", 1e-4), kw.get("beta_end", 0.02))
-    raise ValueError(f"algo.process.name={name!r}: must be 've' or 'vp'")
+    if name == "flow":
+        return FlowProcess(num_steps, kw.get("t_sampling", "uniform"), kw.get("logit_mean", 0.0),
+                           kw.get("logit_std", 1.0), kw.get("shift", 1.0))
+    raise ValueError(f"algo.process.name={name!r}: must be 've', 'vp' or 'flow'")
 
 
 def class_accuracy(samples: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -223,17 +324,17 @@ class DDPMModule(L.LightningModule):
         self,
         net: nn.Module,
         process: dict,
-        target: Literal["eps", "x0", "x_prev"] = "eps",
+        target: str | None = None,
         clip_x0: float | str | None = "auto",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
-        val_sampler: Literal["ddpm", "ddim"] = "ddim",
+        val_sampler: str | None = None,
         val_steps: int = 50,
         val_num_samples: int = 1000,
-        test_sampler: Literal["ddpm", "ddim"] = "ddim",
+        test_sampler: str | None = None,
         test_steps: int = 50,
         test_num_samples: int = 1000,
         sample_batch_size: int = 1000,
@@ -244,9 +345,16 @@ class DDPMModule(L.LightningModule):
         num_classes: int | None = None,
         cond_drop_prob: float = 0.1,
         guidance_scale: float = 0.0,
+        t_sampling: str = "uniform",
+        shift: float = 1.0,
         seed: int = 0,
     ):
         super().__init__()
+        # null: the process's own (vp / ve: predict eps, sample with ddim; flow: predict velocity, sample with euler)
+        flow = process.get("name") == "flow"
+        target = target or ("velocity" if flow else "eps")
+        val_sampler = val_sampler or ("euler" if flow else "ddim")
+        test_sampler = test_sampler or ("euler" if flow else "ddim")
         if target not in TARGETS:
             raise ValueError(f"algo.target={target!r}: must be one of {list(TARGETS)}")
         if loss_weighting not in WEIGHTINGS:
@@ -268,7 +376,20 @@ class DDPMModule(L.LightningModule):
             if value not in SAMPLERS:
                 raise ValueError(f"algo.{key}={value!r}: must be one of {list(SAMPLERS)}")
         self.save_hyperparameters(ignore=["net"], logger=False)
-        self.process = make_process(**process)
+        if not flow and (t_sampling != "uniform" or shift != 1.0):
+            raise ValueError(f"algo.t_sampling={t_sampling!r}, algo.shift={shift}: they shape process=flow's time; "
+                             f"process={process.get('name')!r} trains on its uniform step grid")
+        self.process = make_process(**process, **({"t_sampling": t_sampling, "shift": shift} if flow else {}))
+        if target == "velocity" and not flow:
+            raise ValueError(f"algo.target=velocity is the flow's (eps - x0); process={self.process.name!r} predicts "
+                             "eps, x0, or v (vp) / x_prev (ve)")
+        if flow and target not in ("velocity", "eps", "x0"):
+            raise ValueError(f"algo.target={target!r} with process=flow: predict velocity (or eps, x0)")
+        if flow and loss_weighting != "none":
+            raise ValueError("algo.loss_weighting=min_snr is for vp / ve; process=flow shapes its time with "
+                             "algo.t_sampling")
+        for key, value in (("val_sampler", val_sampler), ("test_sampler", test_sampler)):
+            self.check_sampler(value, f"algo.{key}")
         if target == "x_prev" and self.process.name != "ve":
             raise ValueError("algo.target=x_prev is the lecture's ve target; process=vp predicts eps, x0 or v")
         if target == "v" and self.process.name != "vp":
@@ -285,6 +406,19 @@ class DDPMModule(L.LightningModule):
         self._eval: dict = {"metric": None}
         self._samples: dict[str, torch.Tensor] = {}
         self._class_accuracy: dict[str, torch.Tensor] = {}
+
+    def check_sampler(self, sampler: str, key: str = "sampler") -> None:
+        """ddpm / ddim sample vp and ve; euler / heun integrate the flow's ODE."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"{key}={sampler!r}: must be one of {list(SAMPLERS)}")
+        flow = self.process.name == "flow"
+        if flow != (sampler in FLOW_SAMPLERS):
+            raise ValueError(f"{key}={sampler!r} on process={self.process.name!r}: " + (
+                "a flow is sampled by euler or heun (euler is DDIM for this flow)" if flow
+                else "euler / heun integrate a flow (process=flow); vp and ve sample with ddpm or ddim"))
+        if sampler == "dpmpp" and self.process.name != "vp":
+            raise ValueError(f"{key}=dpmpp (DPM-Solver++) solves the vp process's ODE; process={self.process.name!r} "
+                             "samples with ddpm or ddim")
 
     # ------------------------------------------------------------------ network
     def denoise(self, x: torch.Tensor, k: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -339,7 +473,7 @@ class DDPMModule(L.LightningModule):
     def loss(self, x0: torch.Tensor, g: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Pick t uniformly from the grid, build (x_t, target), squared loss on predicting the target (per
         example, weighted by `loss_weight`); a conditional model sees the null class with `cond_drop_prob`."""
-        k = torch.randint(1, self.process.T + 1, (x0.shape[0],), generator=g).to(x0.device)
+        k = self.process.sample_k(x0.shape[0], g).to(x0.device)
         x_t, y = self.process.training_pair(x0, k, self.hparams.target, g)
         if labels is not None:  # label dropout: the same network learns the unconditional model
             drop = torch.rand(labels.shape, generator=g).to(labels.device) < self.hparams.cond_drop_prob
@@ -372,10 +506,10 @@ class DDPMModule(L.LightningModule):
         """n samples by simulating the reverse process from x_T ~ prior on `steps` grid points (default: all T).
         A class-conditional model draws class `labels` (one int, or (n,); default: every class in turn) with
         guidance w = `guidance_scale` (default: algo.guidance_scale)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler={sampler!r}: must be one of {list(SAMPLERS)}")
+        self.check_sampler(sampler)
         labels, w = self.sample_labels(n, labels, guidance_scale)
-        grid = sampling_grid(self.process.T, steps or self.process.T)
+        flow = self.process.name == "flow"
+        grid = (self.process.grid if flow else partial(sampling_grid, self.process.T))(steps or self.process.T)
         shape = shape or self.sample_shape
         out = []
         bs = self.hparams.sample_batch_size
@@ -383,14 +517,39 @@ class DDPMModule(L.LightningModule):
             m = min(bs, n - i)
             c = labels[i : i + m].to(self.device) if labels is not None else None
             x = x_T[i : i + m].to(self.device) if x_T is not None else self.process.prior((m, *shape), generator, self.device)
+            if sampler == "dpmpp":
+                out.append(self.dpm_solver_sample(x, steps or self.process.T, c, w))
+                continue
             for k, s in zip(grid[:-1], grid[1:]):
                 x0 = self.x0_hat(x, torch.tensor(k, device=self.device), c, w)
                 if sampler == "ddpm":
                     x = self.process.ddpm_step(x, x0, k, s, _randn(x, generator))
-                else:
+                elif sampler == "heun" and s > 0:  # Heun (Karras et al. 2022, Alg. 1): Euler, then the trapezoid
+                    x_euler = self.process.ddim_step(x, x0, k, s)
+                    x0_s = self.x0_hat(x_euler, torch.tensor(s, device=self.device), c, w)
+                    v = (self.process.velocity(x, x0, k) + self.process.velocity(x_euler, x0_s, s)) / 2
+                    x = x + (s - k) / self.process.T * v
+                else:  # ddim; euler (and heun's last step to t = 0, as Karras et al.)
                     x = self.process.ddim_step(x, x0, k, s)
             out.append(x)
         return torch.cat(out)
+
+    def dpm_solver_sample(self, x: torch.Tensor, steps: int, labels: torch.Tensor | None, w: float) -> torch.Tensor:
+        """DPM-Solver++(2M) (Lu et al. 2022), diffusers' `DPMSolverMultistepScheduler` on this vp process's betas and
+        prediction type, 'trailing' steps to sigma = 0: `steps` network evaluations. x0 is not clipped (the solver
+        works on its own x0 estimates; diffusers offers only dynamic thresholding)."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        abar = self.process.abar
+        sched = DPMSolverMultistepScheduler(
+            num_train_timesteps=self.process.T, trained_betas=(1 - abar[1:] / abar[:-1]).tolist(),
+            prediction_type={"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[self.hparams.target],
+            algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing")
+        sched.set_timesteps(steps)
+        for tau in sched.timesteps:  # diffusers' 0-based index tau is our step k = tau + 1
+            out = self.guided(x, torch.tensor(int(tau) + 1, device=self.device), labels, w)
+            x = sched.step(out, tau, x).prev_sample
+        return x
 
     def sample_labels(self, n: int, labels, guidance_scale) -> tuple[torch.Tensor | None, float]:
         """The (n,) class labels to draw and the guidance scale, checked against what the model was trained for."""
