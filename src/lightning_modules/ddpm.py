@@ -36,6 +36,8 @@ WEIGHTINGS = ("none", "min_snr")
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler", "heun")
 FLOW_SAMPLERS = ("euler", "heun")
 T_SAMPLINGS = ("uniform", "logit_normal")
+# our vp targets as diffusers schedulers' prediction_type
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
 def per_example(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -543,7 +545,7 @@ class DDPMModule(L.LightningModule):
         abar = self.process.abar
         sched = DPMSolverMultistepScheduler(
             num_train_timesteps=self.process.T, trained_betas=(1 - abar[1:] / abar[:-1]).tolist(),
-            prediction_type={"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[self.hparams.target],
+            prediction_type=DIFFUSERS_PREDICTION[self.hparams.target],
             algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing")
         sched.set_timesteps(steps)
         for tau in sched.timesteps:  # diffusers' 0-based index tau is our step k = tau + 1
@@ -677,7 +679,7 @@ class DDPMModule(L.LightningModule):
             num_train_timesteps=self.process.T,
             beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[p.get("schedule", "linear")],
             beta_start=p.get("beta_start", 1e-4), beta_end=p.get("beta_end", 0.02),
-            prediction_type={"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[self.hparams.target],
+            prediction_type=DIFFUSERS_PREDICTION[self.hparams.target],
             clip_sample=c is not None, clip_sample_range=1.0 if c in (None, "auto") else float(c),
             timestep_spacing="trailing",
         )
