@@ -19,7 +19,16 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from src.callbacks.wandb_axes import STEP
 from src.metrics import ExactMatch
-from src.models.lm import cache_kwarg, causal_lm, fsdp2_shard, head_logps, is_sharded, position_ids, reshard
+from src.models.lm import (
+    cache_kwarg,
+    causal_lm,
+    fsdp2_shard,
+    head_logps,
+    is_sequence_classifier,
+    is_sharded,
+    position_ids,
+    reshard,
+)
 from src.optim import adamw_cosine
 
 # the W&B dashboard section of greedy evaluation (sweeps/dashboard.py reads each module's `DASHBOARD`)
@@ -185,8 +194,13 @@ class LMModule(L.LightningModule):
         self._ref_cache: dict = {}
 
     def build_model(self, net: Callable[..., PreTrainedModel], tokenizer) -> PreTrainedModel:
-        """The network this algorithm trains, from the `net` factory (a causal LM); a reward model converts it."""
-        return net(tokenizer=tokenizer)
+        """The network this algorithm trains, from the `net` factory: a causal LM (a reward model converts one)."""
+        model = net(tokenizer=tokenizer)
+        if is_sequence_classifier(model.config) or model.get_output_embeddings() is None:
+            raise ValueError(f"model.pretrained holds a {type(model).__name__} (a reward model's sequence classifier), "
+                             f"not a causal LM: {type(self).__name__} trains a policy; pass a causal LM checkpoint "
+                             "(a reward model is used by algo=reward_model, eval.py algo=reward_model, or reward=model)")
+        return model
 
     @property
     def sharded(self) -> bool:

@@ -48,8 +48,12 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 def as_reward_model(lm: PreTrainedModel, pad_token_id: int) -> PreTrainedModel:
     """A one-output sequence classifier of `lm`'s architecture holding `lm`'s transformer stack (a causal LM's
-    weights; a classifier is returned as it is). The score head is new (the global RNG: the run's seed)."""
-    if getattr(lm.config, "num_labels", None) == 1 and not hasattr(lm, "lm_head"):
+    weights; the score head is new, from the global RNG: the run's seed). A sequence classifier (a reward model
+    loaded by `model=hf`, by its config's architecture) is returned as it is, its trained score head included."""
+    if type(lm).__name__.endswith("ForSequenceClassification"):  # a reward model's export, trained score head kept
+        if lm.config.num_labels != 1:
+            raise ValueError(f"model.pretrained holds a classifier with {lm.config.num_labels} outputs; a reward model "
+                             "has one (num_labels=1)")
         return lm
     config = copy.deepcopy(lm.config)
     config.num_labels, config.pad_token_id, config.architectures = 1, pad_token_id, None

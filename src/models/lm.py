@@ -10,7 +10,14 @@ import types
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 
 # The LM head's float32 logits are computed in chunks of at most this many elements (tokens x vocabulary): 2**24
 # floats, 64 MiB. At a 151,936-row vocabulary that is 110 tokens a chunk, whatever the batch; a character
@@ -256,11 +263,20 @@ def tiny_llama(
         return LlamaForCausalLM(config)
 
 
+def is_sequence_classifier(config) -> bool:
+    """Whether a checkpoint's config names a sequence classifier (a reward model: `...ForSequenceClassification`)."""
+    return any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+
+
 def from_pretrained(tokenizer, path: str, dtype: str = "float32") -> PreTrainedModel:
-    """Any causal LM saved with `save_pretrained` in a local directory (offline; never the hub)."""
+    """Any model saved with `save_pretrained` in a local directory (offline; never the hub), loaded as what its config
+    says it is: a causal LM, or a sequence classifier (a reward model: its trained score head is loaded, not a new
+    one). Each algorithm then checks that it is the kind it trains (`LMModule.build_model`)."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model.pretrained={path!r} is not a directory holding an HF checkpoint")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    auto = AutoModelForSequenceClassification if is_sequence_classifier(config) else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ValueError(
             f"tokenizer at {path} has {len(tokenizer)} tokens but the model's embedding has "
