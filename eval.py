@@ -12,7 +12,14 @@ import hydra
 from omegaconf import DictConfig
 
 import src  # noqa: F401  (sets PROJECT_ROOT for conf/paths)
-from src.utils import check_required, extras, finish_loggers, fixed_mmap_threshold, resolve_ckpt_path
+from src.utils import (
+    check_required,
+    extras,
+    finish_loggers,
+    fixed_mmap_threshold,
+    has_split,
+    resolve_ckpt_path,
+)
 from train import build
 
 fixed_mmap_threshold()
@@ -34,6 +41,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
                          "DPO, RLVR checkpoints)")
     objects = build(cfg, warm_start=False)
     trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
+    if not has_split(datamodule, split):
+        raise ValueError(f"eval.split={split}: the data has no {split} split (data.source.{split} is not set); pass "
+                         f"one (data.source.{split}=FILE), or eval.split=val: metrics named val/, from the split the "
+                         "best checkpoint was chosen on")
     run = trainer.test if split == "test" else trainer.validate
     try:
         run(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -64,7 +75,8 @@ def test_time_compute(cfg: DictConfig, trainer, module, datamodule, split: str) 
         from src.rewards import RewardModel
 
         reward_model = RewardModel(ev.reward_model).to(module.device)
-    curves = curves_at_k(module, loader, ev.num_samples, ev.temperature, hydra.utils.instantiate(ev.verifier),
+    verifier = hydra.utils.instantiate(ev.verifier) if ev.get("verifier") else None  # None: the checkpoint's own
+    curves = curves_at_k(module, loader, ev.num_samples, ev.temperature, verifier,
                          ev.scorer, max_batch_size=ev.max_batch_size, seed=cfg.seed, reward_model=reward_model)
     metrics = {f"{split}/ttc/{name}@{k}": v for name, vs in (("pass", curves["pass"]), ("majority", curves["majority"]),
                                                                ("best_of", curves["best"]))

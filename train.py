@@ -21,6 +21,7 @@ from src.utils import (
     finish_loggers,
     fixed_mmap_threshold,
     get_metric_value,
+    has_split,
     hyperparameters,
     instantiate_callbacks,
     instantiate_loggers,
@@ -90,7 +91,10 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict
             # weights-only (torch's safe unpickler): loading a checkpoint runs no code (`load_checkpoint`)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = dict(trainer.callback_metrics)
-        if cfg.get("test"):  # the best checkpoint of this fit, or with train=false the one given
+        if cfg.get("test") and not has_split(datamodule, "test"):
+            log.warning("test=true, but the data has no test split (data.source.test is not set): no test/ metrics "
+                        "(they would come from the val split, which chose the best checkpoint)")
+        elif cfg.get("test"):  # the best checkpoint of this fit, or with train=false the one given
             if cfg.get("train"):
                 ckpt = (trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "") or None
             else:

@@ -62,7 +62,8 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
 
 
 class FileSource:
-    """Train/val/test rows from local files; without a val file, a seeded slice of train is held out."""
+    """Train/val/test rows from local files; without a val file, a seeded slice of train is held out. Without a test
+    file there is no test split (`splits`): its metrics would come from the split checkpoints are chosen on."""
 
     def __init__(
         self,
@@ -89,9 +90,15 @@ class FileSource:
                 held = set(order[:n_val])
                 splits["val"] = [rows[i] for i in sorted(held)]
                 splits["train"] = [r for i, r in enumerate(rows) if i not in held]
-            splits.setdefault("test", splits["val"])
             self._cache = splits
         return self._cache
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(k for k in ("train", "val", "test") if k != "test" or self.paths["test"] is not None)
+
     def rows(self, split: str) -> list[tuple[str, dict]]:
+        if split not in self.splits:
+            raise DataError(f"data.source.{split} is not set: this data has no {split} split (pass a file, e.g. "
+                            f"data.source.{split}=FILE; eval.py eval.split=val scores the val split, named val/)")
         return self._load()[split]

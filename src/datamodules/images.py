@@ -162,6 +162,5 @@ class ImageDataModule(TensorSplitsDataModule):
         if len(x) - n_val - n_test < 1 or n_val < 1:
             raise ValueError(f"data.path={hp.path}: {len(x)} images are too few to split (val_fraction={hp.val_fraction})")
         parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
-        self.splits = {k: (x[v], y[v]) if y is not None else x[v] for k, v in parts.items()}
-        if n_test == 0:
-            self.splits["test"] = self.splits["val"]
+        # no test images (test_fraction 0): no test split, rather than test metrics from the val images
+        self.splits = {k: (x[v], y[v]) if y is not None else x[v] for k, v in parts.items() if len(v)}

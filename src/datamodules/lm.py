@@ -413,9 +413,13 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
             return self.source.preference_rows(split, seed=self.seed)
         return self.source.rows(split)
 
+    def has_split(self, split: str) -> bool:
+        """Whether the data has this split (a file source without a test file has no test split)."""
+        return split in getattr(self.source, "splits", ("train", "val", "test"))
+
     def setup(self, stage: str | None = None) -> None:
         for split in ("train", "val", "test"):
-            if split not in self.examples:
+            if split not in self.examples and self.has_split(split):
                 self.examples[split] = build_examples(
                     self.rows(split), self.tokenizer, self.kind, split, self.max_length, self.truncation
                 )
@@ -427,6 +431,8 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         return DataLoader(self.examples["val"], batch_size=self.eval_batch_size, **self._loader_kw())
 
     def test_dataloader(self) -> DataLoader:
+        if not self.has_split("test"):
+            self.source.rows("test")  # raises, naming the key
         return DataLoader(self.examples["test"], batch_size=self.eval_batch_size, **self._loader_kw())
 
     def _loader_kw(self) -> dict:

@@ -24,8 +24,15 @@ class TensorSplitsDataModule(ResumableTrainData, L.LightningDataModule):
         super().__init__()
         self.splits: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}  # data, or (data, labels)
 
+    def has_split(self, split: str) -> bool:
+        self.setup()
+        return split in self.splits
+
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams
+        if not self.has_split(split):
+            raise ValueError(f"this data has no {split} split (data.test_fraction=0?): eval.py eval.split=val scores "
+                             "the val split, named val/")
         data = self.splits[split]
         ds = TensorDataset(*(data if isinstance(data, tuple) else (data,)))
         kw = dict(num_workers=hp.get("num_workers", 0), collate_fn=_stack)

@@ -156,9 +156,14 @@ def instantiate_loggers(cfg: DictConfig | None) -> list:
 
 
 def hyperparameters(cfg: DictConfig, module: L.LightningModule) -> dict:
-    """The full resolved config (less Hydra's own node) plus parameter counts."""
+    """The full resolved config (less Hydra's own node) plus parameter counts. An `algo` key left null for the
+    module to choose (`algo.loss_agg: null`: the loss type's own) holds the value the module chose (its `hparams`),
+    so that runs with different effective settings differ in hparams.yaml and the W&B config."""
     hp = OmegaConf.to_container(cfg, resolve=True)
     hp.pop("hydra", None)
+    algo, chosen = hp.get("algo"), getattr(module, "hparams", {})
+    if isinstance(algo, dict):
+        algo.update({k: chosen[k] for k, v in algo.items() if v is None and chosen.get(k) is not None})
     hp["model/params/total"] = sum(p.numel() for p in module.parameters())
     hp["model/params/trainable"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return hp
@@ -202,6 +207,11 @@ def finish_loggers(trainer: L.Trainer | None) -> list[str]:
         else:
             where.append(f"{url} (local files: {run_dir})")
     return where
+
+
+def has_split(datamodule, split: str) -> bool:
+    """Whether the data module has this split (one without `has_split` has all three)."""
+    return datamodule.has_split(split) if hasattr(datamodule, "has_split") else True
 
 
 def get_metric_value(metrics: dict, name: str | None) -> float | None:
