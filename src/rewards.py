@@ -189,6 +189,16 @@ def score(verifier: Callable[[str, str], float], prompts: list[str], completions
     return rewards, errors
 
 
+def passes(scores: torch.Tensor, truncated: torch.Tensor, pass_threshold: float = 1.0,
+           truncated_fails: bool = True) -> torch.Tensor:
+    """Which samples are correct (bool): the verifier's score reaches `pass_threshold` and, with `truncated_fails`,
+    the completion ended by itself (a sample cut at max_new_tokens never finished its answer). The one definition
+    of "correct" of RLVR's train/pass_rate and val/pass@k and of eval.py's test-time compute (which takes the
+    checkpoint's algo.pass_threshold and algo.truncated_reward: set = truncated samples fail)."""
+    ok = scores >= pass_threshold
+    return ok & ~truncated.to(ok.device) if truncated_fails else ok
+
+
 class RewardModel(torch.nn.Module):
     """r(prompt, completion) from a reward model directory (`AutoModelForSequenceClassification` with one output:
     algo=reward_model's `hf/` export, or any such local checkpoint): the RLHF reward.
@@ -265,26 +275,34 @@ class RewardModel(torch.nn.Module):
         batch = torch.stack([r.new_tensor(r.numel(), dtype=torch.float64), r.double().sum(), (r.double() ** 2).sum()])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(batch)  # every process whitens with the same statistics
-        n_b, mean_b = batch[0], batch[1] / batch[0].clamp(min=1)
+        if batch[0] == 0:
+            return
+        n_b, mean_b = batch[0], batch[1] / batch[0]
         m2_b = batch[2] - n_b * mean_b**2
         n_a, mean_a, m2_a = self.stats
         n = n_a + n_b
         delta = mean_b - mean_a
         self.stats.copy_(torch.stack([n, mean_a + delta * n_b / n, m2_a + m2_b + delta**2 * n_a * n_b / n]))
 
-    def score_batch(self, prompts: list[str], completions: list[str], answers: list[str], update: bool = False) -> torch.Tensor:
+    def score_batch(self, prompts: list[str], completions: list[str], answers: list[str], update: bool = False,
+                    truncated: torch.Tensor | None = None, truncated_reward: float | None = None) -> torch.Tensor:
         """The rewards of a step's samples (N,): the model's (whitened with `normalize`; `update` adds these
-        scores to the running statistics first), plus verifier_weight x the verifier's."""
+        scores to the running statistics first), plus verifier_weight x the verifier's. With `truncated_reward`, the
+        `truncated` samples score that value in the model's raw units, before whitening (it is not a model score: it
+        stays out of the statistics), and their verifier part is 0."""
         r = self.raw_scores(prompts, completions)
+        cut = (truncated.to(r.device) if truncated is not None and truncated_reward is not None
+               else torch.zeros_like(r, dtype=torch.bool))
+        if self.normalize and update:
+            self._update_stats(r[~cut])  # on every process, also with nothing to add (a collective)
+        r = torch.where(cut, torch.full_like(r, float(truncated_reward or 0.0)), r)
         if self.normalize:
-            if update and r.numel():
-                self._update_stats(r)
             n, mean, m2 = self.stats.tolist()
             std = math.sqrt(m2 / (n - 1)) if n > 1 else 1.0
             r = (r - mean) / (std + 1e-6)
         if self.verifier_weight:
             v, _ = score(self.verifier, prompts, completions, answers)
-            r = r + self.verifier_weight * torch.tensor(v, dtype=r.dtype, device=r.device)
+            r = r + self.verifier_weight * torch.tensor(v, dtype=r.dtype, device=r.device) * ~cut
         return r
 
     def forward(self, completion: str, answer: str) -> float:

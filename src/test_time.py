@@ -7,7 +7,10 @@ problems": spend more compute while answering). `eval.py eval.num_samples=n` sam
     best_of@k    the first k samples' best by a scorer is correct: `logprob` (the sample's mean log-prob under the
                  sampler: the model's own confidence, no oracle) or `verifier` (an oracle: = any of k correct)
 
-Correctness is the verifier's (`eval.verifier`, exact match by default) against each prompt's reference answer.
+Correctness is `src.rewards.passes`, the definition RLVR's val/pass@k uses: the verifier's score (`eval.verifier`;
+null: the checkpoint's own verifier, RLVR's `reward`, else exact match) against each prompt's reference answer reaches
+the checkpoint's `algo.pass_threshold` (1.0 without one), and a completion cut at max_new_tokens fails unless the
+checkpoint's `algo.truncated_reward` is null.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torchmetrics import Metric
 
 from src.metrics import majority_correct, pass_at_k
 from src.models.rollout import HFRollout
-from src.rewards import score
+from src.rewards import ExactAnswer, passes, score
 
 SCORERS = ("logprob", "verifier", "reward_model")
 
@@ -54,11 +57,13 @@ class CurvesAtK(Metric):
 
 
 @torch.no_grad()
-def curves_at_k(module, dataloader, n: int, temperature: float, verifier, scorer: str = "logprob",
+def curves_at_k(module, dataloader, n: int, temperature: float, verifier=None, scorer: str = "logprob",
                      max_new_tokens: int | None = None, max_batch_size: int | None = 256, seed: int = 0,
                      reward_model=None) -> dict:
     """Sample n completions per prompt of `dataloader` from `module`'s policy and return
-    {"pass": [...], "majority": [...], "best": [...]} (index k - 1), each the mean over prompts. Best-of-k picks by
+    {"pass": [...], "majority": [...], "best": [...]} (index k - 1), each the mean over prompts; correct by `passes`
+    with `verifier` (None: the module's own, else exact match) and the module's pass_threshold and truncation rule
+    (the module docstring). Best-of-k picks by
     `scorer`: the sample's mean log-prob, the verifier (an oracle), or `reward_model`'s score (a `RewardModel`)."""
     if n < 1:
         raise ValueError(f"eval.num_samples={n}: must be >= 1")
@@ -69,6 +74,9 @@ def curves_at_k(module, dataloader, n: int, temperature: float, verifier, scorer
     if scorer == "reward_model" and reward_model is None:
         raise ValueError("eval.scorer=reward_model needs eval.reward_model=<a reward model directory> "
                          "(algo=reward_model's hf/ export)")
+    hp = getattr(module, "hparams", {})
+    threshold, truncated_fails = hp.get("pass_threshold", 1.0), hp.get("truncated_reward", 0.0) is not None
+    verifier = verifier or getattr(module, "verifier", None) or ExactAnswer()
     tok = module.tokenizer
     engine = HFRollout(module.model, tok.eos_token_id, tok.pad_token_id, max_batch_size)
     generator = torch.Generator(device=module.device).manual_seed(seed)
@@ -81,7 +89,8 @@ def curves_at_k(module, dataloader, n: int, temperature: float, verifier, scorer
         texts = tok.batch_decode(roll.completion_ids, skip_special_tokens=True)
         prompts, refs = batch["prompts"], batch["references"]
         rewards, _ = score(verifier, [p for p in prompts for _ in range(n)], texts, [r for r in refs for _ in range(n)])
-        correct = [[r >= 1.0 for r in rewards[i * n : (i + 1) * n]] for i in range(len(prompts))]
+        ok = passes(torch.tensor(rewards), roll.truncated.cpu(), threshold, truncated_fails).tolist()
+        correct = [ok[i * n : (i + 1) * n] for i in range(len(prompts))]
         extract = getattr(verifier, "extract", None)
         answers = [extract(t) if extract else t.strip() for t in texts]
         if scorer == "logprob":  # the sample's mean log-prob under the sampler (no oracle)

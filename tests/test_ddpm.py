@@ -780,3 +780,23 @@ def test_dpm_solver_on_vp_converges_at_second_order():
     assert dpm[100] < ddim[1000] / 2
     with pytest.raises(ValueError, match="dpmpp .* solves the vp process's ODE"):
         module_with(mlp2d(), {"name": "ve", "num_steps": 10}, val_sampler="dpmpp")
+
+
+def test_a_flow_run_records_the_target_and_samplers_it_used(cfg_factory, tmp_path):
+    """algo.target / val_sampler / test_sampler left null are the process's own (flow: velocity, euler): hparams.yaml
+    (and so the W&B config, from the same record) and the checkpoint hold those values, not null."""
+    import yaml
+
+    from train import train
+
+    run = [*DQUICK, "data=toy2d", "data.n_train=512", "data.n_val=100", "data.n_test=100", "data.batch_size=256",
+           "algo.process.name=flow", "trainer.max_steps=2", "trainer.val_check_interval=2", "algo.val_num_samples=50",
+           "test=false", "logger=csv"]
+    cfg = cfg_factory(*run, quick=False)
+    assert cfg.algo.target is None and cfg.algo.val_sampler is None
+    train(cfg)
+    want = {"target": "velocity", "val_sampler": "euler", "test_sampler": "euler"}
+    (hparams,) = tmp_path.glob("csv/version_*/hparams.yaml")
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    for algo in (yaml.safe_load(hparams.read_text())["algo"], ckpt):
+        assert {k: algo[k] for k in want} == want

@@ -4,6 +4,7 @@ the checkpoint of the same weights; nothing trained is refused."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.helpers import DQUICK, RLVR_RUN, ROOT, run_cli
 
@@ -107,12 +108,17 @@ def test_eval_test_time_compute_at_low_temperature_is_greedy_and_writes_its_curv
     train(cfg_factory(*RUNS["sft"], "test=false"))
     last = tmp_path / "checkpoints" / "last.ckpt"
     run = [*RUNS["sft"], f"ckpt_path={last}", "eval.num_samples=3", "data.source.n_test=64",
-           "eval.verifier._target_=tests.helpers.parity_reward", "+eval.verifier._partial_=true"]
+           "+eval.verifier._target_=tests.helpers.parity_reward", "+eval.verifier._partial_=true"]
     cold, objs = evaluate(cfg_factory(*run, "eval.temperature=1e-4", name="eval"))
-    module, ok = objs["module"], []
+    module, ok, tok = objs["module"], [], objs["module"].tokenizer
     for batch in objs["datamodule"].test_dataloader():
-        texts = module.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"])
-        ok += [parity_reward(t, a) for t, a in zip(texts, batch["references"])]
+        ids = batch["prompt_input_ids"]
+        out = module.model.generate(input_ids=ids, attention_mask=batch["prompt_attention_mask"], do_sample=False,
+                                    max_new_tokens=module.hparams.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                    eos_token_id=tok.eos_token_id)[:, ids.size(1):]
+        texts = tok.batch_decode(out, skip_special_tokens=True)
+        # correct as RLVR's pass@k counts it: accepted, and ended by <eos> within max_new_tokens
+        ok += [parity_reward(t, a) and tok.eos_token_id in row.tolist() for t, a, row in zip(texts, batch["references"], out)]
     greedy = sum(ok) / len(ok)
     assert 0 < greedy < 1 and len(ok) == 64
     for k in (1, 2, 3):
@@ -132,3 +138,56 @@ def test_eval_test_time_compute_at_low_temperature_is_greedy_and_writes_its_curv
     assert saved["majority"] == pytest.approx([hot[f"test/ttc/majority@{k}"] for k in (1, 2, 3)])
     with pytest.raises(ValueError, match="eval.num_samples: test-time compute .* language models"):
         evaluate(cfg_factory(*RUNS["ddpm"], f"ckpt_path={last}", "eval.num_samples=2", quick=False, name="eval"))
+
+
+def test_no_test_split_means_no_test_metrics(cfg_factory, tmp_path, sft_jsonl):
+    """Data without a test file has no test split: train.py's test stage is skipped (no test/ metric, which came from
+    the val split that chose the best checkpoint), eval.py with eval.split=test stops naming the key, and
+    eval.split=val scores that split under its own name."""
+    from eval import evaluate
+    from train import train
+
+    data = ["data=jsonl_sft", f"data.source.train={sft_jsonl}", "data.batch_size=8"]
+    run = ["algo=sft", *data, "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    metrics, _ = train(cfg_factory(*run, "logger=none", "trainer.accelerator=cpu", "extras.print_config=false",
+                                   quick=False))
+    assert any(k.startswith("val/") for k in metrics) and not any(k.startswith("test/") for k in metrics)
+    ckpt = f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"
+    with pytest.raises(ValueError, match=r"eval.split=test: the data has no test split \(data.source.test is not set\)"):
+        evaluate(cfg_factory(*run, ckpt, "logger=none", "trainer.accelerator=cpu", quick=False, name="eval"))
+    val, _ = evaluate(cfg_factory(*run, ckpt, "eval.split=val", "logger=none", "trainer.accelerator=cpu", quick=False,
+                                  name="eval"))
+    assert val and all(k.startswith("val/") for k in val)
+
+
+@pytest.mark.parametrize("truncated_reward, want", [("0.0", 0.5), ("null", 1.0)])
+def test_rlvr_pass_at_k_and_test_time_compute_share_one_definition_of_correct(cfg_factory, monkeypatch,
+                                                                           truncated_reward, want):
+    """The same samples are correct for RLVR's val/pass@k and for eval.py's test-time compute (`src.rewards.passes`):
+    each prompt gets its answer twice, once ended by <eos> and once cut at max_new_tokens. With the run's
+    algo.truncated_reward set the cut one fails in both (pass@1 0.5), with null both verify it as it is (1.0)."""
+    import lightning as L
+
+    from src.datamodules.lm import pad
+    from src.models.rollout import HFRollout, Rollout
+    from src.test_time import curves_at_k
+    from train import build
+
+    run = [o for o in RLVR_RUN if not o.startswith("reward")] + ["reward=exact", "data.source.n_val=8",
+                                                                   f"algo.truncated_reward={truncated_reward}"]
+    module = build(cfg_factory(*run), warm_start=False)
+    module, dm = module["module"], module["datamodule"]
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    tok = module.tokenizer
+    ids = [tok(a, add_special_tokens=False)["input_ids"] for a in batch["references"]]
+    rows = [x for i in ids for x in (i + [tok.eos_token_id], i)]  # ended, then cut (no <eos>)
+    completion = pad(rows, tok.pad_token_id)
+    fixed = Rollout(completion, pad([[1] * len(r) for r in rows], 0).bool(), torch.zeros(completion.shape),
+                    torch.tensor([False, True] * len(ids)))
+    monkeypatch.setattr(HFRollout, "generate", lambda self, *a, **k: fixed)
+    module._eval_step(batch, 0, "val")
+    rlvr = float(module.val_pass.compute()["pass@1"])
+    curves = curves_at_k(module, [batch], 2, 1.0, module.verifier)
+    assert rlvr == pytest.approx(want) and curves["pass"][0] == pytest.approx(want)

@@ -147,7 +147,7 @@ MICRO_RUN = [o for o in RLVR_RUN if not o.startswith("trainer.val_check_interval
 def test_micro_batch_losses_sum_to_the_step_loss(loss_type, loss_agg):
     """`rlvr_loss` on ranges of samples with the step's `token_weights` and denominator sums, in value and gradient,
     to `rlvr_loss` of the whole (B, G, T) step (the aggregation the hand-computation tests check), KL term included."""
-    from src.lightning_modules.rlvr import count_units, rlvr_loss, token_weights
+    from src.lightning_modules.rlvr import count_units, loss_groups, rlvr_loss, token_weights
 
     torch.manual_seed(0)
     b, g, t = 3, 4, 5
@@ -158,9 +158,11 @@ def test_micro_batch_losses_sum_to_the_step_loss(loss_type, loss_agg):
     kw = dict(loss_type=loss_type, loss_agg=loss_agg, beta=0.1, clip_high=0.2)
     want, _ = rlvr_loss(logp, logp_gen, adv, mask, keep, **kw, ref_logp=ref)
     (want_g,) = torch.autograd.grad(want, logp)
-    weights, n = token_weights(mask, keep, loss_agg).flatten(0, 1), count_units(mask, keep, loss_agg)
+    # as the module: the KL term holds for every group (`loss_groups`), the filtered group's advantages are 0
+    groups = loss_groups(keep, 0.1, "loss")
+    weights, n = token_weights(mask, groups, loss_agg).flatten(0, 1), count_units(mask, groups, loss_agg)
     flat = lambda x: x.flatten(0, 1)  # noqa: E731
-    parts = [rlvr_loss(flat(logp)[s:e], flat(logp_gen)[s:e], adv.flatten()[s:e], flat(mask)[s:e], None, **kw,
+    parts = [rlvr_loss(flat(logp)[s:e], flat(logp_gen)[s:e], (adv * keep[:, None]).flatten()[s:e], flat(mask)[s:e], None, **kw,
                        ref_logp=flat(ref)[s:e], normalizer=n, weights=weights[s:e], with_stats=False)[0]
              for s, e in [(0, 3), (3, 7), (7, 12)]]  # ranges that split groups
     got = sum(parts)

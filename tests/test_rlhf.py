@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from src.lightning_modules.reward_model import bradley_terry_loss
-from src.lightning_modules.rlvr import group_advantages, kl_penalised_rewards, kl_term, rlvr_loss
+from src.lightning_modules.rlvr import (
+    group_advantages,
+    kl_penalised_rewards,
+    kl_term,
+    rlvr_loss,
+    zero_variance,
+)
 from tests.helpers import train_with
 
 RM_QUICK = ["algo=reward_model", "warm_start.max_steps=0", "trainer.max_steps=4"]
@@ -340,6 +346,7 @@ def test_best_of_k_by_the_reward_model(cfg_factory, reward_model_dir, tmp_path):
             return self.sign * torch.tensor([parity_reward(c, answers[p]) for p, c in zip(prompts, completions)])
 
     verifier = FunctionReward(parity_reward)
+    objs["module"].hparams["truncated_reward"] = None  # the oracle sees text only: judge truncated samples as they are
     best = curves_at_k(objs["module"], [batch], 4, 1.0, verifier, "reward_model", reward_model=Oracle(1.0))
     worst = curves_at_k(objs["module"], [batch], 4, 1.0, verifier, "reward_model", reward_model=Oracle(-1.0))
     assert worst["pass"] == best["pass"] and 0 < best["pass"][0] < best["pass"][-1] < 1  # the same samples
@@ -367,3 +374,197 @@ def test_rlhf_option_errors_stop_before_the_warm_start(cfg_factory, reward_model
         with pytest.raises(error, match=message):
             build(cfg)
         assert not (tmp_path / "sft_init").exists(), overrides
+
+
+# ------------------------------------------------------------------------------------------- review fixes (issue 27)
+def test_a_reward_model_export_reloads_as_a_classifier_with_its_trained_head(cfg_factory, tmp_path):
+    """`model=hf model.pretrained=<reward model hf/>` loads the directory as its config's architecture (a sequence
+    classifier, trained score head included): eval.py on the export scores what the training run's test did, and
+    what `AutoModelForSequenceClassification` gives on the same text; a causal-LM algorithm refuses it."""
+    import hydra
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from eval import evaluate
+    from train import train
+
+    run = [*RM_QUICK, "trainer.val_check_interval=4"]  # one validation: the best checkpoint is the final weights
+    trained, _ = train(cfg_factory(*run))
+    export = tmp_path / "hf"
+    scored, objs = evaluate(cfg_factory("algo=reward_model", "model=hf", f"model.pretrained={export}", name="eval"))
+    keys = [k for k in trained if k.startswith("test/")]
+    assert "test/accuracy" in keys and sorted(keys) == sorted(scored)
+    for k in keys:
+        assert scored[k] == pytest.approx(float(trained[k]), rel=1e-5, abs=1e-6), k
+    hf = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    tok = AutoTokenizer.from_pretrained(export)
+    ids = torch.tensor([tok("12+3=15")["input_ids"], tok("12+3=16")["input_ids"]])
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits[:, 0]
+        got = objs["module"].model(input_ids=ids).logits[:, 0]
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(want, torch.zeros(2), atol=1e-3)
+    cfg = cfg_factory("algo=sft", "model=hf", f"model.pretrained={export}")
+    with pytest.raises(Exception, match="sequence classifier.*not a causal LM"):
+        hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net),
+                                tokenizer=hydra.utils.instantiate(cfg.model.tokenizer), _convert_="all")
+
+
+def test_truncation_reward_is_in_raw_units_before_whitening(reward_model_dir):
+    """reward.normalize with algo.truncated_reward = 0.0: the truncated sample scores 0 in the model's raw units, then
+    whitened with statistics of the model's own scores; it never lands at the running mean (0 after whitening, above
+    every sample below average). Raw [1, 2, 3, 4] with the first truncated: statistics of [2, 3, 4] (mean 3, std 1),
+    so the rewards are [-3, -1, 0, 1]; its verifier part is 0."""
+    from src.rewards import RewardModel
+
+    path, _ = reward_model_dir
+    rm = RewardModel(str(path), normalize=True)
+    rm.raw_scores = lambda prompts, completions: torch.tensor([1.0, 2.0, 3.0, 4.0])
+    cut = torch.tensor([True, False, False, False])
+    r = rm.score_batch(["p"] * 4, ["a", "b", "c", "d"], ["d"] * 4, update=True, truncated=cut, truncated_reward=0.0)
+    assert r.tolist() == pytest.approx([-3.0, -1.0, 0.0, 1.0], abs=1e-5)
+    assert rm.stats.tolist() == pytest.approx([3.0, 3.0, 2.0])  # n, mean, M2 of the model's scores only
+    mixed = RewardModel(str(path), verifier_weight=1.0)
+    mixed.raw_scores = rm.raw_scores
+    r = mixed.score_batch(["p"] * 4, ["d", "b", "c", "d"], ["d"] * 4, truncated=cut, truncated_reward=0.0)
+    assert r.tolist() == pytest.approx([0.0, 2.0, 3.0, 5.0])  # the truncated "d" gets no verifier credit
+
+
+def _attach_trainer(module):
+    import lightning as L
+
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                               enable_model_summary=False)
+    return module
+
+
+def test_rlhf_truncated_completions_score_the_steps_minimum(cfg_factory, reward_model_dir):
+    """experiment=rlhf (whitened reward model) sets algo.truncated_reward=min: a truncated completion scores the
+    lowest reward of the step, whatever the reward model's scale, and never passes."""
+    from train import build
+
+    path, _ = reward_model_dir
+    cfg = cfg_factory("experiment=rlhf", f"reward.pretrained={path}", "warm_start.max_steps=0")
+    assert cfg.algo.truncated_reward == "min"
+    module = _attach_trainer(build(cfg, warm_start=False)["module"]).train()
+    module.reward.raw_scores = lambda prompts, completions: torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    cut = torch.tensor([True, False, False, False, False, True])
+    r, passed, _ = module.rewards(["1+1="] * 3, ["2"] * 3, ["2", "2", "4", "5", "6", "2"], cut)
+    assert r[0] == r[5] == r.min() and (r[0] < r[1:5]).all()
+    assert passed.tolist() == [False, True, False, False, False, False]  # the exact verifier: "2" passes if it ended
+
+
+def test_rlvr_truncated_reward_and_sampling_options_are_checked(cfg_factory):
+    """top_p < 1 (the trainer would score another distribution than the sampler's), temperature 0 and an unknown
+    truncated_reward stop at construction, naming the key."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    for override, message in (("algo.top_p=0.9", "algo.top_p=0.9: a nucleus sampler"),
+                              ("algo.temperature=0", "algo.temperature=0"),
+                              ("algo.truncated_reward=max", "algo.truncated_reward='max'")):
+        cfg = cfg_factory("algo=rlvr", override)
+        with pytest.raises(InstantiationException, match=message):
+            hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net),
+                                    tokenizer=hydra.utils.instantiate(cfg.model.tokenizer), _convert_="all")
+
+
+def test_zero_variance_filter_keeps_the_kl_term_of_tied_groups():
+    """kl_in=loss: a group whose rewards tie loses its policy-gradient term (A = 0) to the filter, never its KL term:
+    the KL gradient on its tokens is what it is on a kept group's (the issue's measurement: 0 on a filtered group)."""
+    torch.manual_seed(0)
+    logp = torch.randn(2, 4, 3).clamp(max=-0.1).requires_grad_(True)
+    ref = torch.randn(2, 4, 3).clamp(max=-0.1)
+    mask = torch.ones(2, 4, 3, dtype=torch.bool)
+    r = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # the second group ties
+    keep = ~zero_variance(r)
+    adv = group_advantages(r, "none", keep)
+    loss, _ = rlvr_loss(logp, logp.detach(), adv, mask, keep, "cispo", "token", ref_logp=ref, beta=0.1,
+                        kl_estimator="k2", kl_in="loss")
+    loss.backward()
+    d = (logp - ref).detach()
+    # the tied group's gradient is its KL term's alone: beta d / N per token (k2 = d^2 / 2), N = all 24 tokens
+    assert torch.allclose(logp.grad[1], 0.1 * d[1] / 24, atol=1e-7)
+    assert logp.grad[1].abs().sum() > 0
+
+
+def test_zero_variance_is_judged_on_the_raw_rewards_with_kl_in_reward(cfg_factory):
+    """kl_in=reward: the filter looks at the verifier's rewards, not the KL-penalised ones (which almost never tie):
+    train/frac_zero_variance counts the raw ties, and a tied group stays in the loss with its KL part as advantage."""
+    from train import build
+
+    cfg = cfg_factory("algo=rlvr", "algo.beta=0.1", "algo.kl_in=reward", "warm_start.max_steps=0")
+    module = _attach_trainer(build(cfg, warm_start=False)["module"])
+    raw = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0]])
+    penalised = raw - torch.tensor([[0.186, 0.151, 0.076, 0.185], [0.1, 0.2, 0.05, 0.0]])
+    adv, keep, zv = module.advantages(penalised, raw)
+    assert zv.tolist() == [True, False]  # the raw rewards of the first group tie
+    assert keep.tolist() == [True, True]  # ... and its KL part still pulls toward pi_ref
+    kl_part = penalised[0] - penalised[0].mean()
+    assert torch.allclose(adv[0] / adv[0].norm(), kl_part / kl_part.norm(), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- the filter on a bandit, module-level
+DIGITS = set("0123456789")
+
+
+def digit_reward(completion: str, answer: str) -> float:
+    """1 for a one-character digit completion (the rewarded set of the module-level bandit)."""
+    return float(completion in DIGITS and len(completion) == 1)
+
+
+
+def _bandit_run(cfg_factory, tmp_path, zero_variance_filter: bool):
+    """RLVRModule itself (sampling, rewards, the filter, the KL in the loss, the optimizer) on a one-prompt bandit:
+    one new token from a tiny Llama, reward 1 for a digit (about a tenth of pi_ref's mass), G = 2 samples (half the
+    groups tie), on-policy, k2 in the loss, advantages without normalisation. Returns the module and the policy's
+    mean next-token distribution over the second half of the steps."""
+    import lightning as L
+
+    from tests.conftest import write_jsonl
+
+    class Distribution(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            with torch.no_grad():
+                logits = module.model(input_ids=batch["prompt_input_ids"][:1]).logits[0, -1]
+            self.seen.append(torch.softmax(logits.float(), -1))
+
+    rows = write_jsonl(tmp_path / f"bandit_{zero_variance_filter}.jsonl", [{"prompt": "x", "answer": "0"}] * 8)
+    record = Distribution()
+    cfg = cfg_factory(
+        "algo=rlvr", "data=jsonl_prompts", f"data.source.train={rows}", f"data.source.val={rows}", "reward=custom",
+        "reward.fn._target_=tests.test_rlhf.digit_reward", "warm_start.max_steps=0", "test=false", "logger=none",
+        "callbacks=none",
+        "data.batch_size=8", "algo.num_generations=2", "algo.max_new_tokens=1", "algo.generation_lag=0",
+        "algo.loss_agg=token", "algo.adv_norm=none", f"algo.beta={BANDIT_BETA}", "algo.kl_estimator=k2",
+        f"algo.zero_variance_filter={zero_variance_filter}", "algo.retire_threshold=null", "algo.truncated_reward=null",
+        "algo.lr=1e-2", "algo.warmup_steps=0", "algo.weight_decay=0", "trainer.gradient_clip_val=null",
+        "+trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.max_steps=300",
+        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "extras.print_config=false",
+        "model.net.hidden_size=32", "model.net.num_layers=1", "model.net.num_heads=2", "model.net.intermediate_size=64",
+        quick=False)
+    _, objs = train_with(cfg, record)
+    return objs["module"], torch.stack(record.seen[len(record.seen) // 2 :]).mean(0)
+
+
+BANDIT_BETA = 0.5
+
+
+def test_zero_variance_filter_keeps_the_kl_regularised_optimum_module_level(cfg_factory, tmp_path):
+    """With the filter on, RLVRModule still reaches the KL-regularised optimum pi_ref exp(r / beta') / Z (beta' =
+    beta G / (G - 1), the group-mean baseline's factor): the mass it puts on the rewarded digits is within 0.04 of the
+    closed form's (0.224 here; 0.30 when tied groups lost their KL term), and it trains exactly as with the filter off
+    (a tied group's policy-gradient term is 0: the filter removes nothing else)."""
+    module, on = _bandit_run(cfg_factory, tmp_path, True)
+    _, off = _bandit_run(cfg_factory, tmp_path, False)
+    tok = module.tokenizer
+    with torch.no_grad():
+        ref = torch.softmax(module.ref_model(input_ids=torch.tensor([tok("x")["input_ids"]])).logits[0, -1], -1)
+    reward = torch.tensor([digit_reward(tok.decode([v]), "0") for v in range(ref.numel())])
+    g = 2
+    star = ref * torch.exp(reward / (BANDIT_BETA * g / (g - 1)))
+    star = star / star.sum()
+    assert 0.05 < (ref * reward).sum() < 0.2 and star @ reward > 2 * (ref @ reward)  # a bandit the KL holds back
+    assert abs(on @ reward - star @ reward) < 0.04, (float(on @ reward), float(star @ reward))
+    assert torch.equal(on, off)

@@ -172,6 +172,29 @@ def _prompts(tokenizer, texts):
     return pad(ids, tokenizer.pad_token_id, left=True), pad([[1] * len(i) for i in ids], 0, left=True)
 
 
+def _nucleus_logps(model, ids, mask, roll, temperature, top_p):
+    """log-probs of the sampled tokens under the top-p nucleus of one full forward's logits, by hand: the tokens
+    sorted by probability, kept up to and including the one where the cumulative mass reaches top_p, renormalised."""
+    seq = torch.cat([ids, roll.completion_ids], 1)
+    att = torch.cat([mask, roll.completion_mask.long()], 1)
+    with torch.no_grad():
+        logits = model(input_ids=seq, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits
+    logits = logits[:, ids.size(1) - 1 : -1].float() / temperature
+    out = torch.zeros_like(roll.logps)
+    for i, j in roll.completion_mask.nonzero().tolist():
+        p = torch.softmax(logits[i, j], -1)
+        order = p.argsort(descending=True).tolist()
+        kept, mass = [], 0.0
+        for v in order:
+            kept.append(v)
+            mass += float(p[v])
+            if mass >= top_p:
+                break
+        tok = int(roll.completion_ids[i, j])
+        out[i, j] = math.log(p[tok] / p[kept].sum()) if tok in kept else float("-inf")
+    return out
+
+
 def test_rollout_logps_equal_a_full_forward_and_rows_stop_at_eos(tokenizer):
     from src.models import tiny_llama
     from src.models.rollout import HFRollout
@@ -182,8 +205,15 @@ def test_rollout_logps_equal_a_full_forward_and_rows_stop_at_eos(tokenizer):
     for temperature, top_p in [(1.0, 1.0), (0.7, 0.9)]:
         roll = engine.generate(ids, mask, 4, 10, temperature, top_p, torch.Generator().manual_seed(1))
         assert roll.completion_ids.shape[0] == 12
-        logp, _ = completion_logps(model, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0),
-                                   roll.completion_ids, roll.completion_mask, temperature)
+        if top_p == 1.0:  # the trainer's log-probs of the sampled tokens
+            logp, _ = completion_logps(model, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0),
+                                       roll.completion_ids, roll.completion_mask, temperature)
+        else:  # the nucleus distribution's, renormalised, which is what was sampled from (and what vLLM records)
+            logp = _nucleus_logps(model, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), roll, temperature,
+                                  top_p)
+            full, _ = completion_logps(model, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0),
+                                       roll.completion_ids, roll.completion_mask, temperature)
+            assert (roll.logps - full)[roll.completion_mask].min() > 1e-3  # renormalised: above the full ones
         assert torch.allclose(logp, roll.logps, atol=1e-5), "sampler log-probs differ from the policy's"
         for row, m, trunc in zip(roll.completion_ids, roll.completion_mask, roll.truncated):
             n = int(m.sum())
@@ -393,7 +423,7 @@ def test_variants_differ_where_they_should(cfg_factory):
     steps = ["trainer.max_steps=3", "trainer.val_check_interval=3", "algo.warmup_steps=0"]  # lr > 0 from step 0
     dapo = StepMetrics()
     _, objs = train_with(cfg_factory(*RUN, *steps, "algo.loss_type=dapo", "algo.generation_lag=0"), dapo)
-    assert objs["module"].generator is None and objs["module"].loss_agg == "token"
+    assert objs["module"].generator is None and objs["module"].hparams.loss_agg == "token"
     for step, m in dapo.at.items():
         assert _rho_spread(m) < 1e-4, f"dapo on-policy: rho != 1 at step {step}: {m['train/rho/max']}"
         assert m["train/rho/frac_truncated"] == 0.0
@@ -444,3 +474,60 @@ def test_wandb_run_holds_rl_metrics_and_completion_table(cfg_factory, tmp_path):
     table = json.loads((run / "files" / tables[0]["train/completions.path"]).read_text())
     assert table["columns"] == ["step", "prompt", "completion", "answer", "reward", "truncated"]
     assert all(row[4] in (0.0, 1.0) for row in table["data"])
+
+
+# --------------------------------------------------------------------------- review fixes (issue 27)
+class GradNorms(__import__("lightning").Callback):
+    """The gradient norm the optimizer applies at each step (a step pre-hook: after unscaling and clipping)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_start(self, trainer, module):
+        def record(optimizer, args, kwargs):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))))
+
+        trainer.optimizers[0].register_step_pre_hook(record)
+
+
+def test_fp16_loss_scaling_is_undone_before_clipping(cfg_factory):
+    """16-mixed (GradScaler, loss x 2^16): RLVR clips the unscaled gradients, as Lightning does in automatic
+    optimization. With gradient_clip_val at half the true norm the optimizer applies exactly that norm (clipping the
+    scaled gradients gave the optimizer 2^-16 of it: the issue's 1.5e-5 for a norm of 0.424). 16-mixed on CPU is
+    Lightning's MixedPrecision plugin with a CPU GradScaler (Lightning turns the `16-mixed` flag into bf16 there)."""
+    from omegaconf import open_dict
+
+    def first_norm(clip):
+        cfg = cfg_factory(*RUN, "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.num_sanity_val_steps=0",
+                          f"trainer.gradient_clip_val={'null' if clip is None else clip}")
+        with open_dict(cfg):
+            cfg.trainer.precision = None
+            cfg.trainer.plugins = [{"_target_": "lightning.pytorch.plugins.precision.MixedPrecision",
+                                    "precision": "16-mixed", "device": "cpu"}]
+        rec = GradNorms()
+        _, objs = train_with(cfg, rec)
+        assert objs["trainer"].precision_plugin.scaler is not None and rec.norms
+        return rec.norms[0]
+
+    true_norm = first_norm(None)
+    assert true_norm > 1e-3
+    assert first_norm(true_norm / 2) == pytest.approx(true_norm / 2, rel=1e-3)
+
+
+def test_a_run_records_the_values_it_used_not_the_nulls(cfg_factory, tmp_path):
+    """algo.loss_agg / adv_norm / clip_high / kl_estimator left null are chosen by the loss type (dapo: token, group,
+    0.28; the loss's KL: k3): the checkpoint's hyper-parameters, hparams.yaml and the W&B config hold those values."""
+    import yaml
+
+    cfg = cfg_factory(*RUN, "algo.loss_type=dapo", "logger=[csv,wandb]", "trainer.max_steps=2",
+                      "trainer.val_check_interval=2")
+    assert cfg.algo.loss_agg is None and cfg.algo.kl_estimator is None
+    train_with(cfg)
+    want = {"loss_agg": "token", "adv_norm": "group", "clip_high": 0.28, "kl_estimator": "k3"}
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    (hparams,) = tmp_path.glob("csv/version_*/hparams.yaml")
+    (run,) = tmp_path.glob("wandb/offline-run-*")
+    for where, algo in (("checkpoint", ckpt), ("hparams.yaml", yaml.safe_load(hparams.read_text())["algo"]),
+                        ("W&B", leet(run, summary=True)["config"]["algo"])):
+        assert {k: algo[k] for k in want} == want, where

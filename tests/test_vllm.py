@@ -182,3 +182,32 @@ def test_rollout_vllm_without_vllm_names_the_install_command(cfg_factory, monkey
     cfg = cfg_factory(*RLVR_RUN, "rollout=vllm")
     with pytest.raises(ImportError, match=r"rollout=vllm needs vLLM.*make install-vllm"):
         train(cfg)  # at once: before the warm start, data or model
+
+
+def test_engines_agree_at_temperature_0_and_record_the_nucleus_they_sample_from(tokenizer):
+    """temperature 0 is greedy in both engines: the same tokens and the same log-probs (the untempered
+    distribution's, vLLM's convention). With top_p < 1 vLLM records the log-probs of the renormalised nucleus it drew
+    from, which `nucleus_logprobs` (the HF engine's) computes from the trainer's own logits; RL refuses top_p < 1
+    (tests/test_rlhf.py), since the trainer scores the full distribution."""
+    from src.models import tiny_llama
+    from src.models.rollout import nucleus_logprobs
+
+    model = tiny_llama(tokenizer, seed=3)
+    ids, mask = _prompts(tokenizer, PROMPTS)
+    hf, vl = _engines(model, tokenizer)
+    a = hf.generate(ids, mask, 2, 10, 0.0, 1.0, torch.Generator().manual_seed(0))
+    b = vl.generate(ids, mask, 2, 10, 0.0, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.completion_mask, b.completion_mask)
+    assert (a.logps - b.logps).abs().max() < 1e-4
+    assert torch.equal(a.completion_ids[0], a.completion_ids[1])  # greedy: the group's samples are the same
+    roll = vl.generate(ids, mask, 4, 6, 0.8, 0.7, torch.Generator().manual_seed(1))
+    seq = torch.cat([ids.repeat_interleave(4, 0), roll.completion_ids], 1)
+    att = torch.cat([mask.repeat_interleave(4, 0), roll.completion_mask.long()], 1)
+    with torch.no_grad():
+        logits = model(input_ids=seq, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits
+    lp = nucleus_logprobs(logits[:, ids.size(1) - 1 : -1].float() / 0.8, 0.7)
+    want = lp.gather(-1, roll.completion_ids.unsqueeze(-1)).squeeze(-1)
+    m = roll.completion_mask
+    assert (want - roll.logps)[m].abs().max() < 1e-4
+    full = torch.log_softmax(logits[:, ids.size(1) - 1 : -1].float() / 0.8, -1)
+    assert ((roll.logps - full.gather(-1, roll.completion_ids.unsqueeze(-1)).squeeze(-1))[m] > 1e-3).all()

@@ -9,6 +9,12 @@ Reinforcement Learning Compute for LLMs"), the lecture's objective:
     kept only if the group's rewards are not all equal      (zero-variance filtering)
     and pass_rate(x) < 0.9                                  (no-positive resampling)
 
+Zero-variance filtering drops the policy-gradient term of groups whose rewards (the verifier's or reward model's,
+before any KL penalty) tie, and averages over the kept groups; never the KL term: with beta > 0 every group keeps
+its pull to pi_ref and the loss averages over all groups (a per-step rescaling of the reward term by N / N_kept
+would move the KL-regularised optimum). With `kl_in=reward` a tied group's advantage is its KL part alone, so it
+stays in the loss.
+
 pi_gen is a copy of the policy refreshed every `generation_lag` optimizer steps (ScaleRL's
 PipelineRL-8 keeps the generators about 8 steps behind the trainer), so rho differs from 1.
 Variants to compare (`loss_type`):
@@ -41,7 +47,7 @@ from src.callbacks.wandb_axes import STEP
 from src.lightning_modules.lm import LMModule, completion_logps
 from src.metrics import PassAtK
 from src.models.rollout import HFRollout, Rollout, RolloutEngine
-from src.rewards import score
+from src.rewards import passes, score
 
 LOSS_TYPES = ("cispo", "grpo", "dapo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -105,6 +111,17 @@ def kl_penalised_rewards(rewards: torch.Tensor, logp_gen: torch.Tensor, ref_logp
     return rewards - beta * ((logp_gen - ref_logp) * mask).sum(-1)
 
 
+def truncation_rewards(r: torch.Tensor, truncated: torch.Tensor, value: float | str | None,
+                       floor: torch.Tensor | None = None) -> torch.Tensor:
+    """Rewards with completions cut at max_new_tokens set to `algo.truncated_reward`: a number (in the reward's own
+    units: a reward model's raw score, applied before whitening by `RewardModel.score_batch`), `min` (`floor`: the
+    lowest reward of the step, so that running out of tokens never pays), or None (scored as they are)."""
+    if value is None:
+        return r
+    fill = floor if value == "min" else torch.as_tensor(float(value), dtype=r.dtype, device=r.device)
+    return torch.where(truncated, fill.to(r.dtype), r)
+
+
 # --------------------------------------------------------------------------- the loss
 def token_weights(mask: torch.Tensor, keep: torch.Tensor, how: str) -> torch.Tensor:
     """Each completion token's weight in the sum that `aggregate` divides by the count of units (B, G, T):
@@ -146,6 +163,12 @@ def count_units(mask: torch.Tensor, keep: torch.Tensor, how: str) -> torch.Tenso
     return (m.sum(-1) > 0).sum()
 
 
+def loss_groups(keep: torch.Tensor, beta: float, kl_in: str) -> torch.Tensor:
+    """The groups the loss averages over: the kept ones, or with a KL term in the loss all of them (each keeps its KL
+    term, and the reward term's weight must not depend on how many groups tie)."""
+    return torch.ones_like(keep) if beta > 0 and kl_in == "loss" else keep
+
+
 def rlvr_loss(
     logp: torch.Tensor,
     logp_gen: torch.Tensor,
@@ -168,11 +191,14 @@ def rlvr_loss(
     """The policy loss (to minimise: -J) and importance-ratio statistics (`ratio_stats`).
 
     logp: log pi_train(y_t) (B, G, T), with gradient; logp_gen: log pi_gen(y_t) from the sampler;
-    adv: normalised advantages (B, G); mask: completion tokens (B, G, T); keep: groups in the loss (B,).
-    A micro-batch of samples passes (N, T) tensors, adv (N,), and its tokens' `weights` (`token_weights` of the
-    whole step) with the whole step's `normalizer`: the micro-batches' losses then sum to the step's.
-    With beta > 0 and `kl_in=loss`, the KL term of `kl_estimator` on `ref_logp` (log pi_ref); with `kl_in=reward`
-    the penalty is already in the advantages (`kl_penalised_rewards`).
+    adv: normalised advantages (B, G); mask: completion tokens (B, G, T); keep: groups whose policy-gradient term
+    is in the loss (B,), the zero-variance filter's.
+    A micro-batch of samples passes (N, T) tensors, adv (N,) (0 for the groups the filter drops), and its tokens'
+    `weights` (`token_weights` of the whole step) with the whole step's `normalizer`: the micro-batches' losses then
+    sum to the step's.
+    With beta > 0 and `kl_in=loss`, the KL term of `kl_estimator` on `ref_logp` (log pi_ref), for every group,
+    filtered or not (`loss_groups`); with `kl_in=reward` the penalty is already in the advantages
+    (`kl_penalised_rewards`).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"algo.loss_type={loss_type!r}: must be one of {list(LOSS_TYPES)}")
@@ -185,6 +211,8 @@ def rlvr_loss(
         rho = torch.exp(logp - logp_gen)
         rho_clip = torch.clamp(rho, 1 - clip_low, 1 + clip_high)
         objective = torch.minimum(rho * a, rho_clip * a)
+    if keep is not None:  # the filter removes the policy-gradient term of tied groups (their A is 0 already)
+        objective = objective * keep[:, None, None]
     if beta > 0 and kl_in == "loss":
         if ref_logp is None:
             raise ValueError("algo.beta > 0 needs the reference log-probs")
@@ -192,8 +220,9 @@ def rlvr_loss(
         objective = objective - beta * iw * kl_term(logp - ref_logp, kl_estimator)
     if weights is None:  # the whole step: its own weights and count of units (`aggregate`)
         keep = torch.ones(adv.size(0), dtype=torch.bool, device=adv.device) if keep is None else keep
-        weights = token_weights(mask, keep, loss_agg)
-        normalizer = count_units(mask, keep, loss_agg) if normalizer is None else normalizer
+        units = loss_groups(keep, beta, kl_in)
+        weights = token_weights(mask, units, loss_agg)
+        normalizer = count_units(mask, units, loss_agg) if normalizer is None else normalizer
     loss = (-objective * weights).sum() / max(float(normalizer), 1.0)
     stats = ratio_stats(logp.detach(), logp_gen, adv, mask, loss_type, epsilon, clip_low, clip_high,
                         ref_logp, beta) if with_stats else {}
@@ -250,7 +279,8 @@ def check_retirement(model_reward: bool, retire_threshold: float | None) -> None
 
 
 def check_recipe(reward, loss_type, loss_agg, adv_norm, clip_high, num_generations, generation_lag, epsilon,
-                 reward_on_error, val_num_samples) -> tuple[str, str, float | None]:
+                 reward_on_error, val_num_samples, temperature=1.0, top_p=1.0,
+                 truncated_reward=0.0) -> tuple[str, str, float | None]:
     """Validate the recipe's options (naming the key at fault); return loss_agg, adv_norm and clip_high with
     the loss type's own defaults filled in."""
     if reward is None or not callable(reward):
@@ -269,6 +299,14 @@ def check_recipe(reward, loss_type, loss_agg, adv_norm, clip_high, num_generatio
         (epsilon > 0, f"algo.epsilon={epsilon}: must be > 0"),
         (reward_on_error in ("raise", "zero"), f"algo.reward_on_error={reward_on_error!r}: must be 'raise' or 'zero'"),
         (val_num_samples >= 1, f"algo.val_num_samples={val_num_samples}: must be >= 1"),
+        (temperature > 0, f"algo.temperature={temperature}: RL samples a group of different completions and trains "
+                          "on their tempered log-probs; it must be > 0"),
+        (top_p == 1.0, f"algo.top_p={top_p}: a nucleus sampler draws from the truncated distribution while the trainer "
+                       "scores the full one, so every importance weight pi_train / pi_gen would be <= 1 and biased; "
+                       "RL samples with algo.top_p=1.0 (sharpen with algo.temperature instead)"),
+        (truncated_reward is None or truncated_reward == "min" or isinstance(truncated_reward, int | float),
+         f"algo.truncated_reward={truncated_reward!r}: a number (in the reward's raw units), min (the step's lowest "
+         "reward) or null"),
     ]
     for ok, message in checks:
         if not ok:
@@ -322,7 +360,7 @@ class RLVRModule(LMModule):
         zero_variance_filter: bool = True,
         retire_threshold: float | None = 0.9,
         pass_threshold: float = 1.0,
-        truncated_reward: float | None = 0.0,
+        truncated_reward: float | str | None = 0.0,
         reward_on_error: str = "raise",
         val_num_samples: int = 8,
         val_temperature: float = 1.0,
@@ -340,10 +378,13 @@ class RLVRModule(LMModule):
         if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < longest:
             raise ValueError(f"algo.max_tokens_per_micro_batch={max_tokens_per_micro_batch} cannot hold one sample: "
                              f"a sample can be a prompt + algo.max_new_tokens={self.hparams.max_new_tokens} tokens")
-        self.loss_agg, self.adv_norm, self.clip_high = check_recipe(
+        loss_agg, adv_norm, clip_high = check_recipe(
             reward, loss_type, loss_agg, adv_norm, clip_high, num_generations, generation_lag, epsilon,
-            reward_on_error, val_num_samples)
-        self.kl_estimator = kl_options(kl_in, kl_estimator)
+            reward_on_error, val_num_samples, temperature, top_p, truncated_reward)
+        # the values this run uses, not the nulls that chose them: the checkpoint, hparams.yaml and the W&B config
+        # hold these (src/utils/run.py `hyperparameters`)
+        self.hparams.update(loss_agg=loss_agg, adv_norm=adv_norm, clip_high=clip_high,
+                            kl_estimator=kl_options(kl_in, kl_estimator))
         self.reward = reward  # a reward model (an nn.Module) becomes a frozen submodule: device, FSDP2, checkpoints
         self.verifier = getattr(reward, "verifier", reward)  # what "passes" (pass@k, pass rate): never the model
         check_retirement(self.verifier is not reward, retire_threshold)
@@ -420,19 +461,29 @@ class RLVRModule(LMModule):
         return torch.Generator(device=self.device).manual_seed(key % 2**63)
 
     # ------------------------------------------------------------------ rewards
-    def rewards(self, prompts: list[str], answers: list[str], texts: list[str], truncated: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(B*G,) rewards; truncated completions get `truncated_reward` when it is set. A reward model (reward=model)
-        scores the batch on this device (its running statistics updated while training)."""
+    def rewards(self, prompts: list[str], answers: list[str], texts: list[str],
+                truncated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(B*G,) rewards, (B*G,) passes and the count of verifier errors. The rewards are the verifier's, or a reward
+        model's (reward=model, scored in batches on this device, its running statistics updated while training), with
+        truncated completions set by `truncated_reward` (a number: in the reward's raw units, before a reward model's
+        whitening; min: the lowest reward of the step over all processes). A sample passes by `passes`: the
+        verifier's score (with a reward model, `reward.verifier`'s) against pass_threshold; with truncated_reward
+        set, a truncated sample never passes. One definition for train/pass_rate, val/pass@k and eval.py's."""
+        hp = self.hparams
         g = len(texts) // len(prompts)
-        rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
+        prompts, answers = [x for x in prompts for _ in range(g)], [x for x in answers for _ in range(g)]
+        v, errors = score(self.verifier, prompts, texts, answers, hp.reward_on_error)
+        v = torch.as_tensor(v, dtype=torch.float32, device=self.device)
         if hasattr(self.reward, "score_batch"):
-            r, errors = self.reward.score_batch(rep(prompts), texts, rep(answers), update=self.training), 0
+            raw_units = hp.truncated_reward if hp.truncated_reward != "min" else None
+            r = self.reward.score_batch(prompts, texts, answers, update=self.training, truncated=truncated,
+                                        truncated_reward=raw_units).float()
+            value = "min" if hp.truncated_reward == "min" else None  # a number is in r already
         else:
-            r, errors = score(self.reward, rep(prompts), texts, rep(answers), self.hparams.reward_on_error)
-        r = torch.as_tensor(r, dtype=torch.float32, device=self.device)
-        if self.hparams.truncated_reward is not None:
-            r = torch.where(truncated, torch.full_like(r, self.hparams.truncated_reward), r)
-        return r, errors
+            r, value = v, hp.truncated_reward
+        floor = self._gather(r).min() if value == "min" and r.numel() else None  # every process calls the gather
+        r = truncation_rewards(r, truncated, value, floor)
+        return r, passes(v, truncated, hp.pass_threshold, hp.truncated_reward is not None), errors
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate a per-process tensor over processes along dim 0 (identity on one process)."""
@@ -442,16 +493,17 @@ class RLVRModule(LMModule):
 
     # ------------------------------------------------------------------ training: the ScaleRL pipeline
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
         roll, texts, t_gen = self.sample(batch)  # G completions per prompt from pi_gen
-        r, errors = self.score(batch, texts, roll)  # the verifier's rewards, (B, G)
+        r, passed, errors = self.score(batch, texts, roll)  # rewards and passes, (B, G)
         ranges = self.micro_batches(batch["prompt_attention_mask"], roll.lengths, r.size(1))
         ref_logp = self.reference_logps(batch, roll, ranges) if self.has_reference else None
         r_train = r
-        if self.hparams.kl_in == "reward" and self.hparams.beta > 0:  # r - beta KL sample, PPO-RLHF
+        if hp.kl_in == "reward" and hp.beta > 0:  # r - beta KL sample, PPO-RLHF
             r_train = kl_penalised_rewards(r, roll.logps.view(*r.shape, -1), ref_logp.view(*r.shape, -1),
-                                           roll.completion_mask.view(*r.shape, -1), self.hparams.beta)
-        adv, keep, zv_all = self.advantages(r_train)  # group advantages, batch-normalised; zero-variance filter
-        passed = self.retire(batch, r, texts, roll.truncated)  # no-positive resampling
+                                           roll.completion_mask.view(*r.shape, -1), hp.beta)
+        adv, keep, zv_all = self.advantages(r_train, r)  # group advantages, batch-normalised; zero-variance filter
+        self.retire(batch, passed)  # no-positive resampling
         loss, stats, entropy, t_train = self.policy_update(batch, roll, adv, keep, ranges, ref_logp)
         self.log_step(batch, roll, texts, r, passed, zv_all, errors, loss, stats, entropy, t_gen, t_train)
         return loss
@@ -479,42 +531,32 @@ class RLVRModule(LMModule):
         t_gen = time.perf_counter() - t0
         return roll, self.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True), t_gen
 
-    def score(self, batch: dict, texts: list[str], roll: Rollout) -> tuple[torch.Tensor, int]:
-        r, errors = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated)
-        return r.view(len(batch["prompts"]), self.hparams.num_generations), errors
+    def score(self, batch: dict, texts: list[str], roll: Rollout) -> tuple[torch.Tensor, torch.Tensor, int]:
+        r, passed, errors = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated)
+        shape = (len(batch["prompts"]), self.hparams.num_generations)
+        return r.view(shape), passed.view(shape), errors
 
-    def verified(self, prompts: list[str], answers: list[str], texts: list[str], r: torch.Tensor,
-                 truncated: torch.Tensor) -> torch.Tensor:
-        """(B*G,) 1.0 where a sample passes: its reward >= pass_threshold, or with a reward model its verifier's
-        (`reward.verifier`: the model's reward is a preference score, not a pass/fail)."""
-        if self.verifier is self.reward:
-            return (r.flatten() >= self.hparams.pass_threshold).float()
-        g = len(texts) // len(prompts)
-        v, _ = score(self.verifier, [p for p in prompts for _ in range(g)], texts, [a for a in answers for _ in range(g)])
-        v = torch.tensor(v, dtype=torch.float32, device=self.device)
-        if self.hparams.truncated_reward is not None:
-            v = torch.where(truncated, torch.zeros_like(v), v)
-        return (v >= self.hparams.pass_threshold).float()
-
-    def advantages(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This process's (B, G) advantages and kept groups, from statistics over the whole batch (all processes)."""
+    def advantages(self, r: torch.Tensor, raw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This process's (B, G) advantages of rewards `r` and its kept groups, from statistics over the whole batch
+        (all processes). Ties are judged on `raw` (the rewards before a KL penalty; default `r`); with `kl_in=reward`
+        and beta > 0 no group leaves the loss (a tied group's advantage is its KL part alone)."""
+        hp = self.hparams
         b = r.size(0)
         r_all = self._gather(r)
-        zv_all = zero_variance(r_all)
-        keep_all = ~zv_all if self.hparams.zero_variance_filter else torch.ones_like(zv_all)
-        adv_all = group_advantages(r_all, self.adv_norm, keep_all)
+        zv_all = zero_variance(self._gather(raw) if raw is not None else r_all)
+        filtered = hp.zero_variance_filter and not (hp.kl_in == "reward" and hp.beta > 0)
+        keep_all = ~zv_all if filtered else torch.ones_like(zv_all)
+        adv_all = group_advantages(r_all, hp.adv_norm, keep_all)
         lo = self.global_rank * b if self.trainer.world_size > 1 else 0
         self.last_batch = {"rewards_all": r_all, "keep_all": keep_all, "adv": adv_all[lo : lo + b]}  # for inspection
         return adv_all[lo : lo + b], keep_all[lo : lo + b], zv_all
 
-    def retire(self, batch: dict, r: torch.Tensor, texts: list[str], truncated: torch.Tensor) -> torch.Tensor:
-        """Retire prompts whose pass rate reaches `retire_threshold` (on every process); return the passes."""
+    def retire(self, batch: dict, passed: torch.Tensor) -> None:
+        """Retire prompts whose pass rate reaches `retire_threshold` (on every process)."""
         hp = self.hparams
-        passed = self.verified(batch["prompts"], batch["references"], texts, r, truncated).view_as(r)
         if hp.retire_threshold is not None:
-            idx_all, rate_all = self._gather(batch["index"]), self._gather(passed.mean(-1))
+            idx_all, rate_all = self._gather(batch["index"]), self._gather(passed.float().mean(-1))
             self.retired.update(idx_all[rate_all >= hp.retire_threshold].tolist())
-        return passed
 
     def policy_update(self, batch: dict, roll: Rollout, adv: torch.Tensor, keep: torch.Tensor,
                       ranges: list[tuple[int, int]] | None = None, ref_logp: torch.Tensor | None = None):
@@ -528,8 +570,9 @@ class RLVRModule(LMModule):
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         mask = roll.completion_mask.view(b, g, -1)
-        weights = token_weights(mask, keep, self.loss_agg).flatten(0, 1)
-        units = count_units(mask, keep, self.loss_agg)
+        groups = loss_groups(keep, hp.beta, hp.kl_in)  # filtered groups keep their KL term (their A is 0)
+        weights = token_weights(mask, groups, hp.loss_agg).flatten(0, 1)
+        units = count_units(mask, groups, hp.loss_agg)
         normalizer = self._gather(units.view(1)).sum().float() / self.trainer.world_size
         adv_flat = adv.flatten()
         logp = torch.zeros_like(roll.logps)
@@ -544,19 +587,25 @@ class RLVRModule(LMModule):
             t = seqs[2].size(1)
             lp, ent = completion_logps(self.model, *seqs)
             part, _ = rlvr_loss(
-                lp, roll.logps[s:e, :t], adv_flat[s:e], seqs[3], None, hp.loss_type, self.loss_agg, hp.epsilon,
-                hp.clip_low, self.clip_high, None if ref_logp is None else ref_logp[s:e, :t], hp.beta, normalizer,
-                weights[s:e, :t], with_stats=False, kl_estimator=self.kl_estimator, kl_in=hp.kl_in)
+                lp, roll.logps[s:e, :t], adv_flat[s:e], seqs[3], None, hp.loss_type, hp.loss_agg, hp.epsilon,
+                hp.clip_low, hp.clip_high, None if ref_logp is None else ref_logp[s:e, :t], hp.beta, normalizer,
+                weights[s:e, :t], with_stats=False, kl_estimator=hp.kl_estimator, kl_in=hp.kl_in)
             t_train += time.perf_counter() - t1
             self.manual_backward(part)
             loss += part.detach()
             logp[s:e, :t], entropy[s:e, :t] = lp.detach(), ent
-        self.clip_gradients(opt)  # the trainer's gradient_clip_val / gradient_clip_algorithm
-        opt.step()
+        opt.step()  # clips in `on_before_optimizer_step`, after the precision plugin unscaled the gradients
         self.lr_schedulers().step()
         stats = ratio_stats(logp, roll.logps, adv_flat, roll.completion_mask, hp.loss_type, hp.epsilon, hp.clip_low,
-                            self.clip_high, ref_logp, hp.beta)
+                            hp.clip_high, ref_logp, hp.beta)
         return loss, stats, entropy, t_train  # t_train: the forward passes only
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """The trainer's gradient_clip_val / gradient_clip_algorithm, as Lightning applies them in automatic
+        optimization: here the precision plugin has unscaled the gradients (16-mixed's GradScaler multiplies the loss
+        by up to 2^16; clipping before the unscale would clip the scaled norm and shrink the step by that factor)."""
+        if not self.automatic_optimization:
+            self.clip_gradients(optimizer)
 
     def micro_batches(self, prompt_mask: torch.Tensor, lengths: torch.Tensor, g: int) -> list[tuple[int, int]]:
         """Consecutive sample ranges [s, e) of at most `algo.micro_batch_size` samples whose padded size (samples x
@@ -614,7 +663,7 @@ class RLVRModule(LMModule):
             "loss": loss.detach(),
             "reward/mean": r.mean(),
             "reward/std": r.std(),
-            "pass_rate": passed.mean(),
+            "pass_rate": passed.float().mean(),
             "frac_zero_variance": zv_all.float().mean(),
             "retired_prompts": float(len(self.retired)),
             "entropy": entropy[m].mean(),
@@ -663,9 +712,9 @@ class RLVRModule(LMModule):
             hp.val_temperature, 1.0, self._rng(stage, batch_idx),
         )
         texts = self.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True)
-        r, _ = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated)
+        r, passed, _ = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated)
         b = len(batch["prompts"])
-        correct = self.verified(batch["prompts"], batch["references"], texts, r, roll.truncated).bool().view(b, n).tolist()
+        correct = passed.view(b, n).tolist()
         answers = [self.verifier.extract(t) if hasattr(self.verifier, "extract") else t.strip() for t in texts]
         getattr(self, f"{stage}_pass").update(correct, [answers[i * n : (i + 1) * n] for i in range(b)])
         getattr(self, f"{stage}_reward").update(r)

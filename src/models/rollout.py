@@ -7,10 +7,10 @@ algorithm: it must return a `Rollout` and accept new weights through `load_weigh
 `HFRollout` runs a `transformers` causal LM with its KV cache (`DynamicCache`):
   1. prefill each prompt once,
   2. repeat its cache G times (the G samples share the prompt: no G-fold prefill),
-  3. decode token by token with temperature / top-p sampling, stopping rows at <eos>.
-The log-prob of each sampled token under the sampling policy, log pi_gen(y_t) (temperature
-applied, computed with an FP32 LM head), is recorded on the way, so no extra forward pass is
-needed for the importance ratio.
+  3. decode token by token with temperature / top-p sampling (temperature 0: greedy), stopping rows at <eos>.
+The log-prob of each sampled token under the sampling policy, log pi_gen(y_t) (temperature and top-p applied, as
+vLLM's `processed_logprobs`; greedy: the untempered distribution's, as vLLM's; computed with an FP32 LM head), is
+recorded on the way, so no extra forward pass is needed for the importance ratio.
 """
 
 from __future__ import annotations
@@ -70,16 +70,18 @@ class RolloutEngine(Protocol):
 
 
 # --------------------------------------------------------------------------- sampling
-def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p."""
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # tokens after the nucleus (the first stays)
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_p, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def nucleus_logprobs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """log-probs of the distribution a nucleus sampler draws from: the smallest set of tokens whose probability
+    reaches top_p (the token that crosses it included), renormalised; -inf outside (top_p = 1: log softmax). These are
+    what vLLM records as `processed_logprobs`, so both engines report log pi_gen of the same distribution."""
+    logp = torch.log_softmax(logits, dim=-1)
+    if top_p >= 1.0:
+        return logp
+    sorted_logp, order = logp.sort(dim=-1, descending=True)
+    sorted_p = sorted_logp.exp()
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # tokens after the nucleus (the first always stays)
+    dropped = torch.zeros_like(drop).scatter(-1, order, drop)
+    return torch.log_softmax(logits.masked_fill(dropped, float("-inf")), dim=-1)
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -148,8 +150,8 @@ class HFRollout:
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Rollout:
-        if temperature <= 0:
-            raise ValueError(f"temperature={temperature}: must be > 0 (sampling)")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature}: must be >= 0 (0: greedy)")
         was_training = self.model.training
         self.model.eval()
         try:
@@ -174,6 +176,8 @@ class HFRollout:
 
     def _generate(self, prompt_ids, prompt_mask, g, max_new_tokens, temperature, top_p, generator) -> Rollout:
         sharded = self.sharded  # once per call, not at every decoding step
+        greedy = temperature == 0  # the argmax token, with the log-probs of the untempered distribution (as vLLM)
+        temperature = 1.0 if greedy else temperature
         cache = DynamicCache(config=causal_lm(self.model).config)
         # 1. prefill the B distinct prompts once
         logits = self._step(prompt_ids, prompt_mask, position_ids(prompt_mask), cache, temperature)
@@ -188,8 +192,12 @@ class HFRollout:
         ids, logps, alive = [], [], []
         # 3. decode
         for t in range(max_new_tokens):
-            logp = torch.log_softmax(logits, dim=-1)
-            tok = sample_top_p(logits, top_p, generator)
+            logp = nucleus_logprobs(logits, 1.0 if greedy else top_p)  # log pi_gen: what is sampled from
+            if greedy:
+                tok = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits, dim=-1) if top_p >= 1.0 else logp.exp()
+                tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             tok = tok.masked_fill(done, self.pad)
             ids.append(tok)
             logps.append(logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1).masked_fill(done, 0.0))
