@@ -6,16 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import DQUICK, RLVR_RUN, ROOT, run_cli
+from tests.helpers import ALGORITHMS, RLVR_RUN, ROOT, run_cli, short_run
 
-RUNS = {
-    "sft": ["algo=sft", "trainer.max_steps=6", "trainer.val_check_interval=3"],
-    "dpo": ["algo=dpo", "warm_start.max_steps=0", "trainer.max_steps=6", "trainer.val_check_interval=3"],
-    # a high lr: the policy moves far enough in 4 steps for its sampled test scores to show it
-    "rlvr": [o for o in RLVR_RUN if o != "test=false"] + ["trainer.max_steps=4", "data.source.n_test=32", "algo.lr=1e-2"],
-    "ddpm": DQUICK + ["data=toy2d", "data.n_train=1024", "data.n_val=100", "data.n_test=100", "trainer.max_steps=6",
-                      "trainer.val_check_interval=3", "algo.val_num_samples=50", "algo.test_num_samples=50"],
-}
+# every algorithm (conf/algo/): a short run that validates twice; RLVR at a high lr, so that the policy moves far enough
+# in 4 steps for its sampled test scores to show it
+RUNS = {algo: (short_run(algo)[0] + ["trainer.max_steps=6", "trainer.val_check_interval=3"]
+               + (["trainer.max_steps=4", "data.source.n_test=32", "algo.lr=1e-2"] if algo == "rlvr" else []),
+               short_run(algo)[1]) for algo in ALGORITHMS}
 
 
 @pytest.mark.parametrize("algo", list(RUNS))
@@ -23,17 +20,17 @@ def test_eval_scores_a_checkpoint_as_its_training_run_did(cfg_factory, algo):
     from eval import evaluate
     from train import build, train
 
-    quick = algo != "ddpm"
-    trained, objs = train(cfg_factory(*RUNS[algo], quick=quick))
+    run, quick = RUNS[algo]
+    trained, objs = train(cfg_factory(*run, quick=quick))
     best = objs["trainer"].checkpoint_callback.best_model_path
     assert best
-    scored, _ = evaluate(cfg_factory(*RUNS[algo], f"ckpt_path={best}", quick=quick, name="eval"))
+    scored, _ = evaluate(cfg_factory(*run, f"ckpt_path={best}", quick=quick, name="eval"))
     keys = [k for k in trained if k.startswith("test/")]
     assert keys and sorted(keys) == sorted(scored)
     for k in keys:
         assert scored[k] == pytest.approx(float(trained[k]), rel=1e-5, abs=1e-6), k
     # the same module untrained scores differently
-    fresh = build(cfg_factory(*RUNS[algo], quick=quick), warm_start=False)
+    fresh = build(cfg_factory(*run, quick=quick), warm_start=False)
     fresh["trainer"].test(fresh["module"], datamodule=fresh["datamodule"])
     differs = [k for k in keys if float(fresh["trainer"].callback_metrics[k]) != pytest.approx(scored[k], rel=1e-4)]
     assert differs, "an untrained module scored as the checkpoint did: the metrics do not see the weights"
@@ -43,12 +40,12 @@ def test_eval_of_an_hf_export_equals_its_checkpoint_and_nothing_is_refused(cfg_f
     from eval import evaluate
     from train import train
 
-    train(cfg_factory(*RUNS["sft"], "test=false"))
+    train(cfg_factory(*RUNS["sft"][0], "test=false"))
     last = tmp_path / "checkpoints" / "last.ckpt"
-    by_ckpt, _ = evaluate(cfg_factory(*RUNS["sft"], f"ckpt_path={last}", name="eval"))
+    by_ckpt, _ = evaluate(cfg_factory(*RUNS["sft"][0], f"ckpt_path={last}", name="eval"))
     by_export, _ = evaluate(cfg_factory("algo=sft", "model=hf", f"model.pretrained={tmp_path / 'hf'}", name="eval"))
     assert by_export == pytest.approx(by_ckpt, rel=1e-5)
-    val, _ = evaluate(cfg_factory(*RUNS["sft"], f"ckpt_path={last}", "eval.split=val", name="eval"))
+    val, _ = evaluate(cfg_factory(*RUNS["sft"][0], f"ckpt_path={last}", "eval.split=val", name="eval"))
     assert val and all(k.startswith("val/") for k in val)
     with pytest.raises(ValueError, match="eval.py scores a trained model: pass ckpt_path"):
         evaluate(cfg_factory("algo=sft", name="eval"))
@@ -105,9 +102,9 @@ def test_eval_test_time_compute_at_low_temperature_is_greedy_and_writes_its_curv
     from tests.helpers import parity_reward
     from train import train
 
-    train(cfg_factory(*RUNS["sft"], "test=false"))
+    train(cfg_factory(*RUNS["sft"][0], "test=false"))
     last = tmp_path / "checkpoints" / "last.ckpt"
-    run = [*RUNS["sft"], f"ckpt_path={last}", "eval.num_samples=3", "data.source.n_test=64",
+    run = [*RUNS["sft"][0], f"ckpt_path={last}", "eval.num_samples=3", "data.source.n_test=64",
            "+eval.verifier._target_=tests.helpers.parity_reward", "+eval.verifier._partial_=true"]
     cold, objs = evaluate(cfg_factory(*run, "eval.temperature=1e-4", name="eval"))
     module, ok, tok = objs["module"], [], objs["module"].tokenizer
@@ -137,7 +134,7 @@ def test_eval_test_time_compute_at_low_temperature_is_greedy_and_writes_its_curv
     saved = json.loads((tmp_path / "test_time_compute.json").read_text())
     assert saved["majority"] == pytest.approx([hot[f"test/ttc/majority@{k}"] for k in (1, 2, 3)])
     with pytest.raises(ValueError, match="eval.num_samples: test-time compute .* language models"):
-        evaluate(cfg_factory(*RUNS["ddpm"], f"ckpt_path={last}", "eval.num_samples=2", quick=False, name="eval"))
+        evaluate(cfg_factory(*RUNS["ddpm"][0], f"ckpt_path={last}", "eval.num_samples=2", quick=False, name="eval"))
 
 
 def test_no_test_split_means_no_test_metrics(cfg_factory, tmp_path, sft_jsonl):

@@ -13,25 +13,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import RLVR_RUN, run_cli, train_with
+from tests.helpers import ALGORITHMS, RLVR_RUN, is_lm, run_cli, short_run, train_with
 
 COMMON = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.val_check_interval=4",
           "data.source.n_train=64", "data.source.n_val=16", "data.source.n_test=16", "data.batch_size=8",
           "logger=csv", "extras.print_config=false", "trainer.enable_progress_bar=false", "test=false"]
-ALGOS = {
-    "sft": ["algo=sft"],
+# every language-model algorithm (conf/algo/), with what its FSDP2 run needs beyond `algo=NAME` and the warm start
+# off, plus a LoRA variant
+EXTRA = {
     # the frozen reference is sharded too, and refreshed (TR-DPO) at steps 2, 4, 6; pairs packed as prompt trees
     # (the padded shared-prompt forward is the one RLVR uses below)
-    "tr_dpo": ["algo=tr_dpo", "warm_start.max_steps=0", "callbacks.reference_refresh.tau=2",
-               "callbacks.reference_refresh.alpha=0.5", "data.packing=true"],
-    "sft_lora": ["algo=sft", "model.lora.r=4", "model.lora.dropout=0.0", "algo.lr=1e-2"],
+    "tr_dpo": ["callbacks.reference_refresh.alpha=0.5", "data.packing=true"],
     # the lagged generator is sharded too and refreshed shard to shard (generation_lag 3: steps 3, 6); the KL's
     # reference is sharded; the FSDP2 side trains in micro-batches of 3 samples (MICRO), the DDP side in one
-    "rlvr": [o for o in RLVR_RUN if not o.startswith(("test=", "trainer.val_check_interval", "data.batch_size"))]
-    + ["algo.beta=0.1"],
+    "rlvr": ["algo.beta=0.1"],
     # a sequence classifier: its score head joins the root unit, the export is AutoModelForSequenceClassification's
-    "reward_model": ["algo=reward_model", "warm_start.max_steps=0", "algo.lr=1e-3"],
+    "reward_model": ["algo.lr=1e-3"],
 }
+ALGOS = {algo: (short_run(algo)[0] if algo != "rlvr" else [o for o in RLVR_RUN if not o.startswith(
+    ("test=", "trainer.val_check_interval", "data.batch_size"))]) + EXTRA.get(algo, [])
+    for algo in ALGORITHMS if is_lm(algo)}
+ALGOS["sft_lora"] = ["algo=sft", "model.lora.r=4", "model.lora.dropout=0.0", "algo.lr=1e-2"]
 MICRO = {"rlvr": ["algo.micro_batch_size=3"]}
 
 

@@ -11,7 +11,7 @@ import yaml
 from omegaconf import OmegaConf, open_dict
 
 from tests.conftest import CONF, ROOT
-from tests.helpers import DQUICK, RLVR_RUN
+from tests.helpers import ALGORITHMS, DQUICK
 
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 
@@ -141,26 +141,25 @@ def test_dashboard_specs_build_offline_for_every_algorithm():
 # short runs that log every kind of metric of each algorithm (DDPM: digits for FD, 2-D data for energy distance)
 _DIGITS = [*DQUICK, "trainer.max_steps=4", "trainer.val_check_interval=2", "algo.val_num_samples=40",
            "algo.test_num_samples=40", "algo.val_steps=5", "algo.test_steps=5"]
-DASHBOARD_RUNS = {
-    "sft": [["algo=sft"]],
-    "dpo": [["algo=dpo", "warm_start.max_steps=0"]],
-    "tr_dpo": [["algo=tr_dpo", "warm_start.max_steps=0", "callbacks.reference_refresh.tau=2"]],
-    "rlvr": [[*RLVR_RUN, "trainer.max_steps=10", "trainer.val_check_interval=2", "algo.log_completions_every_n_steps=1",
-              "algo.warmup_steps=0", "callbacks.scalerl_curve.skip_fraction=0", "algo.beta=0.05"]],
-    "reward_model": [["algo=reward_model", "warm_start.max_steps=0"]],
-    "ddpm": [_DIGITS, [*_DIGITS, "data=toy2d", "data.n_train=512", "data.n_val=64", "data.n_test=64"]],
+# what a run needs beyond its short run (tests/helpers `short_run`) to log every metric its panels show: RLVR the KL
+# and the sigmoid fit; DDPM a second run on digits (FD) beside its short run on 2-D points (energy distance)
+DASHBOARD_EXTRA = {
+    "rlvr": ["trainer.max_steps=10", "trainer.val_check_interval=2", "algo.log_completions_every_n_steps=1",
+             "algo.warmup_steps=0", "callbacks.scalerl_curve.skip_fraction=0", "algo.beta=0.05"],
 }
+ALSO = {"ddpm": [(_DIGITS, False)]}
 
 
-@pytest.mark.parametrize("algo", list(DASHBOARD_RUNS))
+@pytest.mark.parametrize("algo", ALGORITHMS)
 def test_every_dashboard_metric_reaches_wandb(cfg_factory, tmp_path, algo):
     """Each metric a panel shows is one that a real run of that algorithm sends to W&B (read back from the
     offline run), so a renamed metric breaks this test rather than an empty panel."""
-    from tests.helpers import train_with, wandb_history
+    from tests.helpers import short_run, train_with, wandb_history
 
     logged = set()
-    for i, overrides in enumerate(DASHBOARD_RUNS[algo]):
-        cfg = cfg_factory(*overrides, "logger=wandb", "test=false", quick="algo=ddpm" not in overrides)
+    base, lm = short_run(algo)
+    for i, (overrides, quick) in enumerate([(base + DASHBOARD_EXTRA.get(algo, []), lm), *ALSO.get(algo, [])]):
+        cfg = cfg_factory(*overrides, "logger=wandb", "test=false", quick=quick)
         cfg.paths.output_dir = str(tmp_path / str(i))
         train_with(cfg)
         (run,) = (tmp_path / str(i) / "wandb").glob("offline-run-*")

@@ -130,11 +130,11 @@ def test_rlvr_runs_on_vllm_and_logs_the_train_inference_drift(cfg_factory):
 
 def test_rlvr_on_vllm_resumes_exactly(cfg_factory, tmp_path):
     """The lagged pi_gen comes back from the checkpoint and is pushed into the engine before its first sample."""
-    from tests.test_resume import ALGOS, check_resume_exactly
+    from tests.helpers import SHORT
+    from tests.helpers.resume import PER_EPOCH, TOTAL, check_resume_exactly
 
-    overrides, total, per_epoch = ALGOS["rlvr"]
-    check_resume_exactly(cfg_factory, tmp_path, "rlvr_vllm", [*overrides, "rollout=vllm", "rollout.max_model_len=128"],
-                         total, per_epoch)
+    check_resume_exactly(cfg_factory, tmp_path, "rlvr_vllm", [*SHORT["rlvr"], "algo.micro_batch_size=3", "rollout=vllm",
+                                                             "rollout.max_model_len=128"], True, TOTAL, PER_EPOCH)
 
 
 def test_each_ddp_process_samples_with_its_own_engine(tmp_path):

@@ -4,7 +4,8 @@ into the shape an algorithm needs (`kind`, a `RowKind` registered by name in `RO
 - `sft`: prompt + completion, loss on completion tokens only (labels = -100 on the prompt).
 - `preference`: prompt + chosen + rejected, optional margin (DPO family, the reward model).
 - `prompt`: prompt + answer to verify (RLVR).
-An algorithm with rows of its own registers their kind from its module (`register_row_kind`).
+An algorithm with rows of its own names their `RowKind` in its YAML by import path (`data.kind:
+src.lightning_modules.kto.UNPAIRED`): nothing needs importing first, and nothing here changes.
 
 Every kind also carries the left-padded prompt and the reference text, for evaluation by generation.
 """
@@ -33,7 +34,7 @@ def _is_messages(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def _render_prompt(value, tokenizer, where: str, key: str) -> tuple[str, bool]:
+def render_prompt(value, tokenizer, where: str, key: str) -> tuple[str, bool]:
     """Prompt text, and whether it was rendered by the chat template (which then holds <bos>)."""
     if isinstance(value, str):
         if not value:
@@ -46,7 +47,7 @@ def _render_prompt(value, tokenizer, where: str, key: str) -> tuple[str, bool]:
     raise DataError(f"{where}: key {key!r} must be a non-empty string or a list of chat messages")
 
 
-def _render_completion(value, where: str, key: str) -> str:
+def render_completion(value, where: str, key: str) -> str:
     if _is_messages(value):
         if len(value) != 1 or value[0]["role"] != "assistant":
             raise DataError(f"{where}: key {key!r} must hold exactly one assistant message")
@@ -58,7 +59,7 @@ def _render_completion(value, where: str, key: str) -> str:
     return value
 
 
-def _require(row: dict, keys: Sequence[str], where: str, formats: str) -> None:
+def require_keys(row: dict, keys: Sequence[str], where: str, formats: str) -> None:
     missing = [k for k in keys if k not in row]
     if missing:
         raise DataError(f"{where}: missing key {missing[0]!r} (rows must be {formats}); got keys {sorted(row)}")
@@ -75,19 +76,22 @@ def sft_text(row: dict, tokenizer, where: str) -> tuple[str, str, bool]:
         msgs = row["messages"]
         if not _is_messages(msgs) or len(msgs) < 2 or msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}: 'messages' must be a list of {{role, content}} ending with an assistant turn")
-        prompt, templated = _render_prompt(msgs[:-1], tokenizer, where, "messages")
-        return prompt, _render_completion(msgs[-1]["content"], where, "messages[-1].content"), templated
-    _require(row, ("prompt", "completion"), where, SFT_FORMATS)
-    prompt, templated = _render_prompt(row["prompt"], tokenizer, where, "prompt")
-    return prompt, _render_completion(row["completion"], where, "completion"), templated
+        prompt, templated = render_prompt(msgs[:-1], tokenizer, where, "messages")
+        return prompt, render_completion(msgs[-1]["content"], where, "messages[-1].content"), templated
+    require_keys(row, ("prompt", "completion"), where, SFT_FORMATS)
+    if row.get("label", True) is not True:  # an unpaired-preference row (KTO's): SFT would imitate a bad completion
+        raise DataError(f"{where}: 'label' is {row['label']!r}: an undesirable completion, which SFT would learn to "
+                        "write; keep only rows with label true (the KTO warm start does: warm_start.kind)")
+    prompt, templated = render_prompt(row["prompt"], tokenizer, where, "prompt")
+    return prompt, render_completion(row["completion"], where, "completion"), templated
 
 
 def preference_text(row: dict, tokenizer, where: str) -> tuple[str, str, str, bool]:
     """(prompt, chosen, rejected, templated) of a preference row (TRL's format, plain or chat)."""
-    _require(row, ("prompt", "chosen", "rejected"), where, PREF_FORMATS)
-    prompt, templated = _render_prompt(row["prompt"], tokenizer, where, "prompt")
-    chosen = _render_completion(row["chosen"], where, "chosen")
-    rejected = _render_completion(row["rejected"], where, "rejected")
+    require_keys(row, ("prompt", "chosen", "rejected"), where, PREF_FORMATS)
+    prompt, templated = render_prompt(row["prompt"], tokenizer, where, "prompt")
+    chosen = render_completion(row["chosen"], where, "chosen")
+    rejected = render_completion(row["rejected"], where, "rejected")
     if chosen == rejected:
         raise DataError(f"{where}: 'chosen' and 'rejected' are identical; a pair must differ")
     return prompt, chosen, rejected, templated
@@ -104,8 +108,8 @@ def preference_margin(row: dict, where: str) -> float:
 def prompt_text(row: dict, tokenizer, where: str) -> tuple[str, str, bool]:
     """(prompt, answer, templated) of an RL prompt row."""
     key = "messages" if "messages" in row and "prompt" not in row else "prompt"
-    _require(row, (key, "answer"), where, PROMPT_FORMATS)
-    prompt, templated = _render_prompt(row[key], tokenizer, where, key)
+    require_keys(row, (key, "answer"), where, PROMPT_FORMATS)
+    prompt, templated = render_prompt(row[key], tokenizer, where, key)
     answer = row["answer"]
     if not isinstance(answer, str | int | float) or str(answer).strip() == "":
         raise DataError(f"{where}: 'answer' must be a non-empty string or number")
@@ -334,31 +338,45 @@ class RowKind(NamedTuple):
     """What an algorithm reads: `example(row, tokenized, where)` makes a split's example of a file row (prompt,
     prompt_ids, reference, and its own fields; errors name `where`), `collate(examples, batch, collator)` adds its
     tensors (returned; the batch already holds the left-padded prompts, their texts, references and indices), `packs`
-    whether `data.packing` applies."""
+    whether `data.packing` applies, and `rows(source, split, seed)` the (where, row) pairs of a split (None: the
+    source's own `rows(split)`; a task may make an algorithm's rows, as the arithmetic task makes preference pairs)."""
 
     example: Callable[[dict, Tokenized, str], dict]
     collate: Callable[[list[dict], list[list[int]], Collator], dict] | None = None
     packs: bool = False
+    rows: Callable[[object, str, int], list[tuple[str, dict]]] | None = None
 
 
-# data.kind -> its rows; an algorithm with rows of its own registers them (`register_row_kind`) in its module, which
-# train.py imports before the data
-ROW_KINDS: dict[str, RowKind] = {}
+def preference_rows(source, split: str, seed: int) -> list[tuple[str, dict]]:
+    """A task makes its own pairs (`preference_rows`: the arithmetic task's corrupted answers, seeded); a file holds them."""
+    if hasattr(source, "preference_rows"):
+        return source.preference_rows(split, seed=seed)
+    return source.rows(split)
 
 
-def register_row_kind(name: str, kind: RowKind) -> None:
-    ROW_KINDS[name] = kind
+# data.kind -> its rows: the built-in names, or any RowKind by import path (an algorithm's own, named in its YAML)
+ROW_KINDS: dict[str, RowKind] = {
+    "sft": RowKind(sft_example, collate_sft, packs=True),
+    "preference": RowKind(preference_example, collate_preference, packs=True, rows=preference_rows),
+    "prompt": RowKind(prompt_example),
+}
 
 
 def row_kind(name: str) -> RowKind:
-    if name not in ROW_KINDS:
-        raise ValueError(f"data.kind={name!r}: must be one of {list(ROW_KINDS)}")
-    return ROW_KINDS[name]
+    """The RowKind of `data.kind`: a built-in name, or the import path of a module-level RowKind."""
+    if name in ROW_KINDS:
+        return ROW_KINDS[name]
+    if "." in name:
+        import importlib
 
-
-register_row_kind("sft", RowKind(sft_example, collate_sft, packs=True))
-register_row_kind("preference", RowKind(preference_example, collate_preference, packs=True))
-register_row_kind("prompt", RowKind(prompt_example))
+        module, _, attr = name.rpartition(".")
+        try:
+            kind = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"data.kind={name!r}: cannot import it ({e})") from None
+        if isinstance(kind, RowKind):
+            return kind
+    raise ValueError(f"data.kind={name!r}: must be one of {list(ROW_KINDS)} or the import path of a RowKind")
 
 
 class Collator:
@@ -409,9 +427,8 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         self.retired: set[int] = set()  # train indices never to be sampled again (RLVR)
 
     def rows(self, split: str):
-        if self.kind == "preference" and hasattr(self.source, "preference_rows"):  # a task makes its pairs
-            return self.source.preference_rows(split, seed=self.seed)
-        return self.source.rows(split)
+        make = row_kind(self.kind).rows
+        return make(self.source, split, self.seed) if make is not None else self.source.rows(split)
 
     def has_split(self, split: str) -> bool:
         """Whether the data has this split (a file source without a test file has no test split)."""

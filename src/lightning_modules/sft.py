@@ -98,10 +98,12 @@ def warm_start(net, tokenizer, datamodule, target: float, max_steps: int, val_ev
 
 
 def warm_start_net(cfg, tokenizer, target: float, max_steps: int, val_every: int = 25, lr: float = 1e-3,
-                   warmup_steps: int = 50, batch_size: int = 128):
+                   warmup_steps: int = 50, batch_size: int = 128, kind: str = "sft"):
     """`warm_start=sft` (conf/warm_start/sft.yaml), asked for by an algorithm's YAML: SFT the from-scratch policy on
-    the run's data to `target` (`warm_start`) before the algorithm; returns (a `net` factory holding it, its
-    metrics), or (None, {}) with a checkpoint (model=hf: start from it), when resuming, or with max_steps=0."""
+    the run's data, read as `kind` rows (`data.kind`'s values: an algorithm whose rows are not SFT rows names its
+    own, e.g. KTO's desirable rows only), to `target` (`warm_start`) before the algorithm; returns (a `net` factory
+    holding it, its metrics), or (None, {}) with a checkpoint (model=hf: start from it), when resuming, or with
+    max_steps=0."""
     import hydra
 
     from src.datamodules.files import DataError
@@ -110,7 +112,7 @@ def warm_start_net(cfg, tokenizer, target: float, max_steps: int, val_every: int
         return None, {}
     log.info("Warm start: SFT to val exact match %.2f (at most %d steps) before %s", target, max_steps,
              cfg.algo._target_.rsplit(".", 1)[-1])
-    dm = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer, kind="sft", batch_size=batch_size)
+    dm = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer, kind=kind, batch_size=batch_size)
     try:
         dm.setup("fit")
     except DataError as e:

@@ -61,3 +61,32 @@ DQUICK = [
     "extras.print_config=false",
     "logger=none",
 ]
+
+# Every algorithm, as conf/algo/ lists them: tests that cover each algorithm parametrize over these (a new algorithm
+# is picked up by adding its YAML; nothing lists them by hand).
+ALGORITHMS = tuple(sorted(p.stem for p in (ROOT / "conf" / "algo").glob("*.yaml")))
+
+# What a short run of an algorithm needs beyond `algo=NAME` and the tests' quick settings, where it needs anything:
+# RLVR a verifier a random policy can pass and a few samples; DDPM its own quick settings (not the LM data keys);
+# TR-DPO a refresh within a few steps. Every other algorithm runs its own defaults with the warm start off.
+SHORT = {
+    "rlvr": [o for o in RLVR_RUN if o != "test=false"],
+    "ddpm": DQUICK + ["data=toy2d", "data.n_train=1024", "data.n_val=100", "data.n_test=100", "data.batch_size=256",
+                      "algo.val_num_samples=50", "algo.test_num_samples=50"],
+    "tr_dpo": ["algo=tr_dpo", "warm_start.max_steps=0", "callbacks.reference_refresh.tau=2"],
+}
+
+
+def is_lm(algo: str) -> bool:
+    """Whether the algorithm trains a language model (its data are LM rows: the tests' quick settings apply)."""
+    text = (ROOT / "conf" / "algo" / f"{algo}.yaml").read_text()
+    return "src.lightning_modules.ddpm" not in text
+
+
+def short_run(algo: str) -> tuple[list[str], bool]:
+    """(overrides, quick) of a short run of `algo`: its SHORT entry, else `algo=NAME` with the warm start off when
+    its config asks for one."""
+    if algo in SHORT:
+        return list(SHORT[algo]), is_lm(algo)
+    text = (ROOT / "conf" / "algo" / f"{algo}.yaml").read_text()
+    return [f"algo={algo}"] + (["warm_start.max_steps=0"] if "/warm_start:" in text else []), is_lm(algo)
