@@ -67,8 +67,8 @@ def one(overrides: list[str], peak_tflops: float | None) -> None:
     from hydra import compose, initialize_config_dir
 
     import src  # noqa: F401
+    from src.pipeline import train
     from src.utils import register_resolvers
-    from train import train
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 

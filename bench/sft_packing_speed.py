@@ -29,9 +29,9 @@ import torch
 from machine import cpu_name  # bench/machine.py
 
 from src.datamodules.lm import LMDataModule
-from src.lightning_modules.lm import masked_nll
 from src.lightning_modules.sft import SFTModule
 from src.models import char_tokenizer, tiny_llama
+from src.models.logps import masked_nll
 
 LR, CLIP, WARMUP_STEPS = 3e-4, 1.0, 1
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "

@@ -24,7 +24,7 @@ from machine import cpu_name  # bench/machine.py
 from omegaconf import open_dict
 
 import src  # noqa: F401
-from src.lightning_modules.lm import masked_nll
+from src.models.logps import masked_nll
 from src.utils import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def bare_tokens_per_s(cfg, steps: int) -> float:
 
 def minutes_to(target: float, tmp: str) -> tuple[float | None, list]:
     """Train the default `python train.py algo=sft` config; wall minutes until val/exact_match >= target."""
-    from train import train
+    from src.pipeline import train
 
     class Watch(L.Callback):
         def __init__(self):

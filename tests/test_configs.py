@@ -162,7 +162,7 @@ def test_experiment_and_debug_presets_change_what_they_say(name):
 
 
 def test_hf_model_requires_a_path(cfg_factory):
-    from train import train
+    from src.pipeline import train
 
     with pytest.raises(ValueError, match="missing mandatory config value.*model.pretrained"):
         train(cfg_factory("model=hf"))

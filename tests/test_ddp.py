@@ -107,9 +107,9 @@ def test_ddp_fork_fit_and_test_reach_one_csv_file_and_one_wandb_run(cfg_factory,
     metrics.csv, and in one W&B run id (one offline directory per phase, each finished), for DDPM too."""
     import csv
 
+    from src.pipeline import train
     from tests.helpers import DQUICK
     from tests.helpers import leet as _leet
-    from train import train
 
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.strategy=ddp_fork", "trainer.max_steps=4",
            "trainer.val_check_interval=2", "data=toy2d", "data.n_train=2048", "data.n_val=100", "data.n_test=100",

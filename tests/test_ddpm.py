@@ -312,7 +312,7 @@ def _ema_weights(trainer):
 def test_checkpoint_state_dict_is_the_ema(cfg_factory, tmp_path):
     """The checkpoint's state_dict is the EMA (what test and sample.py use); the raw weights sit beside it.
     (Exact resume, EMA included, is tests/test_resume.py's.)"""
-    from train import train
+    from src.pipeline import train
 
     run = [*DQUICK, "data=toy2d", "data.n_train=2048", "data.n_val=200", "data.n_test=200", "data.batch_size=256",
            "trainer.val_check_interval=8", "algo.val_num_samples=100", "algo.test_num_samples=100", "test=false"]
@@ -332,9 +332,9 @@ def test_digits_run_logs_images_to_wandb_and_sample_py_writes_a_grid(cfg_factory
     from PIL import Image
 
     import sample as sample_mod
+    from src.pipeline import train
     from tests.conftest import CONF
     from tests.helpers import leet as _leet
-    from train import train
 
     cfg = cfg_factory(*DQUICK, "logger=wandb", "trainer.max_steps=6", "trainer.val_check_interval=3",
                       "algo.val_num_samples=40", "algo.test_num_samples=40", "algo.val_steps=5", "algo.test_steps=5",
@@ -398,7 +398,7 @@ def test_moons_learning_reaches_near_the_floor(cfg_factory, process):
     points drops from that of a standard Gaussian to within a few hundredths of it, next to the floor of fresh
     data."""
     from src.datamodules.toy2d import toy2d
-    from train import train
+    from src.pipeline import train
 
     metrics, objs = train(cfg_factory(*DQUICK, "data=toy2d", "trainer.max_steps=1500", "trainer.val_check_interval=1500",
                                       f"algo.process.name={process}", quick=False))
@@ -414,7 +414,7 @@ def test_digits_learning_lowers_fd_clearly(cfg_factory):
     """A short digits run (600 steps) takes the FD of its samples from the hundreds to a few times the floor."""
     from src.datamodules.images import digits_split
     from src.metrics import sample_metric
-    from train import train
+    from src.pipeline import train
 
     cfg = cfg_factory(*DQUICK, "trainer.max_steps=600", "trainer.val_check_interval=600", "algo.val_num_samples=500",
                       "algo.test_num_samples=500", quick=False)
@@ -575,7 +575,7 @@ def test_guidance_and_labels_fail_clearly():
 def test_conditional_training_on_unlabelled_data_names_the_key(cfg_factory, tmp_path):
     from PIL import Image
 
-    from train import train
+    from src.pipeline import train
 
     cfg = cfg_factory(*DQUICK, "data=toy2d", "algo.class_conditional=true", quick=False)
     with pytest.raises(Exception, match=r"algo.class_conditional=true needs labelled data.*data.num_classes"):
@@ -643,7 +643,7 @@ def test_rgb_32x32_conditional_run_in_bf16_lowers_the_loss_and_writes_a_grid(cfg
 def test_class_conditional_digits_draw_the_class_asked_for(cfg_factory):
     """300 class-conditional steps: samples of each requested digit are classified as that digit far above
     chance (0.1), and guidance (w = 2) raises that share further, at a cost in diversity the FD shows."""
-    from train import train
+    from src.pipeline import train
 
     cfg = cfg_factory(*DQUICK, "algo.class_conditional=true", "trainer.max_steps=300", "trainer.val_check_interval=300",
                       "algo.val_num_samples=500", "test=false", quick=False)
@@ -787,7 +787,7 @@ def test_a_flow_run_records_the_target_and_samplers_it_used(cfg_factory, tmp_pat
     (and so the W&B config, from the same record) and the checkpoint hold those values, not null."""
     import yaml
 
-    from train import train
+    from src.pipeline import train
 
     run = [*DQUICK, "data=toy2d", "data.n_train=512", "data.n_val=100", "data.n_test=100", "data.batch_size=256",
            "algo.process.name=flow", "trainer.max_steps=2", "trainer.val_check_interval=2", "algo.val_num_samples=50",

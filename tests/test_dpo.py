@@ -242,7 +242,7 @@ def test_tr_dpo_tau_counts_optimizer_steps_under_gradient_accumulation(cfg_facto
 
 
 def test_dpo_fast_dev_run_logs_trl_metric_names(cfg_factory):
-    from train import train
+    from src.pipeline import train
 
     metrics, _ = train(cfg_factory("algo=dpo", "warm_start.max_steps=2", "debug=fdr"))
     for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
@@ -256,8 +256,8 @@ def dpo_run(tmp_path_factory):
     """algo=dpo on the embedded default: warm-start SFT (to exact match 0.85), then DPO."""
     from hydra.core.global_hydra import GlobalHydra
 
+    from src.pipeline import train
     from tests.conftest import make_cfg
-    from train import train
 
     tmp = tmp_path_factory.mktemp("dpo")
     cfg = make_cfg(tmp, DPO_LEARNING, quick=False)
@@ -306,7 +306,7 @@ def test_dpo_raises_heldout_reward_accuracy_without_hurting_exact_match(dpo_run)
 @pytest.mark.slow
 def test_naive_margin_melts_down(dpo_run, cfg_factory):
     """The lecture's Idea 0: maximising log pi(y_w) - log pi(y_l) drives both log-probs down."""
-    from train import train
+    from src.pipeline import train
 
     _, objs, sft_init = dpo_run
     cfg = cfg_factory(*DPO_LEARNING, "algo.loss_type=naive_margin", "algo.lr=2e-4", "model=hf", f"model.pretrained={sft_init}",
@@ -332,8 +332,8 @@ def test_ref_pretrained_sets_a_different_reference(cfg_factory, hf_dir):
 def test_wandb_run_holds_margin_histogram_and_reward_axes(cfg_factory, tmp_path):
     """Read back from the offline W&B run: the per-pair margins histogram at each validation, the TRL-named
     reward metrics, their step axis and max summary."""
+    from src.pipeline import train
     from tests.helpers import leet as _leet
-    from train import train
 
     train(cfg_factory("algo=dpo", "warm_start.max_steps=0", "logger=wandb", "test=false", "trainer.max_steps=4"))
     (run,) = list((tmp_path / "wandb").glob("offline-run-*"))

@@ -17,8 +17,7 @@ RUNS = {algo: (short_run(algo)[0] + ["trainer.max_steps=6", "trainer.val_check_i
 
 @pytest.mark.parametrize("algo", list(RUNS))
 def test_eval_scores_a_checkpoint_as_its_training_run_did(cfg_factory, algo):
-    from eval import evaluate
-    from train import build, train
+    from src.pipeline import build, evaluate, train
 
     run, quick = RUNS[algo]
     trained, objs = train(cfg_factory(*run, quick=quick))
@@ -37,8 +36,7 @@ def test_eval_scores_a_checkpoint_as_its_training_run_did(cfg_factory, algo):
 
 
 def test_eval_of_an_hf_export_equals_its_checkpoint_and_nothing_is_refused(cfg_factory, tmp_path):
-    from eval import evaluate
-    from train import train
+    from src.pipeline import evaluate, train
 
     train(cfg_factory(*RUNS["sft"][0], "test=false"))
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -98,9 +96,8 @@ def test_eval_test_time_compute_at_low_temperature_is_greedy_and_writes_its_curv
     best-of-k equal, at every k, the share of greedy completions (transformers' own `generate`) that the verifier
     accepts; the plot is written; at temperature 1 pass@1 differs. The verifier is the tests' parity one, which
     accepts some completions of any model (exact match would be 0 for a model this small)."""
-    from eval import evaluate
+    from src.pipeline import evaluate, train
     from tests.helpers import parity_reward
-    from train import train
 
     train(cfg_factory(*RUNS["sft"][0], "test=false"))
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -141,8 +138,7 @@ def test_no_test_split_means_no_test_metrics(cfg_factory, tmp_path, sft_jsonl):
     """Data without a test file has no test split: train.py's test stage is skipped (no test/ metric, which came from
     the val split that chose the best checkpoint), eval.py with eval.split=test stops naming the key, and
     eval.split=val scores that split under its own name."""
-    from eval import evaluate
-    from train import train
+    from src.pipeline import evaluate, train
 
     data = ["data=jsonl_sft", f"data.source.train={sft_jsonl}", "data.batch_size=8"]
     run = ["algo=sft", *data, "trainer.max_steps=2", "trainer.val_check_interval=2"]
@@ -167,8 +163,8 @@ def test_rlvr_pass_at_k_and_test_time_compute_share_one_definition_of_correct(cf
 
     from src.datamodules.lm import pad
     from src.models.rollout import HFRollout, Rollout
+    from src.pipeline import build
     from src.test_time import curves_at_k
-    from train import build
 
     run = [o for o in RLVR_RUN if not o.startswith("reward")] + ["reward=exact", "data.source.n_val=8",
                                                                    f"algo.truncated_reward={truncated_reward}"]

@@ -167,7 +167,7 @@ def test_the_warm_start_never_trains_on_undesirable_rows_and_sft_refuses_them(cf
 def test_kto_trains_on_a_file_with_lora_and_refuses_packing(cfg_factory, tmp_path):
     """A JSONL file of unpaired rows trains end to end with LoRA adapters (only they move; the reference is the base
     model with adapters off, so the first step's rewards are 0), and data.packing=true stops before any work."""
-    from train import train
+    from src.pipeline import train
 
     path = _unpaired_file(tmp_path, 48)
     run = [*QUICK_KTO, "data=jsonl_unpaired", f"data.source.train={path}", "data.source.val_fraction=0.25",
@@ -194,7 +194,7 @@ def test_kto_default_recipe_learns_without_losing_exact_match(cfg_factory):
     then KTO on correct = desirable, corrupted = undesirable): the held-out probability that a desirable row's
     implied reward beats an undesirable one's (AUROC, 0.5 at the start) rises above 0.9, and greedy exact match does
     not fall more than 0.05 below the warm start's target."""
-    from train import train
+    from src.pipeline import train
 
     metrics, _ = train(cfg_factory("algo=kto", "logger=none", "trainer.max_steps=200", "trainer.val_check_interval=100",
                                    "test=false", "trainer.accelerator=cpu", "extras.print_config=false",

@@ -10,8 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import src.models.lm as lm_models
-from src.lightning_modules.lm import completion_logps, labelled_logps, token_logps
 from src.models.lm import head_logps
+from src.models.logps import completion_logps, labelled_logps, token_logps
 from tests.helpers import RLVR_RUN, train_with
 from tests.helpers.checkpoints import bpe_tokenizer, tiny_config
 
@@ -147,7 +147,7 @@ MICRO_RUN = [o for o in RLVR_RUN if not o.startswith("trainer.val_check_interval
 def test_micro_batch_losses_sum_to_the_step_loss(loss_type, loss_agg):
     """`rlvr_loss` on ranges of samples with the step's `token_weights` and denominator sums, in value and gradient,
     to `rlvr_loss` of the whole (B, G, T) step (the aggregation the hand-computation tests check), KL term included."""
-    from src.lightning_modules.rlvr import count_units, loss_groups, rlvr_loss, token_weights
+    from src.rl.loss import count_units, loss_groups, rlvr_loss, token_weights
 
     torch.manual_seed(0)
     b, g, t = 3, 4, 5
@@ -280,3 +280,18 @@ def test_hf_engine_samples_at_most_max_batch_size_sequences_at_once(tokenizer):
     assert torch.allclose(pieces.logps, whole.logps, atol=1e-5) and torch.equal(pieces.truncated, whole.truncated)
     with pytest.raises(ValueError, match="rollout.max_batch_size=0"):
         HFRollout(model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch_size=0)
+
+
+def test_the_micro_batch_planner_by_hand():
+    """`src.rl.planner`: greedy consecutive ranges within the padded-token budget (samples x (longest prompt + longest
+    completion)); evened out by splitting the largest; a sample over the budget alone is named."""
+    from src.rl.planner import even_out, plan_micro_batches
+
+    prompt, completion = [3, 3, 3, 3], [1, 5, 2, 2]
+    # (0, 2): 2 x (3 + 5) = 16 fits 16, (0, 3) = 24 does not; (2, 4): 2 x (3 + 2) = 10
+    assert plan_micro_batches(prompt, completion, None, 16) == [(0, 2), (2, 4)]
+    assert plan_micro_batches(prompt, completion, 1, None) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert plan_micro_batches(prompt, completion, None, None) == [(0, 4)]
+    assert even_out([(0, 2), (2, 4)], 3, prompt, completion) == [(0, 1), (1, 2), (2, 4)]  # 16 > 10: split the first
+    with pytest.raises(ValueError, match="cannot hold sample 1 of this step: 3 prompt \\+ 5 completion tokens"):
+        plan_micro_batches(prompt, completion, None, 7)

@@ -12,13 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from src.lightning_modules.reward_model import bradley_terry_loss
-from src.lightning_modules.rlvr import (
-    group_advantages,
-    kl_penalised_rewards,
-    kl_term,
-    rlvr_loss,
-    zero_variance,
-)
+from src.rl.advantages import group_advantages, kl_penalised_rewards, zero_variance
+from src.rl.loss import kl_term, rlvr_loss
 from tests.helpers import train_with
 
 RM_QUICK = ["algo=reward_model", "warm_start.max_steps=0", "trainer.max_steps=4"]
@@ -325,11 +320,10 @@ def test_best_of_k_by_the_reward_model(cfg_factory, reward_model_dir, tmp_path):
     negation it is lower;
     the trained reward model runs through eval.py; without eval.reward_model the run stops, naming the key. The
     verifier is the tests' parity one, which accepts some completions of any model."""
-    from eval import evaluate
+    from src.pipeline import evaluate, train
     from src.rewards import FunctionReward
     from src.test_time import curves_at_k
     from tests.helpers import parity_reward
-    from train import train
 
     path, _ = reward_model_dir
     train(cfg_factory("algo=sft", "test=false", "trainer.max_steps=4"))
@@ -361,7 +355,7 @@ def test_best_of_k_by_the_reward_model(cfg_factory, reward_model_dir, tmp_path):
 def test_rlhf_option_errors_stop_before_the_warm_start(cfg_factory, reward_model_dir, tmp_path):
     """train.py checks the algorithm's config first: a wrong KL option, retirement with a reward model or a missing
     reward model directory stops before the warm start trains (it would write <run>/sft_init)."""
-    from train import build
+    from src.pipeline import build
 
     path, _ = reward_model_dir
     for overrides, error, message in [
@@ -384,8 +378,7 @@ def test_a_reward_model_export_reloads_as_a_classifier_with_its_trained_head(cfg
     import hydra
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from eval import evaluate
-    from train import train
+    from src.pipeline import evaluate, train
 
     run = [*RM_QUICK, "trainer.val_check_interval=4"]  # one validation: the best checkpoint is the final weights
     trained, _ = train(cfg_factory(*run))
@@ -439,7 +432,7 @@ def _attach_trainer(module):
 def test_rlhf_truncated_completions_score_the_steps_minimum(cfg_factory, reward_model_dir):
     """experiment=rlhf (whitened reward model) sets algo.truncated_reward=min: a truncated completion scores the
     lowest reward of the step, whatever the reward model's scale, and never passes."""
-    from train import build
+    from src.pipeline import build
 
     path, _ = reward_model_dir
     cfg = cfg_factory("experiment=rlhf", f"reward.pretrained={path}", "warm_start.max_steps=0")
@@ -489,7 +482,7 @@ def test_zero_variance_filter_keeps_the_kl_term_of_tied_groups():
 def test_zero_variance_is_judged_on_the_raw_rewards_with_kl_in_reward(cfg_factory):
     """kl_in=reward: the filter looks at the verifier's rewards, not the KL-penalised ones (which almost never tie):
     train/frac_zero_variance counts the raw ties, and a tied group stays in the loss with its KL part as advantage."""
-    from train import build
+    from src.pipeline import build
 
     cfg = cfg_factory("algo=rlvr", "algo.beta=0.1", "algo.kl_in=reward", "warm_start.max_steps=0")
     module = _attach_trainer(build(cfg, warm_start=False)["module"])

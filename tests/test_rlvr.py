@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from src.lightning_modules.lm import completion_logps
-from src.lightning_modules.rlvr import aggregate, group_advantages, rlvr_loss, zero_variance
 from src.metrics import PassAtK, majority_correct, pass_at_k
+from src.models.logps import completion_logps
+from src.rl.advantages import group_advantages, zero_variance
+from src.rl.loss import aggregate, rlvr_loss
 from tests.helpers import RLVR_RUN as RUN
 from tests.helpers import leet, train_with
 
@@ -531,3 +532,18 @@ def test_a_run_records_the_values_it_used_not_the_nulls(cfg_factory, tmp_path):
     for where, algo in (("checkpoint", ckpt), ("hparams.yaml", yaml.safe_load(hparams.read_text())["algo"]),
                         ("W&B", leet(run, summary=True)["config"]["algo"])):
         assert {k: algo[k] for k in want} == want, where
+
+
+def test_the_rl_math_imports_without_lightning():
+    """src/rl/ (advantages, losses, KL, the planner, the recipe checks) is one floor below the modules: importing it
+    loads neither Lightning nor the modules."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import src.rl.advantages, src.rl.loss, src.rl.planner, src.rl.recipe; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning') "
+            "or m.startswith('src.lightning_modules')]; assert not bad, bad")
+    from tests.helpers import ROOT
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]

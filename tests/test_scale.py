@@ -13,9 +13,10 @@ from transformers import AutoModelForCausalLM
 from src.datamodules.arithmetic import ArithmeticTask
 from src.datamodules.lm import LMDataModule
 from src.lightning_modules.dpo import DPOModule, pair_logps
-from src.lightning_modules.lm import completion_logps, masked_nll, policy
+from src.lightning_modules.lm import policy
 from src.lightning_modules.sft import SFTModule
 from src.models import tiny_llama
+from src.models.logps import completion_logps, masked_nll
 from tests.helpers import RLVR_RUN, train_with
 from tests.helpers.checkpoints import tiny_checkpoint
 
@@ -371,7 +372,7 @@ def test_a_packed_rejected_branch_does_not_see_the_chosen_one(checkpoints):
     """The tree mask is what makes packing exact: with the rejected branch also attending to the chosen tokens
     (a plain causal mask over the segment), its log-probs change."""
     from src.datamodules.lm import build_examples
-    from src.lightning_modules.lm import packed_completion_logps
+    from src.models.logps import packed_completion_logps
     from src.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(checkpoints["llama"]))

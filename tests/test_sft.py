@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from src.lightning_modules.lm import masked_nll, token_logps
+from src.models.logps import masked_nll, token_logps
 
 
 def _hand_nll(logits, labels):

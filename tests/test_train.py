@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from src.pipeline import train
 from tests.helpers import leet as _leet
-from train import train
 
 
 def test_fast_dev_run(cfg_factory):
@@ -143,7 +143,7 @@ def test_warm_start_stops_at_its_target_or_its_cap_and_is_logged(cfg_factory, tm
 def test_train_false_scores_the_given_checkpoint_and_refuses_to_score_none(cfg_factory):
     """train=false test=true ckpt_path=X gives X's test scores (those its training run reported for it); without
     ckpt_path it stops instead of scoring a freshly initialised model."""
-    from train import train
+    from src.pipeline import train
 
     trained, objs = train(cfg_factory("algo=sft", "trainer.max_steps=6", "trainer.val_check_interval=3"))
     best = objs["trainer"].checkpoint_callback.best_model_path
@@ -159,7 +159,7 @@ def test_last_checkpoint_is_the_latest_validation_even_when_the_metric_did_not_i
     step 3's and `last.ckpt` (what ckpt_path=last resumes) is step 6's, not a copy of the best."""
     import torch
 
-    from train import train
+    from src.pipeline import train
 
     _, objs = train(cfg_factory("algo=sft", "trainer.max_steps=6", "trainer.val_check_interval=3", "test=false",
                                 "optimized_metric=val/loss", "monitor_mode=max"))

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from src.lightning_modules.lm import completion_logps
+from src.models.logps import completion_logps
 from tests.helpers import RLVR_RUN, train_with
 
 vllm = pytest.importorskip("vllm", reason="rollout=vllm tests need vLLM: make install-vllm")
@@ -177,7 +177,7 @@ def test_unsupported_head_dimension_names_the_model(tokenizer):
 
 def test_rollout_vllm_without_vllm_names_the_install_command(cfg_factory, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError, as when absent
-    from train import train
+    from src.pipeline import train
 
     cfg = cfg_factory(*RLVR_RUN, "rollout=vllm")
     with pytest.raises(ImportError, match=r"rollout=vllm needs vLLM.*make install-vllm"):

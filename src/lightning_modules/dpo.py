@@ -25,13 +25,8 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from src.callbacks.wandb_axes import STEP
-from src.lightning_modules.lm import (
-    EVAL_PANELS,
-    LMModule,
-    completion_logps,
-    labelled_logps,
-    packed_completion_logps,
-)
+from src.lightning_modules.lm import EVAL_PANELS, LMModule
+from src.models.logps import completion_logps, labelled_logps, packed_completion_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "naive_margin", "sft_chosen")
 NEEDS_REF = ("sigmoid", "ipo", "hinge")

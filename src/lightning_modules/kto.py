@@ -38,7 +38,8 @@ from src.datamodules.lm import (
     require_keys,
     sft_example,
 )
-from src.lightning_modules.lm import EVAL_PANELS, LMModule, completion_logps
+from src.lightning_modules.lm import EVAL_PANELS, LMModule
+from src.models.logps import completion_logps
 
 log = logging.getLogger(__name__)
 UNPAIRED_FORMATS = '{"prompt", "completion", "label"}'

@@ -17,7 +17,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from src.callbacks.validate_at_end import ValidateAtEnd
 from src.callbacks.wandb_axes import STEP
-from src.lightning_modules.lm import EVAL_PANELS, LMModule, labelled_logps
+from src.lightning_modules.lm import EVAL_PANELS, LMModule
+from src.models.logps import labelled_logps
 
 log = logging.getLogger(__name__)
 

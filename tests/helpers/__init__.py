@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def train_with(cfg, *callbacks):
     """train.py's `train(cfg)` with extra callbacks (recorders, fault injectors) added to the run."""
-    from train import train
+    from src.pipeline import train
 
     return train(cfg, extra_callbacks=list(callbacks))
 

@@ -94,7 +94,8 @@ def check_resume_exactly(cfg_factory, tmp_path, algo, overrides, quick, total, p
         assert torch.allclose(want[k], v, atol=1e-6), f"{algo}: {k} differs after the SIGTERM resume"
     for a, b in zip(full["trainer"].callbacks, resumed["trainer"].callbacks):
         if type(a).__name__ == "ReferenceRefresh":  # TR-DPO's refresh counter comes back too
-            assert a.state_dict() == b.state_dict() and a.refreshes == total // a.tau
+            # a refresh starts the step after every tau-th: steps tau + 1, 2 tau + 1, ... up to total
+            assert a.state_dict() == b.state_dict() and a.refreshes == (total - 1) // a.tau
 
     # killed after step 5: the last checkpoint is the step-3 validation's (mid-epoch); steps 4-5 are redone
     with pytest.raises(_Killed):

@@ -1,0 +1,190 @@
+"""The policy losses of RL with verifiable rewards and their pieces (`loss_type`, `loss_agg`, the KL to a reference),
+as pure tensor functions (no Lightning): what a reader checks against the papers.
+
+    cispo  sg(min(rho, eps)) A log pi_train                 (MiniMax-M1's CISPO, ScaleRL's choice)
+    grpo   min(rho A, clip(rho, 1 - e_lo, 1 + e_hi) A)      PPO's clipped ratio (Shao et al. 2024, DeepSeekMath)
+    dapo   the clipped ratio with clip-higher e_hi = 0.28   (Yu et al. 2025)
+    rho = pi_train(y_t) / pi_gen(y_t), the importance weight of samples drawn from pi_gen
+
+Aggregation (`loss_agg`): `prompt` 1 / sum_g |y_g| per prompt then the mean over prompts (ScaleRL), `token` every token
+alike (DAPO), `sequence` the mean per sample then over samples (GRPO). With beta > 0 and `kl_in=loss`, the
+importance-weighted KL term beta sg(min(rho, eps)) k(d_t), d_t = log pi(y_t) / pi_ref(y_t) (`kl_term`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("cispo", "grpo", "dapo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_IN = ("reward", "loss")
+AGGREGATIONS = ("prompt", "token", "sequence")
+# each loss type as its paper states it; `adv_norm` / `loss_agg` / `clip_high` override
+PRESETS = {
+    "cispo": {"adv_norm": "batch", "loss_agg": "prompt", "clip_high": None},
+    "grpo": {"adv_norm": "group", "loss_agg": "sequence", "clip_high": 0.2},
+    "dapo": {"adv_norm": "group", "loss_agg": "token", "clip_high": 0.28},
+}
+
+
+# --------------------------------------------------------------------------- the KL to the reference
+def kl_term(d: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimator of d = log pi(y_t) / pi_ref(y_t), y_t ~ pi; each has expectation KL[pi || pi_ref],
+    their gradients as loss terms differ: k1 = d (zero in expectation), k2 = d^2 / 2 (reverse KL's),
+    k3 = exp(-d) + d - 1 (forward KL's)."""
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d**2
+    if estimator == "k3":
+        return torch.exp(-d) + d - 1
+    raise ValueError(f"algo.kl_estimator={estimator!r}: must be one of {list(KL_ESTIMATORS)}")
+
+
+def kl_options(kl_in: str, kl_estimator: str | None) -> str:
+    """Validate where the KL goes and its estimator (naming the key at fault); return the estimator (null: the
+    place's own, reward k1, loss k3)."""
+    if kl_in not in KL_IN:
+        raise ValueError(f"algo.kl_in={kl_in!r}: must be one of {list(KL_IN)}")
+    estimator = kl_estimator or {"reward": "k1", "loss": "k3"}[kl_in]
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"algo.kl_estimator={kl_estimator!r}: must be one of {list(KL_ESTIMATORS)}")
+    if kl_in == "reward" and estimator != "k1":
+        raise ValueError(f"algo.kl_in=reward folds k1 = log pi/pi_ref into the reward (the policy gradient carries its "
+                         f"gradient); algo.kl_estimator={kl_estimator!r} belongs in the loss: use k1 or null")
+    if kl_in == "loss" and estimator == "k1":
+        raise ValueError("algo.kl_estimator=k1 as a loss term has a zero gradient in expectation: use k2 (the "
+                         "reverse KL's gradient) or k3 in the loss, or algo.kl_in=reward")
+    return estimator
+
+
+# --------------------------------------------------------------------------- the loss
+def token_weights(mask: torch.Tensor, keep: torch.Tensor, how: str) -> torch.Tensor:
+    """Each completion token's weight in the sum that `aggregate` divides by the count of units (B, G, T):
+
+    prompt    1 / sum_g |y_g| of its prompt (ScaleRL: per prompt, sum over its G samples' tokens / their count)
+    token     1 (DAPO: every token of the batch alike)
+    sequence  1 / |y_i| of its sample (GRPO: per sample, the mean over its tokens)
+    0 for the groups that keep = False drops. Counted over whole groups, so that a micro-batch holding part of a
+    group weighs its tokens exactly as the whole step would.
+    """
+    m = (mask & keep[:, None, None]).float()
+    if how == "prompt":
+        return m / m.sum((1, 2), keepdim=True).clamp(min=1)
+    if how == "token":
+        return m
+    if how == "sequence":
+        return m / m.sum(-1, keepdim=True).clamp(min=1)
+    raise ValueError(f"algo.loss_agg={how!r}: must be one of {list(AGGREGATIONS)}")
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, how: str,
+              normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce per-token losses (B, G, T) over the kept groups' completion tokens: the sum of per-unit means
+    (`token_weights`) over the number of units (prompts, tokens, samples: `count_units`).
+    `normalizer` replaces the local count of units, e.g. by the count over all processes divided by their
+    number, so that DDP's gradient average is exact.
+    """
+    n = count_units(mask, keep, how) if normalizer is None else normalizer
+    return (loss * token_weights(mask, keep, how)).sum() / max(float(n), 1.0)
+
+
+def count_units(mask: torch.Tensor, keep: torch.Tensor, how: str) -> torch.Tensor:
+    """How many prompts / tokens / samples `aggregate` averages over."""
+    m = mask & keep[:, None, None]
+    if how == "prompt":
+        return (m.sum((1, 2)) > 0).sum()
+    if how == "token":
+        return m.sum()
+    return (m.sum(-1) > 0).sum()
+
+
+def loss_groups(keep: torch.Tensor, beta: float, kl_in: str) -> torch.Tensor:
+    """The groups the loss averages over: the kept ones, or with a KL term in the loss all of them (each keeps its KL
+    term, and the reward term's weight must not depend on how many groups tie)."""
+    return torch.ones_like(keep) if beta > 0 and kl_in == "loss" else keep
+
+
+def rlvr_loss(
+    logp: torch.Tensor,
+    logp_gen: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    loss_type: str = "cispo",
+    loss_agg: str = "prompt",
+    epsilon: float = 5.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    normalizer: float | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    with_stats: bool = True,
+    kl_estimator: str = "k3",
+    kl_in: str = "loss",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy loss (to minimise: -J) and importance-ratio statistics (`ratio_stats`).
+
+    logp: log pi_train(y_t) (B, G, T), with gradient; logp_gen: log pi_gen(y_t) from the sampler;
+    adv: normalised advantages (B, G); mask: completion tokens (B, G, T); keep: groups whose policy-gradient term
+    is in the loss (B,), the zero-variance filter's.
+    A micro-batch of samples passes (N, T) tensors, adv (N,) (0 for the groups the filter drops), and its tokens'
+    `weights` (`token_weights` of the whole step) with the whole step's `normalizer`: the micro-batches' losses then
+    sum to the step's.
+    With beta > 0 and `kl_in=loss`, the KL term of `kl_estimator` on `ref_logp` (log pi_ref), for every group,
+    filtered or not (`loss_groups`); with `kl_in=reward` the penalty is already in the advantages
+    (`kl_penalised_rewards`).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"algo.loss_type={loss_type!r}: must be one of {list(LOSS_TYPES)}")
+    a = adv.unsqueeze(-1)  # one advantage per sample, for all its tokens
+    if loss_type == "cispo":
+        rho = torch.exp(logp.detach() - logp_gen)  # pi_train / pi_gen, no gradient (sg)
+        weight = torch.clamp(rho, max=epsilon)  # min(rho, eps)
+        objective = weight * a * logp  # sg(min(rho, eps)) A log pi_train
+    else:  # grpo, dapo: PPO's clipped surrogate, the gradient flows through rho
+        rho = torch.exp(logp - logp_gen)
+        rho_clip = torch.clamp(rho, 1 - clip_low, 1 + clip_high)
+        objective = torch.minimum(rho * a, rho_clip * a)
+    if keep is not None:  # the filter removes the policy-gradient term of tied groups (their A is 0 already)
+        objective = objective * keep[:, None, None]
+    if beta > 0 and kl_in == "loss":
+        if ref_logp is None:
+            raise ValueError("algo.beta > 0 needs the reference log-probs")
+        iw = torch.clamp(torch.exp(logp.detach() - logp_gen), max=epsilon)  # sg(min(rho, eps)): samples from pi_gen
+        objective = objective - beta * iw * kl_term(logp - ref_logp, kl_estimator)
+    if weights is None:  # the whole step: its own weights and count of units (`aggregate`)
+        keep = torch.ones(adv.size(0), dtype=torch.bool, device=adv.device) if keep is None else keep
+        units = loss_groups(keep, beta, kl_in)
+        weights = token_weights(mask, units, loss_agg)
+        normalizer = count_units(mask, units, loss_agg) if normalizer is None else normalizer
+    loss = (-objective * weights).sum() / max(float(normalizer), 1.0)
+    stats = ratio_stats(logp.detach(), logp_gen, adv, mask, loss_type, epsilon, clip_low, clip_high,
+                        ref_logp, beta) if with_stats else {}
+    return loss, stats
+
+
+@torch.no_grad()
+def ratio_stats(logp, logp_gen, adv, mask, loss_type, epsilon, clip_low, clip_high, ref_logp=None, beta=0.0):
+    """Over the completion tokens: |log pi_train - log pi_gen| (policy lag + engine mismatch), rho's mean and max,
+    the share of tokens whose weight is truncated (CISPO) or clipped (PPO), and with beta > 0 the k3 KL."""
+    m = mask.bool()
+    rho = torch.exp(logp - logp_gen)
+    if loss_type == "cispo":
+        clipped = rho > epsilon
+    else:
+        a = adv.unsqueeze(-1)
+        clipped = torch.clamp(rho, 1 - clip_low, 1 + clip_high) * a < rho * a
+    r = rho[m]
+    drift = (logp - logp_gen)[m].abs()
+    stats = {
+        "logp_diff/mean": drift.mean() if r.numel() else r.new_tensor(0.0),
+        "logp_diff/max": drift.max() if r.numel() else r.new_tensor(0.0),
+        "rho/mean": r.mean() if r.numel() else r.new_tensor(1.0),
+        "rho/max": r.max() if r.numel() else r.new_tensor(1.0),
+        "rho/frac_truncated": clipped[m].float().mean() if r.numel() else r.new_tensor(0.0),
+    }
+    if beta > 0 and ref_logp is not None:  # the k3 estimate of KL[pi || pi_ref] per token, whichever option trains
+        stats["kl"] = kl_term((logp - ref_logp)[m], "k3").mean() if r.numel() else r.new_tensor(0.0)
+    return stats
