@@ -104,6 +104,12 @@ def pref_jsonl(tmp_path) -> Path:
 
 
 @pytest.fixture
+def unpaired_jsonl(tmp_path) -> Path:
+    rows = [{"prompt": f"{a}+{a}=", "completion": str(2 * a + (a % 2)), "label": a % 2 == 0} for a in range(40)]
+    return write_jsonl(tmp_path / "unpaired.jsonl", rows)
+
+
+@pytest.fixture
 def prompts_jsonl(tmp_path) -> Path:
     rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(40)]
     rows += [{"messages": [{"role": "user", "content": f"{a}*2"}], "answer": 2 * a} for a in range(10)]

@@ -46,7 +46,7 @@ def test_algo_configs_instantiate(cfg_factory, algo):
 
 
 @pytest.mark.parametrize("data", options("data"))
-def test_data_configs_instantiate(cfg_factory, data, sft_jsonl, pref_jsonl, prompts_jsonl, image_dir):
+def test_data_configs_instantiate(cfg_factory, data, sft_jsonl, pref_jsonl, prompts_jsonl, unpaired_jsonl, image_dir):
     if data in DIFFUSION_DATA:
         cfg = cfg_factory("algo=ddpm", f"data={data}", *([f"data.path={image_dir}"] if data == "images" else []), quick=False)
         dm = hydra.utils.instantiate(cfg.data)
@@ -58,7 +58,8 @@ def test_data_configs_instantiate(cfg_factory, data, sft_jsonl, pref_jsonl, prom
         assert len(dm.splits["val"]) > 0 and cfg.optimized_metric == f"val/{cfg.data.metric}"
         return
     extra = {"jsonl_sft": [f"data.source.train={sft_jsonl}"], "jsonl_pref": [f"data.source.train={pref_jsonl}", "algo=dpo"],
-             "jsonl_prompts": [f"data.source.train={prompts_jsonl}", "algo=rlvr"]}.get(data, [])
+             "jsonl_prompts": [f"data.source.train={prompts_jsonl}", "algo=rlvr"],
+             "jsonl_unpaired": [f"data.source.train={unpaired_jsonl}", "algo=kto"]}.get(data, [])
     cfg = cfg_factory(*[o for o in extra], f"data={data}", quick=False)
     tok = hydra.utils.instantiate(cfg.model.tokenizer)
     dm = hydra.utils.instantiate(cfg.data, tokenizer=tok)

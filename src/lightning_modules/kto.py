@@ -67,7 +67,7 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.
 # --------------------------------------------------------------------------- the rows
 def unpaired_example(row: dict, t: Tokenized, where: str) -> dict:
     """A row {"prompt", "completion", "label"}: prompt ids, completion ids, the label, and a reference for greedy exact
-    match (the row's `answer`, else the completion; `_eval_generation` scores desirable rows only)."""
+    match (the row's `answer`, else the completion; exact match counts desirable rows only)."""
     label = check_label(row, where)
     require_keys(row, ("prompt", "completion", "label"), where, UNPAIRED_FORMATS)
     prompt, templated = render_prompt(row["prompt"], t.tok, where, "prompt")
@@ -226,18 +226,9 @@ class KTOModule(LMModule):
         for k, (v, mask) in values.items():
             stats[k.replace("/", "_")].update(v if mask is None else v[mask])
         stats["rewards_auroc"].update(out["rewards"], labels.long())
-        self._eval_generation(batch, stage, batch_idx)
-
-    def _eval_generation(self, batch: dict, stage: str, batch_idx: int) -> None:
-        """Greedy exact match on the desirable rows (against their `answer`, or their completion): a task's prompt,
-        which has a desirable and an undesirable row, counts once."""
-        keep = [i for i, y in enumerate(batch["labels"].tolist()) if y]
-        if keep:
-            idx = torch.tensor(keep, device=batch["prompt_input_ids"].device)
-            sub = {"prompt_input_ids": batch["prompt_input_ids"][idx],
-                   "prompt_attention_mask": batch["prompt_attention_mask"][idx],
-                   "prompts": [batch["prompts"][i] for i in keep], "references": [batch["references"][i] for i in keep]}
-            self.eval_generation(sub, stage, batch_idx)
+        # greedy exact match on the desirable rows (against their `answer`, or their completion): a task's prompt,
+        # which has a desirable and an undesirable row, counts once
+        self.eval_generation(batch, stage, batch_idx, rows=[i for i, y in enumerate(labels.tolist()) if y])
 
     def _eval_epoch_end(self, stage: str) -> None:
         stats = getattr(self, f"{stage}_stats")

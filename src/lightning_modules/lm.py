@@ -246,19 +246,18 @@ class LMModule(L.LightningModule):
         )
         return tok.batch_decode(out[:, input_ids.size(1) :], skip_special_tokens=True)
 
-    def eval_generation(self, batch: dict, stage: str, batch_idx: int) -> None:
-        """Exact match of greedy completions against the references; keep a few for the table."""
+    def eval_generation(self, batch: dict, stage: str, batch_idx: int, rows: list[int] | None = None) -> None:
+        """Exact match of greedy completions against the references (of `rows` only, when given: every row is still
+        generated, since under FSDP2 every process must run as many forward passes); keep a few for the table."""
         preds = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+        rows = range(len(preds)) if rows is None else rows
+        prompts, preds, refs = ([xs[i] for i in rows] for xs in (batch["prompts"], preds, batch["references"]))
         metric = getattr(self, f"{stage}_exact_match")
-        metric.update(preds, batch["references"])
-        self.log(f"{stage}/exact_match", metric, on_epoch=True, prog_bar=True,
-                 batch_size=len(preds))
+        metric.update(preds, refs)
+        self.log(f"{stage}/exact_match", metric, on_epoch=True, prog_bar=True, batch_size=max(len(preds), 1))
         if batch_idx == 0:
             n = self.hparams.num_logged_samples
-            self._samples = [
-                [p, c, r, ExactMatch.match(c, r)]
-                for p, c, r in zip(batch["prompts"][:n], preds[:n], batch["references"][:n])
-            ]
+            self._samples = [[p, c, r, ExactMatch.match(c, r)] for p, c, r in zip(prompts[:n], preds[:n], refs[:n])]
 
     def log_table(self, key: str, columns: list[str], data: list[list]) -> None:
         """A W&B table at the current step (the other loggers have no tables)."""
