@@ -24,8 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.datamodules.images import digits_split  # noqa: E402
-from src.lightning_modules.ddpm import DDPMModule, class_accuracy  # noqa: E402
-from src.metrics import sample_metric  # noqa: E402
+from src.lightning_modules.ddpm import DDPMModule  # noqa: E402
+from src.metrics import (
+    class_accuracy,  # noqa: E402
+    sample_metric,  # noqa: E402
+)
 from src.utils.images import to_pil_grid  # noqa: E402
 
 

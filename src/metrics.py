@@ -125,3 +125,11 @@ def sample_metric(name: str, shape: tuple[int, ...]) -> Metric | None:
         fd.name = "fd"
         return fd
     raise ValueError(f"data.metric={name!r}: must be 'fd', 'energy_distance' or 'loss'")
+
+
+def class_accuracy(samples: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The share of 1x8x8 digit samples that the shipped digits classifier assigns to the label asked for."""
+    from src.models.digits_classifier import DigitsFeatures
+
+    clf = DigitsFeatures().net.to(samples.device)
+    return (clf(samples.float()).argmax(-1) == labels).float().mean()

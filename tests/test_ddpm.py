@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.lightning_modules.ddpm import DDPMModule, VEProcess, VPProcess, sampling_grid
+from src.diffusion.processes import FlowProcess, VEProcess, VPProcess, trailing_grid
+from src.diffusion.samplers import DDIM, DDPM, SAMPLERS, Sampler
+from src.lightning_modules.ddpm import DDPMModule
 from src.models.diffusion import mlp2d
 from tests.helpers import DQUICK
 
@@ -107,17 +109,17 @@ def test_ddpm_steps_equal_diffusers_ddpm_scheduler(steps):
     sched = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, timestep_spacing="trailing")
     sched.set_timesteps(steps)
     p = VPProcess(1000)
-    grid = sampling_grid(1000, steps)
-    assert [k - 1 for k in grid[:-1]] == sched.timesteps.tolist()
+    ours = DDPM(p)  # the same loop as diffusers': set_timesteps, then step at each timestep
+    ours.set_timesteps(steps)
+    assert [k - 1 for k in ours.timesteps] == sched.timesteps.tolist()
     x_ours = x_theirs = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    for i, (k, s) in enumerate(zip(grid[:-1], grid[1:])):
+    for i, k in enumerate(ours.timesteps):
         t = torch.tensor(k - 1)
         eps = _fake_eps(x_theirs, t.expand(4))
         x_theirs = sched.step(eps, t, x_theirs, generator=torch.Generator().manual_seed(i)).prev_sample
-        eps = _fake_eps(x_ours, t.expand(4))
-        noise = torch.randn(x_ours.shape, generator=torch.Generator().manual_seed(i))
-        x_ours = p.ddpm_step(x_ours, p.predict_x0(eps, x_ours, torch.tensor(k), "eps"), k, s, noise)
-        assert torch.allclose(x_ours, x_theirs, atol=1e-4, rtol=1e-4), f"step {k} -> {s}"
+        x0 = p.predict_x0(_fake_eps(x_ours, t.expand(4)), x_ours, torch.tensor(k), "eps")
+        x_ours = ours.step(x0, k, x_ours, generator=torch.Generator().manual_seed(i))
+        assert torch.allclose(x_ours, x_theirs, atol=1e-4, rtol=1e-4), f"step {k}"
 
 
 @pytest.mark.parametrize("steps", [50, 7])
@@ -128,18 +130,19 @@ def test_ddim_equals_diffusers_ddim_scheduler_eta0(steps):
     sched = DDIMScheduler(num_train_timesteps=T, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
     sched.set_timesteps(steps)
     p = VPProcess(T)
-    grid = sampling_grid(T, steps)
+    ours = DDIM(p)
+    ours.set_timesteps(steps)
     if T % steps == 0:  # diffusers' prev timestep is t - T // steps: the same grid when steps divides T
-        assert [k - 1 for k in grid[:-1]] == sched.timesteps.tolist()
+        assert [k - 1 for k in ours.timesteps] == sched.timesteps.tolist()
     x_ours = x_theirs = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    for k, s in zip(grid[:-1], grid[1:]):
+    for k in ours.timesteps:
         if T % steps:
             break
         t = torch.tensor(k - 1)
         x_theirs = sched.step(_fake_eps(x_theirs, t.expand(4)), t, x_theirs, eta=0.0).prev_sample
-        eps = _fake_eps(x_ours, t.expand(4))
-        x_ours = p.ddim_step(x_ours, p.predict_x0(eps, x_ours, torch.tensor(k), "eps"), k, s)
-        assert torch.allclose(x_ours, x_theirs, atol=1e-4, rtol=1e-4), f"step {k} -> {s}"
+        x0 = p.predict_x0(_fake_eps(x_ours, t.expand(4)), x_ours, torch.tensor(k), "eps")
+        x_ours = ours.step(x0, k, x_ours)
+        assert torch.allclose(x_ours, x_theirs, atol=1e-4, rtol=1e-4), f"step {k}"
 
 
 def test_export_is_a_diffusers_pipeline_that_samples_like_us(tmp_path):
@@ -201,7 +204,7 @@ def test_ve_ddim_step_is_nakkirans_lambda_update():
     x0 = torch.tensor([[0.3, -0.2]])
     for steps in (100, 10, 1):
         x = x0 + 2.0 * torch.randn(1, 2)
-        grid = sampling_grid(100, steps)
+        grid = trailing_grid(100, steps)
         for k, s in zip(grid[:-1], grid[1:]):
             lam = math.sqrt(k) / (math.sqrt(s) + math.sqrt(k))
             mu = x + (k - s) / k * (x0 - x)
@@ -214,17 +217,42 @@ def test_ve_ddim_step_is_nakkirans_lambda_update():
 
 
 def test_sampling_grid_and_bad_step_counts():
-    assert sampling_grid(1000, 1000) == list(range(1000, -1, -1))
-    assert sampling_grid(1000, 50)[:3] == [1000, 980, 960] and sampling_grid(1000, 50)[-1] == 0
-    assert len(sampling_grid(1000, 7)) == 8
+    assert trailing_grid(1000, 1000) == list(range(1000, -1, -1))
+    assert trailing_grid(1000, 50)[:3] == [1000, 980, 960] and trailing_grid(1000, 50)[-1] == 0
+    assert len(trailing_grid(1000, 7)) == 8
     with pytest.raises(ValueError, match="steps=1001"):
-        sampling_grid(1000, 1001)
+        trailing_grid(1000, 1001)
     with pytest.raises(ValueError, match="algo.val_steps=2000"):
         DDPMModule(net=mlp2d(), process={"name": "vp", "num_steps": 1000}, val_steps=2000)
-    with pytest.raises(ValueError, match="algo.target=x_prev"):
+    with pytest.raises(ValueError, match=r"algo.target='x_prev' \(the lecture's x_\{t-dt\}\) is not defined for process='vp', which predicts eps \| x0 \| v"):
         DDPMModule(net=mlp2d(), process={"name": "vp", "num_steps": 10}, target="x_prev")
     with pytest.raises(ValueError, match="algo.process.name='vx'"):
         DDPMModule(net=mlp2d(), process={"name": "vx", "num_steps": 10})
+
+
+def test_a_new_sampler_is_one_class_registered_in_one_place(monkeypatch):
+    """A sampler class added to SAMPLERS is checked against the processes it names, accepted by the module's config
+    keys and sampled with by `DDPMModule.sample`, with no other edit. Here: a one-step Tweedie jump x <- x0_hat."""
+
+    class Jump(Sampler):
+        """Jump to the denoiser's x0 at every step."""
+
+        name = "jump"
+        processes = (VPProcess,)
+
+        def transition(self, x0, k, s, x, generator):
+            return x0
+
+    monkeypatch.setitem(SAMPLERS, "jump", Jump)
+    torch.manual_seed(0)
+    module = module_with(mlp2d(hidden=16, depth=1), {"name": "vp", "num_steps": 100}, val_sampler="jump")
+    x_T = torch.randn(8, 2)
+    want = module.x0_hat(x_T, torch.tensor(100))
+    assert torch.allclose(module.sample(8, "jump", 1, x_T=x_T), want)
+    with pytest.raises(ValueError, match=r"algo.val_sampler='jump' on process='flow': jump reverses process=vp "
+                                         r"\(Jump to the denoiser's x0 at every step.\); process='flow' samples with "
+                                         r"euler \| heun"):
+        module_with(mlp2d(), {"name": "flow", "num_steps": 10}, val_sampler="jump")
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -478,7 +506,7 @@ def test_v_target_closed_forms():
     assert torch.allclose(z, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-6)
     assert torch.allclose(p.predict_x0(v, z, k, "v"), x0, atol=1e-5)
     assert torch.allclose((1 - a).sqrt() * z + a.sqrt() * v, eps, atol=1e-5)
-    with pytest.raises(ValueError, match="algo.target=v .* process=vp"):
+    with pytest.raises(ValueError, match="algo.target='v' .* not defined for process='ve', which predicts eps | x0 | x_prev"):
         module_with(mlp2d(hidden=8, depth=1), {"name": "ve", "num_steps": 100}, target="v")
 
 
@@ -491,7 +519,7 @@ def test_v_prediction_samplers_equal_diffusers_schedulers(sampler, steps):
     sched = DDPMScheduler(**kw) if sampler == "ddpm" else DDIMScheduler(set_alpha_to_one=True, **kw)
     sched.set_timesteps(steps)
     p = VPProcess(1000)
-    grid = sampling_grid(1000, steps)
+    grid = trailing_grid(1000, steps)
     x_ours = x_theirs = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     for i, (k, s) in enumerate(zip(grid[:-1], grid[1:])):
         t = torch.tensor(k - 1)
@@ -651,7 +679,7 @@ def test_class_conditional_digits_draw_the_class_asked_for(cfg_factory):
     assert metrics["val/class_accuracy"] > 0.6, metrics["val/class_accuracy"]
     module = objs["module"]
     labels = torch.arange(500) % 10
-    from src.lightning_modules.ddpm import class_accuracy
+    from src.metrics import class_accuracy
 
     x = module.sample(500, "ddim", 50, torch.Generator().manual_seed(0), labels=labels, guidance_scale=2.0)
     assert class_accuracy(x, labels) > metrics["val/class_accuracy"] + 0.03
@@ -678,8 +706,6 @@ class FlowOracle(torch.nn.Module):
 def test_flow_training_pair_and_its_three_parametrisations():
     """x_t = (1 - t) x0 + t eps; the velocity target is eps - x0; x0 read back from a velocity, an eps or an x0
     output is x0; logit-normal t has the median 1/2 and the spread of sigmoid(N(0, 1))."""
-    from src.lightning_modules.ddpm import FlowProcess
-
     p = FlowProcess(num_steps=1000)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(64, 2, generator=g)
@@ -701,8 +727,6 @@ def test_flow_euler_step_equals_diffusers_flow_match_euler(shift):
     """One Euler step x_s = x_t + (s - t) v equals diffusers' FlowMatchEulerDiscreteScheduler.step on the same
     inputs, at each of its (shifted) sigmas; our grid is the same time shift of an even grid from 1 to 0."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from src.lightning_modules.ddpm import FlowProcess
 
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     sched.set_timesteps(10)
@@ -746,13 +770,13 @@ def test_flow_euler_and_heun_transport_the_prior_to_gaussian_data():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"process": {"name": "vp", "num_steps": 10}, "target": "velocity"}, "algo.target=velocity is the flow's"),
-    ({"process": {"name": "flow", "num_steps": 10}, "target": "v"}, "algo.target='v' with process=flow"),
-    ({"process": {"name": "vp", "num_steps": 10}, "val_sampler": "heun"}, "algo.val_sampler='heun' on process='vp'"),
-    ({"process": {"name": "flow", "num_steps": 10}, "val_sampler": "ddpm"}, "a flow is sampled by euler or heun"),
+    ({"process": {"name": "vp", "num_steps": 10}, "target": "velocity"}, "algo.target='velocity' .* not defined for process='vp'"),
+    ({"process": {"name": "flow", "num_steps": 10}, "target": "v"}, "algo.target='v' .* not defined for process='flow', which predicts velocity"),
+    ({"process": {"name": "vp", "num_steps": 10}, "val_sampler": "heun"}, "algo.val_sampler='heun' on process='vp': heun reverses process=flow .* samples with ddpm [|] ddim [|] dpmpp"),
+    ({"process": {"name": "flow", "num_steps": 10}, "val_sampler": "ddpm"}, "process='flow' samples with euler [|] heun"),
     ({"process": {"name": "flow", "num_steps": 10}, "shift": 0.0}, "algo.shift=0.0: must be > 0"),
     ({"process": {"name": "flow", "num_steps": 10}, "t_sampling": "beta"}, "algo.t_sampling='beta'"),
-    ({"process": {"name": "vp", "num_steps": 10}, "shift": 3.0}, "algo.shift=3.0: they shape process=flow's"),
+    ({"process": {"name": "vp", "num_steps": 10}, "shift": 3.0}, "algo.shift=3.0: it shapes the time of process=flow; process='vp'"),
 ])
 def test_flow_bad_options_stop_naming_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -778,7 +802,7 @@ def test_dpm_solver_on_vp_converges_at_second_order():
     assert 2 < ddim[40] / ddim[100] < 3
     assert dpm[40] / dpm[100] > 10
     assert dpm[100] < ddim[1000] / 2
-    with pytest.raises(ValueError, match="dpmpp .* solves the vp process's ODE"):
+    with pytest.raises(ValueError, match="algo.val_sampler='dpmpp' on process='ve': dpmpp reverses process=vp"):
         module_with(mlp2d(), {"name": "ve", "num_steps": 10}, val_sampler="dpmpp")
 
 
