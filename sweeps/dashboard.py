@@ -11,6 +11,7 @@ training compute (`train/samples`, `val/samples`, `*/compute_flops`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -91,7 +92,7 @@ def main() -> None:
         if args.save:
             print(f"{algo}: {w.save().url}")
         else:
-            print(json.dumps({"algo": algo, "workspace": json.loads(w._to_model().model_dump_json())})[:2000])
+            print(json.dumps({"algo": algo, "workspace": dataclasses.asdict(w)}, default=str)[:2000])
 
 
 if __name__ == "__main__":

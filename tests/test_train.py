@@ -114,6 +114,10 @@ def test_the_final_weights_are_validated_once_when_the_last_step_is_not_a_val_st
     aligned = CountVal()
     train_with(cfg_factory("trainer.max_steps=4", "trainer.val_check_interval=2", "test=false"), aligned)
     assert aligned.steps == [2, 4]
+    accumulated = CountVal()  # 2 batches a step: the last step is the 6th batch, not the 5th
+    train_with(cfg_factory("trainer.max_steps=3", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=250",
+                           "test=false"), accumulated)
+    assert accumulated.steps == [3]
 
 
 @pytest.mark.parametrize("target, steps", [(0.0, 2), (1.1, 6)])

@@ -13,9 +13,17 @@ import lightning as L
 
 
 class ValidateAtEnd(L.Callback):
+    def __init__(self):
+        self.seen_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seen_step = trainer.global_step  # a resumed run starts at its checkpoint's step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if trainer.fit_loop.epoch_loop._should_accumulate():
-            return  # not an optimizer step
+        # an optimizer step (automatic or manual optimization) is a batch after which global_step moved
+        if trainer.global_step == self.seen_step:
+            return  # a batch accumulated into the next step
+        self.seen_step = trainer.global_step
         last_step = 0 < trainer.max_steps <= trainer.global_step
         max_epochs = trainer.max_epochs
         last_epoch = (

@@ -87,7 +87,7 @@ def nucleus_logprobs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def _storage(t: torch.Tensor) -> int:
     from torch.distributed.tensor import DTensor
 
-    return (t._local_tensor if isinstance(t, DTensor) else t).data_ptr()
+    return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
 
 
 def load_into(model, state_dict: dict[str, torch.Tensor]) -> None:

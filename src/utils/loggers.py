@@ -43,11 +43,17 @@ class CSVLogger(_CSVLogger):
 
 
 class WandbLogger(_WandbLogger):
-    """Lightning's WandbLogger without the `anonymous` argument that it always passes to `wandb.init`
-    (as None), which W&B deprecates and warns about on every run."""
+    """Lightning's WandbLogger with its run id fixed when it is built (a W&B id unless `id` is given, resumable),
+    so that fit and test in separate worker processes (`ddp_fork`) write to one run; and without the
+    `anonymous` argument that Lightning always passes to `wandb.init` (as None), which W&B deprecates and warns
+    about on every run. `_wandb_init` is Lightning's private record of wandb.init's arguments: pinned by
+    tests/test_library_contracts.py."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, id: str | None = None, **kwargs):
+        from wandb.sdk.lib.runid import generate_id
+
+        kwargs.setdefault("resume", "allow")
+        super().__init__(*args, id=id or generate_id(), **kwargs)
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
 
@@ -59,16 +65,13 @@ def forks_workers(trainer: L.Trainer) -> bool:
 
 
 def prepare_for_workers(trainer: L.Trainer) -> None:
-    """Before fit/test fork workers: fix the CSV version and the W&B run id in the parent, so both phases
-    write to one CSV file and one W&B run."""
-    from wandb.sdk.lib.runid import generate_id
-
+    """Before fit/test fork workers: fix the CSV version in the parent, so both phases write to one CSV file; a
+    W&B logger must have its run id already (ours does), so both phases write to one W&B run."""
     for logger in trainer.loggers:
-        if isinstance(logger, _WandbLogger) and logger._experiment is None:
-            run_id = logger._wandb_init.get("id") or generate_id()
-            logger._wandb_init.update(id=run_id, resume="allow")
-            logger._id = run_id
-        elif isinstance(logger, _CSVLogger):
+        if isinstance(logger, _WandbLogger) and logger.version is None:
+            raise ValueError("a W&B logger without a run id under a fork-launched strategy would open two runs: use "
+                             "src.utils.loggers.WandbLogger (logger=wandb) or give it an id")
+        if isinstance(logger, _CSVLogger):
             _ = logger.version  # computed once, here
 
 

@@ -131,7 +131,7 @@ def check_required(cfg: DictConfig) -> None:
                 continue
             if OmegaConf.is_missing(node, key):
                 yield full
-            elif OmegaConf.is_config(child := node._get_node(key)) and not OmegaConf.is_interpolation(node, key):
+            elif not OmegaConf.is_interpolation(node, key) and OmegaConf.is_config(child := node[key]):
                 yield from walk(child, f"{full}.")
 
     missing = sorted(walk(cfg, ""))
