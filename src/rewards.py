@@ -285,11 +285,13 @@ class RewardModel(torch.nn.Module):
         self.stats.copy_(torch.stack([n, mean_a + delta * n_b / n, m2_a + m2_b + delta**2 * n_a * n_b / n]))
 
     def score_batch(self, prompts: list[str], completions: list[str], answers: list[str], update: bool = False,
-                    truncated: torch.Tensor | None = None, truncated_reward: float | None = None) -> torch.Tensor:
+                    truncated: torch.Tensor | None = None, truncated_reward: float | None = None,
+                    verifier_scores: torch.Tensor | None = None) -> torch.Tensor:
         """The rewards of a step's samples (N,): the model's (whitened with `normalize`; `update` adds these
-        scores to the running statistics first), plus verifier_weight x the verifier's. With `truncated_reward`, the
-        `truncated` samples score that value in the model's raw units, before whitening (it is not a model score: it
-        stays out of the statistics), and their verifier part is 0."""
+        scores to the running statistics first), plus verifier_weight x the verifier's (`verifier_scores` when the
+        caller has them already: RLVR scores each sample once). With `truncated_reward`, the `truncated` samples
+        score that value in the model's raw units, before whitening (it is not a model score: it stays out of the
+        statistics), and their verifier part is 0."""
         r = self.raw_scores(prompts, completions)
         cut = (truncated.to(r.device) if truncated is not None and truncated_reward is not None
                else torch.zeros_like(r, dtype=torch.bool))
@@ -301,8 +303,8 @@ class RewardModel(torch.nn.Module):
             std = math.sqrt(m2 / (n - 1)) if n > 1 else 1.0
             r = (r - mean) / (std + 1e-6)
         if self.verifier_weight:
-            v, _ = score(self.verifier, prompts, completions, answers)
-            r = r + self.verifier_weight * torch.tensor(v, dtype=r.dtype, device=r.device) * ~cut
+            v = verifier_scores if verifier_scores is not None else score(self.verifier, prompts, completions, answers)[0]
+            r = r + self.verifier_weight * torch.as_tensor(v, dtype=r.dtype, device=r.device) * ~cut
         return r
 
     def forward(self, completion: str, answer: str) -> float:

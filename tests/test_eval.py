@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import ALGORITHMS, RLVR_RUN, ROOT, run_cli, short_run
+from tests.helpers import ALGORITHMS, RLVR_RUN, ROOT, attach_trainer, run_cli, short_run
 
 # every algorithm (conf/algo/): a short run that validates twice; RLVR at a high lr, so that the policy moves far enough
 # in 4 steps for its sampled test scores to show it
@@ -159,7 +159,6 @@ def test_rlvr_pass_at_k_and_test_time_compute_share_one_definition_of_correct(cf
     """The same samples are correct for RLVR's val/pass@k and for eval.py's test-time compute (`src.rewards.passes`):
     each prompt gets its answer twice, once ended by <eos> and once cut at max_new_tokens. With the run's
     algo.truncated_reward set the cut one fails in both (pass@1 0.5), with null both verify it as it is (1.0)."""
-    import lightning as L
 
     from src.datamodules.lm import pad
     from src.models.rollout import HFRollout, Rollout
@@ -169,8 +168,7 @@ def test_rlvr_pass_at_k_and_test_time_compute_share_one_definition_of_correct(cf
     run = [o for o in RLVR_RUN if not o.startswith("reward")] + ["reward=exact", "data.source.n_val=8",
                                                                    f"algo.truncated_reward={truncated_reward}"]
     module = build(cfg_factory(*run), warm_start=False)
-    module, dm = module["module"], module["datamodule"]
-    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module, dm = attach_trainer(module["module"]), module["datamodule"]
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
     tok = module.tokenizer

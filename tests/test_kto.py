@@ -95,7 +95,8 @@ def test_kto_loss_equals_trls(beta, wd, wu):
 # ------------------------------------------------------------------------------------------- the rows
 def test_builtin_rows_are_unpaired_pairs_and_each_batch_holds_mismatched_completions(cfg_factory):
     """The arithmetic task gives each pair as a desirable (correct) and an undesirable (corrupted) row of the same
-    prompt; a batch's KL completions are its completions shifted by one row (TRL's cycling)."""
+    prompt; a batch's KL completions are its completions cycled by the fewest rows that pair no prompt with its own
+    completion (one, TRL's cycling, when the prompts differ)."""
     import hydra
 
     cfg = cfg_factory(*QUICK_KTO)
@@ -108,11 +109,19 @@ def test_builtin_rows_are_unpaired_pairs_and_each_batch_holds_mismatched_complet
     for good, bad in zip(train[::2], train[1::2]):
         assert good["label"] and not bad["label"] and good["prompt"] == bad["prompt"]
         assert good["completion_ids"] != bad["completion_ids"] and good["reference"] == bad["reference"]
-    batch = dm.collate(train[:5])
-    for i in range(5):
-        kl = batch["kl_completion_ids"][i][batch["kl_completion_mask"][i].bool()].tolist()
-        assert kl == batch["completion_ids"][i - 1][batch["completion_mask"][i - 1].bool()].tolist()
-    assert batch["labels"].tolist() == [e["label"] for e in train[:5]]
+    # rows in the task's order (each prompt's two rows side by side, as an unshuffled val split): shifted by two, so
+    # no row's KL completion answers its own prompt; rows of distinct prompts: by one, TRL's cycling
+    for rows, k in ((train[:5], 2), (train[0:10:2], 1)):
+        batch = dm.collate(rows)
+        for i in range(5):
+            kl = batch["kl_completion_ids"][i][batch["kl_completion_mask"][i].bool()].tolist()
+            assert kl == batch["completion_ids"][i - k][batch["completion_mask"][i - k].bool()].tolist()
+            assert rows[i]["prompt"] != rows[i - k]["prompt"]
+        assert batch["labels"].tolist() == [e["label"] for e in rows]
+    from src.lightning_modules.kto import mismatch_shift
+
+    assert mismatch_shift([[1], [1], [1]]) == 1  # one prompt: nothing to mismatch, TRL's by one
+    assert mismatch_shift([[1], [2], [1], [2]]) == 1 and mismatch_shift([[1], [1], [2], [2], [3]]) == 2
 
 
 @pytest.mark.parametrize("rows, message", [

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from src.lightning_modules.reward_model import bradley_terry_loss
 from src.rl.advantages import group_advantages, kl_penalised_rewards, zero_variance
 from src.rl.loss import kl_term, rlvr_loss
-from tests.helpers import train_with
+from tests.helpers import attach_trainer, train_with
 
 RM_QUICK = ["algo=reward_model", "warm_start.max_steps=0", "trainer.max_steps=4"]
 
@@ -421,14 +421,6 @@ def test_truncation_reward_is_in_raw_units_before_whitening(reward_model_dir):
     assert r.tolist() == pytest.approx([0.0, 2.0, 3.0, 5.0])  # the truncated "d" gets no verifier credit
 
 
-def _attach_trainer(module):
-    import lightning as L
-
-    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                               enable_model_summary=False)
-    return module
-
-
 def test_rlhf_truncated_completions_score_the_steps_minimum(cfg_factory, reward_model_dir):
     """experiment=rlhf (whitened reward model) sets algo.truncated_reward=min: a truncated completion scores the
     lowest reward of the step, whatever the reward model's scale, and never passes."""
@@ -437,12 +429,37 @@ def test_rlhf_truncated_completions_score_the_steps_minimum(cfg_factory, reward_
     path, _ = reward_model_dir
     cfg = cfg_factory("experiment=rlhf", f"reward.pretrained={path}", "warm_start.max_steps=0")
     assert cfg.algo.truncated_reward == "min"
-    module = _attach_trainer(build(cfg, warm_start=False)["module"]).train()
+    module = attach_trainer(build(cfg, warm_start=False)["module"]).train()
     module.reward.raw_scores = lambda prompts, completions: torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     cut = torch.tensor([True, False, False, False, False, True])
     r, passed, _ = module.rewards(["1+1="] * 3, ["2"] * 3, ["2", "2", "4", "5", "6", "2"], cut)
     assert r[0] == r[5] == r.min() and (r[0] < r[1:5]).all()
     assert passed.tolist() == [False, True, False, False, False, False]  # the exact verifier: "2" passes if it ended
+
+
+def test_a_reward_model_with_verifier_weight_calls_the_verifier_once_per_sample(cfg_factory, reward_model_dir):
+    """reward=model with verifier_weight: the module scores each sample with the verifier once, and the model's
+    reward adds verifier_weight x that same score (a verifier raising on every second call would show a double
+    call as an error or a different reward)."""
+    from src.pipeline import build
+
+    path, _ = reward_model_dir
+    cfg = cfg_factory("experiment=rlhf", f"reward.pretrained={path}", "reward.verifier_weight=2.0",
+                      "algo.truncated_reward=null", "warm_start.max_steps=0")
+    module = attach_trainer(build(cfg, warm_start=False)["module"])
+    calls = []
+    exact = module.reward.verifier
+
+    def counting(completion, answer):
+        calls.append(completion)
+        return exact(completion, answer)
+
+    module.verifier = module.reward.verifier = counting
+    module.reward.raw_scores = lambda prompts, completions: torch.zeros(len(completions))
+    module.reward.normalize = False
+    r, passed, _ = module.rewards(["1+1="] * 2, ["2"] * 2, ["2", "3", "2", "5"], torch.zeros(4, dtype=torch.bool))
+    assert calls == ["2", "3", "2", "5"]  # once each (twice before: once for passes, once in score_batch)
+    assert r.tolist() == [2.0, 0.0, 2.0, 0.0] and passed.tolist() == [True, False, True, False]
 
 
 def test_rlvr_truncated_reward_and_sampling_options_are_checked(cfg_factory):
@@ -485,7 +502,7 @@ def test_zero_variance_is_judged_on_the_raw_rewards_with_kl_in_reward(cfg_factor
     from src.pipeline import build
 
     cfg = cfg_factory("algo=rlvr", "algo.beta=0.1", "algo.kl_in=reward", "warm_start.max_steps=0")
-    module = _attach_trainer(build(cfg, warm_start=False)["module"])
+    module = attach_trainer(build(cfg, warm_start=False)["module"])
     raw = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0]])
     penalised = raw - torch.tensor([[0.186, 0.151, 0.076, 0.185], [0.1, 0.2, 0.05, 0.0]])
     adv, keep, zv = module.advantages(penalised, raw)

@@ -3,9 +3,10 @@ as TRL's `KTOTrainer` (1.16) states it: alignment from unpaired binary feedback,
 label (desirable or undesirable), no pairs needed.
 
     r(x, y)  = log pi_theta(y|x) - log pi_ref(y|x)                         (the implied reward is beta r)
-    z_0      = max(0, mean_i [log pi_theta(y'_i|x_i) - log pi_ref(y'_i|x_i)]),  detached, y'_i = y_{i-1}
-               (each prompt with the batch's previous completion: mismatched pairs, a batch estimate of
-               KL[pi_theta || pi_ref], the reference point of prospect theory; averaged over processes)
+    z_0      = max(0, mean_i [log pi_theta(y'_i|x_i) - log pi_ref(y'_i|x_i)]),  detached, y'_i = y_{i-k}
+               (each prompt with another row's completion, k = 1 unless that is the same prompt's: mismatched
+               pairs, a batch estimate of KL[pi_theta || pi_ref], the reference point of prospect theory;
+               averaged over processes)
     L(x, y)  = lambda_D (1 - sigma(beta (r(x, y) - z_0)))   y desirable     (the paper's eq. 7: lambda_y - v(x, y))
                lambda_U (1 - sigma(beta (z_0 - r(x, y))))   y undesirable
     L_KTO    = the mean of L over the batch's rows
@@ -113,11 +114,25 @@ def unpaired_rows(source, split: str, seed: int) -> list[tuple[str, dict]]:
     return rows
 
 
+def mismatch_shift(prompts: list[list[int]]) -> int:
+    """The smallest cyclic shift k >= 1 that pairs no row's prompt with a completion of the same prompt (1 when every
+    row has one prompt). TRL cycles by one, which on a task's rows (a prompt's desirable and undesirable completions
+    side by side, as in an unshuffled val split) would pair half the rows with their own prompt's completion and bias
+    z_0 upward."""
+    n = len(prompts)
+    for k in range(1, n):
+        if all(prompts[i] != prompts[i - k] for i in range(n)):
+            return k
+    return 1
+
+
 def collate_unpaired(examples: list[dict], prompts: list[list[int]], c) -> dict:
     """The completions (right-padded), their labels, and the mismatched completions for z_0: row i's prompt with row
-    i - 1's completion (TRL cycles the batch's completions by one)."""
+    i - k's completion (TRL cycles the batch's completions by k = 1; here the smallest k that mismatches every row,
+    `mismatch_shift`)."""
     completions = [e["completion_ids"] for e in examples]
-    mismatched = completions[-1:] + completions[:-1]
+    k = mismatch_shift(prompts) % max(len(completions), 1)
+    mismatched = completions[-k:] + completions[:-k] if k else completions
     return {"completion_ids": pad(completions, c.pad_id), "completion_mask": pad([[1] * len(x) for x in completions], 0),
             "kl_completion_ids": pad(mismatched, c.pad_id),
             "kl_completion_mask": pad([[1] * len(x) for x in mismatched], 0),

@@ -220,7 +220,7 @@ class RLVRModule(LMModule):
         if hasattr(self.reward, "score_batch"):
             raw_units = hp.truncated_reward if hp.truncated_reward != "min" else None
             r = self.reward.score_batch(prompts, texts, answers, update=self.training, truncated=truncated,
-                                        truncated_reward=raw_units).float()
+                                        truncated_reward=raw_units, verifier_scores=v).float()
             value = "min" if hp.truncated_reward == "min" else None  # a number is in r already
         else:
             r, value = v, hp.truncated_reward

@@ -18,6 +18,15 @@ def train_with(cfg, *callbacks):
     return train(cfg, extra_callbacks=list(callbacks))
 
 
+def attach_trainer(module):
+    """A module with a bare CPU Trainer attached, for calling its methods outside fit (self.trainer, self.device)."""
+    import lightning as L
+
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                               enable_model_summary=False)
+    return module
+
+
 def leet(path: Path, summary: bool) -> list | dict:
     """What reached an offline W&B run, read back with `wandb leet inspect --json` (no mocked logger)."""
     cmd = [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json"] + (["--summary"] if summary else []) + [str(path)]
