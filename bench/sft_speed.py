@@ -89,9 +89,9 @@ def bare_tokens_per_s(cfg, steps: int) -> float:
         estimated_stepping_batches = steps + WARMUP
         precision = "32-true"
 
-    module._trainer = T
+    module.trainer = T
     conf = module.configure_optimizers()
-    module._trainer = None
+    module.trainer = None
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     def batches():  # epochs back to back, as the Trainer does
         while True:

@@ -6,6 +6,9 @@ when the library changes it (the README names the tested version range). Each ha
 - Lightning's CSV `ExperimentWriter._check_log_dir_exists`: our CSVLogger's second writer (test after fit in
   other worker processes) appends instead of deleting the fit's rows.
 - Lightning's `_MultiProcessingLauncher`: whether fit and test run in forked / spawned worker processes.
+- Lightning's `ModelCheckpoint` internals (`_save_last_checkpoint`, `_monitor_candidates`, ...): our Checkpoint
+  writes `last.ckpt` at every validation; pinned by tests/test_train.py
+  `test_last_checkpoint_is_the_latest_validation_even_when_the_metric_did_not_improve`.
 - transformers' `config._attn_implementation`: the packed tree mask is additive (eager) or boolean (sdpa).
 - transformers' `_no_split_modules`: the blocks FSDP2 shards by (accelerate reads it the same way).
 - `torch._foreach_lerp_`: the EMA's one fused update (torch's own optimizers use the foreach ops).

@@ -22,6 +22,7 @@ from src.diffusion.samplers import check_sampler, make_sampler
 from src.metrics import class_accuracy
 from src.models.diffusion import net_from_spec, net_spec, with_class_embeddings
 from src.optim import adamw_cosine
+from src.utils.run import attached_trainer
 
 WEIGHTINGS = ("none", "min_snr")
 
@@ -248,7 +249,7 @@ class DDPMModule(L.LightningModule):
         return self._eval["metric"]
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(attached_trainer(self), "datamodule", None)
         if self._metric is None and dm is not None:
             from src.metrics import sample_metric
 
@@ -257,7 +258,8 @@ class DDPMModule(L.LightningModule):
     def _eval_start(self, stage: str) -> None:
         hp = self.hparams
         n = hp[f"{stage}_num_samples"]
-        if n <= 0 or (self._metric is None and self._trainer is not None and self.trainer.sanity_checking):
+        trainer = attached_trainer(self)
+        if n <= 0 or (self._metric is None and trainer is not None and trainer.sanity_checking):
             return
         if self._metric is None:  # no sample metric for this data: samples for the picture only
             n = min(n, hp.num_logged_samples)
@@ -336,7 +338,7 @@ class DDPMModule(L.LightningModule):
         writes (every process calls it at the end of fit)."""
         from diffusers import DDPMPipeline, UNet2DModel
 
-        if self._trainer is not None and not self.trainer.is_global_zero:
+        if self.global_rank != 0:  # 0 without a trainer
             return
         sched = self.diffusers_scheduler()
         if sched is not None and isinstance(self.net, UNet2DModel):

@@ -208,7 +208,7 @@ class LMModule(L.LightningModule):
         from src.callbacks.hf_export import quiet_progress
 
         model = self._unsharded_policy()
-        if model is None or (self._trainer is not None and not self.trainer.is_global_zero):
+        if model is None or self.global_rank != 0:  # global_rank: 0 without a trainer
             return
         path = Path(path)
         with quiet_progress():  # no "Writing model shards" bar for a one-shard model in our logs

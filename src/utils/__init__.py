@@ -1,5 +1,6 @@
 from src.utils.run import (
     LogHyperparameters,
+    attached_trainer,
     check_required,
     extras,
     finish_loggers,
@@ -15,6 +16,7 @@ from src.utils.run import (
 )
 
 __all__ = [
+    "attached_trainer",
     "check_required",
     "extras",
     "finish_loggers",

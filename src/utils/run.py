@@ -155,6 +155,14 @@ def instantiate_loggers(cfg: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c) for c in (cfg or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The Trainer a module is attached to, or None (a module used on its own: sample.py, tests)."""
+    try:
+        return module.trainer
+    except RuntimeError:  # Lightning: "... is not attached to a `Trainer`"
+        return None
+
+
 def hyperparameters(cfg: DictConfig, module: L.LightningModule) -> dict:
     """The full resolved config (less Hydra's own node) plus parameter counts. An `algo` key left null for the
     module to choose (`algo.loss_agg: null`: the loss type's own) holds the value the module chose (its `hparams`),
