@@ -309,7 +309,7 @@ def test_balanced_rows_are_few_even_and_within_capacity():
     row most. Random batches: each item exactly once, no row over capacity, none far above the even share."""
     import random
 
-    from src.datamodules.lm import _even_out, balanced_rows
+    from src.datamodules.packing import _even_out, balanced_rows
 
     rows, used = balanced_rows([5, 5, 4, 3, 3], 10)
     assert sorted(used) == [10, 10] and sorted(map(sorted, rows)) == [[0, 1], [2, 3, 4]]
