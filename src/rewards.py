@@ -1,13 +1,16 @@
 """Verifiable rewards: r(completion, answer) in [0, 1], chosen with the Hydra group `reward=`.
 
-A verifier reads model output as text and never evaluates it (no `eval`, no `sympy` parsing of
-model output). Built-in verifiers never raise: malformed, empty, unicode or huge outputs score 0.
+A verifier reads model output as text and never evaluates it (no `eval`; math_verify parses it into SymPy
+expressions, bounded in size and time, never executed). Built-in verifiers never raise: malformed, empty, unicode
+or huge outputs score 0.
 Each also has `extract(completion)`, the normalised final answer used for majority voting.
 
     exact    the stripped completion equals the answer
     numeric  the completion is a number within a tolerance of the answer
-    math     the final answer (last \\boxed{...}, else the last number) equals the answer,
-             numerically when both are numbers, else as normalised text
+    math_verify  Hugging Face's `math-verify` (what TRL's accuracy_reward and open-r1 use): the final answer
+             (the last \\boxed{...}, else the last expression) and the reference parsed to SymPy and compared
+             symbolically (\\frac12 = 0.5, {1,2,3} = {3,2,1}, intervals, x = 2 and 2); `reward=math` is its alias
+    reasoning_gym  a reasoning-gym generator's own `score_answer` on its own entry (src/datamodules/reasoning_gym.py)
     custom   any Python callable f(completion, answer) -> float, by `_target_`
     model    a trained reward model r_phi(prompt, completion) (`RewardModel`: algo=reward_model's export), not a
              verifier: scored in batches on the trainer's device, optionally whitened and mixed with a verifier
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import unicodedata
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
@@ -27,8 +29,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# digits with optional sign, thousands separators and decimals; bounded so a huge output stays cheap
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
 _MAX_CHARS = 10_000
 
 
@@ -51,19 +51,6 @@ def parse_number(text: str) -> Decimal | None:
     except (InvalidOperation, ValueError):
         return None
     return value if value.is_finite() else None
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, with nested braces balanced; None if absent or unclosed."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j]
-    return None
 
 
 class Verifier:
@@ -112,33 +99,84 @@ class NumericAnswer(Verifier):
         return abs(p - a) <= max(self.abs_tol, self.rel_tol * abs(a))
 
 
-class MathAnswer(NumericAnswer):
-    """The final answer of a worked solution: the last \\boxed{...}, else the last number in the text."""
+class MathVerify(Verifier):
+    """math-verify: `parse` the reference and the completion, `verify` them (SymPy equality; numbers to
+    `float_rounding` decimals). A reference that does not parse is an error naming its row (`check_references`,
+    before training), never a silent 0. math-verify bounds parse and verify with SIGALRM, which only the main thread
+    may use: elsewhere (a thread of a serving engine) they run unbounded, on completions capped at 10,000 characters.
+    Worker processes and DDP ranks run verifiers in their own main thread."""
 
-    name = "math"
+    name = "math_verify"
 
-    def __init__(self, abs_tol: float = 1e-6, rel_tol: float = 0.0, require_boxed: bool = False):
-        super().__init__(abs_tol, rel_tol)
-        self.require_boxed = require_boxed
+    def __init__(self, float_rounding: int = 6, numeric_precision: int = 15, strict: bool = True,
+                 timeout_seconds: int = 5):
+        import math_verify  # noqa: F401  (fail at construction if the dependency is missing)
+
+        self.float_rounding, self.numeric_precision, self.strict = float_rounding, numeric_precision, strict
+        self.timeout_seconds = timeout_seconds
+        self._gold: dict[str, list] = {}
+
+    def _timeout(self) -> int | None:
+        import threading
+
+        return self.timeout_seconds if threading.current_thread() is threading.main_thread() else None
+
+    def _parse(self, text: str) -> list:
+        from math_verify import parse
+
+        with _quiet("math_verify"):  # it warns on every call made without a timeout
+            return parse(text[:_MAX_CHARS], parsing_timeout=self._timeout())
+
+    def gold(self, answer: str) -> list:
+        """The reference parsed (cached): a bare reference as LaTeX between $ (`\\frac12`, `[1,2)`, `(x+1)^2`, `50\\%`),
+        else as written (one with its own $ or \\boxed{}, or plain text)."""
+        answer = str(answer)
+        if answer not in self._gold:
+            delimited = "$" in answer or "\\boxed" in answer
+            parsed = (not delimited and self._parse(f"${answer}$")) or self._parse(answer)
+            # math-verify falls back to the matched text alone when it finds no expression: not an answer
+            self._gold[answer] = parsed if any(not isinstance(x, str) for x in parsed) else []
+        return self._gold[answer]
+
+    def check_references(self, examples: list[dict], split: str) -> None:
+        for e in examples:
+            if not self.gold(e["reference"]):
+                raise ValueError(f"{e['where']}: reward=math_verify cannot parse "
+                                 f"the reference answer {e['reference']!r} (math-verify finds no expression in it); "
+                                 "fix the row, or use data.answer_pattern to extract the final answer")
 
     def extract(self, completion: str) -> str | None:
-        text = _normalise(completion[:_MAX_CHARS])
-        boxed = last_boxed(text)
-        if boxed is not None:
-            value = parse_number(boxed)
-            return str(value.normalize()) if value is not None else (boxed.strip() or None)
-        if self.require_boxed:
-            return None
-        numbers = _NUMBER.findall(text)
-        if not numbers:
-            return None
-        value = parse_number(numbers[-1])
-        return None if value is None else str(value.normalize())
+        parsed = self._parse(completion) if isinstance(completion, str) else []
+        return str(parsed[0]) if parsed else None
 
-    def match(self, prediction: str, answer: str) -> bool:
-        if parse_number(prediction) is not None and parse_number(answer) is not None:
-            return super().match(prediction, answer)
-        return prediction.replace(" ", "") == _normalise(answer).replace(" ", "")
+    def __call__(self, completion: str, answer: str) -> float:
+        from math_verify import verify
+
+        if not isinstance(completion, str):
+            return 0.0
+        gold = self.gold(answer)
+        if not gold:
+            raise ValueError(f"reference answer {str(answer)!r} does not parse (math-verify)")
+        pred = self._parse(completion)
+        if not pred:
+            return 0.0
+        with _quiet("math_verify"):
+            return float(verify(gold, pred, float_rounding=self.float_rounding, numeric_precision=self.numeric_precision,
+                                strict=self.strict, timeout_seconds=self._timeout()))
+
+
+class _quiet:
+    """Silence a library logger below ERROR for a block."""
+
+    def __init__(self, name: str):
+        self.logger = logging.getLogger(name)
+
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
 
 
 class FunctionReward(Verifier):

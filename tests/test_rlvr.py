@@ -240,25 +240,79 @@ def test_rollout_logps_equal_a_full_forward_and_rows_stop_at_eos(tokenizer):
 def test_builtin_verifiers_never_raise(name, completion):
     from src import rewards
 
-    v = {"exact": rewards.ExactAnswer(), "numeric": rewards.NumericAnswer(abs_tol=0.5), "math": rewards.MathAnswer()}[name]
+    v = {"exact": rewards.ExactAnswer(), "numeric": rewards.NumericAnswer(abs_tol=0.5), "math": rewards.MathVerify()}[name]
     assert v(completion, "123") in (0.0, 1.0)
     v.extract(completion or "")
 
 
 def test_verifiers_score_what_they_should():
-    from src.rewards import ExactAnswer, MathAnswer, NumericAnswer
+    from src.rewards import ExactAnswer, MathVerify, NumericAnswer
 
     assert ExactAnswer()(" 42 ", "42") == 1.0 and ExactAnswer()("042", "42") == 0.0
     assert ExactAnswer()("４２", "42") == 1.0  # full-width digits (NFKC)
     n = NumericAnswer(abs_tol=0.01)
     assert n("3.141", "3.14") == 1.0 and n("3.2", "3.14") == 0.0 and n("1,000", "1000") == 1.0
     assert NumericAnswer(rel_tol=0.1)("105", "100") == 1.0 and n("2+2", "4") == 0.0  # never evaluated
-    m = MathAnswer()
+    m = MathVerify()
     assert m("so x = 3 and then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}") == 1.0
     assert m("first 3, then 7. The answer is \\boxed{12}.", "12") == 1.0
     assert m("first 3, then 7, so 12", "12") == 1.0 and m("12 or maybe 13", "12") == 0.0
-    assert MathAnswer(require_boxed=True)("12", "12") == 0.0
     assert m.extract("\\boxed{2.50}") == m.extract("2.5")
+
+
+# the cases where math-verify and a "last \\boxed{} or last number, compared as numbers or text" verifier (this
+# project's reward=math before; `reward=math` is now math_verify's alias) differ: (completion, reference, math-verify,
+# the old verifier)
+MATH_DIFFERENCES = [
+    ("The answer is \\boxed{\\frac{1}{2}}", "0.5", 1.0, 0.0),  # a fraction against its decimal
+    ("so 1/2", "0.5", 1.0, 0.0),
+    ("\\boxed{0.5}", "\\frac12", 1.0, 0.0),  # a bare LaTeX reference
+    ("\\boxed{\\{3,2,1\\}}", "\\{1,2,3\\}", 1.0, 0.0),  # sets, in any order
+    ("\\boxed{5\\text{ cm}}", "5", 1.0, 0.0),  # units
+    ("\\boxed{[1,2)}", "[1,2)", 1.0, 1.0),  # intervals: the same one ...
+    ("\\boxed{(1,2]}", "[1,2)", 0.0, 0.0),  # ... and another
+    ("\\boxed{x^2+2x+1}", "(x+1)^2", 1.0, 0.0),  # symbolic equality
+    ("\\boxed{\\sqrt{2}}", "1.414214", 1.0, 0.0),  # numbers to 6 decimals
+    ("\\boxed{50\\%}", "50\\%", 1.0, 1.0),  # percent: as written ...
+    ("\\boxed{50\\%}", "0.5", 0.0, 0.0),  # ... not converted to a fraction
+]
+
+
+@pytest.mark.parametrize("completion, reference, want, old", MATH_DIFFERENCES)
+def test_math_verify_where_it_differs_from_a_last_number_verifier(completion, reference, want, old):
+    from src.rewards import MathVerify
+
+    assert MathVerify()(completion, reference) == want
+
+
+def test_math_verify_works_off_the_main_thread_and_in_a_forked_worker():
+    """math-verify's timeouts use SIGALRM, which raises outside the main thread: ours turns them off there."""
+    import multiprocessing
+    import threading
+
+    from src.rewards import MathVerify
+
+    m, out = MathVerify(), []
+    t = threading.Thread(target=lambda: out.append(m("\\boxed{\\frac{1}{2}}", "0.5")))
+    t.start()
+    t.join()
+    assert out == [1.0]
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # a dataloader worker / a forked DDP rank
+        assert pool.apply(m, ("\\boxed{\\frac{1}{2}}", "0.5")) == 1.0
+
+
+def test_an_unparsable_math_reference_stops_before_training_naming_its_row(cfg_factory, tmp_path):
+    import json
+
+    from src.pipeline import train
+
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(20)] + [{"prompt": "?", "answer": "\\frac{"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = cfg_factory("algo=rlvr", "reward=math_verify", "data=jsonl_prompts", f"data.source.train={tmp_path}/p.jsonl",
+                      "data.source.val_fraction=0.1", "warm_start.max_steps=0", "trainer.max_steps=1", "logger=none",
+                      quick=False)
+    with pytest.raises(ValueError, match=r"p.jsonl:21: reward=math_verify cannot parse the reference answer"):
+        train(cfg)
 
 
 def _raising_reward(completion: str, answer: str) -> float:

@@ -179,10 +179,11 @@ def prompt_example(row: dict, t: Tokenized, where: str) -> dict:
 
 
 def build_examples(rows, tokenizer, kind: str, split: str, max_length: int, truncation: str) -> list[dict]:
-    """Each (where, row) of a split as the example of its `kind` (`ROW_KINDS`), with its position in the split."""
+    """Each (where, row) of a split as the example of its `kind` (`ROW_KINDS`), with its position in the split and
+    its origin (`where`: a check before training names the row)."""
     t = Tokenized(tokenizer, max_length, truncation, split)
     make = row_kind(kind).example
-    out = [{**make(row, t, where), "index": index} for index, (where, row) in enumerate(rows)]
+    out = [{**make(row, t, where), "index": index, "where": where} for index, (where, row) in enumerate(rows)]
     t.report(len(out))
     return out
 

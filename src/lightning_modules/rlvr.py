@@ -184,6 +184,9 @@ class RLVRModule(LMModule):
         if dm is not None and hasattr(dm, "retired"):
             dm.retired.update(self.retired)
             self.retired = dm.retired  # one set: the train sampler skips what the module retires
+        if hasattr(self.verifier, "check_references"):  # before any work: a reference it cannot use, or a reward hole
+            for split, examples in getattr(dm, "examples", {}).items():
+                self.verifier.check_references(examples, split)
 
     def frozen_models(self) -> list[torch.nn.Module]:
         reward_model = [self.reward.model] if isinstance(self.reward, torch.nn.Module) else []
