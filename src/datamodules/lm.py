@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from src.datamodules.files import DataError
+from src.datamodules.files import DataError, RowMap
 from src.datamodules.packing import IGNORE, pack, pack_pairs
 from src.datamodules.sampler import ResumableTrainData
 from src.models.tokenizer import CHAT_TEMPLATE
@@ -288,7 +288,8 @@ class Collator:
 
 
 class LMDataModule(ResumableTrainData, L.LightningDataModule):
-    """Rows from `source` (anything with `rows(split)`) tokenized for `kind`."""
+    """Rows from `source` (anything with `rows(split)`; through `RowMap` with `columns`, `answer_pattern`, `chat`)
+    tokenized for `kind`."""
 
     def __init__(
         self,
@@ -302,11 +303,17 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         packing: bool = False,
+        columns: dict | None = None,
+        answer_pattern: str | None = None,
+        chat: bool = False,
+        system_prompt: str | None = None,
     ):
         super().__init__()
         if packing and not row_kind(kind).packs:
             raise ValueError(f"data.packing=true packs SFT examples and preference pairs; data.kind={kind!r} "
                              "does not use it (set data.packing=false)")
+        if columns or answer_pattern or chat:  # a dataset's own columns and answer format, read as ours
+            source = RowMap(source, columns, answer_pattern, chat, system_prompt)
         self.source, self.tokenizer, self.kind = source, tokenizer, kind
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_length, self.truncation, self.num_workers = max_length, truncation, num_workers
