@@ -112,7 +112,8 @@ def prompt_text(row: dict, tokenizer, where: str) -> tuple[str, str, bool]:
     answer = row["answer"]
     if not isinstance(answer, str | int | float) or str(answer).strip() == "":
         raise DataError(f"{where}: 'answer' must be a non-empty string or number")
-    return prompt, str(answer), templated
+    # a str subclass stays itself (reasoning-gym's Reference carries the entry its scorer reads)
+    return prompt, answer if isinstance(answer, str) else str(answer), templated
 
 
 # --------------------------------------------------------------------------- text -> ids
@@ -305,13 +306,15 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         packing: bool = False,
         columns: dict | None = None,
         answer_pattern: str | None = None,
-        chat: bool = False,
+        chat: bool | str = False,
         system_prompt: str | None = None,
     ):
         super().__init__()
         if packing and not row_kind(kind).packs:
             raise ValueError(f"data.packing=true packs SFT examples and preference pairs; data.kind={kind!r} "
                              "does not use it (set data.packing=false)")
+        if chat == "auto":  # the chat template when the model has one
+            chat = bool(getattr(tokenizer, "chat_template", None))
         if columns or answer_pattern or chat:  # a dataset's own columns and answer format, read as ours
             source = RowMap(source, columns, answer_pattern, chat, system_prompt)
         self.source, self.tokenizer, self.kind = source, tokenizer, kind
