@@ -33,7 +33,7 @@ train: install
 	$(PY) train.py algo=sft $(ARGS)
 
 test: install install-vllm
-	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30 $(ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

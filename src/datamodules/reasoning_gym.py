@@ -52,8 +52,11 @@ class Reference(str):
 
 def task_specs(tasks) -> list[dict]:
     """`data.source.tasks` as [{name, weight, config, level}], checked against reasoning-gym's registry."""
+    from omegaconf import OmegaConf
     from reasoning_gym.factory import DATASETS, has_curriculum
 
+    if OmegaConf.is_config(tasks):  # from Hydra: plain lists and dicts (a generator's options become JSON)
+        tasks = OmegaConf.to_container(tasks, resolve=True)
     specs = []
     for i, t in enumerate([tasks] if isinstance(tasks, str | dict) else list(tasks or [])):
         spec = {"name": t} if isinstance(t, str) else dict(t)
@@ -125,7 +128,7 @@ class ReasoningGymTask:
         need = sum(share.values())
         key = (name, json.dumps(config, sort_keys=True), spec["level"])  # what builds its scorer
         # draw more than needed and keep the first occurrence of each question: a small problem space repeats
-        size = 2 * need + 16
+        size = 4 * need + 64
         ds = make_dataset(name, config, spec["level"], size, self.seed)
         seen, entries = set(), []
         for i in range(size):
