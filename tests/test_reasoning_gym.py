@@ -65,10 +65,13 @@ def test_the_scorer_its_partial_credit_its_exceptions_and_bad_scores(caplog, mon
     primes = ReasoningGymTask("prime_factorization", n_train=5, n_val=0, n_test=0).rows("train")[0][1]["answer"]
     v = ReasoningGymScore()
     assert v("yes", primes) == 0.0 and "prime_factorization: score_answer raised ValueError" in caplog.text
-    monkeypatch.setattr(v, "scorer", lambda ref: lambda answer, entry: 1.5)
-    with pytest.raises(ValueError, match=r"reasoning-gym spell_backward: score_answer returned 1.5 for 'x': a score "
-                                         r"must be a number in \[0, 1\]"):
-        v("x", spell)
+    for bad in (1.5, float("nan"), "1", None):
+        monkeypatch.setattr(v, "scorer", lambda ref, bad=bad: lambda answer, entry: bad)
+        with pytest.raises(ValueError, match=rf"reasoning-gym spell_backward: score_answer returned {bad!r} for 'x': a "
+                                             r"score must be a number in \[0, 1\]"):
+            v("x", spell)
+    monkeypatch.setattr(v, "scorer", lambda ref: lambda answer, entry: True)
+    assert v("x", spell) == 1.0
     with pytest.raises(ValueError, match="only data=reasoning_gym's rows carry"):
         ReasoningGymScore()("1", "1")
 

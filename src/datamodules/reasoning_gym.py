@@ -195,7 +195,7 @@ class ReasoningGymScore(Verifier):
                 log.warning("reasoning-gym %s: score_answer raised %s: %s on %r; scored 0 (logged once per task)",
                             name, type(e).__name__, e, answer)
             return 0.0
-        if isinstance(s, bool) or not isinstance(s, int | float) or not 0.0 <= s <= 1.0:
+        if not isinstance(s, int | float) or not 0.0 <= s <= 1.0:  # a bool is 0 or 1; NaN fails the range
             raise ValueError(f"reasoning-gym {name}: score_answer returned {s!r} for {answer!r}: a score must be a "
                              "number in [0, 1]")
         return float(s)
