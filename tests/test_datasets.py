@@ -115,6 +115,8 @@ def test_a_hub_name_offline_fails_at_once_saying_to_pass_a_local_path(monkeypatc
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     with pytest.raises(DataError, match=r"data.source.train='openai/gsm8k' is not a local path, and the Hugging Face "

@@ -68,10 +68,14 @@ def dataset_rows(ds, origin: str) -> list[tuple[str, dict]]:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub's endpoint (HF_ENDPOINT) accepts a connection: one try, no retries."""
+    """Whether the Hugging Face Hub's endpoint (HF_ENDPOINT) accepts a connection: one try, no retries. Behind a
+    proxy (HTTPS_PROXY) a direct connection says nothing: datasets is left to try through it."""
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
 
     url = urlparse(constants.ENDPOINT)
     try:
