@@ -76,7 +76,11 @@ def test_reward_configs_instantiate_and_score(cfg_factory, reward):
     extra = ["reward.fn._target_=tests.test_configs._equal"] if reward == "custom" else []
     cfg = cfg_factory("algo=rlvr", f"reward={reward}", *extra)
     verifier = hydra.utils.instantiate(cfg.algo.reward)
-    assert verifier("12", "12") == 1.0 and verifier("13", "12") == 0.0
+    answer = "12"
+    if reward == "reasoning_gym":  # it scores with a generator's entry: one of data=reasoning_gym's answers
+        data = hydra.utils.instantiate(cfg_factory("algo=rlvr", "data=reasoning_gym", quick=False).data.source)
+        answer = data.rows("val")[0][1]["answer"]
+    assert verifier(str(answer), answer) == 1.0 and verifier(str(int(answer) + 1), answer) == 0.0
 
 
 def test_custom_reward_without_a_function_names_the_key(cfg_factory):
