@@ -32,6 +32,7 @@ from src.diffusion.processes import (
 
 class Sampler:
     name: str
+    summary: str = ""  # what it is, for an error message (else its docstring's first line)
     processes: tuple[type[Process], ...]  # the processes it reverses
     clip_x0 = True  # whether the denoiser's x0 estimate is clipped to the data range before each step
 
@@ -57,6 +58,7 @@ class DDPM(Sampler):
     """Ancestral sampling: x_s drawn from the process's reverse kernel p(x_s | x_k, x0_hat)."""
 
     name = "ddpm"
+    summary = "ancestral sampling from the reverse kernel"
     processes = (VPProcess, VEProcess)
 
     def transition(self, x0, k, s, x, generator):
@@ -67,6 +69,7 @@ class DDIM(Sampler):
     """The deterministic map that keeps the process's marginals (eta = 0)."""
 
     name = "ddim"
+    summary = "the deterministic map that keeps the marginals"
     processes = (VPProcess, VEProcess)
 
     def transition(self, x0, k, s, x, generator):
@@ -77,6 +80,7 @@ class Euler(Sampler):
     """Euler on the flow's ODE: x_s = x_k + (s - k)/T v(x_k, k), v = (x_k - x0_hat) / t."""
 
     name = "euler"
+    summary = "Euler on the flow's ODE"
     processes = (FlowProcess,)
 
     def transition(self, x0, k, s, x, generator):
@@ -89,6 +93,7 @@ class Heun(Sampler):
     the last, so `timesteps` holds each intermediate point twice (as diffusers' HeunDiscreteScheduler)."""
 
     name = "heun"
+    summary = "Heun's second-order method on the flow's ODE"
     processes = (FlowProcess,)
 
     def set_timesteps(self, steps: int) -> None:
@@ -119,6 +124,7 @@ class DPMSolver(Sampler):
     works on its own x0 estimates; diffusers offers only dynamic thresholding)."""
 
     name = "dpmpp"
+    summary = "DPM-Solver++(2M) on the vp probability-flow ODE"
     processes = (VPProcess,)
     clip_x0 = False
 
@@ -150,7 +156,7 @@ def check_sampler(name: str, process: Process, key: str = "sampler") -> type[Sam
         raise ValueError(f"{key}={name!r}: must be one of {list(SAMPLERS)}")
     cls = SAMPLERS[name]
     if not isinstance(process, cls.processes):
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        doc = cls.summary or (cls.__doc__ or "").strip().splitlines()[0]
         raise ValueError(f"{key}={name!r} on process={process.name!r}: {name} reverses process="
                          f"{' | '.join(c.name for c in cls.processes)} ({doc}); process={process.name!r} samples "
                          f"with {' | '.join(samplers_for(process))}")
