@@ -105,9 +105,10 @@ class Heun(Sampler):
         p = self.process
         if self.first is None:  # stage 1 at k: Euler to s
             s = self.grid[self.step_index + 1]
-            x_euler = x + (s - k) / p.T * p.velocity(x, x0, k)
+            v_k = p.velocity(x, x0, k)
+            x_euler = x + (s - k) / p.T * v_k
             if s > 0:
-                self.first = (x, p.velocity(x, x0, k), k, s)
+                self.first = (x, v_k, k, s)
             else:
                 self.step_index += 1
             return x_euler
