@@ -150,3 +150,25 @@ def test_rlvr_on_reasoning_gym_under_ddp_scores_each_ranks_rows(cfg_factory):
     metrics, _ = train_with(cfg, Seen())
     assert metrics["ddp/world"] == 2 and 0 <= metrics["val/pass@1"] <= 1
     assert metrics["ddp/val_rows"] == 16
+
+
+@pytest.mark.parametrize("preset", ["rg_arithmetic", "rg_spell_backward"])
+def test_the_learning_presets_fit_their_budgets_and_pay_only_the_answer(cfg_factory, preset):
+    """experiment=rg_* (the README's learning table): every prompt fits data.max_length, every answer (and its EOS)
+    fits algo.max_new_tokens, so pass@1 is not capped by a cut; the scorer pays each reference 1 and a near miss 0."""
+    import hydra
+
+    cfg = cfg_factory(f"experiment={preset}", quick=False)
+    tok = hydra.utils.instantiate(cfg.model.tokenizer)
+    dm = hydra.utils.instantiate(cfg.data, tokenizer=tok)
+    dm.setup("fit")  # truncation=error: a prompt over max_length raises here
+    verifier = hydra.utils.instantiate(cfg.reward)
+    for split in ("train", "val"):
+        rows = dm.examples[split]
+        assert len(rows) == cfg.data.source[f"n_{split}"]
+        longest = max(len(tok(str(r["reference"]), add_special_tokens=False).input_ids) + 1 for r in rows)
+        assert longest <= cfg.algo.max_new_tokens, f"{split}: an answer of {longest - 1} tokens + EOS"
+        for r in rows[:50]:
+            ref = r["reference"]
+            assert verifier(str(ref), ref) == 1.0
+            assert verifier(str(ref)[:-1] + ("0" if str(ref)[-1] != "0" else "1"), ref) == 0.0
