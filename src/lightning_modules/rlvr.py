@@ -247,7 +247,7 @@ class RLVRModule(LMModule):
         r_train = r
         if hp.kl_in == "reward" and hp.beta > 0:  # r - beta KL sample, PPO-RLHF
             r_train = kl_penalised_rewards(r, roll.logps.view(*r.shape, -1), ref_logp.view(*r.shape, -1),
-                                           roll.completion_mask.view(*r.shape, -1), hp.beta)
+                                           roll.loss_mask.view(*r.shape, -1), hp.beta)
         adv, keep, zv_all = self.advantages(r_train, r)  # group advantages, batch-normalised; zero-variance filter
         self.retire(batch, passed)  # no-positive resampling
         loss, stats, entropy, t_train = self.policy_update(batch, roll, adv, keep, ranges, ref_logp)
@@ -315,7 +315,7 @@ class RLVRModule(LMModule):
         b, g = adv.shape
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
-        mask = roll.completion_mask.view(b, g, -1)
+        mask = roll.loss_mask.view(b, g, -1)  # the policy's tokens (a tool turn's are not the policy's)
         groups = loss_groups(keep, hp.beta, hp.kl_in)  # filtered groups keep their KL term (their A is 0)
         weights = token_weights(mask, groups, hp.loss_agg).flatten(0, 1)
         units = count_units(mask, groups, hp.loss_agg)
@@ -333,7 +333,7 @@ class RLVRModule(LMModule):
             t = seqs[2].size(1)
             lp, ent = completion_logps(self.model, *seqs)
             part, _ = rlvr_loss(
-                lp, roll.logps[s:e, :t], adv_flat[s:e], seqs[3], None, hp.loss_type, hp.loss_agg, hp.epsilon,
+                lp, roll.logps[s:e, :t], adv_flat[s:e], roll.loss_mask[s:e, :t], None, hp.loss_type, hp.loss_agg, hp.epsilon,
                 hp.clip_low, hp.clip_high, None if ref_logp is None else ref_logp[s:e, :t], hp.beta, normalizer,
                 weights[s:e, :t], with_stats=False, kl_estimator=hp.kl_estimator, kl_in=hp.kl_in)
             t_train += time.perf_counter() - t1
@@ -342,7 +342,7 @@ class RLVRModule(LMModule):
             logp[s:e, :t], entropy[s:e, :t] = lp.detach(), ent
         opt.step()  # clips in `on_before_optimizer_step`, after the precision plugin unscaled the gradients
         self.lr_schedulers().step()
-        stats = ratio_stats(logp, roll.logps, adv_flat, roll.completion_mask, hp.loss_type, hp.epsilon, hp.clip_low,
+        stats = ratio_stats(logp, roll.logps, adv_flat, roll.loss_mask, hp.loss_type, hp.epsilon, hp.clip_low,
                             hp.clip_high, ref_logp, hp.beta)
         return loss, stats, entropy, t_train  # t_train: the forward passes only
 
@@ -383,7 +383,7 @@ class RLVRModule(LMModule):
         n_train = n_prompt + n_gen  # each prompt is encoded once for its G samples
         self.compute += float(2 * self.n_params * (n_prompt + n_gen) + 6 * self.n_params * n_train) * self.trainer.world_size
         self.samples += b * g * self.trainer.world_size
-        m = roll.completion_mask
+        m = roll.loss_mask
         log = {
             "loss": loss.detach(),
             "reward/mean": r.mean(),
@@ -392,7 +392,7 @@ class RLVRModule(LMModule):
             "frac_zero_variance": zv_all.float().mean(),
             "retired_prompts": float(len(self.retired)),
             "entropy": entropy[m].mean(),
-            "completion_length": roll.lengths.float().mean(),
+            "completion_length": m.sum(-1).float().mean(),  # the policy's tokens
             "truncation_rate": roll.truncated.float().mean(),
             "reward_errors": float(errors),
             "samples": float(self.samples),

@@ -32,10 +32,17 @@ class Rollout:
     completion_mask: torch.Tensor  # (N, T) bool, the generated tokens, <eos> included
     logps: torch.Tensor  # (N, T) float32, log pi_gen(y_t | x, y_<t), 0 where masked
     truncated: torch.Tensor  # (N,) bool, stopped by max_new_tokens before <eos>
+    # (N, T) bool, the tokens the policy sampled, when others are in the completion (a multi-turn episode's tool
+    # turns, src/envs/episodes.py): the loss, the KL and the token counts use `loss_mask`; None: all of them
+    policy_mask: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        return self.completion_mask if self.policy_mask is None else self.policy_mask
 
     @staticmethod
     def cat(parts: list[Rollout], pad: int) -> Rollout:
@@ -47,7 +54,8 @@ class Rollout:
         return Rollout(torch.cat([widen(p.completion_ids, pad) for p in parts]),
                        torch.cat([widen(p.completion_mask, False) for p in parts]),
                        torch.cat([widen(p.logps, 0.0) for p in parts]),
-                       torch.cat([p.truncated for p in parts]))
+                       torch.cat([p.truncated for p in parts]),
+                       None if parts[0].policy_mask is None else torch.cat([widen(p.loss_mask, False) for p in parts]))
 
 
 class RolloutEngine(Protocol):

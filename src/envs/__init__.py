@@ -1,0 +1,1 @@
+"""Tools and environments for multi-turn RL, on TRL's `environment_factory` contract (`tools`)."""

@@ -1,0 +1,136 @@
+"""Multi-turn episodes on any rollout engine: generate until the turn ends, run the tool calls it makes, append
+their results, generate again, up to `max_turns` turns and `max_tokens` completion tokens.
+
+What is trained is exactly what was sampled: the policy's token ids are kept as the engine returned them (never
+decoded and re-tokenised: a BPE tokenizer may encode the decoded text differently), and the tool turns are appended
+as token ids of the chat template's own rendering of the tool messages. `Episodes.policy_mask` marks the tokens the
+policy wrote (True) against the tool turns (False): the loss, the KL and the token counts of the aggregation use it,
+and the sampler's log-probs (`logps`) are recorded for policy tokens only (0 elsewhere).
+
+A turn ends at <eos> or at the per-turn `max_new_tokens`; it is the episode's last when it calls no tool, when
+`max_turns` is reached, or when the token budget is spent (then the episode is `truncated`, as a completion cut at
+max_new_tokens is in single-turn RL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from src.envs.tools import Environment, parse_tool_calls
+from src.models.rollout import Rollout
+
+# the texts the chat template renders around an assistant turn's content (found by rendering a marker)
+_MARK = "\u2063assistant-turn\u2063"
+
+
+def tool_turn_text(tokenizer, results: list[tuple[str, str]]) -> str:
+    """The text the chat template puts between the end of an assistant turn's content and the next generation
+    prompt, around the tool messages `results` ([(tool name, content)]): rendered after a placeholder turn, so it
+    holds the template's own end-of-turn text, the tool messages and the generation prompt. The leading <eos> is
+    dropped when the template writes it (the policy sampled its own)."""
+    base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}]
+    tools = [{"role": "tool", "name": n, "content": c} for n, c in results]
+    text = tokenizer.apply_chat_template(base + tools, tokenize=False, add_generation_prompt=True)
+    cut = text.find(_MARK)
+    if cut < 0:
+        raise ValueError("the chat template does not render an assistant turn's content: it cannot hold a tool turn")
+    suffix = text[cut + len(_MARK):]
+    eos = tokenizer.eos_token or ""
+    return suffix[len(eos):] if eos and suffix.startswith(eos) else suffix
+
+
+@dataclasses.dataclass
+class Episodes(Rollout):
+    """N episodes as a `Rollout` (what RL trains on), right-padded to the longest completion (T tokens):
+    `completion_ids` holds the policy's tokens and the tool turns' in order, `completion_mask` all of them (attention,
+    positions), `policy_mask` the policy's (loss, KL, token counts), `logps` log pi_gen of each policy token (0
+    elsewhere), `truncated` the episodes cut by the per-turn limit or the token budget."""
+
+    turns: torch.Tensor | None = None  # (N,) long: assistant turns
+    tool_calls: torch.Tensor | None = None  # (N,) long
+    tool_errors: torch.Tensor | None = None  # (N,) long: calls that came back as an error message
+    messages: list[list[dict]] = dataclasses.field(default_factory=list)  # each episode as chat messages (W&B table)
+
+
+def run_episodes(engine, tokenizer, prompt_ids: list[list[int]], envs: list[Environment], num_samples: int,
+                 max_turns: int, max_new_tokens: int, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> Episodes:
+    """`num_samples` episodes per prompt (prompt i's are rows i*G .. i*G+G-1, as single-turn rollouts), each with its
+    own environment from `envs` (already reset: one per episode, N = prompts x G)."""
+    if max_turns < 1:
+        raise ValueError(f"max_turns={max_turns}: an episode has at least one turn")
+    if max_tokens < 1 or max_new_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}, max_new_tokens={max_new_tokens}: both must be >= 1")
+    n = len(prompt_ids) * num_samples
+    if len(envs) != n:
+        raise ValueError(f"{len(envs)} environments for {n} episodes: one each")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids: list[list[int]] = [[] for _ in range(n)]
+    policy: list[list[bool]] = [[] for _ in range(n)]
+    logps: list[list[float]] = [[] for _ in range(n)]
+    messages: list[list[dict]] = [[] for _ in range(n)]
+    turns, calls, errors = [0] * n, [0] * n, [0] * n
+    truncated = [False] * n
+    active = list(range(n))
+    for turn in range(max_turns):
+        budget = {i: max_tokens - len(ids[i]) for i in active}
+        if turn == 0:  # the G samples of a prompt share its prefill
+            contexts, g = prompt_ids, num_samples
+        else:
+            contexts, g = [prompt_ids[i // num_samples] + ids[i] for i in active], 1
+        width = max(len(c) for c in contexts)
+        device = getattr(engine, "device", None) or "cpu"
+        ctx = torch.tensor([[pad] * (width - len(c)) + list(c) for c in contexts], device=device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
+        roll = engine.generate(ctx, mask, g, min(max_new_tokens, max(budget.values())), temperature, top_p,
+                               generator)
+        nxt = []
+        for row, i in enumerate(active):
+            k = int(roll.completion_mask[row].sum())
+            k = min(k, budget[i])  # a batch's shared length may exceed this episode's budget
+            new = roll.completion_ids[row, :k].tolist()
+            ids[i] += new
+            policy[i] += [True] * k
+            logps[i] += roll.logps[row, :k].tolist()
+            turns[i] += 1
+            ended = bool(new) and new[-1] == eos
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            messages[i].append({"role": "assistant", "content": text})
+            if not ended:  # cut by the per-turn limit or the budget: the episode stops, as a truncated completion
+                truncated[i] = True
+                continue
+            found = parse_tool_calls(text)
+            if not found or turn == max_turns - 1:
+                continue
+            results = []
+            for call in found:
+                res = envs[i].call(call)
+                calls[i] += 1
+                errors[i] += res.error
+                results.append((call.name or "?", res.content))
+                messages[i].append({"role": "tool", "name": call.name or "?", "content": res.content})
+            tool = tokenizer(tool_turn_text(tokenizer, results), add_special_tokens=False).input_ids
+            if len(ids[i]) + len(tool) >= max_tokens:  # no room left to answer after the tool turn
+                truncated[i] = True
+                continue
+            ids[i] += tool
+            policy[i] += [False] * len(tool)
+            logps[i] += [0.0] * len(tool)
+            nxt.append(i)
+        active = nxt
+        if not active:
+            break
+    t = max(1, max(len(x) for x in ids))
+    return Episodes(
+        completion_ids=torch.tensor([x + [pad] * (t - len(x)) for x in ids]),
+        completion_mask=torch.tensor([[True] * len(x) + [False] * (t - len(x)) for x in ids]),
+        policy_mask=torch.tensor([x + [False] * (t - len(x)) for x in policy]),
+        logps=torch.tensor([x + [0.0] * (t - len(x)) for x in logps], dtype=torch.float32),
+        truncated=torch.tensor(truncated),
+        turns=torch.tensor(turns),
+        tool_calls=torch.tensor(calls),
+        tool_errors=torch.tensor(errors),
+        messages=messages,
+    )
