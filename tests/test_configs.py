@@ -144,6 +144,7 @@ PRESETS = {
     "experiment/rg_spell_backward": {"algo._target_": ("src.lightning_modules.sft.SFTModule",
                                                        "src.lightning_modules.rlvr.RLVRModule"),
                                      "data.source.tasks.0.name": (None, "spell_backward"),
+                                     "trainer.max_steps": (1500, 300),
                                      "reward._target_": (None, "src.datamodules.reasoning_gym.ReasoningGymScore")},
     "debug/fdr": {"trainer.fast_dev_run": (None, True), "logger": (["wandb"], []),
                   "callbacks": (["finite_loss", "hf_export", "lr_monitor", "model_checkpoint", "rich_progress_bar",
