@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -601,3 +602,33 @@ def test_the_rl_math_imports_without_lightning():
 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_rl_table_reads_before_after_and_test_from_a_csv_run(tmp_path):
+    """scripts/rl_table.py (the README's learning tables): before RL is scalerl/R0 (the pre-training validation),
+    after is the last validation before the test, test is the test row; a run without csv metrics is named."""
+    import csv
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save({"seed": 3, "data": {"source": {"tasks": [{"name": "spell_backward"}]}}}, run / ".hydra" / "config.yaml")
+    (run / "csv" / "version_0").mkdir(parents=True)
+    rows = [{"step": 0, "warm_start/exact_match": 0.5, "warm_start/steps": 160},
+            {"step": 49, "val/pass@1": 0.25}, {"step": 99, "val/pass@1": 0.4},
+            {"step": 149, "val/pass@1": 0.6, "scalerl/R0": 0.15}, {"step": 150, "test/pass@1": 0.55,
+                                                                  "test/majority@k": 0.7}]
+    with (run / "csv" / "version_0" / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        w.writeheader()
+        w.writerows(rows)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "rl_table.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("| spell_backward | 3 | 0.500, 160 | 0.150 | 0.600 | +45.0 | 0.550 | 0.700 |"), line
+    (run / "csv" / "version_0" / "metrics.csv").unlink()
+    bad = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "no csv/version_*/metrics.csv (train with logger=csv)" in bad.stderr
