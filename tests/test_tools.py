@@ -157,3 +157,21 @@ def test_a_template_with_tool_support_passes_the_check(tokenizer):
         "{% for c in m.tool_calls or [] %}<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments}"
         " | tojson }}</tool_call>{% endfor %}\n{% endfor %}")
     check_tool_template(tok)
+
+
+def test_the_calculator_environment_computes_and_refuses_what_is_not_arithmetic():
+    from src.envs.calculator import Calculator
+
+    env = Environment(Calculator())
+    assert [s["function"]["name"] for s in env.schemas] == ["calculate"]
+    assert env.reset(prompt="123456*789=", answer="97406784") is None
+    ok = env.call(parse_tool_calls('<tool_call>{"name": "calculate", "arguments": {"expression": "123456*789"}}'
+                                   '</tool_call>')[0])
+    assert ok.content == "97406784" and not ok.error
+    assert env.call(ToolCall("calculate", {"expression": "-(12+30)*2 - 1"})).content == "-85"
+    for bad, message in [("__import__('os').system('x')", "only integers, + - * and parentheses are allowed"),
+                         ("2**100000", "only integers"), ("7/2", "only integers"), ("1.5+1", "only integers"),
+                         ("12+", "not an arithmetic expression"), ("9" * 30 + "*" + "9" * 30, "more than 40 digits")]:
+        res = env.call(ToolCall("calculate", {"expression": bad}))
+        assert res.error and message in res.content, (bad, res.content)
+    assert env.instance.calls == 8
