@@ -67,6 +67,8 @@ def run_episodes(engine, tokenizer, prompt_ids: list[list[int]], envs: list[Envi
     if len(envs) != n:
         raise ValueError(f"{len(envs)} environments for {n} episodes: one each")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model = getattr(engine, "model", None)  # contexts go where the engine's model is (HFRollout); vLLM's take CPU ids
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
     ids: list[list[int]] = [[] for _ in range(n)]
     policy: list[list[bool]] = [[] for _ in range(n)]
     logps: list[list[float]] = [[] for _ in range(n)]
@@ -81,7 +83,6 @@ def run_episodes(engine, tokenizer, prompt_ids: list[list[int]], envs: list[Envi
         else:
             contexts, g = [prompt_ids[i // num_samples] + ids[i] for i in active], 1
         width = max(len(c) for c in contexts)
-        device = getattr(engine, "device", None) or "cpu"
         ctx = torch.tensor([[pad] * (width - len(c)) + list(c) for c in contexts], device=device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
         roll = engine.generate(ctx, mask, g, min(max_new_tokens, max(budget.values())), temperature, top_p,
