@@ -82,9 +82,8 @@ def run_episodes(engine, tokenizer, prompt_ids: list[list[int]], envs: list[Envi
             contexts, g = prompt_ids, num_samples
         else:
             contexts, g = [prompt_ids[i // num_samples] + ids[i] for i in active], 1
-        width = max(len(c) for c in contexts)
-        ctx = torch.tensor([[pad] * (width - len(c)) + list(c) for c in contexts], device=device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
+        ctx = _pad([list(c) for c in contexts], pad, torch.long, "left").to(device)
+        mask = _pad([[1] * len(c) for c in contexts], 0, torch.long, "left").to(device)
         roll = engine.generate(ctx, mask, g, min(max_new_tokens, max(budget.values())), temperature, top_p,
                                generator)
         nxt = []
@@ -123,15 +122,19 @@ def run_episodes(engine, tokenizer, prompt_ids: list[list[int]], envs: list[Envi
         active = nxt
         if not active:
             break
-    t = max(1, max(len(x) for x in ids))
     return Episodes(
-        completion_ids=torch.tensor([x + [pad] * (t - len(x)) for x in ids]),
-        completion_mask=torch.tensor([[True] * len(x) + [False] * (t - len(x)) for x in ids]),
-        policy_mask=torch.tensor([x + [False] * (t - len(x)) for x in policy]),
-        logps=torch.tensor([x + [0.0] * (t - len(x)) for x in logps], dtype=torch.float32),
+        completion_ids=_pad(ids, pad, torch.long),
+        completion_mask=_pad([[True] * len(x) for x in ids], False, torch.bool),
+        policy_mask=_pad(policy, False, torch.bool),
+        logps=_pad(logps, 0.0, torch.float32),
         truncated=torch.tensor(truncated),
         turns=torch.tensor(turns),
         tool_calls=torch.tensor(calls),
         tool_errors=torch.tensor(errors),
         messages=messages,
     )
+
+
+def _pad(rows: list[list], value, dtype: torch.dtype, side: str = "right") -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence([torch.tensor(r, dtype=dtype) for r in rows], batch_first=True,
+                                           padding_value=value, padding_side=side)
