@@ -143,9 +143,12 @@ def test_bad_tools_environments_and_templates_stop_naming_the_fault(tokenizer):
 
     with pytest.raises(ValueError, match=r"NoReset has no reset\(\*\*row\) method"):
         Environment(NoReset())
-    # the embedded default's template shows no tool calls: refused, saying how to give one
+    # a template that shows no tool calls is refused, saying how to give one; the embedded default's shows them
+    from tests.test_multiturn import toolless_tokenizer
+
     with pytest.raises(ValueError, match="model.tokenizer: the chat template has no tool support"):
-        check_tool_template(tokenizer)
+        check_tool_template(toolless_tokenizer())
+    check_tool_template(tokenizer)
 
 
 def test_a_template_with_tool_support_passes_the_check(tokenizer):

@@ -33,17 +33,38 @@ def _is_messages(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def render_prompt(value, tokenizer, where: str, key: str) -> tuple[str, bool]:
-    """Prompt text, and whether it was rendered by the chat template (which then holds <bos>)."""
+def render_prompt(value, tokenizer, where: str, key: str, tools: list[dict] | None = None) -> tuple[str, bool]:
+    """Prompt text, and whether it was rendered by the chat template (which then holds <bos>); `tools`: the JSON
+    schemas the template shows (a row's "tools", TRL's column)."""
     if isinstance(value, str):
         if not value:
             raise DataError(f"{where}: empty string for key {key!r}")
         return value, False
     if _is_messages(value) and value:
         template = tokenizer.chat_template or CHAT_TEMPLATE
-        text = tokenizer.apply_chat_template(value, add_generation_prompt=True, tokenize=False, chat_template=template)
+        text = tokenizer.apply_chat_template(value, add_generation_prompt=True, tokenize=False, chat_template=template,
+                                             tools=tools or None)
         return text, True
     raise DataError(f"{where}: key {key!r} must be a non-empty string or a list of chat messages")
+
+
+_MARK = "\u2063turn\u2063"
+
+
+def tool_call_turn(msgs: list[dict], tokenizer, tools: list[dict] | None, where: str) -> str:
+    """The text the chat template writes for the last message, an assistant turn with `tool_calls` (a tool-use
+    demonstration), without its end of turn: the completion's <eos> ends it, as the policy's sampled <eos> does."""
+    template = tokenizer.chat_template or CHAT_TEMPLATE
+    render = lambda m, gen: tokenizer.apply_chat_template(  # noqa: E731
+        m, add_generation_prompt=gen, tokenize=False, chat_template=template, tools=tools or None)
+    before, full = render(msgs[:-1], True), render(msgs, False)
+    if not full.startswith(before):
+        raise DataError(f"{where}: the chat template renders the conversation before the last assistant turn "
+                        "differently with and without it; its tool-call turn cannot be cut out as a completion")
+    turn = full[len(before):]
+    probe = render([{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}], False)
+    end = probe[probe.find(_MARK) + len(_MARK):] if _MARK in probe else ""
+    return turn[: len(turn) - len(end)] if end and turn.endswith(end) else turn
 
 
 def render_completion(value, where: str, key: str) -> str:
@@ -75,7 +96,10 @@ def sft_text(row: dict, tokenizer, where: str) -> tuple[str, str, bool]:
         msgs = row["messages"]
         if not _is_messages(msgs) or len(msgs) < 2 or msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}: 'messages' must be a list of {{role, content}} ending with an assistant turn")
-        prompt, templated = render_prompt(msgs[:-1], tokenizer, where, "messages")
+        tools = row.get("tools")
+        prompt, templated = render_prompt(msgs[:-1], tokenizer, where, "messages", tools)
+        if msgs[-1].get("tool_calls"):  # a tool-use demonstration: the policy learns to write the call
+            return prompt, tool_call_turn(msgs, tokenizer, tools, where), templated
         return prompt, render_completion(msgs[-1]["content"], where, "messages[-1].content"), templated
     require_keys(row, ("prompt", "completion"), where, SFT_FORMATS)
     if row.get("label", True) is not True:  # an unpaired-preference row (KTO's): SFT would imitate a bad completion
@@ -176,7 +200,9 @@ def prompt_example(row: dict, t: Tokenized, where: str) -> dict:
     p = t.prompt(prompt, templated)
     if len(p) >= t.max_length:
         raise DataError(f"{where}: prompt is {len(p)} tokens, not shorter than data.max_length={t.max_length}")
-    return {"prompt": prompt, "prompt_ids": p, "reference": answer}
+    # the conversation itself: a multi-turn run (src/envs/) renders it again with its tools and reset text
+    chat = row["messages"] if "messages" in row and "prompt" not in row else [{"role": "user", "content": row["prompt"]}]
+    return {"prompt": prompt, "prompt_ids": p, "reference": answer, "chat": chat}
 
 
 def build_examples(rows, tokenizer, kind: str, split: str, max_length: int, truncation: str) -> list[dict]:
@@ -237,6 +263,13 @@ class RowKind(NamedTuple):
     rows: Callable[[object, str, int], list[tuple[str, dict]]] | None = None
 
 
+def sft_rows(source, split: str, seed: int) -> list[tuple[str, dict]]:
+    """A task may make its own SFT rows (`sft_rows`: the calculator task's tool-use demonstrations)."""
+    if hasattr(source, "sft_rows"):
+        return source.sft_rows(split)
+    return source.rows(split)
+
+
 def preference_rows(source, split: str, seed: int) -> list[tuple[str, dict]]:
     """A task makes its own pairs (`preference_rows`: the arithmetic task's corrupted answers, seeded); a file holds them."""
     if hasattr(source, "preference_rows"):
@@ -246,7 +279,7 @@ def preference_rows(source, split: str, seed: int) -> list[tuple[str, dict]]:
 
 # data.kind -> its rows: the built-in names, or any RowKind by import path (an algorithm's own, named in its YAML)
 ROW_KINDS: dict[str, RowKind] = {
-    "sft": RowKind(sft_example, collate_sft, packs=True),
+    "sft": RowKind(sft_example, collate_sft, packs=True, rows=sft_rows),
     "preference": RowKind(preference_example, collate_preference, packs=True, rows=preference_rows),
     "prompt": RowKind(prompt_example),
 }
@@ -281,6 +314,7 @@ class Collator:
             "prompt_attention_mask": pad([[1] * len(p) for p in prompts], 0, left=True),
             "prompts": [e["prompt"] for e in examples],
             "references": [e["reference"] for e in examples],
+            **({"chats": [e["chat"] for e in examples]} if "chat" in examples[0] else {}),
             "index": torch.tensor([e["index"] for e in examples]),  # position in its split (caches)
         }
         if self._collate is not None:

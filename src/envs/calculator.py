@@ -14,6 +14,8 @@ from __future__ import annotations
 import ast
 import operator
 
+from src.envs.tools import tool_schema
+
 OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 MAX_DIGITS = 40  # a result longer than this is refused (a policy that multiplies forever never stalls the run)
 
@@ -60,3 +62,40 @@ class Calculator:
         """
         self.calls += 1
         return str(evaluate(expression))
+
+
+class CalculatorTask:
+    """The arithmetic task (src/datamodules/arithmetic.py) as chat prompts, for RL with the calculator: `123*456=` ->
+    56088, with operands too large for a small policy to multiply by itself. `sft_rows` are the warm start's
+    demonstrations: with `tool_demos`, two rows per problem (the turn that calls the calculator, and the answer after
+    its result: the policy learns to call it and to copy what it returns); without, the answer alone (the no-tool
+    baseline's warm start)."""
+
+    def __init__(self, digits: int = 3, ops: tuple[str, ...] | list[str] = ("*",), n_train: int = 4000,
+                 n_val: int = 200, n_test: int = 500, seed: int = 1234, tool_demos: bool = True):
+        from src.datamodules.arithmetic import ArithmeticTask
+
+        self.task = ArithmeticTask(digits, ops, n_train, n_val, n_test, seed)
+        self.tool_demos = tool_demos
+        self.schemas = [tool_schema(Calculator().calculate)]
+
+    def rows(self, split: str) -> list[tuple[str, dict]]:
+        return [(where.replace("arithmetic", "calculator", 1),
+                 {"messages": [{"role": "user", "content": row["prompt"]}], "answer": row["answer"]})
+                for where, row in self.task.rows(split)]
+
+    def sft_rows(self, split: str) -> list[tuple[str, dict]]:
+        out = []
+        for where, row in self.rows(split):
+            user, answer = row["messages"], row["answer"]
+            if not self.tool_demos:
+                out.append((where, {"messages": [*user, {"role": "assistant", "content": answer}]}))
+                continue
+            expression = user[0]["content"].rstrip("=")
+            call = {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "calculate", "arguments": {"expression": expression}}}]}
+            result = {"role": "tool", "name": "calculate", "content": str(evaluate(expression))}
+            out.append((f"{where}:call", {"messages": [*user, call], "tools": self.schemas}))
+            out.append((f"{where}:answer", {"messages": [*user, call, result, {"role": "assistant", "content": answer}],
+                                            "tools": self.schemas}))
+        return out

@@ -52,6 +52,16 @@ class Episodes(Rollout):
     tool_calls: torch.Tensor | None = None  # (N,) long
     tool_errors: torch.Tensor | None = None  # (N,) long: calls that came back as an error message
     messages: list[list[dict]] = dataclasses.field(default_factory=list)  # each episode as chat messages (W&B table)
+    env_rewards: torch.Tensor | None = None  # (N,) the environments' own rewards (get_reward), when they have one
+
+    @property
+    def answers(self) -> list[str]:
+        """Each episode's last assistant turn: what the verifier scores."""
+        return [next((m["content"] for m in reversed(ms) if m["role"] == "assistant"), "") for ms in self.messages]
+
+    def transcripts(self) -> list[str]:
+        """Each episode as text, the tool turns shown (the W&B table of episodes)."""
+        return ["\n".join(f"[{m.get('name', m['role'])}] {m['content']}" for m in ms) for ms in self.messages]
 
 
 def run_episodes(engine, tokenizer, prompt_ids: list[list[int]], envs: list[Environment], num_samples: int,

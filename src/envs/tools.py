@@ -186,3 +186,26 @@ def check_tool_template(tokenizer, where: str = "model.tokenizer") -> None:
         raise ValueError(f"{where}: the chat template has no tool support (it cannot show a tool call and its result); "
                          "give the tokenizer one that renders `tool_calls` and `tool` messages (e.g. Qwen2.5's), "
                          "as tokenizer.chat_template or in the checkpoint's tokenizer_config.json")
+
+
+class EnvSpec:
+    """A multi-turn run's environment (`env=`, conf/env/): `environment` makes one environment instance per episode (a
+    class on TRL's contract, as Hydra's partial) and/or `tools` (plain functions, or their import paths), with the
+    episode's limits: `max_turns` assistant turns, `max_tokens` completion tokens in all (the policy's and the tool
+    turns'), `timeout` seconds per tool call. Everything is checked here, before any work."""
+
+    def __init__(self, environment: Callable | None = None, tools: list = (), max_turns: int = 3,
+                 max_tokens: int = 256, timeout: float = 10.0):
+        if max_turns < 1:
+            raise ValueError(f"env.max_turns={max_turns}: an episode has at least one turn")
+        if max_tokens < 1:
+            raise ValueError(f"env.max_tokens={max_tokens}: an episode's token budget must be >= 1")
+        if environment is None and not tools:
+            raise ValueError("env: give an environment class (env.environment._target_) or tools (env.tools=[...])")
+        self.environment = environment
+        self.tools = [import_target(t, "tool") if isinstance(t, str) else t for t in tools]
+        self.max_turns, self.max_tokens, self.timeout = max_turns, max_tokens, timeout
+        self.schemas = self.make().schemas  # a tool without hints or docstring stops here, naming it
+
+    def make(self) -> Environment:
+        return Environment(self.environment() if self.environment is not None else None, self.tools, self.timeout)

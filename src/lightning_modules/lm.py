@@ -70,7 +70,7 @@ class LMModule(L.LightningModule):
             raise ValueError(f"algo.lr={lr}: must be > 0")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"algo.min_lr_ratio={min_lr_ratio}: must be in [0, 1]")
-        self.save_hyperparameters(ignore=["net", "tokenizer", "reward", "rollout"], logger=False)
+        self.save_hyperparameters(ignore=["net", "tokenizer", "reward", "rollout", "env"], logger=False)
         self.tokenizer = tokenizer
         self.model = policy(self.build_model(net, tokenizer), lora, gradient_checkpointing, self.LORA_TASK)
         self.val_exact_match, self.test_exact_match = ExactMatch(), ExactMatch()

@@ -44,6 +44,8 @@ import torch
 from torchmetrics import MeanMetric
 
 from src.callbacks.wandb_axes import STEP
+from src.envs.episodes import Episodes, run_episodes
+from src.envs.tools import EnvSpec, check_tool_template
 from src.lightning_modules.lm import LMModule
 from src.metrics import PassAtK
 from src.models.logps import completion_logps
@@ -109,6 +111,7 @@ class RLVRModule(LMModule):
         val_temperature: float = 1.0,
         log_completions_every_n_steps: int = 50,
         rollout: Callable[..., RolloutEngine] | None = None,
+        env: EnvSpec | None = None,
         micro_batch_size: int | None = None,
         max_tokens_per_micro_batch: int | None = None,
         seed: int = 0,
@@ -117,10 +120,16 @@ class RLVRModule(LMModule):
         super().__init__(*args, **kwargs)
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"algo.micro_batch_size={micro_batch_size}: must be >= 1 sample (or null: the whole step)")
-        longest = self.hparams.max_new_tokens + 1  # the shortest a sample can be at its longest: 1 prompt token
-        if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < longest:
+        # the shortest a sample can be at its longest: 1 prompt token + a completion (an episode: env.max_tokens)
+        longest, what = ((env.max_tokens, "env.max_tokens") if env is not None
+                         else (self.hparams.max_new_tokens, "algo.max_new_tokens"))
+        if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < longest + 1:
             raise ValueError(f"algo.max_tokens_per_micro_batch={max_tokens_per_micro_batch} cannot hold one sample: "
-                             f"a sample can be a prompt + algo.max_new_tokens={self.hparams.max_new_tokens} tokens")
+                             f"a sample can be a prompt + {what}={longest} tokens")
+        # multi-turn (env=, src/envs/): episodes of tool calls; the chat template must show tools and their results
+        self.env = env
+        if env is not None:
+            check_tool_template(self.tokenizer)
         loss_agg, adv_norm, clip_high = check_recipe(
             reward, loss_type, loss_agg, adv_norm, clip_high, num_generations, generation_lag, epsilon,
             reward_on_error, val_num_samples, temperature, top_p, truncated_reward)
@@ -165,6 +174,19 @@ class RLVRModule(LMModule):
             if target and hasattr(cls := get_class(target), "check_config"):
                 cls.check_config(OmegaConf.select(cfg, key.rsplit(".", 1)[0]))
         kl_options(cfg.algo.get("kl_in", "loss"), cfg.algo.get("kl_estimator"))
+        if cfg.algo.get("env") is not None:  # multi-turn: the environment imports, its tools have schemas, the
+            from hydra.errors import InstantiationException  # template shows them (before the warm start)
+            from hydra.utils import instantiate
+
+            from src.envs.tools import import_target
+
+            if target := OmegaConf.select(cfg, "algo.env.environment._target_"):
+                import_target(target, "env.environment")
+            try:
+                instantiate(cfg.algo.env)
+            except InstantiationException as e:  # the env's own message, not Hydra's wrapper around it
+                raise (e.__cause__ if isinstance(e.__cause__, ValueError) else e) from None
+            check_tool_template(instantiate(cfg.model.tokenizer), "model.tokenizer")
         reward = OmegaConf.select(cfg, "algo.reward._target_")
         check_retirement(bool(reward) and hasattr(get_class(reward), "score_batch"), cfg.algo.get("retire_threshold"))
 
@@ -207,18 +229,22 @@ class RLVRModule(LMModule):
         return torch.Generator(device=self.device).manual_seed(key % 2**63)
 
     # ------------------------------------------------------------------ rewards
-    def rewards(self, prompts: list[str], answers: list[str], texts: list[str],
-                truncated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def rewards(self, prompts: list[str], answers: list[str], texts: list[str], truncated: torch.Tensor,
+                scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(B*G,) rewards, (B*G,) passes and the count of verifier errors. The rewards are the verifier's, or a reward
         model's (reward=model, scored in batches on this device, its running statistics updated while training), with
         truncated completions set by `truncated_reward` (a number: in the reward's raw units, before a reward model's
         whitening; min: the lowest reward of the step over all processes). A sample passes by `passes`: the
         verifier's score (with a reward model, `reward.verifier`'s) against pass_threshold; with truncated_reward
-        set, a truncated sample never passes. One definition for train/pass_rate, val/pass@k and eval.py's."""
+        set, a truncated sample never passes. One definition for train/pass_rate, val/pass@k and eval.py's.
+        `scores`: the environment's own rewards of multi-turn episodes (`get_reward`), in place of the verifier's."""
         hp = self.hparams
         g = len(texts) // len(prompts)
         prompts, answers = [x for x in prompts for _ in range(g)], [x for x in answers for _ in range(g)]
-        v, errors = score(self.verifier, prompts, texts, answers, hp.reward_on_error)
+        if scores is None:
+            v, errors = score(self.verifier, prompts, texts, answers, hp.reward_on_error)
+        else:
+            v, errors = scores, 0
         v = torch.as_tensor(v, dtype=torch.float32, device=self.device)
         if hasattr(self.reward, "score_batch"):
             raw_units = hp.truncated_reward if hp.truncated_reward != "min" else None
@@ -270,6 +296,10 @@ class RLVRModule(LMModule):
         t0 = time.perf_counter()
         if self.generator is None:  # on-policy: the engine samples from the policy as the last step left it
             self.engine.load_weights(self.model.state_dict())
+        if self.env is not None:
+            roll = self.episodes(self.engine, batch, hp.num_generations, hp.temperature, hp.top_p,
+                                 self._rng("train", self.global_step))
+            return roll, roll.answers, time.perf_counter() - t0
         roll = self.engine.generate(
             batch["prompt_input_ids"], batch["prompt_attention_mask"], hp.num_generations, hp.max_new_tokens,
             hp.temperature, hp.top_p, self._rng("train", self.global_step),
@@ -277,8 +307,49 @@ class RLVRModule(LMModule):
         t_gen = time.perf_counter() - t0
         return roll, self.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True), t_gen
 
+    def episodes(self, engine: RolloutEngine, batch: dict, g: int, temperature: float, top_p: float,
+                 generator: torch.Generator) -> Episodes:
+        """Multi-turn: `g` episodes per prompt, each with its own environment, reset on its row (TRL's contract:
+        `reset(prompt=<the chat>, answer=<the reference>, index=<its position in the split>)`; an index-seeded game
+        is the same game for a group, and again on resume). A reset's text is appended to the last user message; the
+        prompts are rendered again with the tools' schemas, and replace the batch's prompt tensors in place (the
+        trainer encodes what the sampler saw). The environments' `get_reward` go to `Episodes.env_rewards`."""
+        if "chats" not in batch:
+            raise ValueError("env: multi-turn episodes start from prompt rows (data.kind=prompt)")
+        tok, envs, prompts = self.tokenizer, [], []
+        for chat, answer, index in zip(batch["chats"], batch["references"], batch["index"].tolist()):
+            group = [self.env.make() for _ in range(g)]
+            shown = {e.reset(prompt=chat, answer=answer, index=index) for e in group}
+            if len(shown) > 1:
+                raise ValueError(f"env: reset gave the {g} episodes of one prompt (index {index}) different texts: a "
+                                 "group must face the same task (seed the environment from the row, e.g. `index`)")
+            extra = shown.pop()
+            if extra:
+                chat = [*chat[:-1], {**chat[-1], "content": f"{chat[-1]['content']}\n{extra}"}]
+            text = tok.apply_chat_template(chat, tools=self.env.schemas, add_generation_prompt=True, tokenize=False)
+            prompts.append(tok(text, add_special_tokens=False).input_ids)
+            envs += group
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True,
+                                              padding_value=tok.pad_token_id, padding_side="left")
+        batch["prompt_input_ids"] = ids.to(self.device)
+        batch["prompt_attention_mask"] = (torch.arange(ids.size(1)) >= ids.size(1) - torch.tensor(
+            [len(p) for p in prompts])[:, None]).long().to(self.device)
+        try:
+            ep = run_episodes(engine, tok, prompts, envs, g, self.env.max_turns, self.hparams.max_new_tokens,
+                              self.env.max_tokens, temperature, top_p, generator)
+            rewards = [e.reward() for e in envs]
+        finally:
+            for e in envs:
+                e.close()
+        if any(r is not None for r in rewards):
+            if any(r is None for r in rewards):
+                raise ValueError("env: get_reward returned None for some episodes and a number for others")
+            ep.env_rewards = torch.tensor(rewards, dtype=torch.float32)
+        return ep.to(self.device)
+
     def score(self, batch: dict, texts: list[str], roll: Rollout) -> tuple[torch.Tensor, torch.Tensor, int]:
-        r, passed, errors = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated)
+        r, passed, errors = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated,
+                                         getattr(roll, "env_rewards", None))
         shape = (len(batch["prompts"]), self.hparams.num_generations)
         return r.view(shape), passed.view(shape), errors
 
@@ -399,13 +470,16 @@ class RLVRModule(LMModule):
             "compute_flops": self.compute,
             **stats,
         }
+        if isinstance(roll, Episodes):  # multi-turn: turns, tool calls and errors per episode
+            log.update({"turns/mean": roll.turns.float().mean(), "turns/max": roll.turns.max().float(),
+                        "tool_calls": roll.tool_calls.float().mean(), "tool_errors": roll.tool_errors.float().mean()})
         for k, v in log.items():
             self.log(f"train/{k}", v, prog_bar=k in ("reward/mean", "pass_rate"), batch_size=b)
         self.log("perf/gen_tokens_per_s", n_gen / max(t_gen, 1e-9), batch_size=b)
         self.log("perf/train_forward_tokens_per_s", n_train / max(t_train, 1e-9), batch_size=b)
         every = self.hparams.log_completions_every_n_steps
         if every and self.global_step % every == 0:
-            self._log_completions(batch, texts, r, roll.truncated, g)
+            self._log_completions(batch, roll.transcripts() if isinstance(roll, Episodes) else texts, r, roll.truncated, g)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """Refresh pi_gen from the trainer's weights every `generation_lag` optimizer steps."""
@@ -432,20 +506,26 @@ class RLVRModule(LMModule):
         """n samples per prompt from the current policy: pass@k, majority@n, mean reward."""
         hp = self.hparams
         n = hp.val_num_samples
-        roll = self.eval_engine.generate(
-            batch["prompt_input_ids"], batch["prompt_attention_mask"], n, hp.max_new_tokens,
-            hp.val_temperature, 1.0, self._rng(stage, batch_idx),
-        )
-        texts = self.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True)
-        r, passed, _ = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated)
+        if self.env is not None:
+            roll = self.episodes(self.eval_engine, batch, n, hp.val_temperature, 1.0, self._rng(stage, batch_idx))
+            texts = roll.answers
+        else:
+            roll = self.eval_engine.generate(
+                batch["prompt_input_ids"], batch["prompt_attention_mask"], n, hp.max_new_tokens,
+                hp.val_temperature, 1.0, self._rng(stage, batch_idx),
+            )
+            texts = self.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True)
+        r, passed, _ = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated,
+                                    getattr(roll, "env_rewards", None))
         b = len(batch["prompts"])
         correct = passed.view(b, n).tolist()
         answers = [self.verifier.extract(t) if hasattr(self.verifier, "extract") else t.strip() for t in texts]
         getattr(self, f"{stage}_pass").update(correct, [answers[i * n : (i + 1) * n] for i in range(b)])
         getattr(self, f"{stage}_reward").update(r)
         if batch_idx == 0:
+            shown = roll.transcripts() if isinstance(roll, Episodes) else texts  # an episode: its tool turns too
             self._samples = [
-                [batch["prompts"][i // n], texts[i], batch["references"][i // n], float(r[i])]
+                [batch["prompts"][i // n], shown[i], batch["references"][i // n], float(r[i])]
                 for i in range(min(len(texts), hp.num_logged_samples * n))
             ]
 

@@ -15,6 +15,7 @@ recorded on the way, so no extra forward pass is needed for the importance ratio
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +44,11 @@ class Rollout:
     @property
     def loss_mask(self) -> torch.Tensor:
         return self.completion_mask if self.policy_mask is None else self.policy_mask
+
+    def to(self, device) -> Rollout:
+        """The same rollout with its tensors on `device` (other fields as they are)."""
+        return dataclasses.replace(self, **{f.name: v.to(device) for f in dataclasses.fields(self)
+                                             if isinstance(v := getattr(self, f.name), torch.Tensor)})
 
     @staticmethod
     def cat(parts: list[Rollout], pad: int) -> Rollout:

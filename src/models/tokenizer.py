@@ -18,9 +18,19 @@ SPECIALS = [PAD, BOS, EOS, UNK]
 # Printable ASCII (digits, letters, punctuation, space) plus newline and tab.
 DEFAULT_ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n\t"
 
-# A minimal chat template, so `{"messages": [...]}` data works with the character tokenizer too.
+# A minimal chat template, so `{"messages": [...]}` data works with the character tokenizer too. It supports tools
+# (multi-turn RL, src/envs/): a compact `<|tools|>name(arg,...)` line from their JSON schemas, assistant tool calls in
+# the Hermes convention (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, what src/envs/tools.py parses)
+# and `<|tool|>` result turns. An assistant turn ends with </s>, as the policy ends it when it samples.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{{ bos_token }}"
+    "{% if tools %}<|tools|>{% for t in tools %}{% set f = t.function if t.function is defined else t %}"
+    "{{ f.name }}({{ f.parameters.properties | join(',') }}){% if not loop.last %} {% endif %}{% endfor %}{{ '\\n' }}"
+    "{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] or '' }}"
+    "{% for c in (m.tool_calls or []) %}{% set f = c.function if c.function is defined else c %}"
+    '<tool_call>{"name": "{{ f.name }}", "arguments": {{ f.arguments | tojson }}}</tool_call>{% endfor %}'
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 

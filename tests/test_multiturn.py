@@ -1,0 +1,187 @@
+"""Multi-turn RL wired into RLVR (env=, src/envs/): the warm start's tool-use demonstrations are token for token the
+contexts the policy meets in an episode, the RLVR step samples episodes with the tools shown in the prompt and scores
+the last answer (or the environment's own reward), a group faces one task, and bad env configs stop before work."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from src.envs.calculator import Calculator, CalculatorTask
+from src.envs.episodes import tool_turn_text
+from src.envs.tools import EnvSpec
+from src.models.rollout import Rollout
+
+
+def undocumented(x: int) -> int:
+    return x
+
+
+def toolless_tokenizer():
+    """The character tokenizer with a chat template that ignores tools and tool calls."""
+    from src.models import char_tokenizer
+
+    tok = char_tokenizer()
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    return tok
+
+
+class Scripted:
+    """An engine that 'samples' fixed turns (text, the same for every episode), with log-prob -0.1 per token."""
+
+    def __init__(self, tok, turns: list[str]):
+        self.tok, self.turns, self.contexts = tok, turns, []
+
+    def generate(self, ctx, mask, g, max_new_tokens, temperature=1.0, top_p=1.0, generator=None):
+        self.contexts.append([self.tok.decode(row[m.bool()]) for row, m in zip(ctx, mask)])
+        text = self.turns[min(len(self.contexts), len(self.turns)) - 1]
+        ids = self.tok(text, add_special_tokens=False).input_ids[:max_new_tokens - 1] + [self.tok.eos_token_id]
+        n = ctx.size(0) * g
+        return Rollout(torch.tensor([ids] * n), torch.ones(n, len(ids), dtype=torch.bool),
+                       torch.full((n, len(ids)), -0.1), torch.zeros(n, dtype=torch.bool))
+
+    def load_weights(self, state_dict):
+        pass
+
+
+CALL = '<tool_call>{"name": "calculate", "arguments": {"expression": "%s"}}</tool_call>'
+
+
+def test_tool_demonstrations_are_the_episode_contexts_token_for_token(tokenizer):
+    """The calculator task's two SFT rows per problem: the first is (the prompt with the tools shown -> the call), the
+    second's prompt is that prompt + the call + <eos> + the chat template's tool turn, exactly what an RL episode
+    feeds the policy after it sampled the call. A mismatch (an <eos> the template does not write, a newline trimmed)
+    would teach the warm start contexts RL never shows."""
+    from src.datamodules.lm import LMDataModule
+
+    task = CalculatorTask(digits=3, n_train=8, n_val=4, n_test=4)
+    dm = LMDataModule(task, tokenizer, kind="sft", max_length=256, batch_size=4)
+    dm.setup("fit")
+    call, answer = dm.examples["train"][:2]
+    question = task.rows("train")[0][1]["messages"]
+    expression = question[0]["content"].rstrip("=")
+    rl_prompt = tokenizer(tokenizer.apply_chat_template(question, tools=task.schemas, add_generation_prompt=True,
+                                                        tokenize=False), add_special_tokens=False).input_ids
+    assert call["prompt_ids"] == rl_prompt
+    assert tokenizer.decode(call["completion_ids"]) == CALL % expression + tokenizer.eos_token
+    result = str(Calculator().calculate(expression))
+    tool = tokenizer(tool_turn_text(tokenizer, [("calculate", result)]), add_special_tokens=False).input_ids
+    assert answer["prompt_ids"] == rl_prompt + call["completion_ids"] + tool
+    assert tokenizer.decode(answer["completion_ids"], skip_special_tokens=True) == str(eval(expression))
+    # the no-tool baseline's warm start: the answer alone, no tools shown
+    plain = CalculatorTask(digits=3, n_train=8, n_val=4, n_test=4, tool_demos=False).sft_rows("train")[0][1]
+    assert plain["messages"][-1] == {"role": "assistant", "content": str(eval(expression))} and "tools" not in plain
+
+
+def _module(cfg_factory, *overrides):
+    from src.pipeline import build
+    from tests.helpers import attach_trainer
+
+    cfg = cfg_factory("experiment=calculator_tool", "algo.num_generations=2", "warm_start.max_steps=0",
+                      "algo.generation_lag=0", "model.net.hidden_size=32", "model.net.num_layers=1",
+                      "model.net.num_heads=2", "model.net.intermediate_size=64", *overrides)
+    module = attach_trainer(build(cfg, warm_start=False)["module"]).train()
+    module.optimizers = lambda: types.SimpleNamespace(zero_grad=lambda set_to_none=True: None, step=lambda: None)
+    module.lr_schedulers = lambda: types.SimpleNamespace(step=lambda: None)
+    module.manual_backward = lambda loss: loss.backward()
+    logged = {}
+    module.log = lambda k, v, **kw: logged.__setitem__(k, float(v))
+    return module, logged
+
+
+def _batch(tokenizer, questions: list[tuple[str, str]]) -> dict:
+    from src.datamodules.lm import Collator
+
+    examples = [{"prompt_ids": tokenizer(q).input_ids, "prompt": q, "reference": a, "index": i,
+                 "chat": [{"role": "user", "content": q}]} for i, (q, a) in enumerate(questions)]
+    return Collator("prompt", tokenizer.pad_token_id)(examples)
+
+
+def test_rlvr_step_samples_episodes_with_the_tools_and_scores_the_last_answer(cfg_factory, tokenizer):
+    """One training step over scripted episodes (call the calculator, then answer): the prompts the trainer encodes
+    are re-rendered with the tool's schema, the second turn's context holds the tool's result, the verifier scores
+    the final answer (right for 12*34, wrong for 50*3: its answer is 408 too), the tool turn is out of the loss
+    mask, and turns / tool calls reach the logs."""
+    module, logged = _module(cfg_factory)
+    module.engine = Scripted(tokenizer, [CALL % "12*34", "408"])
+    batch = _batch(tokenizer, [("12*34=", "408"), ("50*3=", "150")])
+    module.training_step(batch, 0)
+    prompts = tokenizer.batch_decode(batch["prompt_input_ids"], skip_special_tokens=False)
+    assert all("<|tools|>calculate(expression)\n<|user|>" in p for p in prompts)
+    second = module.engine.contexts[1]
+    assert len(second) == 4 and all(c.endswith(CALL % "12*34" + "</s>\n<|tool|>408\n<|assistant|>") for c in second)
+    torch.testing.assert_close(module.last_batch["rewards_all"], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    assert logged["train/turns/mean"] == 2 and logged["train/tool_calls"] == 1 and logged["train/tool_errors"] == 0
+    assert logged["train/truncation_rate"] == 0
+    # the policy's tokens are the call and the answer (each with its <eos>); the tool turn's are not
+    n_policy = len(tokenizer(CALL % "12*34", add_special_tokens=False).input_ids) + 1 + len("408") + 1
+    assert logged["train/completion_length"] == n_policy
+
+
+class Guess:
+    """A game on TRL's contract: guess the secret, which reset draws from the row's index; the environment owns the
+    reward (1 for a right guess, whatever the final text says)."""
+
+    def reset(self, **row) -> str:
+        self.secret, self.won = row["index"] % 3, False
+        return "Guess 0, 1 or 2."
+
+    def guess(self, n: int) -> str:
+        """Guess the secret.
+
+        Args:
+            n: the guess
+        """
+        self.won = n == self.secret
+        return "right" if self.won else "wrong"
+
+    def get_reward(self) -> float:
+        return float(self.won)
+
+
+class Unfair(Guess):
+    """A reset whose text differs between the episodes of one prompt."""
+
+    count = 0
+
+    def reset(self, **row) -> str:
+        Unfair.count += 1
+        return f"Game {Unfair.count}"
+
+
+def test_environment_reward_replaces_the_verifier_and_reset_text_reaches_the_prompt(cfg_factory, tokenizer):
+    module, logged = _module(cfg_factory, "env.environment._target_=tests.test_multiturn.Guess")
+    module.engine = Scripted(tokenizer, ['<tool_call>{"name": "guess", "arguments": {"n": 1}}</tool_call>', "done"])
+    batch = _batch(tokenizer, [("play", "x"), ("play", "x")])  # index 0: secret 0; index 1: secret 1
+    module.training_step(batch, 0)
+    prompt = tokenizer.decode(batch["prompt_input_ids"][0], skip_special_tokens=True)
+    assert "<|tools|>guess(n)\n<|user|>play\nGuess 0, 1 or 2.\n<|assistant|>" in prompt
+    torch.testing.assert_close(module.last_batch["rewards_all"], torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+
+    module, _ = _module(cfg_factory, "env.environment._target_=tests.test_multiturn.Unfair")
+    module.engine = Scripted(tokenizer, ["done"])
+    with pytest.raises(ValueError, match="different texts: a group must face the same task"):
+        module.training_step(_batch(tokenizer, [("play", "x")]), 0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("env.max_turns=0", "env.max_turns=0: an episode has at least one turn"),
+    ("env.environment._target_=src.envs.nowhere.Game", "env.environment 'src.envs.nowhere.Game' does not import"),
+    ("env.tools=[tests.test_multiturn.undocumented]", "tool 'undocumented'.*type hint on every argument and a "
+                                                      "docstring"),
+    ("model.tokenizer._target_=tests.test_multiturn.toolless_tokenizer",
+     "model.tokenizer: the chat template has no tool support"),
+])
+def test_bad_env_configs_stop_before_work(cfg_factory, override, message):
+    from src.lightning_modules.rlvr import RLVRModule
+
+    cfg = cfg_factory("experiment=calculator_tool", override)
+    with pytest.raises(ValueError, match=message):
+        RLVRModule.check_config(cfg)
+
+
+def test_env_spec_needs_an_environment_or_tools():
+    with pytest.raises(ValueError, match="give an environment class"):
+        EnvSpec()
