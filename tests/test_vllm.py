@@ -211,3 +211,44 @@ def test_engines_agree_at_temperature_0_and_record_the_nucleus_they_sample_from(
     assert (want - roll.logps)[m].abs().max() < 1e-4
     full = torch.log_softmax(logits[:, ids.size(1) - 1 : -1].float() / 0.8, -1)
     assert ((roll.logps - full.gather(-1, roll.completion_ids.unsqueeze(-1)).squeeze(-1))[m] > 1e-3).all()
+
+
+def test_multi_turn_episodes_on_vllm_keep_the_sampled_ids_and_their_logps(tokenizer, monkeypatch):
+    """run_episodes on the vLLM engine (every finished turn calls a tool that echoes): the tool turns sit between the
+    policy's turns, out of the policy mask, and vLLM's sampler log-probs are the trainer's on the policy's tokens."""
+    import src.envs.episodes as episodes
+    from src.envs.episodes import run_episodes, tool_turn_text
+    from src.envs.tools import Environment, ToolCall
+    from src.models import tiny_llama
+
+    def echo(x: str) -> str:
+        """Echo.
+
+        Args:
+            x: text
+        """
+        return x
+
+    monkeypatch.setattr(episodes, "parse_tool_calls", lambda text: [ToolCall("echo", {"x": "ok"})])
+    model = tiny_llama(tokenizer, seed=0)
+    _, vl = _engines(model, tokenizer)
+    prompts = [tokenizer(f"<|user|>{q}\n<|assistant|>").input_ids for q in ("1+2", "30+4")]
+    envs = [Environment(tools=[echo]) for _ in range(4)]
+    ep = run_episodes(vl, tokenizer, prompts, envs, num_samples=2, max_turns=2, max_new_tokens=12, max_tokens=48,
+                      generator=torch.Generator().manual_seed(0))
+    tool = tokenizer(tool_turn_text(tokenizer, [("echo", "ok")]), add_special_tokens=False).input_ids
+    took = 0
+    for ids, pm, cm in zip(ep.completion_ids, ep.policy_mask, ep.completion_mask):
+        tool_at = (~pm & cm).nonzero().flatten().tolist()
+        if tool_at:  # the first turn ended with <eos>, then exactly the template's tool turn
+            took += 1
+            assert ids[tool_at[0] - 1] == tokenizer.eos_token_id and ids[tool_at].tolist() == tool
+    assert took, "no episode took a tool turn: the test would not bite"
+    width = max(len(p) for p in prompts)
+    pids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    pmask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        logp, _ = completion_logps(model, pids, pmask, ep.completion_ids, ep.completion_mask, group=2,
+                                   with_entropy=False)
+    m = ep.policy_mask
+    assert (logp - ep.logps)[m].abs().max() < 1e-4  # as single-turn above: float32 rounding only
