@@ -12,10 +12,13 @@ from tests.helpers import ALGORITHMS, SHORT, short_run
 from tests.helpers.resume import PER_EPOCH, TOTAL, check_resume_exactly
 
 # every algorithm (conf/algo/), plus variants whose state differs: LoRA adapters and their optimizer state; RLVR in
-# micro-batches of 3 samples (groups of 4 split across them); flow matching (continuous logit-normal t, Heun samples)
+# micro-batches of 3 samples (groups of 4 split across them); RLVR over multi-turn episodes; flow matching (continuous
+# logit-normal t, Heun samples)
 VARIANTS = {
     "sft_lora": (["algo=sft", "model.lora.r=4", "model.lora.dropout=0.0"], True),
     "rlvr_micro": (SHORT["rlvr"] + ["algo.micro_batch_size=3"], True),
+    # multi-turn episodes (env=): environments reset on each row, prompts re-rendered with the tool's schema
+    "rlvr_env": (SHORT["rlvr"] + ["env=calculator", "env.max_tokens=12", "env.max_turns=2"], True),
     "ddpm_flow": (SHORT["ddpm"] + ["algo.process.name=flow", "algo.t_sampling=logit_normal", "algo.val_sampler=heun",
                                    "algo.val_steps=5"], False),
 }
