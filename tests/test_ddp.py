@@ -4,6 +4,7 @@ batch-level advantages over both ranks equal the single-process computation on t
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 
 from tests.helpers import RLVR_RUN as RUN
@@ -60,9 +61,12 @@ class AdvantageCheck(L.Callback):
             pl_module.log(k, v, batch_size=1, reduce_fx="max", on_step=False, on_epoch=True)
 
 
-def test_rlvr_batch_normalisation_across_ranks_equals_single_process(cfg_factory):
+@pytest.mark.parametrize("episodes", [[], ["env=calculator", "env.max_tokens=12", "env.max_turns=2"]],
+                         ids=["single_turn", "multi_turn"])
+def test_rlvr_batch_normalisation_across_ranks_equals_single_process(cfg_factory, episodes):
+    """Also over multi-turn episodes (env=): each rank resets its own environments and re-renders its prompts."""
     cfg = cfg_factory(*RUN, "trainer.max_steps=4", "trainer=ddp", "trainer.strategy=ddp_fork",
-                      "data.batch_size=2", "data.source.n_train=32")
+                      "data.batch_size=2", "data.source.n_train=32", *episodes)
     metrics, _ = train_with(cfg, AdvantageCheck())
     assert metrics["ddp/world"] == 2
     assert metrics["ddp/kept_groups"] >= 1, "no group with a learning signal: the check is vacuous"
