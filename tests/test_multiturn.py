@@ -103,11 +103,15 @@ def test_rlvr_step_samples_episodes_with_the_tools_and_scores_the_last_answer(cf
     """One training step over scripted episodes (call the calculator, then answer): the prompts the trainer encodes
     are re-rendered with the tool's schema, the second turn's context holds the tool's result, the verifier scores
     the final answer (right for 12*34, wrong for 50*3: its answer is 408 too), the tool turn is out of the loss
-    mask, and turns / tool calls reach the logs."""
+    mask, turns / tool calls reach the logs and the episode table shows the tool turn."""
     module, logged = _module(cfg_factory)
     module.engine = Scripted(tokenizer, [CALL % "12*34", "408"])
+    tables = {}
+    module.log_table = lambda key, columns, rows: tables.__setitem__(key, dict(zip(columns, rows[0])))
     batch = _batch(tokenizer, [("12*34=", "408"), ("50*3=", "150")])
     module.training_step(batch, 0)
+    # the W&B table of episodes shows the tool turn
+    assert tables["train/completions"]["completion"] == f"[assistant] {CALL % '12*34'}\n[calculate] 408\n[assistant] 408"
     prompts = tokenizer.batch_decode(batch["prompt_input_ids"], skip_special_tokens=False)
     assert all("<|tools|>calculate(expression)\n<|user|>" in p for p in prompts)
     second = module.engine.contexts[1]
