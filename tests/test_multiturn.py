@@ -189,3 +189,23 @@ def test_bad_env_configs_stop_before_work(cfg_factory, override, message):
 def test_env_spec_needs_an_environment_or_tools():
     with pytest.raises(ValueError, match="give an environment class"):
         EnvSpec()
+
+
+def test_warm_start_greedy_check_can_write_a_whole_tool_call(cfg_factory, monkeypatch, tokenizer):
+    """The warm start's greedy exact match generates as many tokens as the longest val completion (a tool call is
+    ~80 characters): with a fixed 16 it could never match a call, and the warm start would never reach its target."""
+    import src.lightning_modules.sft as sft
+
+    seen = {}
+
+    def fake(net, tok, dm, target, max_steps, *args):
+        seen["max_new_tokens"] = args[-1]
+        return net(tokenizer=tok), {"warm_start/exact_match": 0.0, "warm_start/steps": 0.0}
+
+    monkeypatch.setattr(sft, "warm_start", fake)
+    cfg = cfg_factory("experiment=calculator_tool", "model.net.hidden_size=32", "model.net.num_layers=1",
+                      "model.net.num_heads=2", "model.net.intermediate_size=64")
+    sft.warm_start_net(cfg, tokenizer, target=0.4, max_steps=1)
+    longest = max(len(CALL % row["messages"][0]["content"].rstrip("=")) for _, row in CalculatorTask(
+        digits=3, n_train=64, n_val=16, n_test=16).rows("val"))
+    assert seen["max_new_tokens"] == longest + 1  # + <eos>

@@ -76,14 +76,14 @@ class SFTModule(LMModule):
 
 def warm_start(net, tokenizer, datamodule, target: float, max_steps: int, val_every: int = 25, lr: float = 1e-3,
                warmup_steps: int = 50, accelerator: str = "cpu", gradient_clip_val: float | None = 1.0,
-               progress_bar: bool = True):
+               progress_bar: bool = True, max_new_tokens: int = 16):
     """SFT from scratch until the greedy held-out exact match reaches `target` (validated every `val_every`
     steps; Lightning's EarlyStopping with a stopping threshold), at most `max_steps`. DPO and RLVR start from
     such a policy (the lecture: "Pretrain -> SFT on good examples -> ..."). Returns the model and
     {"warm_start/exact_match", "warm_start/steps"}."""
     from lightning.pytorch.callbacks import EarlyStopping
 
-    sft = SFTModule(net=net, tokenizer=tokenizer, lr=lr, warmup_steps=warmup_steps)
+    sft = SFTModule(net=net, tokenizer=tokenizer, lr=lr, warmup_steps=warmup_steps, max_new_tokens=max_new_tokens)
     # Lightning stops when the metric is strictly above the threshold; "reaches the target" is >=
     stop = EarlyStopping(monitor="val/exact_match", mode="max", stopping_threshold=target - 1e-9, patience=10**9,
                          check_on_train_epoch_end=False)
@@ -119,9 +119,12 @@ def warm_start_net(cfg, tokenizer, target: float, max_steps: int, val_every: int
     except DataError as e:
         raise DataError(f"{e}\nwarm_start runs SFT on the data, which needs SFT rows; give an SFT checkpoint instead "
                         "(model=hf model.pretrained=DIR) or set warm_start.max_steps=0") from None
+    # the greedy check can write every val completion (a tool call is ~80 tokens with the character tokenizer)
+    longest = max((len(e["completion_ids"]) for e in dm.examples.get("val", [])), default=16)
     model, metrics = warm_start(
         hydra.utils.instantiate(cfg.model.net), tokenizer, dm, target, max_steps, val_every, lr, warmup_steps,
-        cfg.trainer.accelerator, cfg.trainer.get("gradient_clip_val"), cfg.trainer.get("enable_progress_bar", True))
+        cfg.trainer.accelerator, cfg.trainer.get("gradient_clip_val"), cfg.trainer.get("enable_progress_bar", True),
+        max(longest, 1))
     out = Path(cfg.paths.output_dir) / "sft_init"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
