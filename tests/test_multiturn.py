@@ -209,3 +209,47 @@ def test_warm_start_greedy_check_can_write_a_whole_tool_call(cfg_factory, monkey
     longest = max(len(CALL % row["messages"][0]["content"].rstrip("=")) for _, row in CalculatorTask(
         digits=3, n_train=64, n_val=16, n_test=16).rows("val"))
     assert seen["max_new_tokens"] == longest + 1  # + <eos>
+
+
+def test_a_textarena_game_is_played_through_tool_calls_with_the_games_reward(cfg_factory, tokenizer):
+    """Guess The Number (textarena's own game, seeded by the row's index): an episode that guesses right wins the
+    game's reward 1, one that stops after a wrong guess leaves the game unfinished (0), the game's hints are the
+    tool turns, and the run's Python RNG is left as it was."""
+    import random
+
+    from src.envs.textarena import TextArenaGame
+
+    secrets = []
+    for index in (0, 1):
+        game = TextArenaGame()
+        game.reset(index=index)
+        secrets.append(game.game.game_number)
+    wrong = min(set(range(1, 21)) - set(secrets))
+    module, logged = _module(cfg_factory, "env=textarena", "env.max_turns=3", "env.max_tokens=200",
+                             "model.net.max_position_embeddings=512")
+    move = '<tool_call>{"name": "move", "arguments": {"action": "[%d]"}}</tool_call>'
+    module.engine = Scripted(tokenizer, [move % secrets[0], "ok"])
+    batch = _batch(tokenizer, [("play", "-"), ("play", "-")])
+    state = random.getstate()
+    module.training_step(batch, 0)
+    assert random.getstate() == state
+    torch.testing.assert_close(module.last_batch["rewards_all"], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    # the second game: a wrong guess, the game's hint back, then the policy stops: unfinished, 0
+    module.engine = Scripted(tokenizer, [move % wrong, "ok"])
+    module.training_step(_batch(tokenizer, [("play", "-"), ("play", "-")]), 0)
+    hint = "higher" if secrets[0] > wrong else "lower"
+    assert any(f"The target number is {hint}." in c for c in module.engine.contexts[1])
+    torch.testing.assert_close(module.last_batch["rewards_all"], torch.zeros(2, 2))
+
+
+def test_every_env_option_builds_with_its_tools_schemas(cfg_factory):
+    """Each conf/env/ option instantiates (the environment makes an instance, its tools have schemas)."""
+    import hydra
+
+    from tests.test_configs import options
+
+    names = {}
+    for option in options("env"):
+        spec = hydra.utils.instantiate(cfg_factory("algo=rlvr", f"env={option}").algo.env)
+        names[option] = None if spec is None else [s["function"]["name"] for s in spec.schemas]
+    assert names == {"calculator": ["calculate"], "textarena": ["move"], "none": None}
