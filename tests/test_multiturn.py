@@ -91,11 +91,12 @@ def _module(cfg_factory, *overrides):
     return module, logged
 
 
-def _batch(tokenizer, questions: list[tuple[str, str]]) -> dict:
+def _batch(tokenizer, questions: list[tuple[str, str]], columns: list[dict] | None = None) -> dict:
     from src.datamodules.lm import Collator
 
     examples = [{"prompt_ids": tokenizer(q).input_ids, "prompt": q, "reference": a, "index": i,
-                 "chat": [{"role": "user", "content": q}]} for i, (q, a) in enumerate(questions)]
+                 "chat": [{"role": "user", "content": q}], "columns": (columns or [{}] * len(questions))[i]}
+                for i, (q, a) in enumerate(questions)]
     return Collator("prompt", tokenizer.pad_token_id)(examples)
 
 
@@ -129,7 +130,7 @@ class Guess:
     reward (1 for a right guess, whatever the final text says)."""
 
     def reset(self, **row) -> str:
-        self.secret, self.won = row["index"] % 3, False
+        self.secret, self.won = row.get("secret", row["index"] % 3), False
         return "Guess 0, 1 or 2."
 
     def guess(self, n: int) -> str:
@@ -163,6 +164,10 @@ def test_environment_reward_replaces_the_verifier_and_reset_text_reaches_the_pro
     prompt = tokenizer.decode(batch["prompt_input_ids"][0], skip_special_tokens=True)
     assert "<|tools|>guess(n)\n<|user|>play\nGuess 0, 1 or 2.\n<|assistant|>" in prompt
     torch.testing.assert_close(module.last_batch["rewards_all"], torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    # the row's other columns reach reset (TRL's reset(**row)): here they set the secret
+    module.engine = Scripted(tokenizer, ['<tool_call>{"name": "guess", "arguments": {"n": 1}}</tool_call>', "done"])
+    module.training_step(_batch(tokenizer, [("play", "x"), ("play", "x")], [{"secret": 1}, {"secret": 2}]), 0)
+    torch.testing.assert_close(module.last_batch["rewards_all"], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
 
     module, _ = _module(cfg_factory, "env.environment._target_=tests.test_multiturn.Unfair")
     module.engine = Scripted(tokenizer, ["done"])
@@ -253,3 +258,27 @@ def test_every_env_option_builds_with_its_tools_schemas(cfg_factory):
         spec = hydra.utils.instantiate(cfg_factory("algo=rlvr", f"env={option}").algo.env)
         names[option] = None if spec is None else [s["function"]["name"] for s in spec.schemas]
     assert names == {"calculator": ["calculate"], "textarena": ["move"], "none": None}
+
+
+def test_game_demonstrations_are_the_episode_contexts_and_seeds_are_disjoint(tokenizer):
+    """GameSeeds: the splits' games have disjoint seeds; a demonstration's next move is conditioned on exactly the
+    context an episode builds (the previous move, its <eos>, the template's tool turn with the game's hint)."""
+    from src.datamodules.lm import LMDataModule
+    from src.envs.textarena import GameSeeds
+
+    task = GameSeeds(n_train=4, n_val=2, n_test=2, instructions="Guess 1..20 with move.")
+    seeds = [{r["seed"] for _, r in task.rows(split)} for split in ("train", "val", "test")]
+    assert sum(map(len, seeds)) == len(set().union(*seeds)) == 8
+    dm = LMDataModule(task, tokenizer, kind="sft", max_length=2048, batch_size=2)
+    dm.setup("fit")
+    first, second = dm.examples["train"][:2]
+    from src.envs.textarena import TextArenaGame
+    from src.envs.tools import parse_tool_calls
+
+    game = TextArenaGame(task.env_id, task.instructions)
+    game.reset(**task.rows("train")[0][1])
+    (call,) = parse_tool_calls(tokenizer.decode(first["completion_ids"], skip_special_tokens=True))
+    hint = game.move(**call.arguments)
+    tool = tokenizer(tool_turn_text(tokenizer, [("move", hint)]), add_special_tokens=False).input_ids
+    assert second["prompt_ids"] == first["prompt_ids"] + first["completion_ids"] + tool
+    assert "Guess 1..20 with move." in first["prompt"] and "<|tools|>move(action)" in first["prompt"]

@@ -202,7 +202,9 @@ def prompt_example(row: dict, t: Tokenized, where: str) -> dict:
         raise DataError(f"{where}: prompt is {len(p)} tokens, not shorter than data.max_length={t.max_length}")
     # the conversation itself: a multi-turn run (src/envs/) renders it again with its tools and reset text
     chat = row["messages"] if "messages" in row and "prompt" not in row else [{"role": "user", "content": row["prompt"]}]
-    return {"prompt": prompt, "prompt_ids": p, "reference": answer, "chat": chat}
+    # and the row's other columns: an environment's reset(**row) reads them (TRL's contract), e.g. a game's seed
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "messages", "answer")}
+    return {"prompt": prompt, "prompt_ids": p, "reference": answer, "chat": chat, "columns": extra}
 
 
 def build_examples(rows, tokenizer, kind: str, split: str, max_length: int, truncation: str) -> list[dict]:
@@ -314,7 +316,8 @@ class Collator:
             "prompt_attention_mask": pad([[1] * len(p) for p in prompts], 0, left=True),
             "prompts": [e["prompt"] for e in examples],
             "references": [e["reference"] for e in examples],
-            **({"chats": [e["chat"] for e in examples]} if "chat" in examples[0] else {}),
+            **({"chats": [e["chat"] for e in examples], "columns": [e.get("columns", {}) for e in examples]}
+               if "chat" in examples[0] else {}),
             "index": torch.tensor([e["index"] for e in examples]),  # position in its split (caches)
         }
         if self._collate is not None:

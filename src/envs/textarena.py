@@ -4,8 +4,8 @@ reward is the episode's (`get_reward`).
 
     env=textarena   # GuessTheNumber-v0-raw: a number in 1..20, hints "higher" / "lower", 10 guesses
 
-The game is seeded from the row's `index`, so the G episodes of a prompt play the same game (and a resumed run
-plays it again). `instructions` replaces the game's own opening prompt (~500 characters, more than a small
+The game is seeded from the row's `seed` column (else its `index`), so the G episodes of a prompt play the same game
+(and a resumed run plays it again); `GameSeeds` makes such rows, disjoint across splits. `instructions` replaces the game's own opening prompt (~500 characters, more than a small
 character-level policy can read) with a short one; the rules, the hints and the reward stay the game's. A game the
 episode leaves unfinished (the policy stops moving, or runs out of turns or tokens first) scores 0: textarena gives
 no reward before a game ends.
@@ -33,7 +33,7 @@ class TextArenaGame:
         state = random.getstate()  # textarena seeds Python's global RNG: leave the run's as it was
         try:
             self.game = self._ta.make(self.env_id, **self.game_kwargs)
-            self.game.reset(num_players=1, seed=int(row.get("index", 0)))
+            self.game.reset(num_players=1, seed=int(row.get("seed", row.get("index", 0))))
             _, opening = self.game.get_observation()
         finally:
             random.setstate(state)
@@ -58,3 +58,47 @@ class TextArenaGame:
 
     def get_reward(self) -> float:
         return self.reward
+
+
+class GameSeeds:
+    """The rows of a game task: one prompt per game and its `seed` (disjoint across train / val / test), for
+    `env=textarena` (the environment owns the reward: `answer` is a placeholder). `sft_rows`: a warm start's
+    demonstrations, games played by guessing uniformly among the numbers not yet tried, ignoring the hints (they
+    teach the format of a move, not how to use what the game says: that is left to RL)."""
+
+    def __init__(self, prompt: str = "Play.", n_train: int = 2000, n_val: int = 100, n_test: int = 200, seed: int = 0,
+                 env_id: str = "GuessTheNumber-v0-raw", instructions: str | None = None, low: int = 1,
+                 high: int = 20):
+        self.prompt, self.env_id, self.instructions, self.low, self.high = prompt, env_id, instructions, low, high
+        starts = {"train": 0, "val": n_train, "test": n_train + n_val}
+        sizes = {"train": n_train, "val": n_val, "test": n_test}
+        self.seeds = {k: range(seed + starts[k], seed + starts[k] + sizes[k]) for k in starts}
+
+    def rows(self, split: str) -> list[tuple[str, dict]]:
+        return [(f"game:{split}:{i}", {"prompt": self.prompt, "answer": "win", "seed": s})
+                for i, s in enumerate(self.seeds[split])]
+
+    def sft_rows(self, split: str) -> list[tuple[str, dict]]:
+        """One row per move of a demonstration game: the conversation so far (the tool's hints included) -> the
+        move, as the chat template renders a tool-call turn."""
+        import random as _random
+
+        from src.envs.tools import Environment
+
+        out = []
+        for where, row in self.rows(split):
+            game = TextArenaGame(self.env_id, self.instructions)
+            env = Environment(game)
+            opening = game.reset(**row)
+            chat = [{"role": "user", "content": f"{row['prompt']}\n{opening}"}]
+            rng = _random.Random(f"demo-{row['seed']}")  # not the game's own stream (it would guess the secret)
+            left = list(range(self.low, self.high + 1))
+            while not game.done:
+                guess = left.pop(rng.randrange(len(left)))
+                call = {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "move", "arguments": {"action": f"[{guess}]"}}}]}
+                out.append((f"{where}:move{len(chat) // 2}", {"messages": [*chat, call], "tools": env.schemas}))
+                result = game.move(f"[{guess}]")
+                chat += [call, {"role": "tool", "name": "move", "content": result}]
+            env.close()
+        return out

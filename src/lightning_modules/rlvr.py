@@ -310,16 +310,17 @@ class RLVRModule(LMModule):
     def episodes(self, engine: RolloutEngine, batch: dict, g: int, temperature: float, top_p: float,
                  generator: torch.Generator) -> Episodes:
         """Multi-turn: `g` episodes per prompt, each with its own environment, reset on its row (TRL's contract:
-        `reset(prompt=<the chat>, answer=<the reference>, index=<its position in the split>)`; an index-seeded game
-        is the same game for a group, and again on resume). A reset's text is appended to the last user message; the
+        `reset(prompt=<the chat>, answer=<the reference>, index=<its position in the split>, **<its other columns>)`;
+        a game seeded from the row is the same game for a group, and again on resume). A reset's text is appended to the last user message; the
         prompts are rendered again with the tools' schemas, and replace the batch's prompt tensors in place (the
         trainer encodes what the sampler saw). The environments' `get_reward` go to `Episodes.env_rewards`."""
         if "chats" not in batch:
             raise ValueError("env: multi-turn episodes start from prompt rows (data.kind=prompt)")
         tok, envs, prompts = self.tokenizer, [], []
-        for chat, answer, index in zip(batch["chats"], batch["references"], batch["index"].tolist()):
+        columns = batch.get("columns") or [{}] * len(batch["chats"])
+        for chat, answer, index, extra in zip(batch["chats"], batch["references"], batch["index"].tolist(), columns):
             group = [self.env.make() for _ in range(g)]
-            shown = {e.reset(prompt=chat, answer=answer, index=index) for e in group}
+            shown = {e.reset(**{**extra, "prompt": chat, "answer": answer, "index": index}) for e in group}
             if len(shown) > 1:
                 raise ValueError(f"env: reset gave the {g} episodes of one prompt (index {index}) different texts: a "
                                  "group must face the same task (seed the environment from the row, e.g. `index`)")
