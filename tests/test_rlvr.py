@@ -66,6 +66,57 @@ def test_loss_matches_hand_computation(loss_type, hi, how):
     assert loss.item() == pytest.approx(want, rel=1e-5)
 
 
+def _trl_sequence_level_loss(logp, logp_gen, adv, mask, lo, hi):
+    """TRL's GRPOTrainer._compute_loss itself (importance_sampling_level="sequence", loss_type="grpo": GSPO as TRL
+    documents it) on (N, T) log-probs, through a stand-in for the trainer's state it reads."""
+    import collections
+    import types
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    n, t = logp.shape
+    fake = types.SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="sequence", beta=0.0,
+        loss_type="grpo", epsilon_low=lo, epsilon_high=hi, args=types.SimpleNamespace(delta=None), use_vllm=False,
+        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        accelerator=types.SimpleNamespace(gather=lambda x: x, reduce=lambda x, reduction: x))
+    inputs = {"prompt_ids": torch.zeros(n, 1, dtype=torch.long), "prompt_mask": torch.ones(n, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(n, t, dtype=torch.long), "completion_mask": mask.long(),
+              "advantages": adv, "old_per_token_logps": logp_gen}
+    return GRPOTrainer._compute_loss(fake, None, inputs)
+
+
+@pytest.mark.parametrize("lo,hi", [(0.2, 0.2), (3e-4, 4e-4), (10.0, 10.0)])
+def test_gspo_loss_and_gradient_match_a_hand_computation_and_trls(lo, hi):
+    """GSPO: one ratio per sequence, s = exp(mean_t log pi / pi_gen), clipped as PPO's, the mean over sequences.
+    By hand one float at a time (the gradient too: A s / |y| per token of an unclipped sequence, 0 for a clipped
+    one), and TRL's own sequence-level loss on the same inputs."""
+    logp = LOGP.clone().requires_grad_(True)
+    loss, _ = rlvr_loss(logp, LOGP_GEN, ADV, MASK, loss_type="gspo", loss_agg="sequence", clip_low=lo, clip_high=hi)
+    loss.backward()
+    want, grad = 0.0, torch.zeros_like(LOGP)
+    for b in range(2):
+        for g in range(2):
+            toks = [t for t in range(3) if MASK[b, g, t]]
+            s = math.exp(sum(float(LOGP[b, g, t] - LOGP_GEN[b, g, t]) for t in toks) / len(toks))
+            a = float(ADV[b, g])
+            clipped = min(max(s, 1 - lo), 1 + hi)
+            want -= min(s * a, clipped * a) / 4
+            if s * a <= clipped * a:  # the unclipped branch is the min: the gradient flows through s
+                for t in toks:
+                    grad[b, g, t] = -a * s / len(toks) / 4
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(logp.grad, grad, rtol=1e-5, atol=1e-7)
+    flat = LOGP.clone().flatten(0, 1).requires_grad_(True)
+    trl = _trl_sequence_level_loss(flat, LOGP_GEN.flatten(0, 1), ADV.flatten(), MASK.flatten(0, 1), lo, hi)
+    trl.backward()
+    assert trl.item() == pytest.approx(loss.item(), rel=1e-5)
+    torch.testing.assert_close(flat.grad.view_as(grad), grad, rtol=1e-5, atol=1e-7)
+
+
 def test_prompt_level_aggregation_is_the_lectures_normaliser():
     """1 / sum_g |y_g| per prompt: prompt 0 has 3 + 1 tokens, prompt 1 has 2 + 3."""
     ones = torch.ones_like(LOGP)

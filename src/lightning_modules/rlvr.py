@@ -95,7 +95,7 @@ class RLVRModule(LMModule):
         loss_agg: str | None = None,
         adv_norm: str | None = None,
         epsilon: float = 5.0,
-        clip_low: float = 0.2,
+        clip_low: float | None = None,
         clip_high: float | None = None,
         beta: float = 0.0,
         kl_estimator: str | None = None,
@@ -130,12 +130,12 @@ class RLVRModule(LMModule):
         self.env = env
         if env is not None:
             check_tool_template(self.tokenizer)
-        loss_agg, adv_norm, clip_high = check_recipe(
+        loss_agg, adv_norm, clip_high, clip_low = check_recipe(
             reward, loss_type, loss_agg, adv_norm, clip_high, num_generations, generation_lag, epsilon,
-            reward_on_error, val_num_samples, temperature, top_p, truncated_reward)
+            reward_on_error, val_num_samples, temperature, top_p, truncated_reward, clip_low)
         # the values this run uses, not the nulls that chose them: the checkpoint, hparams.yaml and the W&B config
         # hold these (src/utils/run.py `hyperparameters`)
-        self.hparams.update(loss_agg=loss_agg, adv_norm=adv_norm, clip_high=clip_high,
+        self.hparams.update(loss_agg=loss_agg, adv_norm=adv_norm, clip_high=clip_high, clip_low=clip_low,
                             kl_estimator=kl_options(kl_in, kl_estimator))
         self.reward = reward  # a reward model (an nn.Module) becomes a frozen submodule: device, FSDP2, checkpoints
         self.verifier = getattr(reward, "verifier", reward)  # what "passes" (pass@k, pass rate): never the model

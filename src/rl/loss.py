@@ -4,6 +4,9 @@ as pure tensor functions (no Lightning): what a reader checks against the papers
     cispo  sg(min(rho, eps)) A log pi_train                 (MiniMax-M1's CISPO, ScaleRL's choice)
     grpo   min(rho A, clip(rho, 1 - e_lo, 1 + e_hi) A)      PPO's clipped ratio (Shao et al. 2024, DeepSeekMath)
     dapo   the clipped ratio with clip-higher e_hi = 0.28   (Yu et al. 2025)
+    gspo   min(s A, clip(s, 1 - 3e-4, 1 + 4e-4) A) with one ratio per sequence, the geometric mean of its tokens'
+           s_i = exp(1/|y_i| sum_t log rho_{i,t})          (Zheng et al. 2025, GSPO; TRL's importance_sampling_level=
+           "sequence"), group advantages, sequence-mean aggregation
     rho = pi_train(y_t) / pi_gen(y_t), the importance weight of samples drawn from pi_gen
 
 Aggregation (`loss_agg`): `prompt` 1 / sum_g |y_g| per prompt then the mean over prompts (ScaleRL), `token` every token
@@ -15,16 +18,26 @@ from __future__ import annotations
 
 import torch
 
-LOSS_TYPES = ("cispo", "grpo", "dapo")
+LOSS_TYPES = ("cispo", "grpo", "dapo", "gspo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_IN = ("reward", "loss")
 AGGREGATIONS = ("prompt", "token", "sequence")
-# each loss type as its paper states it; `adv_norm` / `loss_agg` / `clip_high` override
+# each loss type as its paper states it; `adv_norm` / `loss_agg` / `clip_low` / `clip_high` override
 PRESETS = {
-    "cispo": {"adv_norm": "batch", "loss_agg": "prompt", "clip_high": None},
-    "grpo": {"adv_norm": "group", "loss_agg": "sequence", "clip_high": 0.2},
-    "dapo": {"adv_norm": "group", "loss_agg": "token", "clip_high": 0.28},
+    "cispo": {"adv_norm": "batch", "loss_agg": "prompt", "clip_low": None, "clip_high": None},
+    "grpo": {"adv_norm": "group", "loss_agg": "sequence", "clip_low": 0.2, "clip_high": 0.2},
+    "dapo": {"adv_norm": "group", "loss_agg": "token", "clip_low": 0.2, "clip_high": 0.28},
+    # GSPO's sequence ratios sit near 1 (a geometric mean): its paper clips at 3e-4 / 4e-4
+    "gspo": {"adv_norm": "group", "loss_agg": "sequence", "clip_low": 3e-4, "clip_high": 4e-4},
 }
+
+
+def sequence_ratio(logp: torch.Tensor, logp_gen: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's importance ratio, one per sequence and broadcast over its tokens: exp(mean_t log pi_train / pi_gen) over
+    the sequence's `mask`ed tokens, with the gradient of that mean (each token's log-prob weighs 1/|y|)."""
+    m = mask.to(logp.dtype)
+    log_s = ((logp - logp_gen) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    return torch.exp(log_s).expand_as(logp)
 
 
 # --------------------------------------------------------------------------- the KL to the reference
@@ -143,8 +156,8 @@ def rlvr_loss(
         rho = torch.exp(logp.detach() - logp_gen)  # pi_train / pi_gen, no gradient (sg)
         weight = torch.clamp(rho, max=epsilon)  # min(rho, eps)
         objective = weight * a * logp  # sg(min(rho, eps)) A log pi_train
-    else:  # grpo, dapo: PPO's clipped surrogate, the gradient flows through rho
-        rho = torch.exp(logp - logp_gen)
+    else:  # grpo, dapo: PPO's clipped surrogate, the gradient flows through rho; gspo: one rho per sequence
+        rho = sequence_ratio(logp, logp_gen, mask) if loss_type == "gspo" else torch.exp(logp - logp_gen)
         rho_clip = torch.clamp(rho, 1 - clip_low, 1 + clip_high)
         objective = torch.minimum(rho * a, rho_clip * a)
     if keep is not None:  # the filter removes the policy-gradient term of tied groups (their A is 0 already)
@@ -170,7 +183,7 @@ def ratio_stats(logp, logp_gen, adv, mask, loss_type, epsilon, clip_low, clip_hi
     """Over the completion tokens: |log pi_train - log pi_gen| (policy lag + engine mismatch), rho's mean and max,
     the share of tokens whose weight is truncated (CISPO) or clipped (PPO), and with beta > 0 the k3 KL."""
     m = mask.bool()
-    rho = torch.exp(logp - logp_gen)
+    rho = sequence_ratio(logp, logp_gen, mask) if loss_type == "gspo" else torch.exp(logp - logp_gen)
     if loss_type == "cispo":
         clipped = rho > epsilon
     else:

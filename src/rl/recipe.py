@@ -15,9 +15,9 @@ def check_retirement(model_reward: bool, retire_threshold: float | None) -> None
 
 def check_recipe(reward, loss_type, loss_agg, adv_norm, clip_high, num_generations, generation_lag, epsilon,
                  reward_on_error, val_num_samples, temperature=1.0, top_p=1.0,
-                 truncated_reward=0.0) -> tuple[str, str, float | None]:
-    """Validate the recipe's options (naming the key at fault); return loss_agg, adv_norm and clip_high with
-    the loss type's own defaults filled in."""
+                 truncated_reward=0.0, clip_low=None) -> tuple[str, str, float | None, float | None]:
+    """Validate the recipe's options (naming the key at fault); return loss_agg, adv_norm, clip_high and clip_low
+    with the loss type's own defaults filled in."""
     if reward is None or not callable(reward):
         raise ValueError("algo.reward: a verifier is required (reward=exact|numeric|math|custom)")
     if loss_type not in LOSS_TYPES:
@@ -46,4 +46,5 @@ def check_recipe(reward, loss_type, loss_agg, adv_norm, clip_high, num_generatio
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    return agg, norm, clip_high if clip_high is not None else preset["clip_high"]
+    return (agg, norm, clip_high if clip_high is not None else preset["clip_high"],
+            clip_low if clip_low is not None else preset["clip_low"])
