@@ -155,7 +155,7 @@ PRESETS = {
     "experiment/guess_the_number": {"algo.env.environment.env_id": (None, "GuessTheNumber-v0-raw"),
                                      "data.source._target_": ("src.datamodules.arithmetic.ArithmeticTask",
                                                               "src.envs.textarena.GameSeeds"),
-                                     "model.net.max_position_embeddings": (256, 1536), "algo.max_new_tokens": (8, 72)},
+                                     "model.net.max_position_embeddings": (256, 896), "algo.max_new_tokens": (8, 72)},
     "debug/fdr": {"trainer.fast_dev_run": (None, True), "logger": (["wandb"], []),
                   "callbacks": (["finite_loss", "hf_export", "lr_monitor", "model_checkpoint", "rich_progress_bar",
                                  "wandb_axes"], [])},

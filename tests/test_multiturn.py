@@ -266,19 +266,24 @@ def test_game_demonstrations_are_the_episode_contexts_and_seeds_are_disjoint(tok
     from src.datamodules.lm import LMDataModule
     from src.envs.textarena import GameSeeds
 
-    task = GameSeeds(n_train=4, n_val=2, n_test=2, instructions="Guess 1..20 with move.")
+    import functools
+
+    from src.envs.textarena import TextArenaGame
+
+    environment = functools.partial(TextArenaGame, instructions="Guess 1..10 with move.", max_number=10, max_turns=5)
+    task = GameSeeds(n_train=4, n_val=2, n_test=2, environment=environment)
     seeds = [{r["seed"] for _, r in task.rows(split)} for split in ("train", "val", "test")]
     assert sum(map(len, seeds)) == len(set().union(*seeds)) == 8
     dm = LMDataModule(task, tokenizer, kind="sft", max_length=2048, batch_size=2)
     dm.setup("fit")
     first, second = dm.examples["train"][:2]
-    from src.envs.textarena import TextArenaGame
     from src.envs.tools import parse_tool_calls
 
-    game = TextArenaGame(task.env_id, task.instructions)
+    game = environment()
     game.reset(**task.rows("train")[0][1])
+    assert game.game.max_number == 10
     (call,) = parse_tool_calls(tokenizer.decode(first["completion_ids"], skip_special_tokens=True))
     hint = game.move(**call.arguments)
     tool = tokenizer(tool_turn_text(tokenizer, [("move", hint)]), add_special_tokens=False).input_ids
     assert second["prompt_ids"] == first["prompt_ids"] + first["completion_ids"] + tool
-    assert "Guess 1..20 with move." in first["prompt"] and "<|tools|>move(action)" in first["prompt"]
+    assert "Guess 1..10 with move." in first["prompt"] and "<|tools|>move(action)" in first["prompt"]

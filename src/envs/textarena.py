@@ -63,13 +63,13 @@ class TextArenaGame:
 class GameSeeds:
     """The rows of a game task: one prompt per game and its `seed` (disjoint across train / val / test), for
     `env=textarena` (the environment owns the reward: `answer` is a placeholder). `sft_rows`: a warm start's
-    demonstrations, games played by guessing uniformly among the numbers not yet tried, ignoring the hints (they
-    teach the format of a move, not how to use what the game says: that is left to RL)."""
+    demonstrations, Guess The Number games played by guessing uniformly among the numbers not yet tried, ignoring the
+    hints (they teach the format of a move, not how to use what the game says: that is left to RL). `environment`
+    makes the games (the env's own factory, so the demonstrations play the game RL plays)."""
 
     def __init__(self, prompt: str = "Play.", n_train: int = 2000, n_val: int = 100, n_test: int = 200, seed: int = 0,
-                 env_id: str = "GuessTheNumber-v0-raw", instructions: str | None = None, low: int = 1,
-                 high: int = 20):
-        self.prompt, self.env_id, self.instructions, self.low, self.high = prompt, env_id, instructions, low, high
+                 environment=None):
+        self.prompt, self.environment = prompt, environment or TextArenaGame
         starts = {"train": 0, "val": n_train, "test": n_train + n_val}
         sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.seeds = {k: range(seed + starts[k], seed + starts[k] + sizes[k]) for k in starts}
@@ -87,12 +87,14 @@ class GameSeeds:
 
         out = []
         for where, row in self.rows(split):
-            game = TextArenaGame(self.env_id, self.instructions)
+            game = self.environment()
             env = Environment(game)
             opening = game.reset(**row)
+            if not hasattr(game.game, "max_number"):
+                raise ValueError(f"data.source: demonstrations are Guess The Number games, not {game.env_id}")
             chat = [{"role": "user", "content": f"{row['prompt']}\n{opening}"}]
             rng = _random.Random(f"demo-{row['seed']}")  # not the game's own stream (it would guess the secret)
-            left = list(range(self.low, self.high + 1))
+            left = list(range(game.game.min_number, game.game.max_number + 1))
             while not game.done:
                 guess = left.pop(rng.randrange(len(left)))
                 call = {"role": "assistant", "content": "", "tool_calls": [
