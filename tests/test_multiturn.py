@@ -263,12 +263,10 @@ def test_every_env_option_builds_with_its_tools_schemas(cfg_factory):
 def test_game_demonstrations_are_the_episode_contexts_and_seeds_are_disjoint(tokenizer):
     """GameSeeds: the splits' games have disjoint seeds; a demonstration's next move is conditioned on exactly the
     context an episode builds (the previous move, its <eos>, the template's tool turn with the game's hint)."""
-    from src.datamodules.lm import LMDataModule
-    from src.envs.textarena import GameSeeds
-
     import functools
 
-    from src.envs.textarena import TextArenaGame
+    from src.datamodules.lm import LMDataModule
+    from src.envs.textarena import GameSeeds, TextArenaGame
 
     environment = functools.partial(TextArenaGame, instructions="Guess 1..10 with move.", max_number=10, max_turns=5)
     task = GameSeeds(n_train=4, n_val=2, n_test=2, environment=environment)
