@@ -99,7 +99,6 @@ def test_sampler_and_trainer_logps_agree_on_policy_tokens_at_lag_0(monkeypatch):
     forward over prompt + the whole episode: equal log-probs on the policy's tokens."""
     import src.envs.episodes as episodes
     from src.models import char_tokenizer, tiny_llama
-    from src.models.logps import completion_logps
     from src.models.rollout import HFRollout
 
     tok = char_tokenizer("0123456789+=<|>\nuseratniol")  # a small vocabulary: a random policy ends turns often
@@ -125,12 +124,9 @@ def test_sampler_and_trainer_logps_agree_on_policy_tokens_at_lag_0(monkeypatch):
     ep = run_episodes(engine, tok, prompts, envs, num_samples=2, max_turns=3, max_new_tokens=16, max_tokens=64,
                       temperature=1.0, generator=gen)
     assert (~ep.policy_mask & ep.completion_mask).any(), "no tool turn was taken: the test would not bite"
-    width = max(len(p) for p in prompts)
-    pids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
-    pmask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        logp, _ = completion_logps(model, pids, pmask, ep.completion_ids, ep.completion_mask, group=2,
-                                   with_entropy=False)
+    from tests.helpers import episode_logps
+
+    logp = episode_logps(model, tok.pad_token_id, prompts, ep)
     m = ep.policy_mask
     torch.testing.assert_close(logp[m], ep.logps[m], atol=1e-4, rtol=1e-4)
 

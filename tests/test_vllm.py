@@ -244,11 +244,8 @@ def test_multi_turn_episodes_on_vllm_keep_the_sampled_ids_and_their_logps(tokeni
             took += 1
             assert ids[tool_at[0] - 1] == tokenizer.eos_token_id and ids[tool_at].tolist() == tool
     assert took, "no episode took a tool turn: the test would not bite"
-    width = max(len(p) for p in prompts)
-    pids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-    pmask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        logp, _ = completion_logps(model, pids, pmask, ep.completion_ids, ep.completion_mask, group=2,
-                                   with_entropy=False)
+    from tests.helpers import episode_logps
+
+    logp = episode_logps(model, tokenizer.pad_token_id, prompts, ep)
     m = ep.policy_mask
     assert (logp - ep.logps)[m].abs().max() < 1e-4  # as single-turn above: float32 rounding only

@@ -99,3 +99,19 @@ def short_run(algo: str) -> tuple[list[str], bool]:
         return list(SHORT[algo]), is_lm(algo)
     text = (ROOT / "conf" / "algo" / f"{algo}.yaml").read_text()
     return [f"algo={algo}"] + (["warm_start.max_steps=0"] if "/warm_start:" in text else []), is_lm(algo)
+
+
+def episode_logps(model, pad_id: int, prompts: list[list[int]], ep):
+    """The trainer's log-probs (no gradient) of episodes `ep` sampled from `prompts` (ids; their G samples each in
+    order): the prompts left-padded, each encoded once for its samples, as the RLVR step encodes them."""
+    import torch
+
+    from src.models.logps import completion_logps
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        logp, _ = completion_logps(model, ids, mask, ep.completion_ids, ep.completion_mask,
+                                   group=ep.completion_ids.size(0) // len(prompts), with_entropy=False)
+    return logp
