@@ -73,3 +73,21 @@ def test_training_step_loss_is_the_masked_cross_entropy_of_the_model(cfg_factory
     labels = batch["labels"].clone()
     labels[batch["attention_mask"].bool() & (labels == -100)] = 5
     assert abs(masked_nll(logits, labels)[0].item() - want) > 1e-3
+
+
+def test_warm_start_logs_its_curve_one_line_per_check(tokenizer, caplog):
+    """The warm start has no logger of its own: each greedy check reaches the run's log (train.log)."""
+    import functools
+    import logging
+
+    from src.datamodules.arithmetic import ArithmeticTask
+    from src.datamodules.lm import LMDataModule
+    from src.lightning_modules.sft import warm_start
+    from src.models import tiny_llama
+
+    dm = LMDataModule(ArithmeticTask(n_train=32, n_val=8, n_test=8), tokenizer, kind="sft", max_length=32, batch_size=8)
+    net = functools.partial(tiny_llama, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    with caplog.at_level(logging.INFO, logger="src.lightning_modules.sft"):
+        warm_start(net, tokenizer, dm, target=1.0, max_steps=4, val_every=2, progress_bar=False)
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Warm start: step")]
+    assert [m.split(",")[0] for m in steps] == ["Warm start: step 2", "Warm start: step 4"], steps

@@ -84,6 +84,13 @@ def warm_start(net, tokenizer, datamodule, target: float, max_steps: int, val_ev
     from lightning.pytorch.callbacks import EarlyStopping
 
     sft = SFTModule(net=net, tokenizer=tokenizer, lr=lr, warmup_steps=warmup_steps, max_new_tokens=max_new_tokens)
+
+    class Progress(L.Callback):  # the warm start logs nowhere else: its curve in the run's log, one line per check
+        def on_validation_end(self, trainer, pl_module):
+            em = trainer.callback_metrics.get("val/exact_match")
+            if em is not None and not trainer.sanity_checking:
+                log.info("Warm start: step %d, val exact match %.3f", trainer.global_step, float(em))
+
     # Lightning stops when the metric is strictly above the threshold; "reaches the target" is >=
     stop = EarlyStopping(monitor="val/exact_match", mode="max", stopping_threshold=target - 1e-9, patience=10**9,
                          check_on_train_epoch_end=False)
@@ -91,7 +98,7 @@ def warm_start(net, tokenizer, datamodule, target: float, max_steps: int, val_ev
         accelerator=accelerator, devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
         val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         gradient_clip_val=gradient_clip_val, enable_model_summary=False, enable_progress_bar=progress_bar,
-        callbacks=[stop, ValidateAtEnd()],
+        callbacks=[stop, ValidateAtEnd(), Progress()],
     )
     trainer.fit(sft, datamodule=datamodule)
     reached = float(trainer.callback_metrics["val/exact_match"])
