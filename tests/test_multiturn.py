@@ -260,6 +260,28 @@ def test_every_env_option_builds_with_its_tools_schemas(cfg_factory):
     assert names == {"calculator": ["calculate"], "textarena": ["move"], "none": None}
 
 
+def test_game_partial_credit_is_off_unless_asked_a_repeated_guess_earns_nothing():
+    """Junk probe of the game's reward: repeated guesses end the game (invalid moves) with textarena's partial
+    credit (how close the last guess was); by default that pays 0, with partial_credit=true the game's value."""
+    from src.envs.textarena import TextArenaGame
+
+    paid = {}
+    for partial in (False, True):
+        rewards = []
+        for seed in range(10):
+            game = TextArenaGame(max_number=10, max_turns=5, partial_credit=partial)
+            game.reset(seed=seed)
+            if game.game.game_number == 5:
+                continue
+            for _ in range(3):  # a guess, then the same twice: textarena forgives one invalid move, not two
+                game.move("[5]")
+            assert game.done
+            rewards.append(game.get_reward())
+        paid[partial] = rewards
+    assert paid[False] == [0.0] * len(paid[False]) and len(paid[False]) >= 5
+    assert all(0 < r < 1 for r in paid[True])
+
+
 def test_game_demonstrations_are_the_episode_contexts_and_seeds_are_disjoint(tokenizer):
     """GameSeeds: the splits' games have disjoint seeds; a demonstration's next move is conditioned on exactly the
     context an episode builds (the previous move, its <eos>, the template's tool turn with the game's hint)."""

@@ -9,6 +9,11 @@ The game is seeded from the row's `seed` column (else its `index`), so the G epi
 character-level policy can read) with a short one; the rules, the hints and the reward stay the game's. A game the
 episode leaves unfinished (the policy stops moving, or runs out of turns or tokens first) scores 0: textarena gives
 no reward before a game ends.
+
+Partial credit is off by default (`partial_credit=false`: 1 for a win, 0 otherwise). Guess The Number pays a game
+that ends without a win by how close the last guess was, and an invalid move ends it too: repeating a guess of 5 in
+1..10 scores 0.73 on average over 30 games (measured) without using a single hint, a reward the policy would learn
+to collect. `partial_credit=true` passes the game's reward on.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import random
 class TextArenaGame:
     """One textarena game per episode; its one tool is `move`."""
 
-    def __init__(self, env_id: str = "GuessTheNumber-v0-raw", instructions: str | None = None, **game_kwargs):
+    def __init__(self, env_id: str = "GuessTheNumber-v0-raw", instructions: str | None = None,
+                 partial_credit: bool = False, **game_kwargs):
         try:
             import textarena as ta
         except ImportError:
@@ -27,6 +33,7 @@ class TextArenaGame:
         if env_id not in ta.envs.registration.ENV_REGISTRY:
             raise ValueError(f"env.environment.env_id={env_id!r} is not a textarena game; e.g. GuessTheNumber-v0-raw")
         self.env_id, self.instructions, self.game_kwargs = env_id, instructions, game_kwargs
+        self.partial_credit = partial_credit
         self._ta, self.game, self.reward = ta, None, 0.0
 
     def reset(self, **row) -> str:
@@ -57,7 +64,8 @@ class TextArenaGame:
         return "\n".join(message for source, message, _ in news if source == -1)  # the game's, not our echo
 
     def get_reward(self) -> float:
-        return self.reward
+        """The game's reward; without `partial_credit`, 1 for a win and 0 otherwise."""
+        return self.reward if self.partial_credit else float(self.reward >= 1.0)
 
 
 class GameSeeds:
