@@ -145,6 +145,45 @@ def run_episodes(engine, tokenizer, prompt_ids: list[list[int]], envs: list[Envi
     )
 
 
+def reset_groups(spec, tokenizer, chats: list[list[dict]], answers: list[str], indices: list[int],
+                 columns: list[dict], g: int) -> tuple[list[list[int]], list[Environment]]:
+    """One environment per episode (`spec`: an `EnvSpec`), `g` per prompt, each reset on its row (TRL's contract:
+    `reset(prompt=<the chat>, answer=<the reference>, index=<its position in the split>, **<its other columns>)`), and
+    each prompt's ids: its chat with the reset's text appended to the last user message, rendered with the tools'
+    schemas. A group whose resets differ is refused: its episodes must face one task (advantages compare them)."""
+    prompts, envs = [], []
+    for chat, answer, index, extra in zip(chats, answers, indices, columns):
+        group = [spec.make() for _ in range(g)]
+        envs += group
+        shown = {e.reset(**{**extra, "prompt": chat, "answer": answer, "index": index}) for e in group}
+        if len(shown) > 1:
+            for e in envs:
+                e.close()
+            raise ValueError(f"env: reset gave the {g} episodes of one prompt (index {index}) different texts: a "
+                             "group must face the same task (seed the environment from the row, e.g. `index`)")
+        text = shown.pop()
+        if text:
+            chat = [*chat[:-1], {**chat[-1], "content": f"{chat[-1]['content']}\n{text}"}]
+        rendered = tokenizer.apply_chat_template(chat, tools=spec.schemas, add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer(rendered, add_special_tokens=False).input_ids)
+    return prompts, envs
+
+
+def environment_rewards(envs: list[Environment]) -> torch.Tensor | None:
+    """The environments' own rewards (`get_reward`), or None when they have none (the verifier scores)."""
+    rewards = [e.reward() for e in envs]
+    if all(r is None for r in rewards):
+        return None
+    if any(r is None for r in rewards):
+        raise ValueError("env: get_reward returned None for some episodes and a number for others")
+    return torch.tensor(rewards, dtype=torch.float32)
+
+
+def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ids and attention mask, left-padded (as the datamodule's batches)."""
+    return _pad(prompts, pad, torch.long, "left"), _pad([[1] * len(p) for p in prompts], 0, torch.long, "left")
+
+
 def _pad(rows: list[list], value, dtype: torch.dtype, side: str = "right") -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence([torch.tensor(r, dtype=dtype) for r in rows], batch_first=True,
                                            padding_value=value, padding_side=side)

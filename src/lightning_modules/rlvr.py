@@ -44,7 +44,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from src.callbacks.wandb_axes import STEP
-from src.envs.episodes import Episodes, run_episodes
+from src.envs.episodes import Episodes, environment_rewards, left_padded, reset_groups, run_episodes
 from src.envs.tools import EnvSpec, check_tool_template
 from src.lightning_modules.lm import LMModule
 from src.metrics import PassAtK
@@ -309,43 +309,24 @@ class RLVRModule(LMModule):
 
     def episodes(self, engine: RolloutEngine, batch: dict, g: int, temperature: float, top_p: float,
                  generator: torch.Generator) -> Episodes:
-        """Multi-turn: `g` episodes per prompt, each with its own environment, reset on its row (TRL's contract:
-        `reset(prompt=<the chat>, answer=<the reference>, index=<its position in the split>, **<its other columns>)`;
-        a game seeded from the row is the same game for a group, and again on resume). A reset's text is appended to the last user message; the
-        prompts are rendered again with the tools' schemas, and replace the batch's prompt tensors in place (the
-        trainer encodes what the sampler saw). The environments' `get_reward` go to `Episodes.env_rewards`."""
+        """Multi-turn: `g` episodes per prompt, each with its own environment reset on its row (`reset_groups`: a game
+        seeded from the row is the same game for a group, and again on resume). The prompts, rendered again with the
+        tools' schemas and the reset text, replace the batch's prompt tensors in place (the trainer encodes what the
+        sampler saw). The environments' `get_reward` go to `Episodes.env_rewards`."""
         if "chats" not in batch:
             raise ValueError("env: multi-turn episodes start from prompt rows (data.kind=prompt)")
-        tok, envs, prompts = self.tokenizer, [], []
         columns = batch.get("columns") or [{}] * len(batch["chats"])
-        for chat, answer, index, extra in zip(batch["chats"], batch["references"], batch["index"].tolist(), columns):
-            group = [self.env.make() for _ in range(g)]
-            shown = {e.reset(**{**extra, "prompt": chat, "answer": answer, "index": index}) for e in group}
-            if len(shown) > 1:
-                raise ValueError(f"env: reset gave the {g} episodes of one prompt (index {index}) different texts: a "
-                                 "group must face the same task (seed the environment from the row, e.g. `index`)")
-            extra = shown.pop()
-            if extra:
-                chat = [*chat[:-1], {**chat[-1], "content": f"{chat[-1]['content']}\n{extra}"}]
-            text = tok.apply_chat_template(chat, tools=self.env.schemas, add_generation_prompt=True, tokenize=False)
-            prompts.append(tok(text, add_special_tokens=False).input_ids)
-            envs += group
-        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True,
-                                              padding_value=tok.pad_token_id, padding_side="left")
-        batch["prompt_input_ids"] = ids.to(self.device)
-        batch["prompt_attention_mask"] = (torch.arange(ids.size(1)) >= ids.size(1) - torch.tensor(
-            [len(p) for p in prompts])[:, None]).long().to(self.device)
+        prompts, envs = reset_groups(self.env, self.tokenizer, batch["chats"], batch["references"],
+                                     batch["index"].tolist(), columns, g)
+        ids, mask = left_padded(prompts, self.tokenizer.pad_token_id)
+        batch["prompt_input_ids"], batch["prompt_attention_mask"] = ids.to(self.device), mask.to(self.device)
         try:
-            ep = run_episodes(engine, tok, prompts, envs, g, self.env.max_turns, self.hparams.max_new_tokens,
+            ep = run_episodes(engine, self.tokenizer, prompts, envs, g, self.env.max_turns, self.hparams.max_new_tokens,
                               self.env.max_tokens, temperature, top_p, generator)
-            rewards = [e.reward() for e in envs]
+            ep.env_rewards = environment_rewards(envs)
         finally:
             for e in envs:
                 e.close()
-        if any(r is not None for r in rewards):
-            if any(r is None for r in rewards):
-                raise ValueError("env: get_reward returned None for some episodes and a number for others")
-            ep.env_rewards = torch.tensor(rewards, dtype=torch.float32)
         return ep.to(self.device)
 
     def score(self, batch: dict, texts: list[str], roll: Rollout) -> tuple[torch.Tensor, torch.Tensor, int]:
