@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from src.datamodules.files import DataError, RowMap
 from src.datamodules.packing import IGNORE, pack, pack_pairs
 from src.datamodules.sampler import ResumableTrainData
-from src.models.tokenizer import CHAT_TEMPLATE
+from src.models.tokenizer import CHAT_TEMPLATE, after_assistant_turn
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,6 @@ def render_prompt(value, tokenizer, where: str, key: str, tools: list[dict] | No
     raise DataError(f"{where}: key {key!r} must be a non-empty string or a list of chat messages")
 
 
-_MARK = "\u2063turn\u2063"
-
-
 def tool_call_turn(msgs: list[dict], tokenizer, tools: list[dict] | None, where: str) -> str:
     """The text the chat template writes for the last message, an assistant turn with `tool_calls` (a tool-use
     demonstration), without its end of turn: the completion's <eos> ends it, as the policy's sampled <eos> does."""
@@ -62,8 +59,7 @@ def tool_call_turn(msgs: list[dict], tokenizer, tools: list[dict] | None, where:
         raise DataError(f"{where}: the chat template renders the conversation before the last assistant turn "
                         "differently with and without it; its tool-call turn cannot be cut out as a completion")
     turn = full[len(before):]
-    probe = render([{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}], False)
-    end = probe[probe.find(_MARK) + len(_MARK):] if _MARK in probe else ""
+    end = after_assistant_turn(tokenizer, [], add_generation_prompt=False, template=template) or ""
     return turn[: len(turn) - len(end)] if end and turn.endswith(end) else turn
 
 

@@ -20,9 +20,7 @@ import torch
 
 from src.envs.tools import Environment, parse_tool_calls
 from src.models.rollout import Rollout
-
-# the texts the chat template renders around an assistant turn's content (found by rendering a marker)
-_MARK = "\u2063assistant-turn\u2063"
+from src.models.tokenizer import after_assistant_turn
 
 
 def tool_turn_text(tokenizer, results: list[tuple[str, str]]) -> str:
@@ -30,13 +28,10 @@ def tool_turn_text(tokenizer, results: list[tuple[str, str]]) -> str:
     prompt, around the tool messages `results` ([(tool name, content)]): rendered after a placeholder turn, so it
     holds the template's own end-of-turn text, the tool messages and the generation prompt. The leading <eos> is
     dropped when the template writes it (the policy sampled its own)."""
-    base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}]
     tools = [{"role": "tool", "name": n, "content": c} for n, c in results]
-    text = tokenizer.apply_chat_template(base + tools, tokenize=False, add_generation_prompt=True)
-    cut = text.find(_MARK)
-    if cut < 0:
+    suffix = after_assistant_turn(tokenizer, tools, add_generation_prompt=True)
+    if suffix is None:
         raise ValueError("the chat template does not render an assistant turn's content: it cannot hold a tool turn")
-    suffix = text[cut + len(_MARK):]
     eos = tokenizer.eos_token or ""
     return suffix[len(eos):] if eos and suffix.startswith(eos) else suffix
 

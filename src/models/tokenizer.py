@@ -35,6 +35,21 @@ CHAT_TEMPLATE = (
 )
 
 
+_MARK = "\u2063assistant-turn\u2063"
+
+
+def after_assistant_turn(tokenizer, following: list[dict], add_generation_prompt: bool,
+                         template: str | None = None) -> str | None:
+    """The text a chat template writes after an assistant turn's content: its end of turn, then the `following`
+    messages and the generation prompt if asked (rendered after a placeholder turn); None when the template does not
+    render an assistant's content."""
+    base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}]
+    text = tokenizer.apply_chat_template(base + following, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         chat_template=template or tokenizer.chat_template or CHAT_TEMPLATE)
+    cut = text.find(_MARK)
+    return None if cut < 0 else text[cut + len(_MARK):]
+
+
 def char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
     """Character-level tokenizer: ids 0-3 are <pad> <s> </s> <unk>, then one id per character.
 
