@@ -128,6 +128,31 @@ def test_rlvr_runs_on_vllm_and_logs_the_train_inference_drift(cfg_factory):
     assert "val/pass@1" in metrics
 
 
+def test_is_correction_weighs_the_engines_own_logps(cfg_factory, monkeypatch):
+    """algo.is_correction=tis on vLLM with a lag: the correction's pi_rollout is the engine's log-probs as sampled,
+    pi_old is the trainer's recompute of the same weights, and the logged mismatch between them is the kernels'
+    (nonzero, small); the loss's ratio pi_train / pi_old then holds only the lag."""
+    import src.lightning_modules.rlvr as rlvr
+    from src.models.rollout_vllm import VLLMRollout
+
+    sampled, seen = [], []
+    generate, weights = VLLMRollout.generate, rlvr.is_weights
+    monkeypatch.setattr(VLLMRollout, "generate", lambda self, *a, **k: sampled.append(generate(self, *a, **k)) or sampled[-1])
+    monkeypatch.setattr(rlvr, "is_weights", lambda old, roll, *a: seen.append((old, roll)) or weights(old, roll, *a))
+    cfg = cfg_factory(*RLVR_RUN, "rollout=vllm", "rollout.max_model_len=128", "trainer.max_steps=4",
+                      "trainer.val_check_interval=null", "+trainer.limit_val_batches=0", "algo.generation_lag=2",
+                      "algo.is_correction=tis")
+    _, objs = train_with(cfg)
+    metrics = objs["trainer"].callback_metrics
+    assert len(seen) == 4 and len(sampled) == 4
+    for (old, roll), s in zip(seen, sampled):
+        assert torch.equal(roll, s.logps)  # the engine's numbers, untouched
+        diff = (old - roll)[s.completion_mask].abs()
+        assert 0 < float(diff.max()) < 1e-3
+    assert 0 < float(metrics["train/sampling/sampling_logp_difference/max"]) < 1e-3
+    assert float(metrics["train/sampling/importance_sampling_ratio/mean"]) == pytest.approx(1.0, abs=1e-3)
+
+
 def test_rlvr_on_vllm_resumes_exactly(cfg_factory, tmp_path):
     """The lagged pi_gen comes back from the checkpoint and is pushed into the engine before its first sample."""
     from tests.helpers import SHORT

@@ -52,7 +52,16 @@ from src.models.logps import completion_logps
 from src.models.rollout import HFRollout, Rollout, RolloutEngine
 from src.rewards import passes, score
 from src.rl.advantages import group_advantages, kl_penalised_rewards, truncation_rewards, zero_variance
-from src.rl.loss import count_units, kl_options, loss_groups, ratio_stats, rlvr_loss, token_weights
+from src.rl.loss import (
+    check_is_correction,
+    count_units,
+    is_weights,
+    kl_options,
+    loss_groups,
+    ratio_stats,
+    rlvr_loss,
+    token_weights,
+)
 from src.rl.planner import even_out, plan_micro_batches
 from src.rl.recipe import check_recipe, check_retirement
 
@@ -114,6 +123,11 @@ class RLVRModule(LMModule):
         env: EnvSpec | None = None,
         micro_batch_size: int | None = None,
         max_tokens_per_micro_batch: int | None = None,
+        is_correction: str | None = None,
+        is_level: str = "token",
+        is_cap_low: float | None = None,
+        is_cap_high: float | None = None,
+        recompute_gen_logps: bool = False,
         seed: int = 0,
         **kwargs,
     ):
@@ -135,8 +149,12 @@ class RLVRModule(LMModule):
             reward_on_error, val_num_samples, temperature, top_p, truncated_reward, clip_low)
         # the values this run uses, not the nulls that chose them: the checkpoint, hparams.yaml and the W&B config
         # hold these (src/utils/run.py `hyperparameters`)
+        is_cap_low, is_cap_high = check_is_correction(is_correction, is_level, is_cap_low, is_cap_high)
         self.hparams.update(loss_agg=loss_agg, adv_norm=adv_norm, clip_high=clip_high, clip_low=clip_low,
-                            kl_estimator=kl_options(kl_in, kl_estimator))
+                            kl_estimator=kl_options(kl_in, kl_estimator), is_cap_low=is_cap_low,
+                            is_cap_high=is_cap_high,
+                            # a correction weighs pi_old / pi_rollout: pi_old is recomputed by the trainer
+                            recompute_gen_logps=recompute_gen_logps or is_correction is not None)
         self.reward = reward  # a reward model (an nn.Module) becomes a frozen submodule: device, FSDP2, checkpoints
         self.verifier = getattr(reward, "verifier", reward)  # what "passes" (pass@k, pass rate): never the model
         check_retirement(self.verifier is not reward, retire_threshold)
@@ -270,25 +288,37 @@ class RLVRModule(LMModule):
         r, passed, errors = self.score(batch, texts, roll)  # rewards and passes, (B, G)
         ranges = self.micro_batches(batch["prompt_attention_mask"], roll.lengths, r.size(1))
         ref_logp = self.reference_logps(batch, roll, ranges) if self.has_reference else None
+        old_logp = self.generator_logps(batch, roll, ranges) if hp.recompute_gen_logps else None
         r_train = r
         if hp.kl_in == "reward" and hp.beta > 0:  # r - beta KL sample, PPO-RLHF
             r_train = kl_penalised_rewards(r, roll.logps.view(*r.shape, -1), ref_logp.view(*r.shape, -1),
                                            roll.loss_mask.view(*r.shape, -1), hp.beta)
         adv, keep, zv_all = self.advantages(r_train, r)  # group advantages, batch-normalised; zero-variance filter
         self.retire(batch, passed)  # no-positive resampling
-        loss, stats, entropy, t_train = self.policy_update(batch, roll, adv, keep, ranges, ref_logp)
+        loss, stats, entropy, t_train = self.policy_update(batch, roll, adv, keep, ranges, ref_logp, old_logp)
         self.log_step(batch, roll, texts, r, passed, zv_all, errors, loss, stats, entropy, t_gen, t_train)
         return loss
 
     @torch.no_grad()
     def reference_logps(self, batch: dict, roll: Rollout, ranges: list[tuple[int, int]]) -> torch.Tensor:
         """log pi_ref of every sampled token (N, T), in the step's micro-batches, without gradients."""
+        with self.reference() as ref_model:
+            return self._logps(ref_model, batch, roll, ranges)
+
+    @torch.no_grad()
+    def generator_logps(self, batch: dict, roll: Rollout, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        """log pi_old of every sampled token (N, T): the weights that sampled (the lagged pi_gen, or the policy before
+        this step's update) run by the trainer's kernels (`algo.recompute_gen_logps`, verl's decoupled mode), so that
+        the engine's mismatch (pi_old / pi_rollout, corrected by `algo.is_correction`) and the lag (pi_train /
+        pi_old, the loss's ratio) come apart. One forward pass over the step's samples, without gradients."""
+        return self._logps(self.generator if self.generator is not None else self.model, batch, roll, ranges)
+
+    def _logps(self, model, batch: dict, roll: Rollout, ranges: list[tuple[int, int]]) -> torch.Tensor:
         out = torch.zeros_like(roll.logps)
         g = roll.logps.size(0) // batch["prompt_input_ids"].size(0)
-        with self.reference() as ref_model:
-            for s, e in ranges:
-                seqs = self._micro_batch(batch, roll, g, s, e)
-                out[s:e, : seqs[2].size(1)] = completion_logps(ref_model, *seqs, with_entropy=False)[0]
+        for s, e in ranges:
+            seqs = self._micro_batch(batch, roll, g, s, e)
+            out[s:e, : seqs[2].size(1)] = completion_logps(model, *seqs, with_entropy=False)[0]
         return out
 
     def sample(self, batch: dict) -> tuple[Rollout, list[str], float]:
@@ -358,12 +388,14 @@ class RLVRModule(LMModule):
             self.retired.update(idx_all[rate_all >= hp.retire_threshold].tolist())
 
     def policy_update(self, batch: dict, roll: Rollout, adv: torch.Tensor, keep: torch.Tensor,
-                      ranges: list[tuple[int, int]] | None = None, ref_logp: torch.Tensor | None = None):
+                      ranges: list[tuple[int, int]] | None = None, ref_logp: torch.Tensor | None = None,
+                      old_logp: torch.Tensor | None = None):
         """-J over micro-batches of the step's samples, then one optimizer step. Each micro-batch computes log
         pi_train of its sampled tokens (with gradient; each prompt encoded once for its samples there) and its share
         of `rlvr_loss` (the KL term reads `ref_logp`, `reference_logps` of the step): the tokens' weights and the loss's denominator are counted over
-        the whole step (all processes) first, so the accumulated gradient is the whole step's. Returns the step's
-        loss, statistics, entropy (N, T) and forward time."""
+        the whole step (all processes) first, so the accumulated gradient is the whole step's. With `old_logp`
+        (`generator_logps`) the loss's ratio is pi_train / pi_old, and `algo.is_correction` weighs each token by
+        pi_old / pi_rollout (`is_weights`). Returns the step's loss, statistics, entropy (N, T) and forward time."""
         hp = self.hparams
         b, g = adv.shape
         opt = self.optimizers()
@@ -374,6 +406,12 @@ class RLVRModule(LMModule):
         units = count_units(mask, groups, hp.loss_agg)
         normalizer = self._gather(units.view(1)).sum().float() / self.trainer.world_size
         adv_flat = adv.flatten()
+        gen_logp, corr, corr_stats = roll.logps, None, {}
+        if old_logp is not None:  # decoupled: the ratio against pi_old; the engine's mismatch weighed apart
+            gen_logp = old_logp
+            corr, corr_stats = is_weights(old_logp, roll.logps, roll.loss_mask, hp.is_correction or "tis",
+                                          hp.is_level, hp.is_cap_low, hp.is_cap_high or float("inf"))
+            corr = corr if hp.is_correction else None
         logp = torch.zeros_like(roll.logps)
         entropy = torch.zeros_like(roll.logps)
         ranges = ranges or self.micro_batches(batch["prompt_attention_mask"], roll.lengths, g)
@@ -386,18 +424,19 @@ class RLVRModule(LMModule):
             t = seqs[2].size(1)
             lp, ent = completion_logps(self.model, *seqs)
             part, _ = rlvr_loss(
-                lp, roll.logps[s:e, :t], adv_flat[s:e], roll.loss_mask[s:e, :t], None, hp.loss_type, hp.loss_agg, hp.epsilon,
-                hp.clip_low, hp.clip_high, None if ref_logp is None else ref_logp[s:e, :t], hp.beta, normalizer,
-                weights[s:e, :t], with_stats=False, kl_estimator=hp.kl_estimator, kl_in=hp.kl_in)
+                lp, gen_logp[s:e, :t], adv_flat[s:e], roll.loss_mask[s:e, :t], None, hp.loss_type, hp.loss_agg,
+                hp.epsilon, hp.clip_low, hp.clip_high, None if ref_logp is None else ref_logp[s:e, :t], hp.beta,
+                normalizer, weights[s:e, :t], with_stats=False, kl_estimator=hp.kl_estimator, kl_in=hp.kl_in,
+                is_weight=None if corr is None else corr[s:e, :t])
             t_train += time.perf_counter() - t1
             self.manual_backward(part)
             loss += part.detach()
             logp[s:e, :t], entropy[s:e, :t] = lp.detach(), ent
         opt.step()  # clips in `on_before_optimizer_step`, after the precision plugin unscaled the gradients
         self.lr_schedulers().step()
-        stats = ratio_stats(logp, roll.logps, adv_flat, roll.loss_mask, hp.loss_type, hp.epsilon, hp.clip_low,
+        stats = ratio_stats(logp, gen_logp, adv_flat, roll.loss_mask, hp.loss_type, hp.epsilon, hp.clip_low,
                             hp.clip_high, ref_logp, hp.beta)
-        return loss, stats, entropy, t_train  # t_train: the forward passes only
+        return loss, {**stats, **corr_stats}, entropy, t_train  # t_train: the forward passes only
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """The trainer's gradient_clip_val / gradient_clip_algorithm, as Lightning applies them in automatic
@@ -434,7 +473,8 @@ class RLVRModule(LMModule):
         n_gen = int(roll.lengths.sum())
         n_prompt = int(batch["prompt_attention_mask"].sum())
         n_train = n_prompt + n_gen  # each prompt is encoded once for its G samples
-        self.compute += float(2 * self.n_params * (n_prompt + n_gen) + 6 * self.n_params * n_train) * self.trainer.world_size
+        n_fwd = n_prompt + n_gen + (n_train if self.hparams.recompute_gen_logps else 0)  # + pi_old's forward pass
+        self.compute += float(2 * self.n_params * n_fwd + 6 * self.n_params * n_train) * self.trainer.world_size
         self.samples += b * g * self.trainer.world_size
         m = roll.loss_mask
         log = {

@@ -12,6 +12,15 @@ as pure tensor functions (no Lightning): what a reader checks against the papers
 Aggregation (`loss_agg`): `prompt` 1 / sum_g |y_g| per prompt then the mean over prompts (ScaleRL), `token` every token
 alike (DAPO), `sequence` the mean per sample then over samples (GRPO). With beta > 0 and `kl_in=loss`, the
 importance-weighted KL term beta sg(min(rho, eps)) k(d_t), d_t = log pi(y_t) / pi_ref(y_t) (`kl_term`).
+
+Off-policy corrections for the sampler-trainer mismatch (`is_correction`, `is_weights`), verl's decoupled
+"rollout correction" (Liu, Li et al. 2025, "When Speed Kills Stability") and TRL's `vllm_importance_sampling_mode`:
+with pi_old the generator's weights run by the trainer's kernels (recomputed) and pi_rollout the engine's log-probs,
+each token's loss is multiplied by a weight of q = pi_old / pi_rollout (per token, or per sequence: the product over
+its tokens), no gradient; the policy ratio rho becomes pi_train / pi_old:
+    tis     min(q, C_high)                           truncated IS (verl rollout_is, TRL *_truncate)
+    mis     q 1[C_low <= q <= C_high], else 0         masked IS (TRL *_mask; verl's rejection sampling keeps 1, not q)
+    icepop  mis per token with IcePop's band [0.5, 5]  (Ling team 2025, Ring-1T's IcePop)
 """
 
 from __future__ import annotations
@@ -30,6 +39,65 @@ PRESETS = {
     # GSPO's sequence ratios sit near 1 (a geometric mean): its paper clips at 3e-4 / 4e-4
     "gspo": {"adv_norm": "group", "loss_agg": "sequence", "clip_low": 3e-4, "clip_high": 4e-4},
 }
+
+
+IS_CORRECTIONS = ("tis", "mis", "icepop")
+IS_LEVELS = ("token", "sequence")
+# (C_low, C_high) as each source sets them: verl's rollout_is_threshold 2.0 (rejection: the reciprocal below), IcePop's
+# [0.5, 5]; `algo.is_cap_low` / `algo.is_cap_high` override
+IS_PRESETS = {"tis": (None, 2.0), "mis": (0.5, 2.0), "icepop": (0.5, 5.0)}
+
+
+def check_is_correction(correction: str | None, level: str, c_low: float | None, c_high: float | None
+                        ) -> tuple[float | None, float | None]:
+    """Validate `algo.is_correction`, `algo.is_level` and the bounds (naming the key at fault); return the bounds with
+    the correction's own defaults filled in (null correction: (None, None))."""
+    if correction is None:
+        return None, None
+    if correction not in IS_CORRECTIONS:
+        raise ValueError(f"algo.is_correction={correction!r}: must be one of {list(IS_CORRECTIONS)} or null")
+    if level not in IS_LEVELS:
+        raise ValueError(f"algo.is_level={level!r}: must be one of {list(IS_LEVELS)}")
+    if correction == "icepop" and level != "token":
+        raise ValueError("algo.is_correction=icepop masks tokens (IcePop is token-level): use algo.is_level=token, "
+                         "or algo.is_correction=mis for sequences")
+    low = c_low if c_low is not None else IS_PRESETS[correction][0]
+    high = c_high if c_high is not None else IS_PRESETS[correction][1]
+    if high <= 0 or (low is not None and not 0 <= low < high):
+        raise ValueError(f"algo.is_cap_low={low}, algo.is_cap_high={high}: need 0 <= is_cap_low < is_cap_high")
+    return (None if correction == "tis" else low), high
+
+
+def is_weights(logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor, correction: str,
+               level: str = "token", c_low: float | None = None, c_high: float = 2.0
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Each completion token's correction weight (N, T), 0 off the `mask`, from q = pi_old / pi_rollout (`level`
+    token: its own; sequence: exp of the sum of log q over its sequence's tokens, broadcast), and its statistics in
+    TRL's names: the ratio's mean / min / max over tokens (sequences), |log pi_old - log pi_rollout| (the engine's
+    mismatch), the share of tokens (sequences) masked (mis, icepop) or truncated (tis)."""
+    m = mask.bool()
+    d = (logp_old - logp_rollout).masked_fill(~m, 0.0)
+    log_q = d.sum(-1, keepdim=True).expand_as(d) if level == "sequence" else d
+    q = torch.exp(log_q.clamp(max=20.0))  # verl's guard: a sequence's product can overflow
+    if correction == "tis":
+        w, masked, truncated = q.clamp(max=c_high), torch.zeros_like(m), q > c_high
+    else:
+        masked = (q > c_high) if c_low is None else (q < c_low) | (q > c_high)
+        w, truncated = q.masked_fill(masked, 0.0), torch.zeros_like(m)
+    w = w.masked_fill(~m, 0.0)
+    unit = m if level == "token" else m.any(-1, keepdim=True) & (torch.arange(m.size(-1), device=m.device) == 0)
+    qs = q[unit]
+    empty = qs.numel() == 0
+    stats = {
+        "sampling/importance_sampling_ratio/mean": q.new_tensor(1.0) if empty else qs.mean(),
+        "sampling/importance_sampling_ratio/min": q.new_tensor(1.0) if empty else qs.min(),
+        "sampling/importance_sampling_ratio/max": q.new_tensor(1.0) if empty else qs.max(),
+        "sampling/sampling_logp_difference/mean": d[m].abs().mean() if m.any() else q.new_tensor(0.0),
+        "sampling/sampling_logp_difference/max": d[m].abs().max() if m.any() else q.new_tensor(0.0),
+        "sampling/frac_masked": q.new_tensor(0.0) if empty else masked[unit].float().mean(),
+        "sampling/frac_truncated": q.new_tensor(0.0) if empty else truncated[unit].float().mean(),
+    }
+    return w, stats
 
 
 def sequence_ratio(logp: torch.Tensor, logp_gen: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -136,6 +204,7 @@ def rlvr_loss(
     with_stats: bool = True,
     kl_estimator: str = "k3",
     kl_in: str = "loss",
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy loss (to minimise: -J) and importance-ratio statistics (`ratio_stats`).
 
@@ -148,6 +217,8 @@ def rlvr_loss(
     With beta > 0 and `kl_in=loss`, the KL term of `kl_estimator` on `ref_logp` (log pi_ref), for every group,
     filtered or not (`loss_groups`); with `kl_in=reward` the penalty is already in the advantages
     (`kl_penalised_rewards`).
+    `is_weight` (`is_weights`, no gradient) multiplies each token's objective, the KL term's too (TRL's place): the
+    off-policy correction; `logp_gen` is then pi_old, recomputed by the trainer.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"algo.loss_type={loss_type!r}: must be one of {list(LOSS_TYPES)}")
@@ -167,6 +238,8 @@ def rlvr_loss(
             raise ValueError("algo.beta > 0 needs the reference log-probs")
         iw = torch.clamp(torch.exp(logp.detach() - logp_gen), max=epsilon)  # sg(min(rho, eps)): samples from pi_gen
         objective = objective - beta * iw * kl_term(logp - ref_logp, kl_estimator)
+    if is_weight is not None:
+        objective = objective * is_weight
     if weights is None:  # the whole step: its own weights and count of units (`aggregate`)
         keep = torch.ones(adv.size(0), dtype=torch.bool, device=adv.device) if keep is None else keep
         units = loss_groups(keep, beta, kl_in)
