@@ -421,6 +421,74 @@ def test_sigmoid_fit_recovers_known_parameters():
         fit_sigmoid(c[:10], sigmoid_curve(c[:10], r0, a, b, c_mid), r0=r0, skip_fraction=0.999)
 
 
+def test_bootstrap_standard_errors_cover_the_truth_and_grow_with_the_noise():
+    """Synthetic points of a known curve with Gaussian noise: the fitted A lies within 3 standard errors of the truth,
+    and ten times the noise gives several times the standard errors (the bootstrap measures the scatter)."""
+    from src.callbacks.scalerl_curve import bootstrap_fit, sigmoid_curve
+
+    r0, a, b, c_mid = 0.2, 0.65, 1.4, 4e12
+    c = np.geomspace(5e11, 2e13, 16)
+    fits = {}
+    for sd in (0.004, 0.04):
+        noise = np.random.default_rng(1).normal(0, sd, c.shape)
+        fits[sd] = bootstrap_fit(c, sigmoid_curve(c, r0, a, b, c_mid) + noise, r0=r0, skip_fraction=0.0, n_boot=200)
+        f = fits[sd]
+        assert abs(f["A"] - a) < 3 * f["A_se"] + 1e-3, f
+        assert abs(np.log(f["C_mid"] / c_mid)) < 3 * f["C_mid_se"] / c_mid + 0.05, f
+        assert len(f["samples"]) >= 150
+    assert fits[0.04]["A_se"] > 3 * fits[0.004]["A_se"]
+    assert fits[0.004]["A_se"] < 0.02
+
+
+def test_predictive_check_fits_the_early_points_and_reports_the_error_at_the_last():
+    """Points exactly on a curve: the fit on the first half of the compute predicts the last point (error ~0); a last
+    point moved by +0.1 is reported as an error of -0.1 (predicted - observed), and the early fit ignores it."""
+    from src.callbacks.scalerl_curve import predictive_check, sigmoid_curve
+
+    r0, a, b, c_mid = 0.2, 0.7, 1.5, 3e12
+    c = np.linspace(0.5e12, 1.6e13, 16)
+    r = sigmoid_curve(c, r0, a, b, c_mid)
+    got = predictive_check(c, r, r0, fraction=0.5, skip_fraction=0.0)
+    assert got["predicted"] == pytest.approx(float(r[-1]), abs=1e-4) and got["error"] == pytest.approx(0.0, abs=1e-4)
+    assert got["fit_compute"] == pytest.approx(c[c <= 8e12].max())
+    r2 = r.copy()
+    r2[-1] += 0.1
+    moved = predictive_check(c, r2, r0, fraction=0.5, skip_fraction=0.0)
+    assert moved["observed"] == pytest.approx(float(r[-1]) + 0.1)
+    assert moved["error"] == pytest.approx(-0.1, abs=1e-4)
+    with pytest.raises(ValueError, match="3 points"):
+        predictive_check(c, r, r0, fraction=0.1, skip_fraction=0.0)
+    with pytest.raises(ValueError, match="predict_fraction"):
+        predictive_check(c, r, r0, fraction=1.0)
+
+
+def test_scalerl_callback_logs_the_errors_the_band_and_the_prediction(tmp_path):
+    """The callback over a run's validations (a stand-in trainer and module): each fit logs A, B, C_mid with their
+    bootstrap errors, the end of training logs the predictive check, and scalerl_fit.json holds both."""
+    import types
+
+    from src.callbacks.scalerl_curve import ScaleRLCurve, predictive_check, sigmoid_curve
+
+    logged = []
+    logger = types.SimpleNamespace(log_metrics=lambda m, step: logged.append(dict(m)))
+    trainer = types.SimpleNamespace(loggers=[logger], is_global_zero=True, global_step=0)
+    cb = ScaleRLCurve(skip_fraction=0.0, dirpath=str(tmp_path), n_bootstrap=30, predict_fraction=0.5)
+    c = np.linspace(0, 1.6e13, 17)
+    r = sigmoid_curve(np.maximum(c, 1), 0.2, 0.7, 1.5, 3e12) + np.random.default_rng(0).normal(0, 0.01, c.shape)
+    r[0] = 0.2
+    for i, (ci, ri) in enumerate(zip(c, r)):
+        trainer.global_step = 10 * i
+        cb.on_validation_end(trainer, types.SimpleNamespace(compute=float(ci), last_val={"val/pass@1": float(ri)}))
+    fits = [m for m in logged if "scalerl/A" in m]
+    assert len(fits) == 17 - 3 and all(0 < m["scalerl/A_se"] < 0.2 for m in fits[-3:])
+    cb.on_train_end(trainer, None)
+    want = predictive_check(c, r, 0.2, 0.5, 0.0)
+    assert logged[-1]["scalerl/prediction_error"] == pytest.approx(want["error"])
+    saved = json.loads((tmp_path / "scalerl_fit.json").read_text())
+    assert saved["prediction"]["predicted"] == pytest.approx(want["predicted"]) and saved["A_se"] == fits[-1]["scalerl/A_se"]
+    assert (tmp_path / "scalerl_curve.png").exists()
+
+
 @pytest.mark.parametrize("row,message", [
     ({"prompt": "1+1="}, "prompts.jsonl:2: missing key 'answer'"),
     ({"prompt": "", "answer": "2"}, "prompts.jsonl:2: empty string for key 'prompt'"),
