@@ -751,3 +751,31 @@ def test_rl_table_reads_before_after_and_test_from_a_csv_run(tmp_path):
     (run / "csv" / "version_0" / "metrics.csv").unlink()
     bad = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True)
     assert bad.returncode != 0 and "no csv/version_*/metrics.csv (train with logger=csv)" in bad.stderr
+
+
+def test_scalerl_table_groups_seeds_into_rows_with_their_spread_and_predictions(tmp_path):
+    """scripts/scalerl_table.py: runs whose overrides differ only by seed are one row; A's mean and sd over seeds, the
+    bootstrap error's median, and each seed's prediction error."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    spec = importlib.util.spec_from_file_location("scalerl_table", Path(__file__).resolve().parents[1] / "scripts" / "scalerl_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = []
+    for i, (loss, seed, a, err) in enumerate([("cispo", 0, 0.60, 0.01), ("cispo", 1, 0.64, -0.02),
+                                               ("dapo", 0, 0.50, 0.03)]):
+        run = tmp_path / str(i)
+        (run / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create([f"algo.loss_type={loss}", f"seed={seed}", "logger=csv"]), run / ".hydra" / "overrides.yaml")
+        fit = {"A": a, "B": 1.0 + seed, "C_mid": 1e12, "A_se": 0.01 * (seed + 1), "prediction": {"error": err}}
+        (run / "scalerl_fit.json").write_text(json.dumps(fit))
+        runs.append(run)
+    lines = mod.table(runs).splitlines()
+    assert len(lines) == 4
+    assert lines[2].startswith("| `algo.loss_type=cispo` | 2 | 0.620 ± 0.028 | 0.015 | 1.50 ± 0.71 |"), lines[2]
+    assert lines[2].endswith("| +0.010, -0.020 |")
+    assert lines[3].startswith("| `algo.loss_type=dapo` | 1 | 0.500 | 0.010 | 1.00 |"), lines[3]
+    with pytest.raises(SystemExit, match="no scalerl_fit.json"):
+        mod.load(tmp_path / "missing")
