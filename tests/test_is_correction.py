@@ -28,14 +28,14 @@ def _hand(correction, level, lo, hi):
         for t in toks:
             q = seq if level == "sequence" else math.exp(float(OLD[i, t] - ROLL[i, t]))
             if correction == "tis":
-                out[i, t] = min(q, hi)
+                out[i, t] = min(max(q, lo if lo is not None else q), hi)
             else:
                 out[i, t] = q if (lo is None or q >= lo) and q <= hi else 0.0
     return out
 
 
 @pytest.mark.parametrize("correction,level,lo,hi", [
-    ("tis", "token", None, 2.0), ("tis", "sequence", None, 2.0), ("tis", "token", None, 1.1),
+    ("tis", "token", None, 2.0), ("tis", "sequence", None, 2.0), ("tis", "token", None, 1.1), ("tis", "token", 0.9, 2.0),
     ("mis", "token", 0.5, 2.0), ("mis", "sequence", 0.5, 2.0), ("mis", "token", None, 1.1),
     ("icepop", "token", 0.5, 5.0),
 ])

@@ -18,7 +18,7 @@ Off-policy corrections for the sampler-trainer mismatch (`is_correction`, `is_we
 with pi_old the generator's weights run by the trainer's kernels (recomputed) and pi_rollout the engine's log-probs,
 each token's loss is multiplied by a weight of q = pi_old / pi_rollout (per token, or per sequence: the product over
 its tokens), no gradient; the policy ratio rho becomes pi_train / pi_old:
-    tis     min(q, C_high)                           truncated IS (verl rollout_is, TRL *_truncate)
+    tis     min(q, C_high) (and max(., C_low) if set)   truncated IS (verl rollout_is, TRL *_truncate)
     mis     q 1[C_low <= q <= C_high], else 0         masked IS (TRL *_mask; verl's rejection sampling keeps 1, not q)
     icepop  mis per token with IcePop's band [0.5, 5]  (Ling team 2025, Ring-1T's IcePop)
 """
@@ -65,7 +65,7 @@ def check_is_correction(correction: str | None, level: str, c_low: float | None,
     high = c_high if c_high is not None else IS_PRESETS[correction][1]
     if high <= 0 or (low is not None and not 0 <= low < high):
         raise ValueError(f"algo.is_cap_low={low}, algo.is_cap_high={high}: need 0 <= is_cap_low < is_cap_high")
-    return (None if correction == "tis" else low), high
+    return low, high
 
 
 def is_weights(logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor, correction: str,
@@ -79,8 +79,9 @@ def is_weights(logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.T
     d = (logp_old - logp_rollout).masked_fill(~m, 0.0)
     log_q = d.sum(-1, keepdim=True).expand_as(d) if level == "sequence" else d
     q = torch.exp(log_q.clamp(max=20.0))  # verl's guard: a sequence's product can overflow
-    if correction == "tis":
-        w, masked, truncated = q.clamp(max=c_high), torch.zeros_like(m), q > c_high
+    if correction == "tis":  # TRL's *_truncate also raises q to a lower bound when one is given
+        w, masked = q.clamp(min=c_low, max=c_high), torch.zeros_like(m)
+        truncated = (q > c_high) if c_low is None else (q < c_low) | (q > c_high)
     else:
         masked = (q > c_high) if c_low is None else (q < c_low) | (q > c_high)
         w, truncated = q.masked_fill(masked, 0.0), torch.zeros_like(m)
