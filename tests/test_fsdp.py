@@ -34,8 +34,9 @@ ALGOS = {algo: (short_run(algo)[0] if algo != "rlvr" else [o for o in RLVR_RUN i
     ("test=", "trainer.val_check_interval", "data.batch_size"))]) + EXTRA.get(algo, [])
     for algo in ALGORITHMS if is_lm(algo)}
 ALGOS["sft_lora"] = ["algo=sft", "model.lora.r=4", "model.lora.dropout=0.0", "algo.lr=1e-2"]
-# RLVR over multi-turn episodes (env=): the sharded generator samples every turn, the tool turns are masked
-ALGOS["rlvr_env"] = ALGOS["rlvr"] + ["env=calculator", "env.max_tokens=12", "env.max_turns=2"]
+# RLVR over multi-turn episodes (env=): the sharded generator samples every turn, the tool turns are masked; with an
+# off-policy correction, whose pi_old is recomputed by the sharded generator in the step's micro-batches
+ALGOS["rlvr_env"] = ALGOS["rlvr"] + ["env=calculator", "env.max_tokens=12", "env.max_turns=2", "algo.is_correction=tis"]
 MICRO = {"rlvr": ["algo.micro_batch_size=3"], "rlvr_env": ["algo.micro_batch_size=3"]}
 
 
