@@ -25,6 +25,12 @@ def sigmoid_curve(c, r0: float, a: float, b: float, c_mid: float):
     return r0 + (a - r0) / (1.0 + (c_mid / c) ** b)
 
 
+def _kept(compute, reward, skip_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    c, r = np.asarray(compute, dtype=np.float64), np.asarray(reward, dtype=np.float64)
+    keep = (c > 0) & (c >= skip_fraction * c.max())
+    return c[keep], r[keep]
+
+
 def fit_sigmoid(compute, reward, r0: float, skip_fraction: float = 0.1) -> tuple[float, float, float]:
     """Least-squares (A, B, C_mid) of the ScaleRL sigmoid through (compute, reward), R_0 fixed.
 
@@ -35,9 +41,7 @@ def fit_sigmoid(compute, reward, r0: float, skip_fraction: float = 0.1) -> tuple
 
     from scipy.optimize import OptimizeWarning, curve_fit
 
-    c, r = np.asarray(compute, dtype=np.float64), np.asarray(reward, dtype=np.float64)
-    keep = (c > 0) & (c >= skip_fraction * c.max())
-    c, r = c[keep], r[keep]
+    c, r = _kept(compute, reward, skip_fraction)
     if len(c) < 3:
         raise ValueError(f"the ScaleRL fit needs >= 3 points after skipping the first {skip_fraction:.0%}, got {len(c)}")
     scale = c.max()
@@ -53,12 +57,6 @@ def fit_sigmoid(compute, reward, r0: float, skip_fraction: float = 0.1) -> tuple
             lambda xx, a, b, cm: sigmoid_curve(xx, r0, a, b, cm), x, r, p0=p0, bounds=(lower, upper), maxfev=20000
         )
     return float(a), float(b), float(c_mid * scale)
-
-
-def _kept(compute, reward, skip_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    c, r = np.asarray(compute, dtype=np.float64), np.asarray(reward, dtype=np.float64)
-    keep = (c > 0) & (c >= skip_fraction * c.max())
-    return c[keep], r[keep]
 
 
 def bootstrap_fit(compute, reward, r0: float, skip_fraction: float = 0.1, n_boot: int = 200, seed: int = 0) -> dict:
