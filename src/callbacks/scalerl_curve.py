@@ -121,6 +121,7 @@ class ScaleRLCurve(L.Callback):
         self.points: list[tuple[float, float]] = []
         self.fit: tuple[float, float, float] | None = None
         self.result: dict = {}
+        self.samples = np.empty((0, 3))  # the last fit's bootstrap refits (A, B, C_mid)
 
     def state_dict(self) -> dict:
         return {"points": list(self.points)}
@@ -195,7 +196,7 @@ class ScaleRLCurve(L.Callback):
         grid = np.geomspace(c.min(), c.max() * self.extrapolate, 200)
         fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
         ax.scatter(c, r, s=14, label="val", zorder=3)
-        if len(getattr(self, "samples", [])) > 1:  # the bootstrap refits' 5-95% band, extrapolated
+        if len(self.samples) > 1:  # the bootstrap refits' 5-95% band, extrapolated
             curves = np.array([sigmoid_curve(grid, r0, *p) for p in self.samples])
             ax.fill_between(grid, *np.percentile(curves, [5, 95], axis=0), color="gray", alpha=0.25,
                             label="bootstrap 5-95%")
