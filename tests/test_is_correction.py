@@ -56,6 +56,18 @@ def test_weights_equal_a_hand_computation(correction, level, lo, hi):
     assert stats["sampling/sampling_logp_difference/mean"].item() == pytest.approx(sum(diffs) / 6, rel=1e-5)
 
 
+def test_without_a_correction_the_recompute_reports_the_mismatch_and_weighs_nothing():
+    """`recompute_gen_logps` with no `is_correction`: no weight, the same ratio and mismatch statistics as a
+    correction's, nothing counted as masked or truncated."""
+    w, stats = is_weights(OLD, ROLL, MASK, None, "token", None, None)
+    _, tis = is_weights(OLD, ROLL, MASK, "tis", "token", None, 2.0)
+    assert w is None
+    for key in ("importance_sampling_ratio/mean", "importance_sampling_ratio/max", "sampling_logp_difference/max"):
+        assert stats[f"sampling/{key}"].item() == pytest.approx(tis[f"sampling/{key}"].item())
+    assert stats["sampling/frac_truncated"].item() == 0.0 and tis["sampling/frac_truncated"].item() > 0
+    assert stats["sampling/frac_masked"].item() == 0.0
+
+
 def test_the_weight_multiplies_each_tokens_objective_without_a_gradient():
     """CISPO with a correction: - sum_t w_t sg(min(rho_t, eps)) A log pi_t / |tokens|; a masked token (w = 0) has
     no gradient at all, and w carries none (the gradient is w sg(min(rho, eps)) A per token)."""

@@ -409,9 +409,8 @@ class RLVRModule(LMModule):
         gen_logp, corr, corr_stats = roll.logps, None, {}
         if old_logp is not None:  # decoupled: the ratio against pi_old; the engine's mismatch weighed apart
             gen_logp = old_logp
-            corr, corr_stats = is_weights(old_logp, roll.logps, roll.loss_mask, hp.is_correction or "tis",
-                                          hp.is_level, hp.is_cap_low, hp.is_cap_high or float("inf"))
-            corr = corr if hp.is_correction else None
+            corr, corr_stats = is_weights(old_logp, roll.logps, roll.loss_mask, hp.is_correction, hp.is_level,
+                                          hp.is_cap_low, hp.is_cap_high)
         logp = torch.zeros_like(roll.logps)
         entropy = torch.zeros_like(roll.logps)
         ranges = ranges or self.micro_batches(batch["prompt_attention_mask"], roll.lengths, g)

@@ -68,24 +68,24 @@ def check_is_correction(correction: str | None, level: str, c_low: float | None,
     return low, high
 
 
-def is_weights(logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor, correction: str,
-               level: str = "token", c_low: float | None = None, c_high: float = 2.0
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def is_weights(logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor, correction: str | None,
+               level: str = "token", c_low: float | None = None, c_high: float | None = 2.0
+               ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """Each completion token's correction weight (N, T), 0 off the `mask`, from q = pi_old / pi_rollout (`level`
     token: its own; sequence: exp of the sum of log q over its sequence's tokens, broadcast), and its statistics in
     TRL's names: the ratio's mean / min / max over tokens (sequences), |log pi_old - log pi_rollout| (the engine's
-    mismatch), the share of tokens (sequences) masked (mis, icepop) or truncated (tis)."""
+    mismatch), the share of tokens (sequences) masked (mis, icepop) or truncated (tis). `correction` None: the
+    statistics alone (the weight None: the recompute without a correction)."""
     m = mask.bool()
     d = (logp_old - logp_rollout).masked_fill(~m, 0.0)
     log_q = d.sum(-1, keepdim=True).expand_as(d) if level == "sequence" else d
     q = torch.exp(log_q.clamp(max=20.0))  # verl's guard: a sequence's product can overflow
+    out = (q < c_low if c_low is not None else torch.zeros_like(m)) | (q > c_high if c_high is not None else False)
+    masked, truncated, w = torch.zeros_like(m), torch.zeros_like(m), None
     if correction == "tis":  # TRL's *_truncate also raises q to a lower bound when one is given
-        w, masked = q.clamp(min=c_low, max=c_high), torch.zeros_like(m)
-        truncated = (q > c_high) if c_low is None else (q < c_low) | (q > c_high)
-    else:
-        masked = (q > c_high) if c_low is None else (q < c_low) | (q > c_high)
-        w, truncated = q.masked_fill(masked, 0.0), torch.zeros_like(m)
-    w = w.masked_fill(~m, 0.0)
+        w, truncated = q.clamp(min=c_low, max=c_high).masked_fill(~m, 0.0), out
+    elif correction is not None:
+        w, masked = q.masked_fill(out | ~m, 0.0), out
     unit = m if level == "token" else m.any(-1, keepdim=True) & (torch.arange(m.size(-1), device=m.device) == 0)
     qs = q[unit]
     empty = qs.numel() == 0
