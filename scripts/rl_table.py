@@ -35,8 +35,10 @@ def summary(run: Path) -> dict:
     tasks = [t if isinstance(t, str) else t["name"] for t in (cfg.data.source.get("tasks") or [])]
     test_step = min((int(r["step"]) for r in rows if r.get("test/pass@1")), default=None)
     seconds = metrics[-1].stat().st_mtime - (run / ".hydra" / "config.yaml").stat().st_mtime
+    env = OmegaConf.select(cfg, "algo.env.environment._target_")  # a multi-turn run: its environment beside the task
     return {
-        "task": "+".join(tasks) or cfg.data.source._target_.rsplit(".", 1)[-1],
+        "task": ("+".join(tasks) or cfg.data.source._target_.rsplit(".", 1)[-1])
+        + (f", env {env.rsplit('.', 1)[-1]}" if env else ""),
         "seed": cfg.seed,
         "ws": last(rows, "warm_start/exact_match"),
         "ws_steps": last(rows, "warm_start/steps"),
@@ -44,6 +46,7 @@ def summary(run: Path) -> dict:
         "after": last(rows, "val/pass@1", before_step=test_step),
         "test": last(rows, "test/pass@1"),
         "test_maj": last(rows, "test/majority@k"),
+        "k": OmegaConf.select(cfg, "algo.val_num_samples"),
         "minutes": seconds / 60,
     }
 
@@ -62,13 +65,15 @@ def main() -> None:
         return "" if x is None else format(x, spec)
 
     print("| task | seed | warm start (greedy EM, steps) | val pass@1 before RL | after | gain (points) | "
-          "test pass@1 | test majority@8 | minutes |")
+          "test pass@1 | test majority@k | minutes |")
     print("|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         s = summary(run)
+        at_k = f" (k={s['k']})" if s["k"] else ""
         gain = None if s["before"] is None or s["after"] is None else 100 * (s["after"] - s["before"])
         print(f"| {s['task']} | {s['seed']} | {f(s['ws'])}, {f(s['ws_steps'], '.0f')} | {f(s['before'])} | "
-              f"{f(s['after'])} | {f(gain, '+.1f')} | {f(s['test'])} | {f(s['test_maj'])} | {s['minutes']:.1f} |")
+              f"{f(s['after'])} | {f(gain, '+.1f')} | {f(s['test'])} | {f(s['test_maj'])}{at_k} | "
+              f"{s['minutes']:.1f} |")
 
 
 if __name__ == "__main__":

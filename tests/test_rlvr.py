@@ -748,6 +748,13 @@ def test_rl_table_reads_before_after_and_test_from_a_csv_run(tmp_path):
     out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
     line = out.strip().splitlines()[-1]
     assert line.startswith("| spell_backward | 3 | 0.500, 160 | 0.150 | 0.600 | +45.0 | 0.550 | 0.700 |"), line
+    # a multi-turn run names its environment; majority@k names its k (the run's val_num_samples)
+    OmegaConf.save({"seed": 0, "data": {"source": {"_target_": "src.envs.calculator.CalculatorTask"}},
+                    "algo": {"val_num_samples": 4, "env": {"environment": {"_target_": "src.envs.calculator.Calculator"}}}},
+                   run / ".hydra" / "config.yaml")
+    out = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, check=True).stdout
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("| CalculatorTask, env Calculator | 0 | 0.500, 160 |") and "| 0.700 (k=4) |" in line, line
     (run / "csv" / "version_0" / "metrics.csv").unlink()
     bad = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True)
     assert bad.returncode != 0 and "no csv/version_*/metrics.csv (train with logger=csv)" in bad.stderr
