@@ -106,6 +106,17 @@ def test_model_configs_instantiate(cfg_factory, model, hf_dir):
     assert net.get_input_embeddings().num_embeddings == len(tok)
 
 
+def test_model_hf_takes_config_keys_an_experiment_sets(cfg_factory, hf_dir):
+    """experiment=guess_the_number sets model.net.max_position_embeddings for the from-scratch default; with model=hf
+    the same key changes the checkpoint's config (it was a TypeError), and a key the config lacks is named."""
+    cfg = cfg_factory("model=hf", f"model.pretrained={hf_dir}", "+model.net.max_position_embeddings=896")
+    tok = hydra.utils.instantiate(cfg.model.tokenizer)
+    assert hydra.utils.instantiate(cfg.model.net)(tokenizer=tok).config.max_position_embeddings == 896
+    cfg = cfg_factory("model=hf", f"model.pretrained={hf_dir}", "+model.net.max_positions=896")
+    with pytest.raises(ValueError, match="model.net.max_positions=896: the checkpoint's config .* no key"):
+        hydra.utils.instantiate(cfg.model.net)(tokenizer=tok)
+
+
 @pytest.mark.parametrize("group", ["logger", "callbacks", "trainer"])
 def test_logger_callback_trainer_configs_instantiate(cfg_factory, group):
     from src.utils import instantiate_callbacks, instantiate_loggers

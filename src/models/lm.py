@@ -268,15 +268,22 @@ def is_sequence_classifier(config) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
 
 
-def from_pretrained(tokenizer, path: str, dtype: str = "float32") -> PreTrainedModel:
+def from_pretrained(tokenizer, path: str, dtype: str = "float32", **config) -> PreTrainedModel:
     """Any model saved with `save_pretrained` in a local directory (offline; never the hub), loaded as what its config
     says it is: a causal LM, or a sequence classifier (a reward model: its trained score head is loaded, not a new
-    one). Each algorithm then checks that it is the kind it trains (`LMModule.build_model`)."""
+    one). Each algorithm then checks that it is the kind it trains (`LMModule.build_model`). `config`: keys of the
+    checkpoint's config to change (`model.net.max_position_embeddings=896`, as an experiment sets for the
+    from-scratch default); a key the config does not have is refused, named."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model.pretrained={path!r} is not a directory holding an HF checkpoint")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    auto = AutoModelForSequenceClassification if is_sequence_classifier(config) else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    for key, value in config.items():
+        if not hasattr(cfg, key):
+            raise ValueError(f"model.net.{key}={value!r}: the checkpoint's config at {path} ({type(cfg).__name__}) has "
+                             f"no key {key!r}")
+        setattr(cfg, key, value)
+    auto = AutoModelForSequenceClassification if is_sequence_classifier(cfg) else AutoModelForCausalLM
+    model = auto.from_pretrained(path, config=cfg, dtype=getattr(torch, dtype), local_files_only=True)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ValueError(
             f"tokenizer at {path} has {len(tokenizer)} tokens but the model's embedding has "
