@@ -80,7 +80,11 @@ def is_weights(logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.T
     d = (logp_old - logp_rollout).masked_fill(~m, 0.0)
     log_q = d.sum(-1, keepdim=True).expand_as(d) if level == "sequence" else d
     q = torch.exp(log_q.clamp(max=20.0))  # verl's guard: a sequence's product can overflow
-    out = (q < c_low if c_low is not None else torch.zeros_like(m)) | (q > c_high if c_high is not None else False)
+    out = torch.zeros_like(m)  # outside [c_low, c_high], where a bound is set
+    if c_low is not None:
+        out |= q < c_low
+    if c_high is not None:
+        out |= q > c_high
     masked, truncated, w = torch.zeros_like(m), torch.zeros_like(m), None
     if correction == "tis":  # TRL's *_truncate also raises q to a lower bound when one is given
         w, truncated = q.clamp(min=c_low, max=c_high).masked_fill(~m, 0.0), out
