@@ -144,6 +144,37 @@ def test_warm_start_stops_at_its_target_or_its_cap_and_is_logged(cfg_factory, tm
     assert 0.0 <= float(row["warm_start/exact_match"]) <= 1.0
 
 
+def test_warm_start_cache_gives_the_same_run_without_training_and_keys_on_what_changes_it(tmp_path, monkeypatch):
+    """warm_start.cache_dir: the first run trains and stores its warm start; a second run with the same settings (its
+    algorithm's options may differ) loads it without training, and both RL runs end at the same weights (the RNG is
+    re-seeded after the warm start, hit or miss). A different seed or warm-start setting is a different key."""
+    from src.lightning_modules import sft
+    from src.pipeline import train
+    from tests.conftest import make_cfg
+
+    cache = tmp_path / "cache"
+    common = ["algo=rlvr", "warm_start.target=1.1", "warm_start.max_steps=3", "warm_start.val_every=3",
+              f"warm_start.cache_dir={cache}", "trainer.max_steps=2", "test=false", "logger=none",
+              "callbacks=default", "trainer.num_sanity_val_steps=0"]
+    _, first = train(make_cfg(tmp_path / "a", common))
+    (entry,) = cache.iterdir()
+    assert (entry / "warm_start.json").exists() and not list(cache.glob("*.tmp*"))
+
+    trained = []
+    real = sft.warm_start
+    monkeypatch.setattr(sft, "warm_start", lambda *a, **k: trained.append(1) or real(*a, **k))
+    _, second = train(make_cfg(tmp_path / "b", common))
+    assert not trained, "the second run trained its warm start again"
+    for (k, v), (_, w) in zip(first["module"].model.state_dict().items(), second["module"].model.state_dict().items()):
+        assert torch.equal(v, w), k
+    # the algorithm's own options are not the warm start's: still a hit
+    train(make_cfg(tmp_path / "c", [*common, "algo.loss_type=dapo"]))
+    assert not trained and len(list(cache.iterdir())) == 1
+    for changed in ("seed=7", "warm_start.lr=5e-4"):
+        cfg = make_cfg(tmp_path / "d", [*common, changed])
+        assert sft.warm_start_key(cfg) != entry.name, changed
+
+
 def test_train_false_scores_the_given_checkpoint_and_refuses_to_score_none(cfg_factory):
     """train=false test=true ckpt_path=X gives X's test scores (those its training run reported for it); without
     ckpt_path it stops instead of scoring a freshly initialised model."""

@@ -7,11 +7,16 @@ N the number of completion tokens in the batch; prompt and padding tokens carry 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import lightning as L
 import torch
+import transformers
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -106,18 +111,33 @@ def warm_start(net, tokenizer, datamodule, target: float, max_steps: int, val_ev
 
 
 def warm_start_net(cfg, tokenizer, target: float, max_steps: int, val_every: int = 25, lr: float = 1e-3,
-                   warmup_steps: int = 50, batch_size: int = 128, kind: str = "sft"):
+                   warmup_steps: int = 50, batch_size: int = 128, kind: str = "sft", cache_dir: str | None = None):
     """`warm_start=sft` (conf/warm_start/sft.yaml), asked for by an algorithm's YAML: SFT the from-scratch policy on
     the run's data, read as `kind` rows (`data.kind`'s values: an algorithm whose rows are not SFT rows names its
     own, e.g. KTO's desirable rows only), to `target` (`warm_start`) before the algorithm; returns (a `net` factory
     holding it, its metrics), or (None, {}) with a checkpoint (model=hf: start from it), when resuming, or with
-    max_steps=0."""
+    max_steps=0. With `cache_dir`, the result is kept in <cache_dir>/<key>/ (`warm_start_key`) and a later run with
+    the same key loads it instead of training: an ablation's rows start from the same policy. The global RNG is then
+    re-seeded after the warm start, trained or loaded, so a run is the same whether the cache held it or not."""
     import hydra
 
     from src.datamodules.files import DataError
 
     if not max_steps or cfg.get("ckpt_path") or "pretrained" in cfg.model:
         return None, {}
+    from src.models.lm import from_pretrained
+
+    out = Path(cfg.paths.output_dir) / "sft_init"
+    cached = Path(cache_dir) / warm_start_key(cfg) if cache_dir else None
+    if cached is not None and (cached / "warm_start.json").exists():
+        metrics = json.loads((cached / "warm_start.json").read_text())
+        model = from_pretrained(tokenizer, str(cached))
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        log.info("Warm start: loaded from the cache %s (val exact match %.3f after %d steps); export %s", cached,
+                 metrics["warm_start/exact_match"], metrics["warm_start/steps"], out)
+        L.seed_everything(cfg.seed, workers=True)
+        return (lambda tokenizer: model), metrics
     log.info("Warm start: SFT to val exact match %.2f (at most %d steps) before %s", target, max_steps,
              cfg.algo._target_.rsplit(".", 1)[-1])
     dm = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer, kind=kind, batch_size=batch_size)
@@ -132,9 +152,44 @@ def warm_start_net(cfg, tokenizer, target: float, max_steps: int, val_every: int
         hydra.utils.instantiate(cfg.model.net), tokenizer, dm, target, max_steps, val_every, lr, warmup_steps,
         cfg.trainer.accelerator, cfg.trainer.get("gradient_clip_val"), cfg.trainer.get("enable_progress_bar", True),
         max(longest, 1))
-    out = Path(cfg.paths.output_dir) / "sft_init"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     log.info("Warm start: val exact match %.3f after %d steps; export %s (model=hf model.pretrained=%s)",
              metrics["warm_start/exact_match"], metrics["warm_start/steps"], out, out)
+    if cached is not None:  # written to a temporary name, then renamed: a run killed mid-write leaves no half entry
+        tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out, tmp)
+        (tmp / "warm_start.json").write_text(json.dumps(metrics))
+        try:
+            tmp.rename(cached)
+        except OSError:  # another run stored the same key meanwhile: theirs is the same warm start
+            shutil.rmtree(tmp, ignore_errors=True)
+        model = from_pretrained(tokenizer, str(cached))  # as a cache hit returns it
+        L.seed_everything(cfg.seed, workers=True)
     return (lambda tokenizer: model), metrics
+
+
+# what does not change the warm start: how the algorithm after it batches and reads the data
+_NOT_IN_KEY = {"kind", "batch_size", "eval_batch_size", "num_workers"}
+
+
+def warm_start_key(cfg) -> str:
+    """The warm start's cache key: a hash of everything that determines it (the model's config and tokenizer, the
+    data but how the algorithm batches it, the warm start's settings but the cache's place, the seed, the trainer's
+    accelerator and gradient clipping) and of the library versions that compute it."""
+    from omegaconf import OmegaConf
+
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    what = {
+        "model": {k: plain(cfg.model[k]) for k in ("net", "tokenizer") if k in cfg.model},
+        "data": {k: plain(v) for k, v in cfg.data.items() if k not in _NOT_IN_KEY},
+        "warm_start": {k: plain(v) for k, v in cfg.warm_start.items() if k != "cache_dir"},
+        "seed": cfg.get("seed"),
+        "trainer": {k: plain(cfg.trainer.get(k)) for k in ("accelerator", "gradient_clip_val", "precision")},
+        "versions": [torch.__version__, L.__version__, transformers.__version__],
+    }
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"seed{cfg.get('seed')}-{digest}"
