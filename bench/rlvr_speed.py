@@ -4,6 +4,7 @@
     OMP_WAIT_POLICY=PASSIVE python bench/rlvr_speed.py --size 30m --steps 4   # compute-bound
     OMP_WAIT_POLICY=PASSIVE python bench/rlvr_speed.py --learning --init DIR --budget 300
     OMP_WAIT_POLICY=PASSIVE python bench/rlvr_speed.py --engines --size tiny|30m   (rollout=vllm vs rollout=hf)
+    OMP_WAIT_POLICY=PASSIVE python bench/rlvr_speed.py --recompute --size tiny|30m (algo.recompute_gen_logps cost)
 
 Speed (default): the default tiny Llama (same seed), arithmetic prompts, 16 prompts x 8 samples
 per step, at most 6 new tokens, temperature 1, lr 1e-4 constant, loss cispo (eps 5), no KL, fp32,
@@ -87,7 +88,8 @@ def load_model(tok, init: str | None):
 
 # --------------------------------------------------------------------------- ours
 def ours(rows, steps: int | None, init: str | None = None, budget: float | None = None, lag: int = 0,
-         rollout=None, net=None, prompts: int = PROMPTS, new: int = NEW, reward=None, max_length: int = 32):
+         rollout=None, net=None, prompts: int = PROMPTS, new: int = NEW, reward=None, max_length: int = 32,
+         recompute: bool = False):
     tok = char_tokenizer()
     learning = budget is not None
     dm = LMDataModule(Rows([(f"row {i}", r) for i, r in enumerate(rows)]), tok, kind="prompt",
@@ -102,7 +104,7 @@ def ours(rows, steps: int | None, init: str | None = None, budget: float | None 
         betas=(0.9, LEARNING["beta2"]) if learning else (0.9, 0.999), weight_decay=0.0,
         warmup_steps=LEARNING["warmup"] if learning else 0,
         min_lr_ratio=1.0, generation_lag=lag, zero_variance_filter=learning,
-        retire_threshold=0.9 if learning else None, log_completions_every_n_steps=0,
+        retire_threshold=0.9 if learning else None, log_completions_every_n_steps=0, recompute_gen_logps=recompute,
     )
     trainer = L.Trainer(accelerator="cpu", max_steps=steps or -1, max_time={"seconds": budget} if budget else None,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -246,6 +248,32 @@ def compute_bound(rounds: int, steps: int) -> None:
           f"(per-round {min(ratios):.2f}-{max(ratios):.2f})")
 
 
+# --------------------------------------------------------------------------- the cost of recompute_gen_logps
+def recompute_cost(size: str, rounds: int, steps: int) -> None:
+    """Our trainer at generation lag 8, algo.recompute_gen_logps off vs on (the generator's log-probs recomputed with
+    the trainer's kernels: one more forward pass a step), rounds alternating; the same work otherwise."""
+    tok = char_tokenizer()
+    if size == "30m":
+        net = lambda: tiny_llama(tok, hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048,  # noqa: E731
+                                 max_position_embeddings=512, seed=0)
+        kw = {"prompts": 8, "new": 64, "reward": contains_answer, "max_length": 512}
+        rows = long_prompt_rows(8 * steps)
+    else:
+        net, kw, rows = (lambda: tiny_llama(tok, seed=0)), {}, prompt_rows(PROMPTS * steps)
+    print(f"{size}: {kw.get('prompts', PROMPTS)} prompts x {G} samples, lag 8, {steps} steps per run", flush=True)
+    res = {False: [], True: []}
+    for r in range(rounds):
+        for flag in res:  # alternating
+            res[flag].append(ours(rows, steps, lag=8, net=net, recompute=flag, **kw)[0])
+        print(f"round {r}: off {res[False][-1]:.3f} steps/s, on {res[True][-1]:.3f} steps/s", flush=True)
+    spread = lambda v: f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})"  # noqa: E731
+    cost = [a / b - 1 for a, b in zip(res[False], res[True])]
+    print(f"\nmedian (min-max) of {rounds} rounds, {torch.get_num_threads()} threads")
+    print(f"  RL optimizer steps/s: recompute off {spread(res[False])}  on {spread(res[True])}  "
+          f"time per step +{100 * statistics.median(cost):.0f}% (per-round {100 * min(cost):+.0f}% to "
+          f"{100 * max(cost):+.0f}%)")
+
+
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, n_samples: int = 8) -> tuple[float, float]:
@@ -277,12 +305,16 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=300.0, help="seconds of training each (learning)")
     ap.add_argument("--engines", action="store_true", help="rollout=vllm vs rollout=hf")
     ap.add_argument("--size", choices=["tiny", "30m"], default="tiny")
+    ap.add_argument("--recompute", action="store_true", help="the cost of algo.recompute_gen_logps (lag 8)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cpu = cpu_name()
     print(f"CPU: {cpu}, {torch.get_num_threads()} threads", flush=True)
     if args.engines:
         engines(args.size, args.rounds, args.steps)
+        return
+    if args.recompute:
+        recompute_cost(args.size, args.rounds, args.steps)
         return
 
     if args.learning:
