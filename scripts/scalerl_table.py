@@ -3,10 +3,11 @@ spread over seeds and bootstrap errors, and the predictive check (the fit on the
 the last validation), as Markdown.
 
     python train.py -m experiment=<preset> algo.loss_type=cispo,dapo,gspo seed=0,1,2 logger=csv
-    python scripts/scalerl_table.py logs/train/multiruns/<date>        # or run directories, one or more
+    python scripts/scalerl_table.py logs/train/multiruns/<date> ... [--plot rows.png]   # or run directories
 
 Each run's `scalerl_fit.json` (written by `callbacks=scalerl`, src/callbacks/scalerl_curve.py) holds its last fit and
-its prediction; a row groups the runs whose Hydra overrides are equal once `seed=` is removed.
+its prediction; a row groups the runs whose Hydra overrides are equal once `seed=` (and `logger=`) is removed, and
+is named by its overrides that not every run shares (none: the baseline).
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ import numpy as np
 from omegaconf import OmegaConf
 
 
-def load(run: Path) -> tuple[str, dict]:
-    """(the row's overrides without the seed, the run's fit)."""
+def load(run: Path) -> tuple[list[str], dict]:
+    """(the run's overrides without the seed and the logger, the run's fit)."""
     fit_file = run / "scalerl_fit.json"
     if not fit_file.exists():
         raise SystemExit(f"{run}: no scalerl_fit.json (an RLVR run with callbacks=scalerl and enough validations)")
     overrides = OmegaConf.load(run / ".hydra" / "overrides.yaml") if (run / ".hydra" / "overrides.yaml").exists() else []
-    row = " ".join(o for o in overrides if not o.startswith("seed=") and not o.startswith("logger=")) or "(defaults)"
-    return row, json.loads(fit_file.read_text())
+    return [o for o in overrides if not o.startswith("seed=") and not o.startswith("logger=")], json.loads(fit_file.read_text())
 
 
 def _mean_sd(values: list[float], fmt: str) -> str:
@@ -35,34 +35,89 @@ def _mean_sd(values: list[float], fmt: str) -> str:
     return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}" if len(v) > 1 else f"{v.mean():{fmt}}"
 
 
-def table(runs: list[Path]) -> str:
+def group(runs: list[Path]) -> tuple[list[str], dict[str, list[dict]]]:
+    """(the overrides every run shares, {a row's own overrides: its runs' fits}); a row with none of its own is the
+    baseline, `(baseline)`."""
+    loaded = [load(run) for run in runs]
+    common = [o for o in loaded[0][0] if all(o in overrides for overrides, _ in loaded)] if len(loaded) > 1 else []
     rows: dict[str, list[dict]] = defaultdict(list)
-    for run in runs:
-        key, fit = load(run)
-        rows[key].append(fit)
-    out = ["| row | seeds | A (mean ± sd over seeds) | A's bootstrap error (median) | B | C_mid (FLOPs) | "
-           "predicted - measured final pass rate, each seed |",
-           "|---|---|---|---|---|---|---|"]
+    for overrides, fit in loaded:
+        rows[" ".join(o for o in overrides if o not in common) or "(baseline)"].append(fit)
+    return common, rows
+
+
+def table(runs: list[Path]) -> str:
+    common, rows = group(runs)
+    out = [f"Every row: `{' '.join(common)}`\n" if common else "",
+           "| row | seeds | R0 | A (mean ± sd over seeds) | A's bootstrap error (median) | B | C_mid (FLOPs) | "
+           "final pass rate | predicted - measured final pass rate, each seed |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for key, fits in rows.items():
         errors = [f["prediction"]["error"] for f in fits if "prediction" in f]
+        finals = [f["points"][-1][1] for f in fits if f.get("points")]
         out.append(" | ".join([
-            f"| `{key}`", str(len(fits)), _mean_sd([f["A"] for f in fits], ".3f"),
+            f"| `{key}`" if key != "(baseline)" else "| (baseline)", str(len(fits)),
+            _mean_sd([f["R0"] for f in fits], ".3f") if all("R0" in f for f in fits) else "-",
+            _mean_sd([f["A"] for f in fits], ".3f"),
             f"{np.median([f['A_se'] for f in fits]):.3f}", _mean_sd([f["B"] for f in fits], ".2f"),
-            _mean_sd([f["C_mid"] for f in fits], ".2e"),
+            _mean_sd([f["C_mid"] for f in fits], ".2e"), _mean_sd(finals, ".3f") if finals else "-",
             ", ".join(f"{e:+.3f}" for e in errors) or "-",
         ]) + " |")
-    return "\n".join(out)
+    return "\n".join(line for line in out if line)
+
+
+def plot(runs: list[Path], path: Path, metric: str = "val/pass@1") -> None:
+    """One panel per row: each seed's points and fitted sigmoid, with the first row's fits in grey for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from src.callbacks.scalerl_curve import sigmoid_curve
+
+    _, rows = group(runs)
+    n = len(rows)
+    cols = min(n, 3)
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((n + cols - 1) // cols)),
+                             dpi=100, sharex=True, sharey=True, squeeze=False)
+    reference = next(iter(rows.values()))
+    for ax, (key, fits) in zip(axes.flat, rows.items()):
+        for i, f in enumerate(fits):
+            c, r = np.array(f["points"][1:]).T
+            grid = np.geomspace(c.min(), c.max(), 100)
+            if fits is not reference:
+                ref = reference[i % len(reference)]
+                ax.plot(grid, sigmoid_curve(grid, ref["R0"], ref["A"], ref["B"], ref["C_mid"]), color="0.7", lw=1)
+            ax.scatter(c, r, s=8, color=f"C{i}")
+            ax.plot(grid, sigmoid_curve(grid, f["R0"], f["A"], f["B"], f["C_mid"]), color=f"C{i}", lw=1,
+                    label=f"A={f['A']:.2f}±{f['A_se']:.2f}")
+        ax.set_title(key if len(key) < 48 else key[:45] + "...", fontsize=8)
+        ax.set_xscale("log")
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in axes[-1]:
+        ax.set_xlabel("training compute (FLOPs)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(metric)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", type=Path, help="multirun directories or run directories")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw each row's curves and fits to this PNG")
     args = parser.parse_args()
     runs = sorted({f.parent for p in args.paths for f in ([p / "scalerl_fit.json"] if (p / "scalerl_fit.json").exists()
                                                           else p.glob("*/scalerl_fit.json"))})
     if not runs:
         raise SystemExit(f"no scalerl_fit.json under {', '.join(map(str, args.paths))}")
     print(table(runs))
+    if args.plot:
+        plot(runs, args.plot)
+        print(f"\nplot: {args.plot}")
 
 
 if __name__ == "__main__":

@@ -761,8 +761,9 @@ def test_rl_table_reads_before_after_and_test_from_a_csv_run(tmp_path):
 
 
 def test_scalerl_table_groups_seeds_into_rows_with_their_spread_and_predictions(tmp_path):
-    """scripts/scalerl_table.py: runs whose overrides differ only by seed are one row; A's mean and sd over seeds, the
-    bootstrap error's median, and each seed's prediction error."""
+    """scripts/scalerl_table.py: runs whose overrides differ only by seed are one row, named by the overrides not every
+    run shares (none: the baseline); R0, A's mean and sd over seeds, the bootstrap error's median, the final pass rate
+    and each seed's prediction error; --plot draws one panel per row."""
     import importlib.util
 
     from omegaconf import OmegaConf
@@ -771,18 +772,25 @@ def test_scalerl_table_groups_seeds_into_rows_with_their_spread_and_predictions(
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     runs = []
-    for i, (loss, seed, a, err) in enumerate([("cispo", 0, 0.60, 0.01), ("cispo", 1, 0.64, -0.02),
-                                               ("dapo", 0, 0.50, 0.03)]):
+    for i, (extra, seed, a, err) in enumerate([([], 0, 0.60, 0.01), ([], 1, 0.64, -0.02),
+                                                (["algo.loss_type=dapo"], 0, 0.50, 0.03)]):
         run = tmp_path / str(i)
         (run / ".hydra").mkdir(parents=True)
-        OmegaConf.save(OmegaConf.create([f"algo.loss_type={loss}", f"seed={seed}", "logger=csv"]), run / ".hydra" / "overrides.yaml")
-        fit = {"A": a, "B": 1.0 + seed, "C_mid": 1e12, "A_se": 0.01 * (seed + 1), "prediction": {"error": err}}
+        OmegaConf.save(OmegaConf.create(["experiment=scalerl", *extra, f"seed={seed}", "logger=csv"]),
+                       run / ".hydra" / "overrides.yaml")
+        points = [[0.0, 0.2], [1e12, 0.3 + seed / 10], [2e12, 0.4 + seed / 10], [3e12, 0.45 + seed / 10]]
+        fit = {"A": a, "B": 1.0 + seed, "C_mid": 1e12, "A_se": 0.01 * (seed + 1), "R0": 0.2 + seed / 100,
+               "prediction": {"error": err}, "points": points}
         (run / "scalerl_fit.json").write_text(json.dumps(fit))
         runs.append(run)
     lines = mod.table(runs).splitlines()
-    assert len(lines) == 4
-    assert lines[2].startswith("| `algo.loss_type=cispo` | 2 | 0.620 ± 0.028 | 0.015 | 1.50 ± 0.71 |"), lines[2]
-    assert lines[2].endswith("| +0.010, -0.020 |")
-    assert lines[3].startswith("| `algo.loss_type=dapo` | 1 | 0.500 | 0.010 | 1.00 |"), lines[3]
+    assert lines[:2] == ["Every row: `experiment=scalerl`", ""] and len(lines) == 6, lines
+    assert lines[4] == ("| (baseline) | 2 | 0.205 ± 0.007 | 0.620 ± 0.028 | 0.015 | 1.50 ± 0.71 | 1.00e+12 ± 0.00e+00 | "
+                        "0.500 ± 0.071 | +0.010, -0.020 |"), lines[4]
+    assert lines[5] == "| `algo.loss_type=dapo` | 1 | 0.200 | 0.500 | 0.010 | 1.00 | 1.00e+12 | 0.450 | +0.030 |", lines[5]
+    mod.plot(runs, tmp_path / "rows.png")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "rows.png").size == (800, 320)  # two rows: two panels side by side
     with pytest.raises(SystemExit, match="no scalerl_fit.json"):
         mod.load(tmp_path / "missing")
