@@ -167,6 +167,8 @@ PRESETS = {
                                      "data.source._target_": ("src.datamodules.arithmetic.ArithmeticTask",
                                                               "src.envs.textarena.GameSeeds"),
                                      "model.net.max_position_embeddings": (256, 896), "algo.max_new_tokens": (8, 72)},
+    "experiment/scalerl": {"algo._target_": ("src.lightning_modules.sft.SFTModule", "src.lightning_modules.rlvr.RLVRModule"),
+                           "trainer.max_steps": (1500, 800), "trainer.val_check_interval": (250, 40)},
     "debug/fdr": {"trainer.fast_dev_run": (None, True), "logger": (["wandb"], []),
                   "callbacks": (["finite_loss", "hf_export", "lr_monitor", "model_checkpoint", "rich_progress_bar",
                                  "wandb_axes"], [])},
@@ -198,6 +200,18 @@ def test_experiment_and_debug_presets_change_what_they_say(name):
     for key, (before, after) in PRESETS[name].items():
         assert _value(plain, key) == before, f"{key}: the default moved; update PRESETS"
         assert _value(preset, key) == after, f"{name} should set {key} to {after}"
+
+
+def test_scalerl_rows_share_their_warm_starts_through_the_cache(cfg_factory, tmp_path):
+    """experiment=scalerl keeps each seed's warm start under the log dir, so every row of the ablation (its algorithm
+    options differ) finds the same key."""
+    from src.lightning_modules.sft import warm_start_key
+
+    base = cfg_factory("experiment=scalerl", quick=False)
+    assert base.warm_start.cache_dir == str(tmp_path / "warm_start_cache")
+    for row in ("algo.loss_type=gspo", "algo.generation_lag=0", "algo.zero_variance_filter=false",
+                "data.batch_size=128"):
+        assert warm_start_key(cfg_factory("experiment=scalerl", row, quick=False)) == warm_start_key(base), row
 
 
 def test_hf_model_requires_a_path(cfg_factory):
