@@ -21,13 +21,28 @@ import numpy as np
 from omegaconf import OmegaConf
 
 
-def load(run: Path) -> tuple[list[str], dict]:
-    """(the run's overrides without the seed and the logger, the run's fit)."""
+def refit(fit: dict, n_boot: int = 100, predict_fraction: float = 0.5) -> dict:
+    """The fit, its bootstrap errors and the predictive check redone from the run's saved points with this checkout's
+    code (`src/callbacks/scalerl_curve.py`), for runs saved before the fit changed."""
+    from src.callbacks.scalerl_curve import bootstrap_fit, predictive_check
+
+    c, r = zip(*fit["points"])
+    skip = fit.get("skip_fraction", 0.1)
+    new = bootstrap_fit(c, r, r0=r[0], skip_fraction=skip, n_boot=n_boot)
+    new.pop("samples")
+    return {**fit, **new, "R0": r[0], "prediction": predictive_check(c, r, r0=r[0], fraction=predict_fraction,
+                                                                     skip_fraction=skip)}
+
+
+def load(run: Path, redo: bool = False) -> tuple[list[str], dict]:
+    """(the run's overrides without the seed and the logger, the run's fit; `redo`: refitted from its points)."""
     fit_file = run / "scalerl_fit.json"
     if not fit_file.exists():
         raise SystemExit(f"{run}: no scalerl_fit.json (an RLVR run with callbacks=scalerl and enough validations)")
     overrides = OmegaConf.load(run / ".hydra" / "overrides.yaml") if (run / ".hydra" / "overrides.yaml").exists() else []
-    return [o for o in overrides if not o.startswith("seed=") and not o.startswith("logger=")], json.loads(fit_file.read_text())
+    fit = json.loads(fit_file.read_text())
+    return ([o for o in overrides if not o.startswith("seed=") and not o.startswith("logger=")],
+            refit(fit) if redo else fit)
 
 
 def _mean_sd(values: list[float], fmt: str) -> str:
@@ -35,10 +50,10 @@ def _mean_sd(values: list[float], fmt: str) -> str:
     return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}" if len(v) > 1 else f"{v.mean():{fmt}}"
 
 
-def group(runs: list[Path]) -> tuple[list[str], dict[str, list[dict]]]:
+def group(runs: list[Path], redo: bool = False) -> tuple[list[str], dict[str, list[dict]]]:
     """(the overrides every run shares, {a row's own overrides: its runs' fits}); a row with none of its own is the
     baseline, `(baseline)`."""
-    loaded = [load(run) for run in runs]
+    loaded = [load(run, redo) for run in runs]
     common = [o for o in loaded[0][0] if all(o in overrides for overrides, _ in loaded)] if len(loaded) > 1 else []
     rows: dict[str, list[dict]] = defaultdict(list)
     for overrides, fit in loaded:
@@ -46,8 +61,8 @@ def group(runs: list[Path]) -> tuple[list[str], dict[str, list[dict]]]:
     return common, rows
 
 
-def table(runs: list[Path]) -> str:
-    common, rows = group(runs)
+def table(runs: list[Path], redo: bool = False) -> str:
+    common, rows = group(runs, redo)
     out = [f"Every row: `{' '.join(common)}`\n" if common else "",
            "| row | seeds | R0 | A (mean ± sd over seeds) | A's bootstrap error (median) | B | C_mid (FLOPs) | "
            "final pass rate | predicted - measured final pass rate, each seed |",
@@ -66,7 +81,7 @@ def table(runs: list[Path]) -> str:
     return "\n".join(line for line in out if line)
 
 
-def plot(runs: list[Path], path: Path, metric: str = "val/pass@1") -> None:
+def plot(runs: list[Path], path: Path, metric: str = "val/pass@1", redo: bool = False) -> None:
     """One panel per row: each seed's points and fitted sigmoid, with the first row's fits in grey for reference."""
     import matplotlib
 
@@ -75,7 +90,7 @@ def plot(runs: list[Path], path: Path, metric: str = "val/pass@1") -> None:
 
     from src.callbacks.scalerl_curve import sigmoid_curve
 
-    _, rows = group(runs)
+    _, rows = group(runs, redo)
     n = len(rows)
     cols = min(n, 3)
     fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((n + cols - 1) // cols)),
@@ -109,14 +124,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", type=Path, help="multirun directories or run directories")
     parser.add_argument("--plot", type=Path, default=None, help="also draw each row's curves and fits to this PNG")
+    parser.add_argument("--refit", action="store_true",
+                        help="redo each run's fit, errors and predictive check from its saved points with this code")
     args = parser.parse_args()
     runs = sorted({f.parent for p in args.paths for f in ([p / "scalerl_fit.json"] if (p / "scalerl_fit.json").exists()
                                                           else p.glob("*/scalerl_fit.json"))})
     if not runs:
         raise SystemExit(f"no scalerl_fit.json under {', '.join(map(str, args.paths))}")
-    print(table(runs))
+    print(table(runs, args.refit))
     if args.plot:
-        plot(runs, args.plot)
+        plot(runs, args.plot, redo=args.refit)
         print(f"\nplot: {args.plot}")
 
 

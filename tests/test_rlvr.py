@@ -440,6 +440,24 @@ def test_bootstrap_standard_errors_cover_the_truth_and_grow_with_the_noise():
     assert fits[0.004]["A_se"] < 0.02
 
 
+def test_bootstrap_error_of_a_levelled_off_curve_is_not_set_by_the_few_refits_that_run_to_the_bound():
+    """A measured curve (experiment=scalerl, baseline, seed 0: R_0 and 24 validations, compute in 1e11 FLOPs) that
+    levels off near 0.41: a few bootstrap resamples look still rising and their refits run to A = 1. The standard
+    error is the refits' central spread (about 0.02), not their standard deviation (0.14, set by those few), and
+    A - R_0 is several errors wide: the asymptote is identified."""
+    from src.callbacks.scalerl_curve import bootstrap_fit
+
+    c = 1e11 * np.array([0.0, 5.27, 10.61, 15.92, 21.23, 26.59, 32.01, 37.44, 42.84, 48.24, 53.6, 59.12, 64.62, 70.14,
+                         75.59, 81.22, 86.85, 92.45, 98.15, 103.85, 109.47, 115.27, 121.04, 126.82, 132.65])
+    r = np.array([0.317, 0.3548, 0.3848, 0.3905, 0.3952, 0.3968, 0.3955, 0.4053, 0.4075, 0.4083, 0.4175, 0.405, 0.4157,
+                  0.4108, 0.4195, 0.4105, 0.3993, 0.4168, 0.424, 0.427, 0.418, 0.4103, 0.4288, 0.3955, 0.4168])
+    f = bootstrap_fit(c, r, r0=0.317, skip_fraction=0.1, n_boot=100)
+    assert 0.40 < f["A"] < 0.44
+    assert (f["samples"][:, 0] > 0.9).sum() >= 3, "no refit ran to the bound: the case this test is for is gone"
+    assert f["samples"][:, 0].std() > 0.1 and f["A_se"] < 0.03
+    assert f["A"] - 0.317 > 3 * f["A_se"]
+
+
 def test_predictive_check_fits_the_early_points_and_reports_the_error_at_the_last():
     """Points exactly on a curve: the fit on the first half of the compute predicts the last point (error ~0); a last
     point moved by +0.1 is reported as an error of -0.1 (predicted - observed), and the early fit ignores it."""
@@ -794,3 +812,14 @@ def test_scalerl_table_groups_seeds_into_rows_with_their_spread_and_predictions(
     assert Image.open(tmp_path / "rows.png").size == (800, 320)  # two rows: two panels side by side
     with pytest.raises(SystemExit, match="no scalerl_fit.json"):
         mod.load(tmp_path / "missing")
+    # --refit: a run saved with a stale fit is refitted from its points with this code
+    from src.callbacks.scalerl_curve import sigmoid_curve
+
+    c = np.linspace(0, 2e13, 21)
+    r = np.r_[0.2, sigmoid_curve(c[1:], 0.2, 0.6, 1.5, 3e12)]
+    stale = {"A": 0.9, "B": 9.0, "C_mid": 1.0, "A_se": 0.5, "R0": 0.2, "skip_fraction": 0.1,
+             "points": [[float(x), float(y)] for x, y in zip(c, r)]}
+    (runs[2] / "scalerl_fit.json").write_text(json.dumps(stale))
+    _, fit = mod.load(runs[2], redo=True)
+    assert fit["A"] == pytest.approx(0.6, abs=1e-3) and fit["A_se"] < 1e-3
+    assert abs(fit["prediction"]["error"]) < 1e-3 and fit["prediction"]["fit_compute"] <= 1e13
