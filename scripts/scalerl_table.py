@@ -41,8 +41,9 @@ def load(run: Path, redo: bool = False) -> tuple[list[str], dict]:
         raise SystemExit(f"{run}: no scalerl_fit.json (an RLVR run with callbacks=scalerl and enough validations)")
     overrides = OmegaConf.load(run / ".hydra" / "overrides.yaml") if (run / ".hydra" / "overrides.yaml").exists() else []
     fit = json.loads(fit_file.read_text())
+    seed = next((o.split("=", 1)[1] for o in overrides if o.startswith("seed=")), "-")
     return ([o for o in overrides if not o.startswith("seed=") and not o.startswith("logger=")],
-            refit(fit) if redo else fit)
+            {**(refit(fit) if redo else fit), "seed": seed})
 
 
 def _mean_sd(values: list[float], fmt: str) -> str:
@@ -56,7 +57,7 @@ def group(runs: list[Path], redo: bool = False) -> tuple[list[str], dict[str, li
     loaded = [load(run, redo) for run in runs]
     common = [o for o in loaded[0][0] if all(o in overrides for overrides, _ in loaded)] if len(loaded) > 1 else []
     rows: dict[str, list[dict]] = defaultdict(list)
-    for overrides, fit in loaded:
+    for overrides, fit in sorted(loaded, key=lambda x: str(x[1]["seed"])):  # each row's seeds in one order
         rows[" ".join(o for o in overrides if o not in common) or "(baseline)"].append(fit)
     return common, rows
 
@@ -82,7 +83,8 @@ def table(runs: list[Path], redo: bool = False) -> str:
 
 
 def plot(runs: list[Path], path: Path, metric: str = "val/pass@1", redo: bool = False) -> None:
-    """One panel per row: each seed's points and fitted sigmoid, with the first row's fits in grey for reference."""
+    """One panel per row: each seed's points and fitted sigmoid (a colour per seed), with the first row's fit of the
+    same seed in grey for reference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,12 +102,12 @@ def plot(runs: list[Path], path: Path, metric: str = "val/pass@1", redo: bool = 
         for i, f in enumerate(fits):
             c, r = np.array(f["points"][1:]).T
             grid = np.geomspace(c.min(), c.max(), 100)
-            if fits is not reference:
-                ref = reference[i % len(reference)]
+            ref = next((g for g in reference if g["seed"] == f["seed"]), None)
+            if fits is not reference and ref is not None:
                 ax.plot(grid, sigmoid_curve(grid, ref["R0"], ref["A"], ref["B"], ref["C_mid"]), color="0.7", lw=1)
             ax.scatter(c, r, s=8, color=f"C{i}")
             ax.plot(grid, sigmoid_curve(grid, f["R0"], f["A"], f["B"], f["C_mid"]), color=f"C{i}", lw=1,
-                    label=f"A={f['A']:.2f}±{f['A_se']:.2f}")
+                    label=f"seed {f['seed']}: A={f['A']:.2f}±{f['A_se']:.2f}")
         ax.set_title(key if len(key) < 48 else key[:45] + "...", fontsize=8)
         ax.set_xscale("log")
         ax.legend(fontsize=6, loc="lower right")
