@@ -62,8 +62,8 @@ def group(runs: list[Path], redo: bool = False) -> tuple[list[str], dict[str, li
     return common, rows
 
 
-def table(runs: list[Path], redo: bool = False) -> str:
-    common, rows = group(runs, redo)
+def table(common: list[str], rows: dict[str, list[dict]]) -> str:
+    """The Markdown table of `group`'s rows."""
     out = [f"Every row: `{' '.join(common)}`\n" if common else "",
            "| row | seeds | R0 | A (mean ± sd over seeds) | A's bootstrap error (median) | B | C_mid (FLOPs) | "
            "final pass rate | predicted - measured final pass rate, each seed |",
@@ -82,7 +82,7 @@ def table(runs: list[Path], redo: bool = False) -> str:
     return "\n".join(line for line in out if line)
 
 
-def plot(runs: list[Path], path: Path, metric: str = "val/pass@1", redo: bool = False) -> None:
+def plot(rows: dict[str, list[dict]], path: Path, metric: str = "val/pass@1") -> None:
     """One panel per row: each seed's points and fitted sigmoid (a colour per seed), with the first row's fit of the
     same seed in grey for reference."""
     import matplotlib
@@ -92,7 +92,6 @@ def plot(runs: list[Path], path: Path, metric: str = "val/pass@1", redo: bool = 
 
     from src.callbacks.scalerl_curve import sigmoid_curve
 
-    _, rows = group(runs, redo)
     n = len(rows)
     cols = min(n, 3)
     fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((n + cols - 1) // cols)),
@@ -133,9 +132,10 @@ def main() -> None:
                                                           else p.glob("*/scalerl_fit.json"))})
     if not runs:
         raise SystemExit(f"no scalerl_fit.json under {', '.join(map(str, args.paths))}")
-    print(table(runs, args.refit))
+    common, rows = group(runs, args.refit)  # loaded (and refitted) once, for the table and the plot
+    print(table(common, rows))
     if args.plot:
-        plot(runs, args.plot, redo=args.refit)
+        plot(rows, args.plot)
         print(f"\nplot: {args.plot}")
 
 

@@ -801,12 +801,12 @@ def test_scalerl_table_groups_seeds_into_rows_with_their_spread_and_predictions(
                "prediction": {"error": err}, "points": points}
         (run / "scalerl_fit.json").write_text(json.dumps(fit))
         runs.append(run)
-    lines = mod.table(runs).splitlines()
+    lines = mod.table(*mod.group(runs)).splitlines()
     assert lines[:2] == ["Every row: `experiment=scalerl`", ""] and len(lines) == 6, lines
     assert lines[4] == ("| (baseline) | 2 | 0.205 ± 0.007 | 0.620 ± 0.028 | 0.015 | 1.50 ± 0.71 | 1.00e+12 ± 0.00e+00 | "
                         "0.500 ± 0.071 | +0.010, -0.020 |"), lines[4]
     assert lines[5] == "| `algo.loss_type=dapo` | 1 | 0.200 | 0.500 | 0.010 | 1.00 | 1.00e+12 | 0.450 | +0.030 |", lines[5]
-    mod.plot(runs, tmp_path / "rows.png")
+    mod.plot(mod.group(runs)[1], tmp_path / "rows.png")
     from PIL import Image
 
     assert Image.open(tmp_path / "rows.png").size == (800, 320)  # two rows: two panels side by side
