@@ -16,10 +16,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-import src  # noqa: F401  (sets PROJECT_ROOT for conf/paths)
-from src.lightning_modules.ddpm import DDPMModule
-from src.utils import register_resolvers
-from src.utils.images import picture
+import genlight  # noqa: F401  (sets PROJECT_ROOT for conf/paths)
+from genlight.lightning_modules.ddpm import DDPMModule
+from genlight.utils import register_resolvers
+from genlight.utils.images import picture
 
 log = logging.getLogger(__name__)
 register_resolvers()

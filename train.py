@@ -1,7 +1,7 @@
 """Train any algorithm: `python train.py algo=sft|... [data=...] [model=...] [key=value ...]`.
 
 This file only composes: data, model, algorithm, callbacks, loggers and trainer all come from the
-Hydra config (conf/); the run is `src.pipeline.train`, the algorithms live in src/lightning_modules/, one file each.
+Hydra config (conf/); the run is `genlight.pipeline.train`, the algorithms live in src/lightning_modules/, one file each.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from src.pipeline import build, train  # noqa: F401  (build: for programmatic use, as train)
-from src.utils import extras, get_metric_value
+from genlight.pipeline import build, train  # noqa: F401  (build: for programmatic use, as train)
+from genlight.utils import extras, get_metric_value
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 
 from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
-from src.callbacks import EMA  # noqa: E402
-from src.datamodules.images import ImageDataModule, digits_split  # noqa: E402
-from src.lightning_modules.ddpm import DDPMModule  # noqa: E402
-from src.metrics import sample_metric  # noqa: E402
-from src.models.diffusion import unet2d  # noqa: E402
+from genlight.callbacks import EMA  # noqa: E402
+from genlight.datamodules.images import ImageDataModule, digits_split  # noqa: E402
+from genlight.lightning_modules.ddpm import DDPMModule  # noqa: E402
+from genlight.metrics import sample_metric  # noqa: E402
+from genlight.models.diffusion import unet2d  # noqa: E402
 
 BATCH, LR, T, DECAY, WARMUP = 128, 2e-3, 1000, 0.995, 100
 PROCESS = {"name": "vp", "num_steps": T, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}

@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
-from src.datamodules.arithmetic import ArithmeticTask  # noqa: E402
-from src.datamodules.lm import LMDataModule  # noqa: E402
-from src.lightning_modules.dpo import DPOModule  # noqa: E402
-from src.models import char_tokenizer, tiny_llama  # noqa: E402
+from genlight.datamodules.arithmetic import ArithmeticTask  # noqa: E402
+from genlight.datamodules.lm import LMDataModule  # noqa: E402
+from genlight.lightning_modules.dpo import DPOModule  # noqa: E402
+from genlight.models import char_tokenizer, tiny_llama  # noqa: E402
 
 PAIRS, MAX_LEN, BETA, LR = 64, 16, 0.1, 2e-4
 SIZES = {"tiny": {}, "30m": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 2048,

@@ -66,9 +66,9 @@ def one(overrides: list[str], peak_tflops: float | None) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    import src  # noqa: F401
-    from src.pipeline import train
-    from src.utils import register_resolvers
+    import genlight  # noqa: F401
+    from genlight.pipeline import train
+    from genlight.utils import register_resolvers
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
@@ -141,8 +141,8 @@ def main() -> None:
     if a.dry_run:
         from hydra import compose, initialize_config_dir
 
-        import src  # noqa: F401
-        from src.utils import register_resolvers
+        import genlight  # noqa: F401
+        from genlight.utils import register_resolvers
 
         register_resolvers()
         d = Path(tempfile.mkdtemp(prefix="gpu_check_"))

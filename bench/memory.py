@@ -52,7 +52,7 @@ def build(d: Path, shape: dict = SMALL) -> Path:
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from src.models.tokenizer import BOS, CHAT_TEMPLATE, DEFAULT_ALPHABET, EOS, PAD, SPECIALS, UNK
+    from genlight.models.tokenizer import BOS, CHAT_TEMPLATE, DEFAULT_ALPHABET, EOS, PAD, SPECIALS, UNK
 
     chars = list(dict.fromkeys(DEFAULT_ALPHABET))
     words = SPECIALS + chars + [f"<|f{i}|>" for i in range(VOCAB - len(SPECIALS) - len(chars))]

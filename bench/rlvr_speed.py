@@ -51,12 +51,12 @@ sys.path.insert(0, str(ROOT))
 
 from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
-from src.datamodules.arithmetic import ArithmeticTask  # noqa: E402
-from src.datamodules.lm import LMDataModule, pad  # noqa: E402
-from src.lightning_modules.rlvr import RLVRModule  # noqa: E402
-from src.models import char_tokenizer, tiny_llama  # noqa: E402
-from src.models.rollout import HFRollout  # noqa: E402
-from src.rewards import ExactAnswer, FunctionReward  # noqa: E402
+from genlight.datamodules.arithmetic import ArithmeticTask  # noqa: E402
+from genlight.datamodules.lm import LMDataModule, pad  # noqa: E402
+from genlight.lightning_modules.rlvr import RLVRModule  # noqa: E402
+from genlight.models import char_tokenizer, tiny_llama  # noqa: E402
+from genlight.models.rollout import HFRollout  # noqa: E402
+from genlight.rewards import ExactAnswer, FunctionReward  # noqa: E402
 
 PROMPTS, G, NEW, LR, TEMP = 16, 8, 6, 1e-4, 1.0
 # the learning comparison runs both with our default recipe's settings (conf/algo/rlvr.yaml)
@@ -180,7 +180,7 @@ def generation(rows, reps: int = 5) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- rollout=vllm vs rollout=hf
 def engines(size: str, rounds: int, steps: int) -> None:
-    from src.models.rollout_vllm import VLLMRollout
+    from genlight.models.rollout_vllm import VLLMRollout
 
     tok = char_tokenizer()
     if size == "30m":

@@ -28,10 +28,10 @@ import lightning as L
 import torch
 from machine import cpu_name  # bench/machine.py
 
-from src.datamodules.lm import LMDataModule
-from src.lightning_modules.sft import SFTModule
-from src.models import char_tokenizer, tiny_llama
-from src.models.logps import masked_nll
+from genlight.datamodules.lm import LMDataModule
+from genlight.lightning_modules.sft import SFTModule
+from genlight.models import char_tokenizer, tiny_llama
+from genlight.models.logps import masked_nll
 
 LR, CLIP, WARMUP_STEPS = 3e-4, 1.0, 1
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "

@@ -23,9 +23,9 @@ from hydra.utils import instantiate
 from machine import cpu_name  # bench/machine.py
 from omegaconf import open_dict
 
-import src  # noqa: F401
-from src.models.logps import masked_nll
-from src.utils import register_resolvers
+import genlight  # noqa: F401
+from genlight.models.logps import masked_nll
+from genlight.utils import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py
@@ -117,7 +117,7 @@ def bare_tokens_per_s(cfg, steps: int) -> float:
 
 def minutes_to(target: float, tmp: str) -> tuple[float | None, list]:
     """Train the default `python train.py algo=sft` config; wall minutes until val/exact_match >= target."""
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     class Watch(L.Callback):
         def __init__(self):

@@ -23,13 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.datamodules.images import digits_split  # noqa: E402
-from src.lightning_modules.ddpm import DDPMModule  # noqa: E402
-from src.metrics import (
+from genlight.datamodules.images import digits_split  # noqa: E402
+from genlight.lightning_modules.ddpm import DDPMModule  # noqa: E402
+from genlight.metrics import (
     class_accuracy,  # noqa: E402
     sample_metric,  # noqa: E402
 )
-from src.utils.images import to_pil_grid  # noqa: E402
+from genlight.utils.images import to_pil_grid  # noqa: E402
 
 
 def _mean_sd(v: list[float], digits: int = 2) -> str:
@@ -50,7 +50,7 @@ def main() -> None:
     module = DDPMModule.from_checkpoint(args.ckpt)
     conditional = module.null_class is not None
     if args.points:
-        from src.datamodules.toy2d import toy2d
+        from genlight.datamodules.toy2d import toy2d
 
         heldout, metric, shape, name = toy2d(args.points, 1000, seed=12345), "energy_distance", (2,), "energy distance"
     else:

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 def refit(fit: dict, n_boot: int = 100, predict_fraction: float = 0.5) -> dict:
     """The fit, its bootstrap errors and the predictive check redone from the run's saved points with this checkout's
     code (`src/callbacks/scalerl_curve.py`), for runs saved before the fit changed."""
-    from src.callbacks.scalerl_curve import bootstrap_fit, predictive_check
+    from genlight.callbacks.scalerl_curve import bootstrap_fit, predictive_check
 
     c, r = zip(*fit["points"])
     skip = fit.get("skip_fraction", 0.1)
@@ -90,7 +90,7 @@ def plot(rows: dict[str, list[dict]], path: Path, metric: str = "val/pass@1") ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from src.callbacks.scalerl_curve import sigmoid_curve
+    from genlight.callbacks.scalerl_curve import sigmoid_curve
 
     n = len(rows)
     cols = min(n, 3)

@@ -11,8 +11,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from src.datamodules.images import digits_split
-from src.models.digits_classifier import WEIGHTS, DigitsClassifier
+from genlight.datamodules.images import digits_split
+from genlight.models.digits_classifier import WEIGHTS, DigitsClassifier
 
 
 def train(epochs: int = 60, seed: int = 0) -> tuple[DigitsClassifier, float]:

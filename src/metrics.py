@@ -116,7 +116,7 @@ def sample_metric(name: str, shape: tuple[int, ...]) -> Metric | None:
     if name == "fd":
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        from src.models.digits_classifier import DigitsFeatures
+        from genlight.models.digits_classifier import DigitsFeatures
 
         if tuple(shape) != (1, 8, 8):
             raise ValueError(f"data.metric=fd uses the digits classifier's features and needs 1x8x8 images, "
@@ -129,7 +129,7 @@ def sample_metric(name: str, shape: tuple[int, ...]) -> Metric | None:
 
 def class_accuracy(samples: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The share of 1x8x8 digit samples that the shipped digits classifier assigns to the label asked for."""
-    from src.models.digits_classifier import DigitsFeatures
+    from genlight.models.digits_classifier import DigitsFeatures
 
     clf = DigitsFeatures().net.to(samples.device)
     return (clf(samples.float()).argmax(-1) == labels).float().mean()

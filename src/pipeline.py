@@ -11,9 +11,9 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-import src  # noqa: F401  (sets PROJECT_ROOT for conf/paths)
-from src.callbacks import HFExport, ValidateAtEnd
-from src.utils import (
+import genlight  # noqa: F401  (sets PROJECT_ROOT for conf/paths)
+from genlight.callbacks import HFExport, ValidateAtEnd
+from genlight.utils import (
     LogHyperparameters,
     check_required,
     finish_loggers,
@@ -26,7 +26,7 @@ from src.utils import (
     register_resolvers,
     resolve_ckpt_path,
 )
-from src.utils.loggers import FinishWandbInWorker, forks_workers, prepare_for_workers
+from genlight.utils.loggers import FinishWandbInWorker, forks_workers, prepare_for_workers
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -157,13 +157,13 @@ def test_time_compute(cfg: DictConfig, trainer, module, datamodule, split: str) 
 
     from lightning.pytorch.loggers import WandbLogger
 
-    from src.test_time import curves_at_k, plot_curves
+    from genlight.test_time import curves_at_k, plot_curves
 
     ev = cfg.eval
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
     reward_model = None
     if ev.scorer == "reward_model" and ev.get("reward_model"):
-        from src.rewards import RewardModel
+        from genlight.rewards import RewardModel
 
         reward_model = RewardModel(ev.reward_model).to(module.device)
     verifier = hydra.utils.instantiate(ev.verifier) if ev.get("verifier") else None  # None: the checkpoint's own

@@ -183,7 +183,7 @@ class FunctionReward(Verifier):
     """A user's own reward function f(completion, answer) -> float (or bool), given by `_target_`:
 
         reward:
-          _target_: src.rewards.FunctionReward
+          _target_: genlight.rewards.FunctionReward
           fn: {_target_: my_package.my_module.my_reward, _partial_: true}
     """
 

@@ -7,7 +7,7 @@ problems": spend more compute while answering). `eval.py eval.num_samples=n` sam
     best_of@k    the first k samples' best by a scorer is correct: `logprob` (the sample's mean log-prob under the
                  sampler: the model's own confidence, no oracle) or `verifier` (an oracle: = any of k correct)
 
-Correctness is `src.rewards.passes`, the definition RLVR's val/pass@k uses: the verifier's score (`eval.verifier`;
+Correctness is `genlight.rewards.passes`, the definition RLVR's val/pass@k uses: the verifier's score (`eval.verifier`;
 null: the checkpoint's own verifier, RLVR's `reward`, else exact match) against each prompt's reference answer reaches
 the checkpoint's `algo.pass_threshold` (1.0 without one), and a completion cut at max_new_tokens fails unless the
 checkpoint's `algo.truncated_reward` is null.
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torchmetrics import Metric
 
-from src.metrics import majority_correct, pass_at_k
-from src.models.rollout import HFRollout
-from src.rewards import ExactAnswer, passes, score
+from genlight.metrics import majority_correct, pass_at_k
+from genlight.models.rollout import HFRollout
+from genlight.rewards import ExactAnswer, passes, score
 
 SCORERS = ("logprob", "verifier", "reward_model")
 

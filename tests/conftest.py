@@ -13,8 +13,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import src  # noqa: F401  (PROJECT_ROOT)
-from src.utils import register_resolvers
+import genlight  # noqa: F401  (PROJECT_ROOT)
+from genlight.utils import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -67,7 +67,7 @@ def cfg_factory(tmp_path):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from src.models import char_tokenizer
+    from genlight.models import char_tokenizer
 
     return char_tokenizer()
 
@@ -75,7 +75,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny Llama + tokenizer saved as an ordinary HF directory."""
-    from src.models import tiny_llama
+    from genlight.models import tiny_llama
 
     d = tmp_path_factory.mktemp("hf")
     tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64).save_pretrained(d)

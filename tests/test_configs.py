@@ -84,7 +84,7 @@ def test_reward_configs_instantiate_and_score(cfg_factory, reward):
 
 
 def test_custom_reward_without_a_function_names_the_key(cfg_factory):
-    from src.utils import check_required
+    from genlight.utils import check_required
 
     with pytest.raises(Exception, match=r"reward\.fn\._target_"):
         check_required(cfg_factory("algo=rlvr", "reward=custom"))
@@ -119,7 +119,7 @@ def test_model_hf_takes_config_keys_an_experiment_sets(cfg_factory, hf_dir):
 
 @pytest.mark.parametrize("group", ["logger", "callbacks", "trainer"])
 def test_logger_callback_trainer_configs_instantiate(cfg_factory, group):
-    from src.utils import instantiate_callbacks, instantiate_loggers
+    from genlight.utils import instantiate_callbacks, instantiate_loggers
 
     for option in options(group):
         cfg = cfg_factory(f"{group}={option}")
@@ -141,33 +141,33 @@ def test_logger_callback_trainer_configs_instantiate(cfg_factory, group):
 PRESETS = {
     "experiment/sft_arith3": {"data.source.digits": (2, 3), "data.source.ops": (["+"], ["+", "-"]),
                               "trainer.max_steps": (1500, 6000), "data.source.n_train": (8000, 50000)},
-    "experiment/rlhf": {"algo._target_": ("src.lightning_modules.sft.SFTModule", "src.lightning_modules.rlvr.RLVRModule"),
-                        "reward._target_": (None, "src.rewards.RewardModel"), "reward.normalize": (None, True),
+    "experiment/rlhf": {"algo._target_": ("genlight.lightning_modules.sft.SFTModule", "genlight.lightning_modules.rlvr.RLVRModule"),
+                        "reward._target_": (None, "genlight.rewards.RewardModel"), "reward.normalize": (None, True),
                         "algo.kl_in": (None, "reward"), "algo.beta": (None, 0.05)},
-    "experiment/gsm8k": {"algo._target_": ("src.lightning_modules.sft.SFTModule", "src.lightning_modules.rlvr.RLVRModule"),
+    "experiment/gsm8k": {"algo._target_": ("genlight.lightning_modules.sft.SFTModule", "genlight.lightning_modules.rlvr.RLVRModule"),
                          "data.source.train": (None, "openai/gsm8k"), "data.answer_pattern": (None, "#### (.*)"),
-                         "reward._target_": (None, "src.rewards.MathVerify"), "model.lora.r": (None, 16),
+                         "reward._target_": (None, "genlight.rewards.MathVerify"), "model.lora.r": (None, 16),
                          "trainer.accelerator": ("auto", "gpu"), "data.chat": (None, True)},
-    "experiment/rg_arithmetic": {"algo._target_": ("src.lightning_modules.sft.SFTModule",
-                                                   "src.lightning_modules.rlvr.RLVRModule"),
+    "experiment/rg_arithmetic": {"algo._target_": ("genlight.lightning_modules.sft.SFTModule",
+                                                   "genlight.lightning_modules.rlvr.RLVRModule"),
                                  "data.source.tasks.0.name": (None, "basic_arithmetic"),
-                                 "reward._target_": (None, "src.datamodules.reasoning_gym.ReasoningGymScore")},
-    "experiment/rg_spell_backward": {"algo._target_": ("src.lightning_modules.sft.SFTModule",
-                                                       "src.lightning_modules.rlvr.RLVRModule"),
+                                 "reward._target_": (None, "genlight.datamodules.reasoning_gym.ReasoningGymScore")},
+    "experiment/rg_spell_backward": {"algo._target_": ("genlight.lightning_modules.sft.SFTModule",
+                                                       "genlight.lightning_modules.rlvr.RLVRModule"),
                                      "data.source.tasks.0.name": (None, "spell_backward"),
                                      "trainer.max_steps": (1500, 300),
-                                     "reward._target_": (None, "src.datamodules.reasoning_gym.ReasoningGymScore")},
-    "experiment/calculator_tool": {"algo._target_": ("src.lightning_modules.sft.SFTModule",
-                                                     "src.lightning_modules.rlvr.RLVRModule"),
-                                   "algo.env.environment._target_": (None, "src.envs.calculator.Calculator"),
-                                   "data.source._target_": ("src.datamodules.arithmetic.ArithmeticTask",
-                                                            "src.envs.calculator.CalculatorTask"),
+                                     "reward._target_": (None, "genlight.datamodules.reasoning_gym.ReasoningGymScore")},
+    "experiment/calculator_tool": {"algo._target_": ("genlight.lightning_modules.sft.SFTModule",
+                                                     "genlight.lightning_modules.rlvr.RLVRModule"),
+                                   "algo.env.environment._target_": (None, "genlight.envs.calculator.Calculator"),
+                                   "data.source._target_": ("genlight.datamodules.arithmetic.ArithmeticTask",
+                                                            "genlight.envs.calculator.CalculatorTask"),
                                    "data.source.ops": (["+"], ["*"]), "algo.max_new_tokens": (8, 96)},
     "experiment/guess_the_number": {"algo.env.environment.env_id": (None, "GuessTheNumber-v0-raw"),
-                                     "data.source._target_": ("src.datamodules.arithmetic.ArithmeticTask",
-                                                              "src.envs.textarena.GameSeeds"),
+                                     "data.source._target_": ("genlight.datamodules.arithmetic.ArithmeticTask",
+                                                              "genlight.envs.textarena.GameSeeds"),
                                      "model.net.max_position_embeddings": (256, 896), "algo.max_new_tokens": (8, 72)},
-    "experiment/scalerl": {"algo._target_": ("src.lightning_modules.sft.SFTModule", "src.lightning_modules.rlvr.RLVRModule"),
+    "experiment/scalerl": {"algo._target_": ("genlight.lightning_modules.sft.SFTModule", "genlight.lightning_modules.rlvr.RLVRModule"),
                            "trainer.max_steps": (1500, 600), "trainer.val_check_interval": (250, 25),
                            "data.source.ops": (["+"], ["+", "*"])},
     "debug/fdr": {"trainer.fast_dev_run": (None, True), "logger": (["wandb"], []),
@@ -206,7 +206,7 @@ def test_experiment_and_debug_presets_change_what_they_say(name):
 def test_scalerl_rows_share_their_warm_starts_through_the_cache(cfg_factory, tmp_path):
     """experiment=scalerl keeps each seed's warm start under the log dir, so every row of the ablation (its algorithm
     options differ) finds the same key."""
-    from src.lightning_modules.sft import warm_start_key
+    from genlight.lightning_modules.sft import warm_start_key
 
     base = cfg_factory("experiment=scalerl", quick=False)
     assert base.warm_start.cache_dir == str(tmp_path / "warm_start_cache")
@@ -216,7 +216,7 @@ def test_scalerl_rows_share_their_warm_starts_through_the_cache(cfg_factory, tmp
 
 
 def test_hf_model_requires_a_path(cfg_factory):
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     with pytest.raises(ValueError, match="missing mandatory config value.*model.pretrained"):
         train(cfg_factory("model=hf"))

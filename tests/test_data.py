@@ -8,9 +8,9 @@ import logging
 import pytest
 import torch
 
-from src.datamodules.arithmetic import ArithmeticTask
-from src.datamodules.files import DataError, FileSource
-from src.datamodules.lm import IGNORE, LMDataModule
+from genlight.datamodules.arithmetic import ArithmeticTask
+from genlight.datamodules.files import DataError, FileSource
+from genlight.datamodules.lm import IGNORE, LMDataModule
 from tests.conftest import write_jsonl
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from src.datamodules.files import DataError, FileSource, RowMap
-from src.datamodules.lm import LMDataModule
+from genlight.datamodules.files import DataError, FileSource, RowMap
+from genlight.datamodules.lm import LMDataModule
 
 GSM8K_README = """---
 configs:
@@ -71,7 +71,7 @@ def test_gsm8k_by_load_dataset_with_a_column_map_and_its_answer_pattern(gsm8k_di
 def test_math_schema_from_one_json_file_scores_with_math_verify(tmp_path, tokenizer):
     """MATH (hendrycks): problem, level, type, solution with the answer in its last \\boxed{}; the reference is the
     solution, and math_verify reads its boxed answer."""
-    from src.rewards import MathVerify
+    from genlight.rewards import MathVerify
 
     rows = [{"problem": "What is $\\frac{1}{2}+\\frac{1}{4}$?", "level": "Level 1", "type": "Algebra",
              "solution": "We have $\\frac{1}{2}+\\frac{1}{4}=\\frac{2}{4}+\\frac{1}{4}=\\boxed{\\frac{3}{4}}$."},
@@ -140,8 +140,8 @@ def test_the_gsm8k_preset_composes_and_reads_gsm8k(cfg_factory, gsm8k_dir, hf_di
     GSM8K's schema (here from the local copy of the repository, the same load_dataset call as the hub name)."""
     import hydra
 
-    from src.lightning_modules.rlvr import RLVRModule
-    from src.rewards import MathVerify
+    from genlight.lightning_modules.rlvr import RLVRModule
+    from genlight.rewards import MathVerify
 
     cfg = cfg_factory("experiment=gsm8k", f"model.pretrained={hf_dir}", quick=False)
     assert cfg.data.source.train == "openai/gsm8k" and cfg.data.source.name == "main"

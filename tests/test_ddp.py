@@ -111,7 +111,7 @@ def test_ddp_fork_fit_and_test_reach_one_csv_file_and_one_wandb_run(cfg_factory,
     metrics.csv, and in one W&B run id (one offline directory per phase, each finished), for DDPM too."""
     import csv
 
-    from src.pipeline import train
+    from genlight.pipeline import train
     from tests.helpers import DQUICK
     from tests.helpers import leet as _leet
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.diffusion.processes import FlowProcess, VEProcess, VPProcess, trailing_grid
-from src.diffusion.samplers import DDIM, DDPM, SAMPLERS, Sampler
-from src.lightning_modules.ddpm import DDPMModule
-from src.models.diffusion import mlp2d
+from genlight.diffusion.processes import FlowProcess, VEProcess, VPProcess, trailing_grid
+from genlight.diffusion.samplers import DDIM, DDPM, SAMPLERS, Sampler
+from genlight.lightning_modules.ddpm import DDPMModule
+from genlight.models.diffusion import mlp2d
 from tests.helpers import DQUICK
 
 # quick composed runs (the LM tests' QUICK list names LM data keys)
@@ -149,7 +149,7 @@ def test_export_is_a_diffusers_pipeline_that_samples_like_us(tmp_path):
     """export_pretrained writes a DDPMPipeline; its DDIM sampling equals ours on the same x_T."""
     from diffusers import DDIMScheduler, DDPMPipeline
 
-    from src.models.diffusion import unet2d
+    from genlight.models.diffusion import unet2d
 
     torch.manual_seed(0)
     m = DDPMModule(net=unet2d(8, 1, (8, 8), norm_num_groups=4), process={"name": "vp", "num_steps": 100}, clip_x0=None)
@@ -294,7 +294,7 @@ def test_vp_loss_is_ho_l_simple():
 def test_image_folder_errors_name_the_file(tmp_path):
     from PIL import Image
 
-    from src.datamodules.images import ImageDataModule, load_image_folder
+    from genlight.datamodules.images import ImageDataModule, load_image_folder
 
     d = tmp_path / "imgs"
     d.mkdir()
@@ -323,7 +323,7 @@ def test_unknown_2d_dataset_is_named(cfg_factory):
 
 
 def test_fd_needs_digit_shaped_images():
-    from src.metrics import sample_metric
+    from genlight.metrics import sample_metric
 
     with pytest.raises(ValueError, match="data.metric=fd .* 3x32x32"):
         sample_metric("fd", (3, 32, 32))
@@ -331,7 +331,7 @@ def test_fd_needs_digit_shaped_images():
 
 # ---------------------------------------------------------------------------------------------- runs
 def _ema_weights(trainer):
-    from src.callbacks import EMA
+    from genlight.callbacks import EMA
 
     (cb,) = [c for c in trainer.callbacks if isinstance(c, EMA)]
     return {k[len("module."):]: v.clone() for k, v in cb._average_model.state_dict().items() if k.startswith("module.")}
@@ -340,7 +340,7 @@ def _ema_weights(trainer):
 def test_checkpoint_state_dict_is_the_ema(cfg_factory, tmp_path):
     """The checkpoint's state_dict is the EMA (what test and sample.py use); the raw weights sit beside it.
     (Exact resume, EMA included, is tests/test_resume.py's.)"""
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     run = [*DQUICK, "data=toy2d", "data.n_train=2048", "data.n_val=200", "data.n_test=200", "data.batch_size=256",
            "trainer.val_check_interval=8", "algo.val_num_samples=100", "algo.test_num_samples=100", "test=false"]
@@ -360,7 +360,7 @@ def test_digits_run_logs_images_to_wandb_and_sample_py_writes_a_grid(cfg_factory
     from PIL import Image
 
     import sample as sample_mod
-    from src.pipeline import train
+    from genlight.pipeline import train
     from tests.conftest import CONF
     from tests.helpers import leet as _leet
 
@@ -411,7 +411,7 @@ def test_digits_run_logs_images_to_wandb_and_sample_py_writes_a_grid(cfg_factory
 
 
 def _energy(x, ref):
-    from src.metrics import EnergyDistance
+    from genlight.metrics import EnergyDistance
 
     e = EnergyDistance()
     e.update(ref, real=True)
@@ -425,8 +425,8 @@ def test_moons_learning_reaches_near_the_floor(cfg_factory, process):
     """About a minute of training on moons: the energy distance of DDIM-50 samples (flow: Euler-50) to held-out
     points drops from that of a standard Gaussian to within a few hundredths of it, next to the floor of fresh
     data."""
-    from src.datamodules.toy2d import toy2d
-    from src.pipeline import train
+    from genlight.datamodules.toy2d import toy2d
+    from genlight.pipeline import train
 
     metrics, objs = train(cfg_factory(*DQUICK, "data=toy2d", "trainer.max_steps=1500", "trainer.val_check_interval=1500",
                                       f"algo.process.name={process}", quick=False))
@@ -440,9 +440,9 @@ def test_moons_learning_reaches_near_the_floor(cfg_factory, process):
 @pytest.mark.slow
 def test_digits_learning_lowers_fd_clearly(cfg_factory):
     """A short digits run (600 steps) takes the FD of its samples from the hundreds to a few times the floor."""
-    from src.datamodules.images import digits_split
-    from src.metrics import sample_metric
-    from src.pipeline import train
+    from genlight.datamodules.images import digits_split
+    from genlight.metrics import sample_metric
+    from genlight.pipeline import train
 
     cfg = cfg_factory(*DQUICK, "trainer.max_steps=600", "trainer.val_check_interval=600", "algo.val_num_samples=500",
                       "algo.test_num_samples=500", quick=False)
@@ -467,7 +467,7 @@ def test_ema_warmup_is_diffusers_ema_model_and_the_formula():
     from diffusers.training_utils import EMAModel
     from torch.optim.swa_utils import AveragedModel
 
-    from src.callbacks.ema import ema_decay, ema_multi_avg_fn
+    from genlight.callbacks.ema import ema_decay, ema_multi_avg_fn
 
     assert [ema_decay(0.995, n, True) for n in (1, 2, 10, 1000, 2000)] == [2 / 11, 3 / 12, 11 / 20, 1001 / 1010, 0.995]
     assert ema_decay(0.995, 1, False) == 0.995
@@ -561,7 +561,7 @@ def test_min_snr_loss_is_the_weighted_hand_computation(target):
 
 # ---------------------------------------------------------------------------------------------- classifier-free guidance
 def _conditional(process: str = "vp", **kw):
-    from src.models.diffusion import mlp2d as mlp
+    from genlight.models.diffusion import mlp2d as mlp
 
     torch.manual_seed(0)
     return module_with(mlp(hidden=16, depth=1), {"name": process, "num_steps": 100}, class_conditional=True,
@@ -603,7 +603,7 @@ def test_guidance_and_labels_fail_clearly():
 def test_conditional_training_on_unlabelled_data_names_the_key(cfg_factory, tmp_path):
     from PIL import Image
 
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     cfg = cfg_factory(*DQUICK, "data=toy2d", "algo.class_conditional=true", quick=False)
     with pytest.raises(Exception, match=r"algo.class_conditional=true needs labelled data.*data.num_classes"):
@@ -671,7 +671,7 @@ def test_rgb_32x32_conditional_run_in_bf16_lowers_the_loss_and_writes_a_grid(cfg
 def test_class_conditional_digits_draw_the_class_asked_for(cfg_factory):
     """300 class-conditional steps: samples of each requested digit are classified as that digit far above
     chance (0.1), and guidance (w = 2) raises that share further, at a cost in diversity the FD shows."""
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     cfg = cfg_factory(*DQUICK, "algo.class_conditional=true", "trainer.max_steps=300", "trainer.val_check_interval=300",
                       "algo.val_num_samples=500", "test=false", quick=False)
@@ -679,7 +679,7 @@ def test_class_conditional_digits_draw_the_class_asked_for(cfg_factory):
     assert metrics["val/class_accuracy"] > 0.6, metrics["val/class_accuracy"]
     module = objs["module"]
     labels = torch.arange(500) % 10
-    from src.metrics import class_accuracy
+    from genlight.metrics import class_accuracy
 
     x = module.sample(500, "ddim", 50, torch.Generator().manual_seed(0), labels=labels, guidance_scale=2.0)
     assert class_accuracy(x, labels) > metrics["val/class_accuracy"] + 0.03
@@ -811,7 +811,7 @@ def test_a_flow_run_records_the_target_and_samplers_it_used(cfg_factory, tmp_pat
     (and so the W&B config, from the same record) and the checkpoint hold those values, not null."""
     import yaml
 
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     run = [*DQUICK, "data=toy2d", "data.n_train=512", "data.n_val=100", "data.n_test=100", "data.batch_size=256",
            "algo.process.name=flow", "trainer.max_steps=2", "trainer.val_check_interval=2", "algo.val_num_samples=50",

@@ -9,10 +9,10 @@ import lightning as L
 import pytest
 import torch
 
-from src.datamodules.files import DataError, FileSource
-from src.datamodules.lm import LMDataModule
-from src.lightning_modules.dpo import DPOModule, dpo_loss, pair_logps, sequence_logps
-from src.models import tiny_llama
+from genlight.datamodules.files import DataError, FileSource
+from genlight.datamodules.lm import LMDataModule
+from genlight.lightning_modules.dpo import DPOModule, dpo_loss, pair_logps, sequence_logps
+from genlight.models import tiny_llama
 from tests.conftest import write_jsonl
 from tests.helpers import train_with
 
@@ -76,7 +76,7 @@ def test_sigmoid_gradient_matches_the_lecture_closed_form(tokenizer):
 
 
 def _task():
-    from src.datamodules.arithmetic import ArithmeticTask
+    from genlight.datamodules.arithmetic import ArithmeticTask
 
     return ArithmeticTask(n_train=16, n_val=8, n_test=8, seed=5)
 
@@ -167,7 +167,7 @@ def test_reference_is_frozen_and_cached(tokenizer):
 
 
 def test_refresh_happens_exactly_at_multiples_of_tau_by_the_alpha_rule(tokenizer):
-    from src.callbacks import ReferenceRefresh
+    from genlight.callbacks import ReferenceRefresh
 
     module = _dpo(tokenizer)
     cb = ReferenceRefresh(tau=3, alpha=0.25)
@@ -242,7 +242,7 @@ def test_tr_dpo_tau_counts_optimizer_steps_under_gradient_accumulation(cfg_facto
 
 
 def test_dpo_fast_dev_run_logs_trl_metric_names(cfg_factory):
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     metrics, _ = train(cfg_factory("algo=dpo", "warm_start.max_steps=2", "debug=fdr"))
     for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
@@ -256,7 +256,7 @@ def dpo_run(tmp_path_factory):
     """algo=dpo on the embedded default: warm-start SFT (to exact match 0.85), then DPO."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from src.pipeline import train
+    from genlight.pipeline import train
     from tests.conftest import make_cfg
 
     tmp = tmp_path_factory.mktemp("dpo")
@@ -277,7 +277,7 @@ def _module_from(path, like):
     """A module like `like` whose policy (and so reference) is the checkpoint at `path`."""
     from functools import partial
 
-    from src.models import from_pretrained
+    from genlight.models import from_pretrained
 
     return type(like)(net=partial(from_pretrained, path=str(path)), tokenizer=like.tokenizer, **like.hparams)
 
@@ -306,7 +306,7 @@ def test_dpo_raises_heldout_reward_accuracy_without_hurting_exact_match(dpo_run)
 @pytest.mark.slow
 def test_naive_margin_melts_down(dpo_run, cfg_factory):
     """The lecture's Idea 0: maximising log pi(y_w) - log pi(y_l) drives both log-probs down."""
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     _, objs, sft_init = dpo_run
     cfg = cfg_factory(*DPO_LEARNING, "algo.loss_type=naive_margin", "algo.lr=2e-4", "model=hf", f"model.pretrained={sft_init}",
@@ -332,7 +332,7 @@ def test_ref_pretrained_sets_a_different_reference(cfg_factory, hf_dir):
 def test_wandb_run_holds_margin_histogram_and_reward_axes(cfg_factory, tmp_path):
     """Read back from the offline W&B run: the per-pair margins histogram at each validation, the TRL-named
     reward metrics, their step axis and max summary."""
-    from src.pipeline import train
+    from genlight.pipeline import train
     from tests.helpers import leet as _leet
 
     train(cfg_factory("algo=dpo", "warm_start.max_steps=0", "logger=wandb", "test=false", "trainer.max_steps=4"))

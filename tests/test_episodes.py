@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.envs.episodes import run_episodes, tool_turn_text
-from src.envs.tools import Environment, ToolCall
-from src.models.rollout import Rollout
+from genlight.envs.episodes import run_episodes, tool_turn_text
+from genlight.envs.tools import Environment, ToolCall
+from genlight.models.rollout import Rollout
 from tests.helpers.checkpoints import bpe_tokenizer
 
 CALL = '<tool_call>{"name": "add", "arguments": {"a": 12, "b": 30}}</tool_call>'
@@ -97,9 +97,9 @@ def test_turn_and_token_budgets_end_episodes():
 def test_sampler_and_trainer_logps_agree_on_policy_tokens_at_lag_0(monkeypatch):
     """A real tiny policy sampling several turns (every finished turn calls a tool that echoes), then the trainer's
     forward over prompt + the whole episode: equal log-probs on the policy's tokens."""
-    import src.envs.episodes as episodes
-    from src.models import char_tokenizer, tiny_llama
-    from src.models.rollout import HFRollout
+    import genlight.envs.episodes as episodes
+    from genlight.models import char_tokenizer, tiny_llama
+    from genlight.models.rollout import HFRollout
 
     tok = char_tokenizer("0123456789+=<|>\nuseratniol")  # a small vocabulary: a random policy ends turns often
     tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
@@ -138,8 +138,8 @@ def test_tool_turn_tokens_carry_no_loss_no_kl_and_no_count_in_the_rlvr_step(cfg_
     the policy's tokens only."""
     import types
 
-    from src.pipeline import build
-    from src.rl.loss import rlvr_loss
+    from genlight.pipeline import build
+    from genlight.rl.loss import rlvr_loss
     from tests.helpers import attach_trainer
 
     cfg = cfg_factory("algo=rlvr", "algo.beta=0.1", "algo.loss_agg=token", "algo.adv_norm=none",
@@ -185,7 +185,7 @@ def test_tool_turn_tokens_carry_no_loss_no_kl_and_no_count_in_the_rlvr_step(cfg_
     torch.testing.assert_close(grads[1], grads[0])
     assert not torch.allclose(grads[2], grads[0])
     # token aggregation: the policy's tokens count, the tool turn's do not
-    from src.models.logps import completion_logps
+    from genlight.models.logps import completion_logps
 
     with torch.no_grad():
         lp, _ = completion_logps(module.model, batch["prompt_input_ids"], batch["prompt_attention_mask"], ids, cmask,

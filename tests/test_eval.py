@@ -17,7 +17,7 @@ RUNS = {algo: (short_run(algo)[0] + ["trainer.max_steps=6", "trainer.val_check_i
 
 @pytest.mark.parametrize("algo", list(RUNS))
 def test_eval_scores_a_checkpoint_as_its_training_run_did(cfg_factory, algo):
-    from src.pipeline import build, evaluate, train
+    from genlight.pipeline import build, evaluate, train
 
     run, quick = RUNS[algo]
     trained, objs = train(cfg_factory(*run, quick=quick))
@@ -36,7 +36,7 @@ def test_eval_scores_a_checkpoint_as_its_training_run_did(cfg_factory, algo):
 
 
 def test_eval_of_an_hf_export_equals_its_checkpoint_and_nothing_is_refused(cfg_factory, tmp_path):
-    from src.pipeline import evaluate, train
+    from genlight.pipeline import evaluate, train
 
     train(cfg_factory(*RUNS["sft"][0], "test=false"))
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -71,7 +71,7 @@ def test_curves_at_k_equal_their_definitions_by_enumeration():
     samples (ties: the first); two prompts, averaged."""
     from itertools import combinations
 
-    from src.test_time import CurvesAtK
+    from genlight.test_time import CurvesAtK
 
     correct = [[False, True, False, True, False], [True, False, False, False, False]]
     answers = [["3", "5", "3", "5", "5"], ["7", "8", "8", "9", None]]
@@ -96,7 +96,7 @@ def test_eval_test_time_compute_at_low_temperature_is_greedy_and_writes_its_curv
     best-of-k equal, at every k, the share of greedy completions (transformers' own `generate`) that the verifier
     accepts; the plot is written; at temperature 1 pass@1 differs. The verifier is the tests' parity one, which
     accepts some completions of any model (exact match would be 0 for a model this small)."""
-    from src.pipeline import evaluate, train
+    from genlight.pipeline import evaluate, train
     from tests.helpers import parity_reward
 
     train(cfg_factory(*RUNS["sft"][0], "test=false"))
@@ -138,7 +138,7 @@ def test_no_test_split_means_no_test_metrics(cfg_factory, tmp_path, sft_jsonl):
     """Data without a test file has no test split: train.py's test stage is skipped (no test/ metric, which came from
     the val split that chose the best checkpoint), eval.py with eval.split=test stops naming the key, and
     eval.split=val scores that split under its own name."""
-    from src.pipeline import evaluate, train
+    from genlight.pipeline import evaluate, train
 
     data = ["data=jsonl_sft", f"data.source.train={sft_jsonl}", "data.batch_size=8"]
     run = ["algo=sft", *data, "trainer.max_steps=2", "trainer.val_check_interval=2"]
@@ -156,14 +156,14 @@ def test_no_test_split_means_no_test_metrics(cfg_factory, tmp_path, sft_jsonl):
 @pytest.mark.parametrize("truncated_reward, want", [("0.0", 0.5), ("null", 1.0)])
 def test_rlvr_pass_at_k_and_test_time_compute_share_one_definition_of_correct(cfg_factory, monkeypatch,
                                                                            truncated_reward, want):
-    """The same samples are correct for RLVR's val/pass@k and for eval.py's test-time compute (`src.rewards.passes`):
+    """The same samples are correct for RLVR's val/pass@k and for eval.py's test-time compute (`genlight.rewards.passes`):
     each prompt gets its answer twice, once ended by <eos> and once cut at max_new_tokens. With the run's
     algo.truncated_reward set the cut one fails in both (pass@1 0.5), with null both verify it as it is (1.0)."""
 
-    from src.datamodules.lm import pad
-    from src.models.rollout import HFRollout, Rollout
-    from src.pipeline import build
-    from src.test_time import curves_at_k
+    from genlight.datamodules.lm import pad
+    from genlight.models.rollout import HFRollout, Rollout
+    from genlight.pipeline import build
+    from genlight.test_time import curves_at_k
 
     run = [o for o in RLVR_RUN if not o.startswith("reward")] + ["reward=exact", "data.source.n_val=8",
                                                                    f"algo.truncated_reward={truncated_reward}"]

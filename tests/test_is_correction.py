@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from src.rl.loss import check_is_correction, is_weights, rlvr_loss
+from genlight.rl.loss import check_is_correction, is_weights, rlvr_loss
 from tests.helpers import RLVR_RUN, train_with
 
 # N = 3 samples, T = 3 tokens; lengths 3, 2, 1; log pi_old and log pi_rollout
@@ -109,7 +109,7 @@ DELTA = 0.5  # the engine's reported log-probs, lowered by this much on every to
 def biased_engine(monkeypatch):
     """HFRollout whose log-probs are off by -DELTA: an engine mismatch of known size (the weights that sampled are
     the trainer's, so pi_old is the sampler's true distribution)."""
-    from src.models.rollout import HFRollout
+    from genlight.models.rollout import HFRollout
 
     generate = HFRollout.generate
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from src.datamodules.files import DataError
-from src.lightning_modules.kto import kl_reference_point, kto_loss
+from genlight.datamodules.files import DataError
+from genlight.lightning_modules.kto import kl_reference_point, kto_loss
 from tests.conftest import write_jsonl
 from tests.helpers import train_with
 
@@ -118,7 +118,7 @@ def test_builtin_rows_are_unpaired_pairs_and_each_batch_holds_mismatched_complet
             assert kl == batch["completion_ids"][i - k][batch["completion_mask"][i - k].bool()].tolist()
             assert rows[i]["prompt"] != rows[i - k]["prompt"]
         assert batch["labels"].tolist() == [e["label"] for e in rows]
-    from src.lightning_modules.kto import mismatch_shift
+    from genlight.lightning_modules.kto import mismatch_shift
 
     assert mismatch_shift([[1], [1], [1]]) == 1  # one prompt: nothing to mismatch, TRL's by one
     assert mismatch_shift([[1], [2], [1], [2]]) == 1 and mismatch_shift([[1], [1], [2], [2], [3]]) == 2
@@ -176,7 +176,7 @@ def test_the_warm_start_never_trains_on_undesirable_rows_and_sft_refuses_them(cf
 def test_kto_trains_on_a_file_with_lora_and_refuses_packing(cfg_factory, tmp_path):
     """A JSONL file of unpaired rows trains end to end with LoRA adapters (only they move; the reference is the base
     model with adapters off, so the first step's rewards are 0), and data.packing=true stops before any work."""
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     path = _unpaired_file(tmp_path, 48)
     run = [*QUICK_KTO, "data=jsonl_unpaired", f"data.source.train={path}", "data.source.val_fraction=0.25",
@@ -204,7 +204,7 @@ def test_kto_default_recipe_learns_without_losing_exact_match(cfg_factory):
     desirable row's implied reward beats an undesirable one's (AUROC, 0.5 at the start: pi = pi_ref) exceeds 0.8
     (measured 0.845 at step 99, 0.88 at 300), and greedy exact match does not fall more than 0.05 below the warm
     start's target (measured 0.886 -> 0.946)."""
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     metrics, _ = train(cfg_factory("algo=kto", "logger=none", "trainer.max_steps=100", "trainer.val_check_interval=100",
                                    "test=false", "trainer.accelerator=cpu", "extras.print_config=false",

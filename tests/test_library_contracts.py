@@ -26,7 +26,7 @@ import torch
 
 def test_our_wandb_logger_fixes_its_run_id_and_drops_anonymous(tmp_path, monkeypatch):
     """The id is fixed before any run opens (both worker phases share it), and wandb.init gets no `anonymous`."""
-    from src.utils.loggers import WandbLogger, prepare_for_workers
+    from genlight.utils.loggers import WandbLogger, prepare_for_workers
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(project="p", save_dir=str(tmp_path), offline=True)
@@ -42,7 +42,7 @@ def test_our_wandb_logger_fixes_its_run_id_and_drops_anonymous(tmp_path, monkeyp
 def test_a_lightning_wandb_logger_without_an_id_is_refused_before_forking(tmp_path):
     from lightning.pytorch.loggers import WandbLogger as LightningWandb
 
-    from src.utils.loggers import prepare_for_workers
+    from genlight.utils.loggers import prepare_for_workers
 
     with pytest.raises(ValueError, match="without a run id under a fork-launched strategy"):
         prepare_for_workers(SimpleNamespace(loggers=[LightningWandb(save_dir=str(tmp_path), offline=True)]))
@@ -50,7 +50,7 @@ def test_a_lightning_wandb_logger_without_an_id_is_refused_before_forking(tmp_pa
 
 def test_a_second_csv_writer_of_the_same_version_appends(tmp_path):
     """fit's rows survive test's writer (another process in ddp_fork), and the columns are the union."""
-    from src.utils.loggers import CSVLogger
+    from genlight.utils.loggers import CSVLogger
 
     first = CSVLogger(str(tmp_path), name="run", version=0)
     first.log_metrics({"train/loss": 1.0}, step=0)
@@ -65,7 +65,7 @@ def test_a_second_csv_writer_of_the_same_version_appends(tmp_path):
 
 @pytest.mark.parametrize("strategy, forks", [("ddp_fork", True), ("ddp_spawn", True), ("ddp", False), ("auto", False)])
 def test_forks_workers_knows_the_multiprocessing_launcher(strategy, forks):
-    from src.utils.loggers import forks_workers
+    from genlight.utils.loggers import forks_workers
 
     devices = 1 if strategy == "auto" else 2
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
@@ -77,7 +77,7 @@ def test_forks_workers_knows_the_multiprocessing_launcher(strategy, forks):
 def test_transformers_records_the_attention_implementation_and_block_classes(attn):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from src.models.logps import tree_mask
+    from genlight.models.logps import tree_mask
 
     cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import src.models.lm as lm_models
-from src.models.lm import head_logps
-from src.models.logps import completion_logps, labelled_logps, token_logps
+import genlight.models.lm as lm_models
+from genlight.models.lm import head_logps
+from genlight.models.logps import completion_logps, labelled_logps, token_logps
 from tests.helpers import RLVR_RUN, train_with
 from tests.helpers.checkpoints import bpe_tokenizer, tiny_config
 
@@ -147,7 +147,7 @@ MICRO_RUN = [o for o in RLVR_RUN if not o.startswith("trainer.val_check_interval
 def test_micro_batch_losses_sum_to_the_step_loss(loss_type, loss_agg):
     """`rlvr_loss` on ranges of samples with the step's `token_weights` and denominator sums, in value and gradient,
     to `rlvr_loss` of the whole (B, G, T) step (the aggregation the hand-computation tests check), KL term included."""
-    from src.rl.loss import count_units, loss_groups, rlvr_loss, token_weights
+    from genlight.rl.loss import count_units, loss_groups, rlvr_loss, token_weights
 
     torch.manual_seed(0)
     b, g, t = 3, 4, 5
@@ -261,8 +261,8 @@ def test_rlvr_micro_batch_plan_fits_the_budget_and_refuses_what_cannot_fit(cfg_f
 def test_hf_engine_samples_at_most_max_batch_size_sequences_at_once(tokenizer):
     """12 samples (3 prompts x 4) with max_batch_size 5: no forward pass sees more than 5 rows (groups are split
     across pieces), and with top_p that keeps only the most likely token the pieces produce what one batch does."""
-    from src.models import tiny_llama
-    from src.models.rollout import HFRollout
+    from genlight.models import tiny_llama
+    from genlight.models.rollout import HFRollout
 
     model = tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     enc = tokenizer(["1+2=", "33+4=", "5+60="], padding=True, return_tensors="pt")
@@ -283,9 +283,9 @@ def test_hf_engine_samples_at_most_max_batch_size_sequences_at_once(tokenizer):
 
 
 def test_the_micro_batch_planner_by_hand():
-    """`src.rl.planner`: greedy consecutive ranges within the padded-token budget (samples x (longest prompt + longest
+    """`genlight.rl.planner`: greedy consecutive ranges within the padded-token budget (samples x (longest prompt + longest
     completion)); evened out by splitting the largest; a sample over the budget alone is named."""
-    from src.rl.planner import even_out, plan_micro_batches
+    from genlight.rl.planner import even_out, plan_micro_batches
 
     prompt, completion = [3, 3, 3, 3], [1, 5, 2, 2]
     # (0, 2): 2 x (3 + 5) = 16 fits 16, (0, 3) = 24 does not; (2, 4): 2 x (3 + 2) = 10

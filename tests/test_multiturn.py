@@ -9,10 +9,10 @@ import types
 import pytest
 import torch
 
-from src.envs.calculator import Calculator, CalculatorTask
-from src.envs.episodes import tool_turn_text
-from src.envs.tools import EnvSpec
-from src.models.rollout import Rollout
+from genlight.envs.calculator import Calculator, CalculatorTask
+from genlight.envs.episodes import tool_turn_text
+from genlight.envs.tools import EnvSpec
+from genlight.models.rollout import Rollout
 
 
 def undocumented(x: int) -> int:
@@ -21,7 +21,7 @@ def undocumented(x: int) -> int:
 
 def toolless_tokenizer():
     """The character tokenizer with a chat template that ignores tools and tool calls."""
-    from src.models import char_tokenizer
+    from genlight.models import char_tokenizer
 
     tok = char_tokenizer()
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
@@ -54,7 +54,7 @@ def test_tool_demonstrations_are_the_episode_contexts_token_for_token(tokenizer)
     second's prompt is that prompt + the call + <eos> + the chat template's tool turn, exactly what an RL episode
     feeds the policy after it sampled the call. A mismatch (an <eos> the template does not write, a newline trimmed)
     would teach the warm start contexts RL never shows."""
-    from src.datamodules.lm import LMDataModule
+    from genlight.datamodules.lm import LMDataModule
 
     task = CalculatorTask(digits=3, n_train=8, n_val=4, n_test=4)
     dm = LMDataModule(task, tokenizer, kind="sft", max_length=256, batch_size=4)
@@ -76,7 +76,7 @@ def test_tool_demonstrations_are_the_episode_contexts_token_for_token(tokenizer)
 
 
 def _module(cfg_factory, *overrides):
-    from src.pipeline import build
+    from genlight.pipeline import build
     from tests.helpers import attach_trainer
 
     cfg = cfg_factory("experiment=calculator_tool", "algo.num_generations=2", "warm_start.max_steps=0",
@@ -92,7 +92,7 @@ def _module(cfg_factory, *overrides):
 
 
 def _batch(tokenizer, questions: list[tuple[str, str]], columns: list[dict] | None = None) -> dict:
-    from src.datamodules.lm import Collator
+    from genlight.datamodules.lm import Collator
 
     examples = [{"prompt_ids": tokenizer(q).input_ids, "prompt": q, "reference": a, "index": i,
                  "chat": [{"role": "user", "content": q}], "columns": (columns or [{}] * len(questions))[i]}
@@ -177,14 +177,14 @@ def test_environment_reward_replaces_the_verifier_and_reset_text_reaches_the_pro
 
 @pytest.mark.parametrize("override, message", [
     ("env.max_turns=0", "env.max_turns=0: an episode has at least one turn"),
-    ("env.environment._target_=src.envs.nowhere.Game", "env.environment 'src.envs.nowhere.Game' does not import"),
+    ("env.environment._target_=genlight.envs.nowhere.Game", "env.environment 'genlight.envs.nowhere.Game' does not import"),
     ("env.tools=[tests.test_multiturn.undocumented]", "tool 'undocumented'.*type hint on every argument and a "
                                                       "docstring"),
     ("model.tokenizer._target_=tests.test_multiturn.toolless_tokenizer",
      "model.tokenizer: the chat template has no tool support"),
 ])
 def test_bad_env_configs_stop_before_work(cfg_factory, override, message):
-    from src.lightning_modules.rlvr import RLVRModule
+    from genlight.lightning_modules.rlvr import RLVRModule
 
     cfg = cfg_factory("experiment=calculator_tool", override)
     with pytest.raises(ValueError, match=message):
@@ -199,7 +199,7 @@ def test_env_spec_needs_an_environment_or_tools():
 def test_warm_start_greedy_check_can_write_a_whole_tool_call(cfg_factory, monkeypatch, tokenizer):
     """The warm start's greedy exact match generates as many tokens as the longest val completion (a tool call is
     ~80 characters): with a fixed 16 it could never match a call, and the warm start would never reach its target."""
-    import src.lightning_modules.sft as sft
+    import genlight.lightning_modules.sft as sft
 
     seen = {}
 
@@ -222,7 +222,7 @@ def test_a_textarena_game_is_played_through_tool_calls_with_the_games_reward(cfg
     tool turns, and the run's Python RNG is left as it was."""
     import random
 
-    from src.envs.textarena import TextArenaGame
+    from genlight.envs.textarena import TextArenaGame
 
     secrets = []
     for index in (0, 1):
@@ -263,7 +263,7 @@ def test_every_env_option_builds_with_its_tools_schemas(cfg_factory):
 def test_game_partial_credit_is_off_unless_asked_a_repeated_guess_earns_nothing():
     """Junk probe of the game's reward: repeated guesses end the game (invalid moves) with textarena's partial
     credit (how close the last guess was); by default that pays 0, with partial_credit=true the game's value."""
-    from src.envs.textarena import TextArenaGame
+    from genlight.envs.textarena import TextArenaGame
 
     paid = {}
     for partial in (False, True):
@@ -287,8 +287,8 @@ def test_game_demonstrations_are_the_episode_contexts_and_seeds_are_disjoint(tok
     context an episode builds (the previous move, its <eos>, the template's tool turn with the game's hint)."""
     import functools
 
-    from src.datamodules.lm import LMDataModule
-    from src.envs.textarena import GameSeeds, TextArenaGame
+    from genlight.datamodules.lm import LMDataModule
+    from genlight.envs.textarena import GameSeeds, TextArenaGame
 
     environment = functools.partial(TextArenaGame, instructions="Guess 1..10 with move.", max_number=10, max_turns=5)
     task = GameSeeds(n_train=4, n_val=2, n_test=2, environment=environment)
@@ -297,7 +297,7 @@ def test_game_demonstrations_are_the_episode_contexts_and_seeds_are_disjoint(tok
     dm = LMDataModule(task, tokenizer, kind="sft", max_length=2048, batch_size=2)
     dm.setup("fit")
     first, second = dm.examples["train"][:2]
-    from src.envs.tools import parse_tool_calls
+    from genlight.envs.tools import parse_tool_calls
 
     game = environment()
     game.reset(**task.rows("train")[0][1])

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 
-from src.datamodules.reasoning_gym import ReasoningGymScore, ReasoningGymTask, Reference
+from genlight.datamodules.reasoning_gym import ReasoningGymScore, ReasoningGymTask, Reference
 
 CHAIN = {"name": "chain_sum", "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}}
 RG_RUN = ["data=reasoning_gym", "reward=reasoning_gym", "algo=rlvr", "warm_start.max_steps=0", "data.batch_size=4",
@@ -41,7 +41,7 @@ def test_a_curriculum_level_sets_the_generators_difficulty():
 
 
 def test_the_reference_carries_its_entry_through_pickling_and_a_worker_loader(tokenizer):
-    from src.datamodules.lm import LMDataModule
+    from genlight.datamodules.lm import LMDataModule
 
     ref = ReasoningGymTask(CHAIN, n_train=8, n_val=4, n_test=0).rows("train")[0][1]["answer"]
     back = pickle.loads(pickle.dumps(ref))
@@ -77,7 +77,7 @@ def test_the_scorer_its_partial_credit_its_exceptions_and_bad_scores(caplog, mon
 
 
 def test_the_junk_probe_stops_a_task_that_pays_junk(tokenizer, monkeypatch):
-    from src.datamodules.lm import LMDataModule
+    from genlight.datamodules.lm import LMDataModule
 
     dm = LMDataModule(ReasoningGymTask(CHAIN, n_train=32, n_val=4, n_test=0), tokenizer, kind="prompt", max_length=160)
     dm.setup("fit")
@@ -110,7 +110,7 @@ def test_too_few_distinct_questions_and_preference_pairs_are_refused():
     with pytest.raises(ValueError, match=r"chain_sum .* has only \d+ distinct questions in \d+ draws, fewer than the "
                                          r"1000 its splits need"):
         ReasoningGymTask(tiny, n_train=1000, n_val=0, n_test=0)
-    from src.datamodules.files import DataError
+    from genlight.datamodules.files import DataError
 
     with pytest.raises(DataError, match="no rejected answer to pair with"):
         ReasoningGymTask(CHAIN, n_train=4, n_val=0, n_test=0).preference_rows("train")
@@ -119,8 +119,8 @@ def test_too_few_distinct_questions_and_preference_pairs_are_refused():
 def test_rlvr_on_reasoning_gym_scores_with_the_generators_entry(cfg_factory):
     """data=reasoning_gym + reward=reasoning_gym through the pipeline: chat-templated prompts, the junk probe passes,
     pass@k is computed with the entries (a lost entry raises)."""
-    from src.pipeline import train
-    from src.utils import get_metric_value
+    from genlight.pipeline import train
+    from genlight.utils import get_metric_value
 
     cfg = cfg_factory(*RG_RUN)
     metrics, objs = train(cfg)

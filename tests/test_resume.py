@@ -46,7 +46,7 @@ def test_sigterm_mid_epoch_and_kill_between_checkpoints_resume_exactly(cfg_facto
 
 
 def test_ckpt_path_last_and_missing_checkpoint(cfg_factory, tmp_path):
-    from src.utils import resolve_ckpt_path
+    from genlight.utils import resolve_ckpt_path
 
     cfg = cfg_factory("ckpt_path=last")
     cfg.paths.log_dir = str(tmp_path / "logs")

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.lightning_modules.reward_model import bradley_terry_loss
-from src.rl.advantages import group_advantages, kl_penalised_rewards, zero_variance
-from src.rl.loss import kl_term, rlvr_loss
+from genlight.lightning_modules.reward_model import bradley_terry_loss
+from genlight.rl.advantages import group_advantages, kl_penalised_rewards, zero_variance
+from genlight.rl.loss import kl_term, rlvr_loss
 from tests.helpers import attach_trainer, train_with
 
 RM_QUICK = ["algo=reward_model", "warm_start.max_steps=0", "trainer.max_steps=4"]
@@ -36,7 +36,7 @@ def test_reward_model_step_uses_the_rows_margins(cfg_factory, tmp_path):
     margins (and differs from the one without); a margin that is not a number stops naming its line."""
     import hydra
 
-    from src.datamodules.files import DataError
+    from genlight.datamodules.files import DataError
 
     rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2), "margin": float(i % 3)} for i in range(8)]
     path = tmp_path / "pairs.jsonl"
@@ -79,7 +79,7 @@ def test_reward_model_export_loads_and_scores_text_as_the_module(reward_model_di
     datamodule's token ids, for chosen and rejected."""
     from transformers import AutoModelForSequenceClassification
 
-    from src.rewards import RewardModel
+    from genlight.rewards import RewardModel
 
     path, objects = reward_model_dir
     model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
@@ -101,7 +101,7 @@ def test_reward_model_export_loads_and_scores_text_as_the_module(reward_model_di
 def test_reward_model_normalize_whitens_with_running_statistics(reward_model_dir):
     """normalize: (r - mean) / std over every training score so far (Chan's parallel update equals the
     statistics of all scores at once); evaluation does not move them; verifier_weight adds the verifier."""
-    from src.rewards import RewardModel
+    from genlight.rewards import RewardModel
 
     path, _ = reward_model_dir
     rm = RewardModel(str(path), normalize=True)
@@ -143,7 +143,7 @@ def test_rlhf_bad_input_stops_before_work(cfg_factory, tmp_path):
     import hydra
     from hydra.errors import InstantiationException
 
-    from src.utils import check_required
+    from genlight.utils import check_required
 
     cfg = cfg_factory("experiment=rlhf")
     with pytest.raises(Exception, match="reward.pretrained"):
@@ -274,7 +274,7 @@ def test_reward_model_with_lora_trains_adapters_and_its_new_score_head(cfg_facto
     stay frozen; the export has the adapters merged and scores exactly as the trained module."""
     from transformers import AutoModelForSequenceClassification
 
-    from src.lightning_modules.reward_model import sequence_rewards
+    from genlight.lightning_modules.reward_model import sequence_rewards
 
     cfg = cfg_factory(*RM_QUICK, "model.lora.r=4", "model.lora.dropout=0.0", "algo.lr=1e-2", "test=false")
     _, objects = train_with(cfg)
@@ -320,9 +320,9 @@ def test_best_of_k_by_the_reward_model(cfg_factory, reward_model_dir, tmp_path):
     negation it is lower;
     the trained reward model runs through eval.py; without eval.reward_model the run stops, naming the key. The
     verifier is the tests' parity one, which accepts some completions of any model."""
-    from src.pipeline import evaluate, train
-    from src.rewards import FunctionReward
-    from src.test_time import curves_at_k
+    from genlight.pipeline import evaluate, train
+    from genlight.rewards import FunctionReward
+    from genlight.test_time import curves_at_k
     from tests.helpers import parity_reward
 
     path, _ = reward_model_dir
@@ -355,7 +355,7 @@ def test_best_of_k_by_the_reward_model(cfg_factory, reward_model_dir, tmp_path):
 def test_rlhf_option_errors_stop_before_the_warm_start(cfg_factory, reward_model_dir, tmp_path):
     """train.py checks the algorithm's config first: a wrong KL option, retirement with a reward model or a missing
     reward model directory stops before the warm start trains (it would write <run>/sft_init)."""
-    from src.pipeline import build
+    from genlight.pipeline import build
 
     path, _ = reward_model_dir
     for overrides, error, message in [
@@ -378,7 +378,7 @@ def test_a_reward_model_export_reloads_as_a_classifier_with_its_trained_head(cfg
     import hydra
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from src.pipeline import evaluate, train
+    from genlight.pipeline import evaluate, train
 
     run = [*RM_QUICK, "trainer.val_check_interval=4"]  # one validation: the best checkpoint is the final weights
     trained, _ = train(cfg_factory(*run))
@@ -406,7 +406,7 @@ def test_truncation_reward_is_in_raw_units_before_whitening(reward_model_dir):
     whitened with statistics of the model's own scores; it never lands at the running mean (0 after whitening, above
     every sample below average). Raw [1, 2, 3, 4] with the first truncated: statistics of [2, 3, 4] (mean 3, std 1),
     so the rewards are [-3, -1, 0, 1]; its verifier part is 0."""
-    from src.rewards import RewardModel
+    from genlight.rewards import RewardModel
 
     path, _ = reward_model_dir
     rm = RewardModel(str(path), normalize=True)
@@ -424,7 +424,7 @@ def test_truncation_reward_is_in_raw_units_before_whitening(reward_model_dir):
 def test_rlhf_truncated_completions_score_the_steps_minimum(cfg_factory, reward_model_dir):
     """experiment=rlhf (whitened reward model) sets algo.truncated_reward=min: a truncated completion scores the
     lowest reward of the step, whatever the reward model's scale, and never passes."""
-    from src.pipeline import build
+    from genlight.pipeline import build
 
     path, _ = reward_model_dir
     cfg = cfg_factory("experiment=rlhf", f"reward.pretrained={path}", "warm_start.max_steps=0")
@@ -441,7 +441,7 @@ def test_a_reward_model_with_verifier_weight_calls_the_verifier_once_per_sample(
     """reward=model with verifier_weight: the module scores each sample with the verifier once, and the model's
     reward adds verifier_weight x that same score (a verifier raising on every second call would show a double
     call as an error or a different reward)."""
-    from src.pipeline import build
+    from genlight.pipeline import build
 
     path, _ = reward_model_dir
     cfg = cfg_factory("experiment=rlhf", f"reward.pretrained={path}", "reward.verifier_weight=2.0",
@@ -499,7 +499,7 @@ def test_zero_variance_filter_keeps_the_kl_term_of_tied_groups():
 def test_zero_variance_is_judged_on_the_raw_rewards_with_kl_in_reward(cfg_factory):
     """kl_in=reward: the filter looks at the verifier's rewards, not the KL-penalised ones (which almost never tie):
     train/frac_zero_variance counts the raw ties, and a tied group stays in the loss with its KL part as advantage."""
-    from src.pipeline import build
+    from genlight.pipeline import build
 
     cfg = cfg_factory("algo=rlvr", "algo.beta=0.1", "algo.kl_in=reward", "warm_start.max_steps=0")
     module = attach_trainer(build(cfg, warm_start=False)["module"])

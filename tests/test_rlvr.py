@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from src.metrics import PassAtK, majority_correct, pass_at_k
-from src.models.logps import completion_logps
-from src.rl.advantages import group_advantages, zero_variance
-from src.rl.loss import aggregate, rlvr_loss
+from genlight.metrics import PassAtK, majority_correct, pass_at_k
+from genlight.models.logps import completion_logps
+from genlight.rl.advantages import group_advantages, zero_variance
+from genlight.rl.loss import aggregate, rlvr_loss
 from tests.helpers import RLVR_RUN as RUN
 from tests.helpers import leet, train_with
 
@@ -219,7 +219,7 @@ def test_unknown_loss_options_name_the_key():
 
 # --------------------------------------------------------------------------- rollout engine
 def _prompts(tokenizer, texts):
-    from src.datamodules.lm import pad
+    from genlight.datamodules.lm import pad
 
     ids = [tokenizer(t)["input_ids"] for t in texts]
     return pad(ids, tokenizer.pad_token_id, left=True), pad([[1] * len(i) for i in ids], 0, left=True)
@@ -249,8 +249,8 @@ def _nucleus_logps(model, ids, mask, roll, temperature, top_p):
 
 
 def test_rollout_logps_equal_a_full_forward_and_rows_stop_at_eos(tokenizer):
-    from src.models import tiny_llama
-    from src.models.rollout import HFRollout
+    from genlight.models import tiny_llama
+    from genlight.models.rollout import HFRollout
 
     model = tiny_llama(tokenizer, seed=0)
     ids, mask = _prompts(tokenizer, ["12+3=", "1+1=", "45+67="])
@@ -290,7 +290,7 @@ def test_rollout_logps_equal_a_full_forward_and_rows_stop_at_eos(tokenizer):
 @pytest.mark.parametrize("completion", ["", "   ", "\x00\x01", "١٢٣", "🙂" * 50, "9" * 100_000, "1e999999",
                                         "nan", "inf", "\\boxed{", "\\boxed{\\boxed{}", "{}}}{{", None, "12,34,5"])
 def test_builtin_verifiers_never_raise(name, completion):
-    from src import rewards
+    from genlight import rewards
 
     v = {"exact": rewards.ExactAnswer(), "numeric": rewards.NumericAnswer(abs_tol=0.5), "math": rewards.MathVerify()}[name]
     assert v(completion, "123") in (0.0, 1.0)
@@ -298,7 +298,7 @@ def test_builtin_verifiers_never_raise(name, completion):
 
 
 def test_verifiers_score_what_they_should():
-    from src.rewards import ExactAnswer, MathVerify, NumericAnswer
+    from genlight.rewards import ExactAnswer, MathVerify, NumericAnswer
 
     assert ExactAnswer()(" 42 ", "42") == 1.0 and ExactAnswer()("042", "42") == 0.0
     assert ExactAnswer()("４２", "42") == 1.0  # full-width digits (NFKC)
@@ -332,7 +332,7 @@ MATH_DIFFERENCES = [
 
 @pytest.mark.parametrize("completion, reference, want, old", MATH_DIFFERENCES)
 def test_math_verify_where_it_differs_from_a_last_number_verifier(completion, reference, want, old):
-    from src.rewards import MathVerify
+    from genlight.rewards import MathVerify
 
     assert MathVerify()(completion, reference) == want
 
@@ -342,7 +342,7 @@ def test_math_verify_works_off_the_main_thread_and_in_a_forked_worker():
     import multiprocessing
     import threading
 
-    from src.rewards import MathVerify
+    from genlight.rewards import MathVerify
 
     m, out = MathVerify(), []
     t = threading.Thread(target=lambda: out.append(m("\\boxed{\\frac{1}{2}}", "0.5")))
@@ -356,7 +356,7 @@ def test_math_verify_works_off_the_main_thread_and_in_a_forked_worker():
 def test_an_unparsable_math_reference_stops_before_training_naming_its_row(cfg_factory, tmp_path):
     import json
 
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(20)] + [{"prompt": "?", "answer": "\\frac{"}]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -372,7 +372,7 @@ def _raising_reward(completion: str, answer: str) -> float:
 
 
 def test_a_raising_verifier_is_reported_with_its_prompt():
-    from src.rewards import FunctionReward, RewardError, score
+    from genlight.rewards import FunctionReward, RewardError, score
 
     v = FunctionReward(_raising_reward)
     with pytest.raises(RewardError, match=r"_raising_reward.*KeyError.*prompt '7\+8='.*completion '15'"):
@@ -408,7 +408,7 @@ def test_majority_vote_and_metric():
 
 # --------------------------------------------------------------------------- ScaleRL fit
 def test_sigmoid_fit_recovers_known_parameters():
-    from src.callbacks.scalerl_curve import fit_sigmoid, sigmoid_curve
+    from genlight.callbacks.scalerl_curve import fit_sigmoid, sigmoid_curve
 
     r0, a, b, c_mid = 0.1, 0.72, 1.6, 3e12
     c = np.geomspace(1e11, 2e13, 25)
@@ -424,7 +424,7 @@ def test_sigmoid_fit_recovers_known_parameters():
 def test_bootstrap_standard_errors_cover_the_truth_and_grow_with_the_noise():
     """Synthetic points of a known curve with Gaussian noise: the fitted A lies within 3 standard errors of the truth,
     and ten times the noise gives several times the standard errors (the bootstrap measures the scatter)."""
-    from src.callbacks.scalerl_curve import bootstrap_fit, sigmoid_curve
+    from genlight.callbacks.scalerl_curve import bootstrap_fit, sigmoid_curve
 
     r0, a, b, c_mid = 0.2, 0.65, 1.4, 4e12
     c = np.geomspace(5e11, 2e13, 16)
@@ -445,7 +445,7 @@ def test_bootstrap_error_of_a_levelled_off_curve_is_not_set_by_the_few_refits_th
     levels off near 0.41: a few bootstrap resamples look still rising and their refits run to A = 1. The standard
     error is the refits' central spread (about 0.02), not their standard deviation (0.14, set by those few), and
     A - R_0 is several errors wide: the asymptote is identified."""
-    from src.callbacks.scalerl_curve import bootstrap_fit
+    from genlight.callbacks.scalerl_curve import bootstrap_fit
 
     c = 1e11 * np.array([0.0, 5.27, 10.61, 15.92, 21.23, 26.59, 32.01, 37.44, 42.84, 48.24, 53.6, 59.12, 64.62, 70.14,
                          75.59, 81.22, 86.85, 92.45, 98.15, 103.85, 109.47, 115.27, 121.04, 126.82, 132.65])
@@ -461,7 +461,7 @@ def test_bootstrap_error_of_a_levelled_off_curve_is_not_set_by_the_few_refits_th
 def test_predictive_check_fits_the_early_points_and_reports_the_error_at_the_last():
     """Points exactly on a curve: the fit on the first half of the compute predicts the last point (error ~0); a last
     point moved by +0.1 is reported as an error of -0.1 (predicted - observed), and the early fit ignores it."""
-    from src.callbacks.scalerl_curve import predictive_check, sigmoid_curve
+    from genlight.callbacks.scalerl_curve import predictive_check, sigmoid_curve
 
     r0, a, b, c_mid = 0.2, 0.7, 1.5, 3e12
     c = np.linspace(0.5e12, 1.6e13, 16)
@@ -485,7 +485,7 @@ def test_scalerl_callback_logs_the_errors_the_band_and_the_prediction(tmp_path):
     bootstrap errors, the end of training logs the predictive check, and scalerl_fit.json holds both."""
     import types
 
-    from src.callbacks.scalerl_curve import ScaleRLCurve, predictive_check, sigmoid_curve
+    from genlight.callbacks.scalerl_curve import ScaleRLCurve, predictive_check, sigmoid_curve
 
     logged = []
     logger = types.SimpleNamespace(log_metrics=lambda m, step: logged.append(dict(m)))
@@ -514,8 +514,8 @@ def test_scalerl_callback_logs_the_errors_the_band_and_the_prediction(tmp_path):
     ({"question": "1+1=", "answer": "2"}, "prompts.jsonl:2: missing key 'prompt'"),
 ])
 def test_bad_prompt_rows_name_file_and_line(tmp_path, tokenizer, row, message):
-    from src.datamodules.files import DataError, FileSource
-    from src.datamodules.lm import LMDataModule
+    from genlight.datamodules.files import DataError, FileSource
+    from genlight.datamodules.lm import LMDataModule
     from tests.conftest import write_jsonl
 
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "2+2=", "answer": "4"}, row])
@@ -541,7 +541,7 @@ class Record(L.Callback if (L := __import__("lightning")) else object):
 
 
 def test_retired_prompts_are_never_sampled_again_and_resume_is_exact(cfg_factory, tmp_path):
-    from src.datamodules.arithmetic import ArithmeticTask
+    from genlight.datamodules.arithmetic import ArithmeticTask
 
     task = ArithmeticTask(n_train=16, n_val=16, n_test=16)
     even = {i for i, p in enumerate(task.splits["train"]) if int(p.answer) % 2 == 0}
@@ -580,7 +580,7 @@ def test_rlvr_default_recipe_raises_heldout_pass_at_1_from_its_warm_start(cfg_fa
     """`algo=rlvr` as shipped (warm start to greedy exact match 0.4, 64 prompts x 8, lr 1e-4), 200 of its 400
     steps: first the start must be in its band (else the warm start failed, not RL), then held-out pass@1
     (8 samples per prompt, 500 prompts) must climb by 15 points or more (measured: about 30)."""
-    from src.callbacks import ScaleRLCurve
+    from genlight.callbacks import ScaleRLCurve
 
     cfg = cfg_factory("algo=rlvr", "trainer.max_steps=200", "trainer.val_check_interval=50", "test=false", "logger=none",
                       "trainer.enable_progress_bar=false", quick=False)
@@ -634,8 +634,8 @@ def test_variants_differ_where_they_should(cfg_factory):
 
 def test_fp32_head_under_bf16_autocast(tokenizer):
     """ScaleRL's FP32 logits: under bf16 mixed precision the LM head and log-softmax stay float32."""
-    from src.models import tiny_llama
-    from src.models.lm import fp32_logits
+    from genlight.models import tiny_llama
+    from genlight.models.lm import fp32_logits
 
     model = tiny_llama(tokenizer, seed=0)
     hidden = torch.randn(3, 5, model.config.hidden_size)
@@ -732,9 +732,9 @@ def test_the_rl_math_imports_without_lightning():
     import subprocess
     import sys
 
-    code = ("import sys; import src.rl.advantages, src.rl.loss, src.rl.planner, src.rl.recipe; "
+    code = ("import sys; import genlight.rl.advantages, genlight.rl.loss, genlight.rl.planner, genlight.rl.recipe; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning') "
-            "or m.startswith('src.lightning_modules')]; assert not bad, bad")
+            "or m.startswith('genlight.lightning_modules')]; assert not bad, bad")
     from tests.helpers import ROOT
 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -767,8 +767,8 @@ def test_rl_table_reads_before_after_and_test_from_a_csv_run(tmp_path):
     line = out.strip().splitlines()[-1]
     assert line.startswith("| spell_backward | 3 | 0.500, 160 | 0.150 | 0.600 | +45.0 | 0.550 | 0.700 |"), line
     # a multi-turn run names its environment; majority@k names its k (the run's val_num_samples)
-    OmegaConf.save({"seed": 0, "data": {"source": {"_target_": "src.envs.calculator.CalculatorTask"}},
-                    "algo": {"val_num_samples": 4, "env": {"environment": {"_target_": "src.envs.calculator.Calculator"}}}},
+    OmegaConf.save({"seed": 0, "data": {"source": {"_target_": "genlight.envs.calculator.CalculatorTask"}},
+                    "algo": {"val_num_samples": 4, "env": {"environment": {"_target_": "genlight.envs.calculator.Calculator"}}}},
                    run / ".hydra" / "config.yaml")
     out = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, check=True).stdout
     line = out.strip().splitlines()[-1]
@@ -813,7 +813,7 @@ def test_scalerl_table_groups_seeds_into_rows_with_their_spread_and_predictions(
     with pytest.raises(SystemExit, match="no scalerl_fit.json"):
         mod.load(tmp_path / "missing")
     # --refit: a run saved with a stale fit is refitted from its points with this code
-    from src.callbacks.scalerl_curve import sigmoid_curve
+    from genlight.callbacks.scalerl_curve import sigmoid_curve
 
     c = np.linspace(0, 2e13, 21)
     r = np.r_[0.2, sigmoid_curve(c[1:], 0.2, 0.6, 1.5, 3e12)]

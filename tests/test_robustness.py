@@ -43,8 +43,8 @@ class _Payload:
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_naming_the_file_and_nothing_runs(cfg_factory, tmp_path):
-    from src.lightning_modules.ddpm import DDPMModule
-    from src.pipeline import train
+    from genlight.lightning_modules.ddpm import DDPMModule
+    from genlight.pipeline import train
 
     marker = tmp_path / "ran"
     bad = tmp_path / "shared.ckpt"

@@ -10,13 +10,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM
 
-from src.datamodules.arithmetic import ArithmeticTask
-from src.datamodules.lm import LMDataModule
-from src.lightning_modules.dpo import DPOModule, pair_logps
-from src.lightning_modules.lm import policy
-from src.lightning_modules.sft import SFTModule
-from src.models import tiny_llama
-from src.models.logps import completion_logps, masked_nll
+from genlight.datamodules.arithmetic import ArithmeticTask
+from genlight.datamodules.lm import LMDataModule
+from genlight.lightning_modules.dpo import DPOModule, pair_logps
+from genlight.lightning_modules.lm import policy
+from genlight.lightning_modules.sft import SFTModule
+from genlight.models import tiny_llama
+from genlight.models.logps import completion_logps, masked_nll
 from tests.helpers import RLVR_RUN, train_with
 from tests.helpers.checkpoints import tiny_checkpoint
 
@@ -56,7 +56,7 @@ def test_lora_trains_only_the_adapters_lowers_the_loss_and_exports_merged(cfg_fa
     cfg = cfg_factory("algo=sft", "model.lora.r=8", "model.lora.alpha=16", "model.lora.dropout=0.0", "algo.lr=3e-3",
                       "algo.warmup_steps=0", "trainer.max_steps=30", "trainer.val_check_interval=30", "test=false",
                       "callbacks=default", "logger=csv")
-    initial = {k: v.clone() for k, v in tiny_llama(__import__("src.models", fromlist=["char_tokenizer"]).char_tokenizer(),
+    initial = {k: v.clone() for k, v in tiny_llama(__import__("genlight.models", fromlist=["char_tokenizer"]).char_tokenizer(),
                                                     seed=cfg.seed).state_dict().items()}
     rec = Losses()
     _, objs = train_with(cfg, rec)
@@ -254,7 +254,7 @@ def test_every_algorithm_on_qwen2_and_gpt2(cfg_factory, checkpoints, arch, algo,
 
 def test_sft_module_on_qwen2_matches_the_hand_loss(checkpoints):
     """The completion-only loss on a byte-level BPE tokenizer: prompt and padding are masked."""
-    from src.models.tokenizer import load_tokenizer
+    from genlight.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(checkpoints["qwen2"]))
     module = SFTModule(net=lambda tokenizer: AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"]), tokenizer=tok)
@@ -273,14 +273,14 @@ def test_sft_module_on_qwen2_matches_the_hand_loss(checkpoints):
 def test_packed_sft_batch_has_the_padded_loss_and_gradients(checkpoints, arch, max_tokens):
     """data.packing=true: one row, no padding, positions restarting per sequence; transformers keeps attention
     within each sequence, so the loss and every gradient equal the padded batch's on the same examples."""
-    from src.models.tokenizer import load_tokenizer
+    from genlight.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(checkpoints[arch]))
     rows = [(f"w{i}", {"prompt": f"{a}+{b}=", "completion": str(a + b)}) for i, (a, b) in enumerate([(1, 2), (13, 44), (7, 95), (60, 6)])]
     batches = {}
     for packing in (False, True):
         dm = LMDataModule(ArithmeticTask(n_train=8, n_val=4, n_test=4), tok, kind="sft", packing=packing, max_length=max_tokens)
-        examples = __import__("src.datamodules.lm", fromlist=["build_examples"]).build_examples(rows, tok, "sft", "x", 64, "error")
+        examples = __import__("genlight.datamodules.lm", fromlist=["build_examples"]).build_examples(rows, tok, "sft", "x", 64, "error")
         batches[packing] = dm.collate(examples)
     packed, padded = batches[True], batches[False]
     assert "attention_mask" not in packed and int(packed["num_tokens"]) == int(padded["attention_mask"].sum())
@@ -309,7 +309,7 @@ def test_balanced_rows_are_few_even_and_within_capacity():
     row most. Random batches: each item exactly once, no row over capacity, none far above the even share."""
     import random
 
-    from src.datamodules.packing import _even_out, balanced_rows
+    from genlight.datamodules.packing import _even_out, balanced_rows
 
     rows, used = balanced_rows([5, 5, 4, 3, 3], 10)
     assert sorted(used) == [10, 10] and sorted(map(sorted, rows)) == [[0, 1], [2, 3, 4]]
@@ -336,8 +336,8 @@ def test_packed_preference_pairs_have_the_padded_log_probs_and_gradients(checkpo
     """data.packing=true for DPO: each pair one padding-free prompt tree (prompt once, chosen and rejected as
     branches that never see each other), rows of at most 2 x max_length. Every sequence log-prob and every
     gradient of a DPO loss equal the padded batch's, on Llama, Qwen2 and GPT-2, with SDPA and eager attention."""
-    from src.datamodules.lm import build_examples
-    from src.models.tokenizer import load_tokenizer
+    from genlight.datamodules.lm import build_examples
+    from genlight.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(checkpoints[arch]))
     rows = [(f"w{i}", {"prompt": p, "chosen": c, "rejected": r}) for i, (p, c, r) in enumerate(PAIRS)]
@@ -371,9 +371,9 @@ def test_packed_preference_pairs_have_the_padded_log_probs_and_gradients(checkpo
 def test_a_packed_rejected_branch_does_not_see_the_chosen_one(checkpoints):
     """The tree mask is what makes packing exact: with the rejected branch also attending to the chosen tokens
     (a plain causal mask over the segment), its log-probs change."""
-    from src.datamodules.lm import build_examples
-    from src.models.logps import packed_completion_logps
-    from src.models.tokenizer import load_tokenizer
+    from genlight.datamodules.lm import build_examples
+    from genlight.models.logps import packed_completion_logps
+    from genlight.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(checkpoints["llama"]))
     rows = [(f"w{i}", {"prompt": p, "chosen": c, "rejected": r}) for i, (p, c, r) in enumerate(PAIRS)]

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from src.models.logps import masked_nll, token_logps
+from genlight.models.logps import masked_nll, token_logps
 
 
 def _hand_nll(logits, labels):
@@ -80,14 +80,14 @@ def test_warm_start_logs_its_curve_one_line_per_check(tokenizer, caplog):
     import functools
     import logging
 
-    from src.datamodules.arithmetic import ArithmeticTask
-    from src.datamodules.lm import LMDataModule
-    from src.lightning_modules.sft import warm_start
-    from src.models import tiny_llama
+    from genlight.datamodules.arithmetic import ArithmeticTask
+    from genlight.datamodules.lm import LMDataModule
+    from genlight.lightning_modules.sft import warm_start
+    from genlight.models import tiny_llama
 
     dm = LMDataModule(ArithmeticTask(n_train=32, n_val=8, n_test=8), tokenizer, kind="sft", max_length=32, batch_size=8)
     net = functools.partial(tiny_llama, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-    with caplog.at_level(logging.INFO, logger="src.lightning_modules.sft"):
+    with caplog.at_level(logging.INFO, logger="genlight.lightning_modules.sft"):
         warm_start(net, tokenizer, dm, target=1.0, max_steps=4, val_every=2, progress_bar=False)
     steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Warm start: step")]
     assert [m.split(",")[0] for m in steps] == ["Warm start: step 2", "Warm start: step 4"], steps

@@ -171,7 +171,7 @@ def test_every_dashboard_metric_reaches_wandb(cfg_factory, tmp_path, algo):
 
 
 def test_wandb_axes_summaries():
-    from src.callbacks.wandb_axes import summary_for
+    from genlight.callbacks.wandb_axes import summary_for
 
     assert summary_for("val/fd") == "min" and summary_for("train/loss") == "min"
     assert summary_for("val/pass@1") == "max" and summary_for("val/rewards/accuracies") == "max"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from src.envs.tools import (
+from genlight.envs.tools import (
     Environment,
     ToolCall,
     check_tool_template,
@@ -163,7 +163,7 @@ def test_a_template_with_tool_support_passes_the_check(tokenizer):
 
 
 def test_the_calculator_environment_computes_and_refuses_what_is_not_arithmetic():
-    from src.envs.calculator import Calculator
+    from genlight.envs.calculator import Calculator
 
     env = Environment(Calculator())
     assert [s["function"]["name"] for s in env.schemas] == ["calculate"]

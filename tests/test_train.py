@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.pipeline import train
+from genlight.pipeline import train
 from tests.helpers import leet as _leet
 
 
@@ -96,7 +96,7 @@ def test_the_final_weights_are_validated_once_when_the_last_step_is_not_a_val_st
     sweepers' metric); a last step that is a validation step anyway validates once, not twice."""
     import lightning as L
 
-    from src.utils import get_metric_value
+    from genlight.utils import get_metric_value
     from tests.helpers import train_with
 
     class CountVal(L.Callback):
@@ -148,8 +148,8 @@ def test_warm_start_cache_gives_the_same_run_without_training_and_keys_on_what_c
     """warm_start.cache_dir: the first run trains and stores its warm start; a second run with the same settings (its
     algorithm's options may differ) loads it without training, and both RL runs end at the same weights (the RNG is
     re-seeded after the warm start, hit or miss). A different seed or warm-start setting is a different key."""
-    from src.lightning_modules import sft
-    from src.pipeline import train
+    from genlight.lightning_modules import sft
+    from genlight.pipeline import train
     from tests.conftest import make_cfg
 
     cache = tmp_path / "cache"
@@ -178,7 +178,7 @@ def test_warm_start_cache_gives_the_same_run_without_training_and_keys_on_what_c
 def test_train_false_scores_the_given_checkpoint_and_refuses_to_score_none(cfg_factory):
     """train=false test=true ckpt_path=X gives X's test scores (those its training run reported for it); without
     ckpt_path it stops instead of scoring a freshly initialised model."""
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     trained, objs = train(cfg_factory("algo=sft", "trainer.max_steps=6", "trainer.val_check_interval=3"))
     best = objs["trainer"].checkpoint_callback.best_model_path
@@ -194,7 +194,7 @@ def test_last_checkpoint_is_the_latest_validation_even_when_the_metric_did_not_i
     step 3's and `last.ckpt` (what ckpt_path=last resumes) is step 6's, not a copy of the best."""
     import torch
 
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     _, objs = train(cfg_factory("algo=sft", "trainer.max_steps=6", "trainer.val_check_interval=3", "test=false",
                                 "optimized_metric=val/loss", "monitor_mode=max"))

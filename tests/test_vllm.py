@@ -13,14 +13,14 @@ import sys
 import pytest
 import torch
 
-from src.models.logps import completion_logps
+from genlight.models.logps import completion_logps
 from tests.helpers import RLVR_RUN, train_with
 
 vllm = pytest.importorskip("vllm", reason="rollout=vllm tests need vLLM: make install-vllm")
 
 
 def _prompts(tokenizer, texts):
-    from src.datamodules.lm import pad
+    from genlight.datamodules.lm import pad
 
     ids = [tokenizer(t)["input_ids"] for t in texts]
     return pad(ids, tokenizer.pad_token_id, left=True), pad([[1] * len(i) for i in ids], 0, left=True)
@@ -30,8 +30,8 @@ PROMPTS = ["12+3=", "1+1=", "45+67=", "9+90="]
 
 
 def _engines(model, tokenizer):
-    from src.models.rollout import HFRollout
-    from src.models.rollout_vllm import VLLMRollout
+    from genlight.models.rollout import HFRollout
+    from genlight.models.rollout_vllm import VLLMRollout
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     return HFRollout(model, eos, pad), VLLMRollout(model, eos, pad, max_model_len=128)
@@ -43,7 +43,7 @@ def _greedy(engine, ids, mask, n=12):
 
 
 def test_vllm_greedy_equals_hf_and_its_logps_are_the_trainers(tokenizer):
-    from src.models import tiny_llama
+    from genlight.models import tiny_llama
 
     model = tiny_llama(tokenizer, seed=0)
     ids, mask = _prompts(tokenizer, PROMPTS)
@@ -75,7 +75,7 @@ def test_vllm_greedy_equals_hf_and_its_logps_are_the_trainers(tokenizer):
 
 
 def test_weight_sync_reaches_the_live_engine_without_a_reload(tokenizer):
-    from src.models import rollout_vllm, tiny_llama
+    from genlight.models import rollout_vllm, tiny_llama
 
     model = tiny_llama(tokenizer, seed=0)
     ids, mask = _prompts(tokenizer, PROMPTS)
@@ -99,8 +99,8 @@ def test_weight_sync_reaches_the_live_engine_without_a_reload(tokenizer):
 
 
 def test_lora_policy_is_served_merged(tokenizer):
-    from src.lightning_modules.lm import policy
-    from src.models import tiny_llama
+    from genlight.lightning_modules.lm import policy
+    from genlight.models import tiny_llama
 
     model = policy(tiny_llama(tokenizer, seed=0), {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
     with torch.no_grad():
@@ -132,8 +132,8 @@ def test_is_correction_weighs_the_engines_own_logps(cfg_factory, monkeypatch):
     """algo.is_correction=tis on vLLM with a lag: the correction's pi_rollout is the engine's log-probs as sampled,
     pi_old is the trainer's recompute of the same weights, and the logged mismatch between them is the kernels'
     (nonzero, small); the loss's ratio pi_train / pi_old then holds only the lag."""
-    import src.lightning_modules.rlvr as rlvr
-    from src.models.rollout_vllm import VLLMRollout
+    import genlight.lightning_modules.rlvr as rlvr
+    from genlight.models.rollout_vllm import VLLMRollout
 
     sampled, seen = [], []
     generate, weights = VLLMRollout.generate, rlvr.is_weights
@@ -192,8 +192,8 @@ def test_fsdp2_pushes_gathered_weights_into_each_engine(tmp_path):
 
 
 def test_unsupported_head_dimension_names_the_model(tokenizer):
-    from src.models import tiny_llama
-    from src.models.rollout_vllm import VLLMRollout
+    from genlight.models import tiny_llama
+    from genlight.models.rollout_vllm import VLLMRollout
 
     model = tiny_llama(tokenizer, hidden_size=96, num_heads=4)  # head dimension 24
     with pytest.raises(ValueError, match=r"LlamaConfig.*head dimension 24.*rollout=hf"):
@@ -202,7 +202,7 @@ def test_unsupported_head_dimension_names_the_model(tokenizer):
 
 def test_rollout_vllm_without_vllm_names_the_install_command(cfg_factory, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError, as when absent
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     cfg = cfg_factory(*RLVR_RUN, "rollout=vllm")
     with pytest.raises(ImportError, match=r"rollout=vllm needs vLLM.*make install-vllm"):
@@ -214,8 +214,8 @@ def test_engines_agree_at_temperature_0_and_record_the_nucleus_they_sample_from(
     distribution's, vLLM's convention). With top_p < 1 vLLM records the log-probs of the renormalised nucleus it drew
     from, which `nucleus_logprobs` (the HF engine's) computes from the trainer's own logits; RL refuses top_p < 1
     (tests/test_rlhf.py), since the trainer scores the full distribution."""
-    from src.models import tiny_llama
-    from src.models.rollout import nucleus_logprobs
+    from genlight.models import tiny_llama
+    from genlight.models.rollout import nucleus_logprobs
 
     model = tiny_llama(tokenizer, seed=3)
     ids, mask = _prompts(tokenizer, PROMPTS)
@@ -241,10 +241,10 @@ def test_engines_agree_at_temperature_0_and_record_the_nucleus_they_sample_from(
 def test_multi_turn_episodes_on_vllm_keep_the_sampled_ids_and_their_logps(tokenizer, monkeypatch):
     """run_episodes on the vLLM engine (every finished turn calls a tool that echoes): the tool turns sit between the
     policy's turns, out of the policy mask, and vLLM's sampler log-probs are the trainer's on the policy's tokens."""
-    import src.envs.episodes as episodes
-    from src.envs.episodes import run_episodes, tool_turn_text
-    from src.envs.tools import Environment, ToolCall
-    from src.models import tiny_llama
+    import genlight.envs.episodes as episodes
+    from genlight.envs.episodes import run_episodes, tool_turn_text
+    from genlight.envs.tools import Environment, ToolCall
+    from genlight.models import tiny_llama
 
     def echo(x: str) -> str:
         """Echo.

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.datamodules.tensors import TensorSplitsDataModule
+from genlight.datamodules.tensors import TensorSplitsDataModule
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 METRICS = ("fd", "energy_distance", "loss")

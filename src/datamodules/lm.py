@@ -5,7 +5,7 @@ into the shape an algorithm needs (`kind`, a `RowKind` registered by name in `RO
 - `preference`: prompt + chosen + rejected, optional margin (DPO family, the reward model).
 - `prompt`: prompt + answer to verify (RLVR).
 An algorithm with rows of its own names their `RowKind` in its YAML by import path (`data.kind:
-src.lightning_modules.kto.UNPAIRED`): nothing needs importing first, and nothing here changes.
+genlight.lightning_modules.kto.UNPAIRED`): nothing needs importing first, and nothing here changes.
 
 Every kind also carries the left-padded prompt and the reference text, for evaluation by generation.
 """
@@ -20,10 +20,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from src.datamodules.files import DataError, RowMap
-from src.datamodules.packing import IGNORE, pack, pack_pairs
-from src.datamodules.sampler import ResumableTrainData
-from src.models.tokenizer import CHAT_TEMPLATE, after_assistant_turn
+from genlight.datamodules.files import DataError, RowMap
+from genlight.datamodules.packing import IGNORE, pack, pack_pairs
+from genlight.datamodules.sampler import ResumableTrainData
+from genlight.models.tokenizer import CHAT_TEMPLATE, after_assistant_turn
 
 log = logging.getLogger(__name__)
 

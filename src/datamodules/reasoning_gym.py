@@ -27,8 +27,8 @@ import logging
 import math
 import random
 
-from src.datamodules.files import DataError
-from src.rewards import Verifier
+from genlight.datamodules.files import DataError
+from genlight.rewards import Verifier
 
 log = logging.getLogger(__name__)
 # and each entry's own question; the digits catch a scorer that pays any answer containing the right one (the

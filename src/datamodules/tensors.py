@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.datamodules.sampler import ResumableTrainData
+from genlight.datamodules.sampler import ResumableTrainData
 
 
 def _stack(rows: list[tuple[torch.Tensor, ...]]) -> torch.Tensor | tuple[torch.Tensor, ...]:

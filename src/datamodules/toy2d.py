@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from src.datamodules.tensors import TensorSplitsDataModule
+from genlight.datamodules.tensors import TensorSplitsDataModule
 
 
 def _moons(n, rng):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from src.diffusion.processes import (
+from genlight.diffusion.processes import (
     DIFFUSERS_PREDICTION,
     FlowProcess,
     Process,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 import operator
 
-from src.envs.tools import tool_schema
+from genlight.envs.tools import tool_schema
 
 OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 MAX_DIGITS = 40  # a result longer than this is refused (a policy that multiplies forever never stalls the run)
@@ -73,7 +73,7 @@ class CalculatorTask:
 
     def __init__(self, digits: int = 3, ops: tuple[str, ...] | list[str] = ("*",), n_train: int = 4000,
                  n_val: int = 200, n_test: int = 500, seed: int = 1234, tool_demos: bool = True):
-        from src.datamodules.arithmetic import ArithmeticTask
+        from genlight.datamodules.arithmetic import ArithmeticTask
 
         self.task = ArithmeticTask(digits, ops, n_train, n_val, n_test, seed)
         self.tool_demos = tool_demos

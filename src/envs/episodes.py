@@ -18,9 +18,9 @@ import dataclasses
 
 import torch
 
-from src.envs.tools import Environment, parse_tool_calls
-from src.models.rollout import Rollout
-from src.models.tokenizer import after_assistant_turn
+from genlight.envs.tools import Environment, parse_tool_calls
+from genlight.models.rollout import Rollout
+from genlight.models.tokenizer import after_assistant_turn
 
 
 def tool_turn_text(tokenizer, results: list[tuple[str, str]]) -> str:

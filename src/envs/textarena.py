@@ -91,7 +91,7 @@ class GameSeeds:
         move, as the chat template renders a tool-call turn."""
         import random as _random
 
-        from src.envs.tools import Environment
+        from genlight.envs.tools import Environment
 
         out = []
         for where, row in self.rows(split):

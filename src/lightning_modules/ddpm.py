@@ -17,12 +17,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from src.diffusion.processes import make_process
-from src.diffusion.samplers import check_sampler, make_sampler
-from src.metrics import class_accuracy
-from src.models.diffusion import net_from_spec, net_spec, with_class_embeddings
-from src.optim import adamw_cosine
-from src.utils.run import attached_trainer
+from genlight.diffusion.processes import make_process
+from genlight.diffusion.samplers import check_sampler, make_sampler
+from genlight.metrics import class_accuracy
+from genlight.models.diffusion import net_from_spec, net_spec, with_class_embeddings
+from genlight.optim import adamw_cosine
+from genlight.utils.run import attached_trainer
 
 WEIGHTINGS = ("none", "min_snr")
 
@@ -251,7 +251,7 @@ class DDPMModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(attached_trainer(self), "datamodule", None)
         if self._metric is None and dm is not None:
-            from src.metrics import sample_metric
+            from genlight.metrics import sample_metric
 
             self._eval["metric"] = sample_metric(getattr(dm, "metric", "loss"), self.sample_shape)
 
@@ -309,7 +309,7 @@ class DDPMModule(L.LightningModule):
             self.log(f"{stage}/{name}_{tag}", value)  # the same figure, the sampler and step count in its name
         if stage in self._class_accuracy:
             self.log(f"{stage}/class_accuracy", self._class_accuracy.pop(stage))
-        from src.utils.images import log_samples
+        from genlight.utils.images import log_samples
 
         shown = samples if samples.dim() == 2 else samples[: hp.num_logged_samples]  # 2-D: the whole cloud
         log_samples(self, f"{stage}/samples", shown, caption=f"{tag}, step {self.global_step}")
@@ -349,7 +349,7 @@ class DDPMModule(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str = "cpu") -> DDPMModule:
         """The module from one of our checkpoints; its weights are the EMA ones when EMA was on."""
-        from src.utils.run import load_checkpoint
+        from genlight.utils.run import load_checkpoint
 
         ckpt = load_checkpoint(path, "ckpt", map_location)  # weights-only: loading runs no code
         if "net_spec" not in ckpt:

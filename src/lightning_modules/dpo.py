@@ -1,6 +1,6 @@
 """Direct Preference Optimization and its loss family (Rafailov et al. 2023), with a frozen
 reference policy; TR-DPO's reference refresh (Gorbatovski et al. 2024) is the callback
-`src.callbacks.ReferenceRefresh`.
+`genlight.callbacks.ReferenceRefresh`.
 
 With h = [log pi_theta(y_w|x) - log pi_ref(y_w|x)] - [log pi_theta(y_l|x) - log pi_ref(y_l|x)]:
 
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from src.callbacks.wandb_axes import STEP
-from src.lightning_modules.lm import EVAL_PANELS, LMModule
-from src.models.logps import completion_logps, labelled_logps, packed_completion_logps
+from genlight.callbacks.wandb_axes import STEP
+from genlight.lightning_modules.lm import EVAL_PANELS, LMModule
+from genlight.models.logps import completion_logps, labelled_logps, packed_completion_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "naive_margin", "sft_chosen")
 NEEDS_REF = ("sigmoid", "ipo", "hinge")

@@ -27,9 +27,9 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
-from src.callbacks.wandb_axes import STEP
-from src.datamodules.files import DataError
-from src.datamodules.lm import (
+from genlight.callbacks.wandb_axes import STEP
+from genlight.datamodules.files import DataError
+from genlight.datamodules.lm import (
     RowKind,
     Tokenized,
     collate_sft,
@@ -39,8 +39,8 @@ from src.datamodules.lm import (
     require_keys,
     sft_example,
 )
-from src.lightning_modules.lm import EVAL_PANELS, LMModule
-from src.models.logps import completion_logps
+from genlight.lightning_modules.lm import EVAL_PANELS, LMModule
+from genlight.models.logps import completion_logps
 
 log = logging.getLogger(__name__)
 UNPAIRED_FORMATS = '{"prompt", "completion", "label"}'

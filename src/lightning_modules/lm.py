@@ -17,10 +17,10 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from src.callbacks.wandb_axes import STEP
-from src.metrics import ExactMatch
-from src.models.lm import causal_lm, fsdp2_shard, is_sequence_classifier, is_sharded, reshard
-from src.optim import adamw_cosine
+from genlight.callbacks.wandb_axes import STEP
+from genlight.metrics import ExactMatch
+from genlight.models.lm import causal_lm, fsdp2_shard, is_sequence_classifier, is_sharded, reshard
+from genlight.optim import adamw_cosine
 
 # the W&B dashboard section of greedy evaluation (sweeps/dashboard.py reads each module's `DASHBOARD`)
 EVAL_PANELS = ("Evaluation", [
@@ -205,7 +205,7 @@ class LMModule(L.LightningModule):
         """The policy and tokenizer as an ordinary HF directory (`AutoModelForCausalLM.from_pretrained`); with
         LoRA, the adapters merged into the base weights there, and the adapter alone in `path/adapter/`. Called
         on every process (under FSDP2 the weights are gathered first); only rank 0 writes."""
-        from src.callbacks.hf_export import quiet_progress
+        from genlight.callbacks.hf_export import quiet_progress
 
         model = self._unsharded_policy()
         if model is None or self.global_rank != 0:  # global_rank: 0 without a trainer

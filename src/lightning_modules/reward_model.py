@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torchmetrics import MaxMetric, MeanMetric, MinMetric
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from src.callbacks.wandb_axes import STEP
-from src.lightning_modules.lm import LMModule
+from genlight.callbacks.wandb_axes import STEP
+from genlight.lightning_modules.lm import LMModule
 
 # TRL RewardTrainer's metric names, plus the mean reward of each side
 STATS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected", "mean_reward", "loss")

@@ -43,16 +43,16 @@ from collections.abc import Callable
 import torch
 from torchmetrics import MeanMetric
 
-from src.callbacks.wandb_axes import STEP
-from src.envs.episodes import Episodes, environment_rewards, left_padded, reset_groups, run_episodes
-from src.envs.tools import EnvSpec, check_tool_template
-from src.lightning_modules.lm import LMModule
-from src.metrics import PassAtK
-from src.models.logps import completion_logps
-from src.models.rollout import HFRollout, Rollout, RolloutEngine
-from src.rewards import passes, score
-from src.rl.advantages import group_advantages, kl_penalised_rewards, truncation_rewards, zero_variance
-from src.rl.loss import (
+from genlight.callbacks.wandb_axes import STEP
+from genlight.envs.episodes import Episodes, environment_rewards, left_padded, reset_groups, run_episodes
+from genlight.envs.tools import EnvSpec, check_tool_template
+from genlight.lightning_modules.lm import LMModule
+from genlight.metrics import PassAtK
+from genlight.models.logps import completion_logps
+from genlight.models.rollout import HFRollout, Rollout, RolloutEngine
+from genlight.rewards import passes, score
+from genlight.rl.advantages import group_advantages, kl_penalised_rewards, truncation_rewards, zero_variance
+from genlight.rl.loss import (
     check_is_correction,
     count_units,
     is_weights,
@@ -62,8 +62,8 @@ from src.rl.loss import (
     rlvr_loss,
     token_weights,
 )
-from src.rl.planner import even_out, plan_micro_batches
-from src.rl.recipe import check_recipe, check_retirement
+from genlight.rl.planner import even_out, plan_micro_batches
+from genlight.rl.recipe import check_recipe, check_retirement
 
 STAGES = {"train": 0, "val": 1, "test": 2}
 
@@ -196,7 +196,7 @@ class RLVRModule(LMModule):
             from hydra.errors import InstantiationException  # template shows them (before the warm start)
             from hydra.utils import instantiate
 
-            from src.envs.tools import import_target
+            from genlight.envs.tools import import_target
 
             if target := OmegaConf.select(cfg, "algo.env.environment._target_"):
                 import_target(target, "env.environment")
@@ -445,7 +445,7 @@ class RLVRModule(LMModule):
             self.clip_gradients(optimizer)
 
     def micro_batches(self, prompt_mask: torch.Tensor, lengths: torch.Tensor, g: int) -> list[tuple[int, int]]:
-        """The step's micro-batches (`src.rl.planner`): as many on every process, the most any plans."""
+        """The step's micro-batches (`genlight.rl.planner`): as many on every process, the most any plans."""
         hp = self.hparams
         prompt_len, comp_len = prompt_mask.sum(-1).repeat_interleave(g).tolist(), lengths.tolist()
         ranges = plan_micro_batches(prompt_len, comp_len, hp.micro_batch_size, hp.max_tokens_per_micro_batch)
@@ -507,7 +507,7 @@ class RLVRModule(LMModule):
         lag = self.hparams.generation_lag
         if lag > 0 and self.global_step % lag == 0 and self.global_step != self._synced_at:
             if self.sharded:  # FSDP2: the policy's own shards (the engine's copy is sharded the same way)
-                from src.models.lm import reshard
+                from genlight.models.lm import reshard
 
                 reshard(self.model)
             self.engine.load_weights(self.model.state_dict())

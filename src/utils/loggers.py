@@ -70,7 +70,7 @@ def prepare_for_workers(trainer: L.Trainer) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, _WandbLogger) and logger.version is None:
             raise ValueError("a W&B logger without a run id under a fork-launched strategy would open two runs: use "
-                             "src.utils.loggers.WandbLogger (logger=wandb) or give it an id")
+                             "genlight.utils.loggers.WandbLogger (logger=wandb) or give it an id")
         if isinstance(logger, _CSVLogger):
             _ = logger.version  # computed once, here
 

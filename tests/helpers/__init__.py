@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def train_with(cfg, *callbacks):
     """train.py's `train(cfg)` with extra callbacks (recorders, fault injectors) added to the run."""
-    from src.pipeline import train
+    from genlight.pipeline import train
 
     return train(cfg, extra_callbacks=list(callbacks))
 
@@ -89,7 +89,7 @@ SHORT = {
 def is_lm(algo: str) -> bool:
     """Whether the algorithm trains a language model (its data are LM rows: the tests' quick settings apply)."""
     text = (ROOT / "conf" / "algo" / f"{algo}.yaml").read_text()
-    return "src.lightning_modules.ddpm" not in text
+    return "genlight.lightning_modules.ddpm" not in text
 
 
 def short_run(algo: str) -> tuple[list[str], bool]:
@@ -106,7 +106,7 @@ def episode_logps(model, pad_id: int, prompts: list[list[int]], ep):
     order): the prompts left-padded, each encoded once for its samples, as the RLVR step encodes them."""
     import torch
 
-    from src.models.logps import completion_logps
+    from genlight.models.logps import completion_logps
 
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
