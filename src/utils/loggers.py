@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
@@ -82,7 +83,8 @@ class FinishWandbInWorker(L.Callback):
         self.parent = os.getpid()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        import wandb
-
-        if os.getpid() != self.parent and wandb.run is not None:
+        # a W&B run exists only where wandb was imported (logger=wandb): never import it here, so a run without W&B
+        # (logger=none / csv, or wandb not installed) never loads it
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and os.getpid() != self.parent and wandb.run is not None:
             wandb.finish()

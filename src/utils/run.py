@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -203,11 +204,8 @@ class LogHyperparameters(L.Callback):
 def finish_loggers(trainer: L.Trainer | None) -> list[str]:
     """Close W&B (Lightning never calls `wandb.finish()`); return where each W&B run was written."""
     where = []
-    try:
-        import wandb
-    except ImportError:
-        return where
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")  # a W&B run exists only where wandb was imported: never import it here
+    if wandb is not None and wandb.run is not None:
         run_dir, offline, url = Path(wandb.run.dir).parent, wandb.run.offline, wandb.run.url
         wandb.finish()
         if offline:
