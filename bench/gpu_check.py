@@ -105,9 +105,9 @@ def install_offline(wheels: Path, target: Path, reqs: dict[str, str] = WHEELS, p
     if not todo and not build_project:
         return []
     have = [w.name.lower() for w in wheels.glob("*.whl")] if wheels.is_dir() else []
-    needed = todo + ([BUILD] if build_project else [])
+    needed = todo + ([BUILD.split("==")[0]] if build_project else [])  # the build takes any setuptools >= 68
     lacking = [r for r in needed if not any(h.startswith(r.lower().replace("-", "_").replace("==", "-") + "-")
-                                            for h in have)]
+                                            for h in have)]  # name-version- (or name-, unpinned)
     if lacking:
         sys.exit(f"gpu_check: {', '.join(r for r in todo if r in lacking) or 'the project build'} not installed, "
                  f"and {wheels} has no wheel for {', '.join(lacking)}: run `python3 bench/gpu_wheels.py` on a machine "
