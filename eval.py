@@ -3,23 +3,14 @@ HF export with `python eval.py model=hf model.pretrained=<dir> algo=...`, on the
 val split). Logged like training (W&B / CSV) and printed as a table.
 
 This file only composes, as train.py does: the run is `genlight.pipeline.evaluate` (the objects come from
-`genlight.pipeline.build`); the metrics are each algorithm's own test / val metrics.
+`genlight.pipeline.build`); the metrics are each algorithm's own test / val metrics. Installed: `genlight-eval`.
 """
 
-from __future__ import annotations
+import os
+from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
-from genlight.pipeline import evaluate
-from genlight.utils import extras
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
-def main(cfg: DictConfig) -> None:
-    extras(cfg)
-    evaluate(cfg)
-
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+from genlight.cli import evaluate  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    evaluate()

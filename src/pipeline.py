@@ -1,6 +1,7 @@
-"""The run itself, for the entry points train.py and eval.py (lightning-hydra-template's `src/train.py`,
-`src/eval.py`): `build` makes a run's objects from its config (data, the algorithm's module after its warm start,
-loggers, callbacks, trainer), `train` fits and tests, `evaluate` scores a checkpoint or an HF export. Nothing here
+"""The run itself, for the entry points (`genlight.cli`: genlight-train / -eval / -sample, the checkout's train.py,
+eval.py, sample.py; lightning-hydra-template's `src/train.py`, `src/eval.py`): `build` makes a run's objects from its
+config (data, the algorithm's module after its warm start, loggers, callbacks, trainer), `train` fits and tests,
+`evaluate` scores a checkpoint or an HF export, `sample` draws from a diffusion checkpoint. Nothing here
 knows an algorithm: each checks its own config (`check_config`) and names its warm start (`warm_start._target_`)."""
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-import genlight  # noqa: F401  (sets PROJECT_ROOT for conf/paths)
 from genlight.callbacks import HFExport, ValidateAtEnd
 from genlight.utils import (
     LogHyperparameters,
@@ -194,3 +194,33 @@ def print_table(metrics: dict, title: str) -> None:
     for k in sorted(metrics):
         table.add_row(k, f"{metrics[k]:.4f}")
     Console().print(table)
+
+
+def sample(cfg: DictConfig):
+    """Samples of a trained diffusion checkpoint (`ckpt`) as a PNG grid or a 2-D scatter plot at `out`, and as a
+    tensor (.pt, in the data's scale: [-1, 1] images) beside it; returns the PNG's path."""
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from genlight.lightning_modules.ddpm import DDPMModule
+    from genlight.utils.images import picture
+
+    if not Path(cfg.ckpt).is_file():
+        raise FileNotFoundError(f"ckpt={cfg.ckpt}: no such file")
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    module = DDPMModule.from_checkpoint(cfg.ckpt).to(device)
+    module.hparams.sample_batch_size = cfg.batch_size
+    g = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    x = module.sample(cfg.n, sampler=cfg.sampler, steps=cfg.steps, generator=g, labels=cfg.get("label"),
+                      guidance_scale=cfg.get("guidance"))
+    dt = time.perf_counter() - t0
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture(x, f"{cfg.sampler}-{cfg.steps or module.process.T}, {Path(cfg.ckpt).name}").save(out)
+    torch.save(x.cpu(), out.with_suffix(".pt"))
+    log.info("%d samples (%s, %s steps) in %.1f s (%.1f ms each): %s", cfg.n, cfg.sampler,
+             cfg.steps or module.process.T, dt, 1000 * dt / cfg.n, out)
+    return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import netrc
 import os
 import sys
 import warnings
@@ -13,50 +12,9 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from genlight.resolvers import register_resolvers  # noqa: F401  (re-exported: genlight.utils.register_resolvers)
+
 log = logging.getLogger(__name__)
-
-
-def wandb_offline() -> bool:
-    """W&B runs offline unless an API key is set (env or `wandb login`) or WANDB_MODE=online."""
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    if mode in ("offline", "disabled", "dryrun"):
-        return True
-    if mode == "online" or os.environ.get("WANDB_API_KEY"):
-        return False
-    try:
-        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]
-        return netrc.netrc().authenticators(host) is None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return True
-
-
-def _multirun_config():
-    """Hydra's runtime config when this job is part of a multirun (-m), else None."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    return hc if hc.mode == RunMode.MULTIRUN else None
-
-
-def sweep_group() -> str | None:
-    """W&B `group` of a multirun's jobs: the sweep directory's name (one group per sweep)."""
-    hc = _multirun_config()
-    return f"{hc.job.name}-{Path(hc.sweep.dir).name}" if hc else None
-
-
-def sweep_name() -> str | None:
-    """W&B run name of a multirun job: its own overrides (e.g. `algo.beta=0.1,algo=dpo`)."""
-    hc = _multirun_config()
-    return (hc.job.override_dirname or f"job{hc.job.num}") if hc else None
-
-
-def register_resolvers() -> None:
-    for name, fn in (("wandb_offline", wandb_offline), ("sweep_group", sweep_group), ("sweep_name", sweep_name)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
 
 
 class DropMessage(logging.Filter):
