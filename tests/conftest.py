@@ -8,19 +8,15 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import genlight  # noqa: F401  (PROJECT_ROOT)
-from genlight.utils import register_resolvers
+import genlight
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-register_resolvers()
 
 # A quick configuration for tests: few steps, small splits, no checkpoints unless a test asks.
 QUICK = [
@@ -39,16 +35,11 @@ QUICK = [
 
 
 def make_cfg(tmp_path: Path, overrides: list[str] = (), quick: bool = True, name: str = "train") -> DictConfig:
-    """Compose conf/<name>.yaml (train or eval) with overrides; its output dir is `tmp_path`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(name, overrides=(QUICK if quick else []) + list(overrides), return_hydra_config=True)
+    """Compose conf/<name>.yaml (train or eval) with overrides, as `genlight.compose` does for users; its output dir
+    (and log dir) is `tmp_path`."""
+    cfg = genlight.compose((QUICK if quick else []) + list(overrides), name=name, output_dir=tmp_path)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
         cfg.paths.log_dir = str(tmp_path)
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
     return cfg
 
 
