@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from genlight.diffusion.processes import FlowProcess, VEProcess, VPProcess, trailing_grid
+from genlight.diffusion.processes import FlowProcess, VEProcess, VPProcess, make_process, trailing_grid
 from genlight.diffusion.samplers import DDIM, DDPM, SAMPLERS, Sampler
 from genlight.lightning_modules.ddpm import DDPMModule
 from genlight.models.diffusion import mlp2d
@@ -173,8 +173,7 @@ def test_samplers_recover_gaussian_data_with_the_exact_denoiser(proc, sampler):
     mass: test_ve_ddim_step_is_nakkirans_lambda_update.)"""
     m, v, n, steps = 0.5, 1.0, 20_000, 1000
     spec = {"name": proc, "num_steps": 1000, "sigma": 3.0}
-    module = module_with(None, spec, target="x0", sample_batch_size=n)
-    module.net = Oracle(module.process, m, v)
+    module = module_with(Oracle(make_process(**spec), m, v), spec, target="x0", sample_batch_size=n)
     g = torch.Generator().manual_seed(3)
     # start from the exact marginal at t = 1 (the prior N(0, sigma^2) differs from it by the data's spread)
     x_T = module.process.marginal(m + math.sqrt(v) * torch.randn(n, 1, generator=g), torch.tensor(1000),
@@ -359,8 +358,7 @@ def test_digits_run_logs_images_to_wandb_and_sample_py_writes_a_grid(cfg_factory
     from omegaconf import open_dict
     from PIL import Image
 
-    import sample as sample_mod
-    from genlight.pipeline import train
+    from genlight.pipeline import sample, train
     from tests.conftest import CONF
     from tests.helpers import leet as _leet
 
@@ -395,7 +393,7 @@ def test_digits_run_logs_images_to_wandb_and_sample_py_writes_a_grid(cfg_factory
                                             "n=12", f"+out_dir={tmp_path}"])
     with open_dict(scfg):
         scfg.out = str(tmp_path / "grid.png")
-    out = sample_mod.sample(scfg)
+    out = sample(scfg)
     x = torch.load(out.with_suffix(".pt"))
     assert x.shape == (12, 1, 8, 8) and x.abs().max() <= 1.0
     w, h = Image.open(out).size
@@ -403,11 +401,11 @@ def test_digits_run_logs_images_to_wandb_and_sample_py_writes_a_grid(cfg_factory
     with open_dict(scfg):
         scfg.label, scfg.guidance = 3, 2.0
     with pytest.raises(ValueError, match=r"label=3, guidance=2.0: this model is unconditional"):
-        sample_mod.sample(scfg)  # guidance with an unconditional checkpoint
+        sample(scfg)  # guidance with an unconditional checkpoint
     with pytest.raises(FileNotFoundError, match="ckpt=.*nope.ckpt"):
         with open_dict(scfg):
             scfg.ckpt = str(tmp_path / "nope.ckpt")
-        sample_mod.sample(scfg)
+        sample(scfg)
 
 
 def _energy(x, ref):

@@ -252,13 +252,26 @@ class RowKind(NamedTuple):
     """What an algorithm reads: `example(row, tokenized, where)` makes a split's example of a file row (prompt,
     prompt_ids, reference, and its own fields; errors name `where`), `collate(examples, batch, collator)` adds its
     tensors (returned; the batch already holds the left-padded prompts, their texts, references and indices), `packs`
-    whether `data.packing` applies, and `rows(source, split, seed)` the (where, row) pairs of a split (None: the
-    source's own `rows(split)`; a task may make an algorithm's rows, as the arithmetic task makes preference pairs)."""
+    whether `data.packing` applies, `rows(source, split, seed)` the (where, row) pairs of a split (None: the
+    source's own `rows(split)`; a task may make an algorithm's rows, as the arithmetic task makes preference pairs),
+    and `keys` the keys `collate` adds that every batch of the kind holds, packed or not (`batch_keys`; a module checks
+    its first batches for them)."""
 
     example: Callable[[dict, Tokenized, str], dict]
     collate: Callable[[list[dict], list[list[int]], Collator], dict] | None = None
     packs: bool = False
     rows: Callable[[object, str, int], list[tuple[str, dict]]] | None = None
+    keys: tuple[str, ...] = ()
+
+
+# what every batch holds, whatever its kind (`Collator`): the prompts left-padded, their texts, the references, and each
+# row's position in its split (DPO caches the reference's log-probs under it: it must identify the row in its split)
+COMMON_KEYS = ("prompt_input_ids", "prompt_attention_mask", "prompts", "references", "index")
+
+
+def batch_keys(kind: str) -> tuple[str, ...]:
+    """The keys every batch of `kind` holds (docs/plugin.md has their shapes)."""
+    return COMMON_KEYS + row_kind(kind).keys
 
 
 def sft_rows(source, split: str, seed: int) -> list[tuple[str, dict]]:
@@ -277,8 +290,9 @@ def preference_rows(source, split: str, seed: int) -> list[tuple[str, dict]]:
 
 # data.kind -> its rows: the built-in names, or any RowKind by import path (an algorithm's own, named in its YAML)
 ROW_KINDS: dict[str, RowKind] = {
-    "sft": RowKind(sft_example, collate_sft, packs=True, rows=sft_rows),
-    "preference": RowKind(preference_example, collate_preference, packs=True, rows=preference_rows),
+    "sft": RowKind(sft_example, collate_sft, packs=True, rows=sft_rows, keys=("input_ids", "labels")),
+    "preference": RowKind(preference_example, collate_preference, packs=True, rows=preference_rows,
+                          keys=("input_ids", "margins")),
     "prompt": RowKind(prompt_example),
 }
 

@@ -11,6 +11,9 @@ sample metric, the diffusers export.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Literal
 
 import lightning as L
@@ -24,7 +27,51 @@ from genlight.models.diffusion import net_from_spec, net_spec, with_class_embedd
 from genlight.optim import adamw_cosine
 from genlight.utils.run import attached_trainer
 
+log = logging.getLogger(__name__)
 WEIGHTINGS = ("none", "min_snr")
+# the forward process's options (conf/algo/ddpm.yaml's `algo.process`): vp with Ho et al.'s linear schedule
+PROCESS = MappingProxyType({"name": "vp", "num_steps": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                            "sigma": 4.0, "logit_mean": 0.0, "logit_std": 1.0})
+
+
+def denoiser(net) -> nn.Module:
+    """The network from what `net` is: a module (as it is), a directory saved with `save_pretrained` (a diffusers
+    model, or this project's export: a `DDPMPipeline` directory's unet), or a factory called with no argument."""
+    import os
+
+    if isinstance(net, nn.Module):
+        return net
+    if isinstance(net, (str, os.PathLike)):
+        from genlight.models.diffusion import load_denoiser
+
+        return load_denoiser(str(net))
+    if callable(net):
+        return net()
+    raise TypeError(f"net: a {type(net).__name__} ({net!r:.60}); pass a denoising network (e.g. genlight.unet2d(...)), "
+                    "a directory saved with save_pretrained, or a factory that returns one")
+
+
+def check_denoiser(net: nn.Module) -> nn.Module:
+    """The contract a denoiser must meet, checked before any training (each gap named): a `config` mapping that gives
+    the sample shape (`sample_size` and `in_channels`, or `dim`); and, for its checkpoints to load (`from_checkpoint`,
+    sample.py), a `from_config` classmethod to rebuild it (a warning without one). Diffusers' `ModelMixin` +
+    `ConfigMixin` with `@register_to_config` give both."""
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"net: a {type(net).__name__}, not a torch.nn.Module")
+    config = getattr(net, "config", None)
+    name = type(net).__name__
+    how = ("(subclass diffusers' ModelMixin and ConfigMixin and decorate __init__ with @register_to_config, as "
+           "genlight.models.diffusion.TimeMLP does)")
+    if config is None or not hasattr(config, "keys"):
+        raise ValueError(f"net: {name} has no `config`: the module reads the sample shape from it and rebuilds the "
+                         f"network from it when loading a checkpoint {how}")
+    if not ({"sample_size", "in_channels"} <= set(config.keys()) or "dim" in config):
+        raise ValueError(f"net: {name}.config has neither `sample_size` and `in_channels` (images) nor `dim` (points): "
+                         f"the module draws its samples in that shape; its keys are {sorted(config.keys())}")
+    if not callable(getattr(type(net), "from_config", None)):  # trains and samples; its checkpoints cannot rebuild it
+        log.warning("net: %s has no `from_config`: it trains and samples, but a checkpoint holds the network's config, "
+                    "not its code, so DDPMModule.from_checkpoint / sample.py cannot rebuild it %s", name, how)
+    return net
 
 
 class DDPMModule(L.LightningModule):
@@ -42,11 +89,11 @@ class DDPMModule(L.LightningModule):
 
     def __init__(
         self,
-        net: nn.Module,
-        process: dict,
+        net: nn.Module | str | Callable[[], nn.Module],
+        process: Mapping = PROCESS,
         target: str | None = None,
         clip_x0: float | str | None = "auto",
-        lr: float = 1e-3,
+        lr: float = 2e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 100,
@@ -67,8 +114,24 @@ class DDPMModule(L.LightningModule):
         guidance_scale: float = 0.0,
         t_sampling: str = "uniform",
         shift: float = 1.0,
-        seed: int = 0,
+        seed: int = 42,
     ):
+        """A diffusion model (or a flow) of the data the DataModule yields: (B, ...) tensors, or (x, labels) for a
+        class-conditional model. The defaults are conf/algo/ddpm.yaml's, each option explained beside its value there.
+
+        Args:
+            net: the denoiser (its contract: `check_denoiser`): a diffusers-style network called as
+                net(x_t, t[, class_labels=]) returning a tensor of x_t's shape (or an output with `.sample`), whose
+                `config` gives the sample shape (`sample_size` and `in_channels`, or `dim` for points) and that
+                rebuilds from it (`from_config`: checkpoints hold the config, not the code); `genlight.unet2d`,
+                `genlight.mlp2d`, any diffusers `UNet2DModel`. Or a directory saved with `save_pretrained`, or a
+                factory called with no argument that returns such a network.
+            process: the forward process's options, `name` (vp | ve | flow), `num_steps`, ... (keys not given take
+                `PROCESS`'s values).
+            target: what the network predicts; None: the process's own (vp / ve: eps; flow: velocity).
+            The rest: see conf/algo/ddpm.yaml."""
+        process = {**PROCESS, **process}
+        net = check_denoiser(denoiser(net))
         super().__init__()
         # the process first: its own target and sampler fill a null (vp / ve: eps, ddim; flow: velocity, euler)
         proc = make_process(**process, t_sampling=t_sampling, shift=shift)

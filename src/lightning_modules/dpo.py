@@ -20,9 +20,12 @@ Log-probabilities are sums over completion tokens (prompt and padding masked).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
+from transformers import PreTrainedModel
 
 from genlight.callbacks.wandb_axes import STEP
 from genlight.lightning_modules.lm import EVAL_PANELS, LMModule
@@ -106,17 +109,43 @@ class DPOModule(LMModule):
         EVAL_PANELS,
     ]
 
+    DATA_KIND = "preference"
+
     def __init__(
         self,
-        *args,
-        beta: float = 0.1,
+        net: PreTrainedModel | str | Callable[..., PreTrainedModel],
+        tokenizer=None,
+        *,
+        beta: float = 0.5,
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
         ref_pretrained: str | None = None,
         cache_ref_logps: bool = True,
-        **kwargs,
+        lr: float = 5e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 10,
+        min_lr_ratio: float = 0.1,
+        max_new_tokens: int = 8,
+        num_logged_samples: int = 8,
+        lora: dict | None = None,
+        gradient_checkpointing: bool = False,
     ):
-        super().__init__(*args, **kwargs)
+        """DPO (or `loss_type`'s variant) of `net` on preference pairs (`DATA_KIND` preference), against a frozen
+        reference. The defaults are conf/algo/dpo.yaml's (beta 0.5 and lr 5e-5 on the embedded default; TRL's beta is
+        0.1).
+
+        Args:
+            beta: the KL strength (the implicit reward is beta log pi/pi_ref).
+            loss_type: sigmoid (DPO) | ipo | hinge | naive_margin | sft_chosen (the table above).
+            label_smoothing: conservative DPO's eps, in [0, 0.5).
+            ref_pretrained: a local checkpoint as the reference; None: a frozen copy of the initial policy.
+            cache_ref_logps: compute log pi_ref once per example (keyed by the batch's `index`) while the
+                reference does not change.
+            The rest: `LMModule`'s."""
+        super().__init__(net, tokenizer, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         min_lr_ratio=min_lr_ratio, max_new_tokens=max_new_tokens,
+                         num_logged_samples=num_logged_samples, lora=lora, gradient_checkpointing=gradient_checkpointing)
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"algo.loss_type={loss_type!r}: must be one of {list(LOSS_TYPES)}")
         if beta <= 0:

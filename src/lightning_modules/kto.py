@@ -22,10 +22,12 @@ Rows (`UNPAIRED`, named by `data.kind` in conf/algo/kto.yaml): TRL's unpaired pr
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
+from transformers import PreTrainedModel
 
 from genlight.callbacks.wandb_axes import STEP
 from genlight.datamodules.files import DataError
@@ -148,8 +150,9 @@ def desirable_rows(source, split: str, seed: int) -> list[tuple[str, dict]]:
     return kept
 
 
-UNPAIRED = RowKind(unpaired_example, collate_unpaired, rows=unpaired_rows)
-DESIRABLE = RowKind(sft_example, collate_sft, packs=True, rows=desirable_rows)  # the warm start's (warm_start.kind)
+UNPAIRED = RowKind(unpaired_example, collate_unpaired, rows=unpaired_rows,
+                   keys=("completion_ids", "completion_mask", "kl_completion_ids", "kl_completion_mask", "labels"))
+DESIRABLE = RowKind(sft_example, collate_sft, packs=True, rows=desirable_rows, keys=("input_ids", "labels"))  # the warm start's (warm_start.kind)
 
 
 # --------------------------------------------------------------------------- the module
@@ -169,9 +172,38 @@ class KTOModule(LMModule):
         EVAL_PANELS,
     ]
 
-    def __init__(self, *args, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                 ref_pretrained: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    DATA_KIND = "genlight.lightning_modules.kto.UNPAIRED"
+
+    def __init__(
+        self,
+        net: PreTrainedModel | str | Callable[..., PreTrainedModel],
+        tokenizer=None,
+        *,
+        beta: float = 0.1,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        ref_pretrained: str | None = None,
+        lr: float = 5e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 10,
+        min_lr_ratio: float = 0.1,
+        max_new_tokens: int = 8,
+        num_logged_samples: int = 8,
+        lora: dict | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        """KTO of `net` on unpaired rows (`DATA_KIND`: `UNPAIRED`, {prompt, completion, label}), against a frozen
+        reference. The defaults are conf/algo/kto.yaml's.
+
+        Args:
+            beta: the implied reward's scale (TRL's default 0.1).
+            desirable_weight, undesirable_weight: lambda_D and lambda_U.
+            ref_pretrained: a local checkpoint as the reference; None: a frozen copy of the initial policy.
+            The rest: `LMModule`'s."""
+        super().__init__(net, tokenizer, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         min_lr_ratio=min_lr_ratio, max_new_tokens=max_new_tokens,
+                         num_logged_samples=num_logged_samples, lora=lora, gradient_checkpointing=gradient_checkpointing)
         if beta <= 0:
             raise ValueError(f"algo.beta={beta}: must be > 0")
         for key, value in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):

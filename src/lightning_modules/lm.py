@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,9 +19,19 @@ from lightning.pytorch.loggers import WandbLogger
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from genlight.callbacks.wandb_axes import STEP
+from genlight.datamodules.lm import batch_keys, row_kind
 from genlight.metrics import ExactMatch
-from genlight.models.lm import causal_lm, fsdp2_shard, is_sequence_classifier, is_sharded, reshard
+from genlight.models.lm import (
+    causal_lm,
+    fsdp2_shard,
+    is_sequence_classifier,
+    is_sharded,
+    language_model,
+    reshard,
+)
+from genlight.models.tokenizer import load_tokenizer
 from genlight.optim import adamw_cosine
+from genlight.utils.run import attached_trainer
 
 # the W&B dashboard section of greedy evaluation (sweeps/dashboard.py reads each module's `DASHBOARD`)
 EVAL_PANELS = ("Evaluation", [
@@ -49,19 +60,39 @@ def policy(model: PreTrainedModel, lora: dict | None = None, gradient_checkpoint
 
 
 class LMModule(L.LightningModule):
+    """What every language-model algorithm shares (not trained itself; SFTModule, DPOModule, ... extend it).
+
+    Args:
+        net: the network to train: a `transformers` causal LM, a local checkpoint directory, or a factory called as
+            `net(tokenizer=...)` that returns one (`genlight.tiny_llama`; the configs' `model.net`).
+        tokenizer: its tokenizer; None with a checkpoint directory: the directory's own.
+        lr, weight_decay, betas: AdamW's (weight decay on matrices only, never on norms and biases).
+        warmup_steps, min_lr_ratio: linear warm-up over this many optimizer steps, then cosine decay to
+            `min_lr_ratio * lr` at the trainer's `max_steps` (1.0: constant).
+        max_new_tokens: the longest completion generated (greedy evaluation; RLVR's sampling).
+        num_logged_samples: rows of the W&B tables of samples.
+        lora: LoRA adapters (peft): a dict with `r` (None: full fine-tuning), `alpha`, `dropout`, `target_modules`.
+        gradient_checkpointing: recompute activations in the backward pass (non-reentrant).
+
+    Each algorithm's constructor gives these its recipe's defaults (its conf/algo/<name>.yaml, tested equal), declares
+    the rows it trains on (`DATA_KIND`, a `data.kind`) and refuses a DataModule of another kind; the batch format of
+    each kind is in docs/plugin.md."""
+
     LORA_TASK = "CAUSAL_LM"  # peft's task type for LoRA adapters
+    DATA_KIND = "sft"  # the rows it trains on: a data.kind (genlight.datamodules.lm.ROW_KINDS, or an import path)
 
     def __init__(
         self,
-        net: Callable[..., PreTrainedModel],
-        tokenizer,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 50,
-        min_lr_ratio: float = 0.1,
-        max_new_tokens: int = 16,
-        num_logged_samples: int = 8,
+        net: PreTrainedModel | str | Callable[..., PreTrainedModel],
+        tokenizer=None,
+        *,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        warmup_steps: int,
+        min_lr_ratio: float,
+        max_new_tokens: int,
+        num_logged_samples: int,
         lora: dict | None = None,
         gradient_checkpointing: bool = False,
     ):
@@ -70,6 +101,11 @@ class LMModule(L.LightningModule):
             raise ValueError(f"algo.lr={lr}: must be > 0")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"algo.min_lr_ratio={min_lr_ratio}: must be in [0, 1]")
+        if tokenizer is None:
+            if not isinstance(net, (str, os.PathLike)):
+                raise ValueError(f"tokenizer: required with net={type(net).__name__} (only a checkpoint directory "
+                                 "brings its own)")
+            tokenizer = load_tokenizer(str(net))
         self.save_hyperparameters(ignore=["net", "tokenizer", "reward", "rollout", "env"], logger=False)
         self.tokenizer = tokenizer
         self.model = policy(self.build_model(net, tokenizer), lora, gradient_checkpointing, self.LORA_TASK)
@@ -78,15 +114,50 @@ class LMModule(L.LightningModule):
         self.has_reference = False  # init_reference
         self.ref_model: PreTrainedModel | None = None  # pi_ref as its own copy (without LoRA)
         self._ref_cache: dict = {}
+        self._checked_batches: set[str] = set()
 
-    def build_model(self, net: Callable[..., PreTrainedModel], tokenizer) -> PreTrainedModel:
-        """The network this algorithm trains, from the `net` factory: a causal LM (a reward model converts one)."""
-        model = net(tokenizer=tokenizer)
+    def build_model(self, net, tokenizer) -> PreTrainedModel:
+        """The network this algorithm trains, from `net` (`language_model`): a causal LM (a reward model converts
+        one)."""
+        model = language_model(net, tokenizer)
         if is_sequence_classifier(model.config) or model.get_output_embeddings() is None:
             raise ValueError(f"model.pretrained holds a {type(model).__name__} (a reward model's sequence classifier), "
                              f"not a causal LM: {type(self).__name__} trains a policy; pass a causal LM checkpoint "
                              "(a reward model is used by algo=reward_model, eval.py algo=reward_model, or reward=model)")
         return model
+
+    # ------------------------------------------------------------------ the data contract
+    def setup(self, stage: str) -> None:
+        """Refuses a DataModule whose rows are of another kind than `DATA_KIND` (an LMDataModule's `kind`, or any
+        DataModule's `kind` attribute), naming both, before any batch."""
+        dm = getattr(attached_trainer(self), "datamodule", None)
+        kind = getattr(dm, "kind", None)
+        if kind is not None and row_kind(kind).collate is not row_kind(self.DATA_KIND).collate:  # batches differ
+            raise ValueError(f"{type(self).__name__} trains on data.kind={self.DATA_KIND!r} rows, and the DataModule "
+                             f"({type(dm).__name__}) gives data.kind={kind!r} rows: build it with "
+                             f"kind={type(self).__name__}.DATA_KIND (in a config: data.kind={self.DATA_KIND})")
+
+    def _check_batch(self, batch, stage: str) -> None:
+        """The first batch of each stage holds the keys of `DATA_KIND`'s batches (`batch_keys`), or stops naming the
+        ones it lacks (a DataModule of one's own)."""
+        if stage in self._checked_batches:
+            return
+        self._checked_batches.add(stage)
+        need = batch_keys(self.DATA_KIND)
+        missing = [k for k in need if not isinstance(batch, dict) or k not in batch]
+        if missing:
+            have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise ValueError(f"{type(self).__name__}: a {stage} batch lacks {missing} (data.kind={self.DATA_KIND!r} "
+                             f"batches hold {list(need)}; this one has {have}); see docs/plugin.md for the format")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._check_batch(batch, "train")
+
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_batch(batch, "val")
+
+    def on_test_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_batch(batch, "test")
 
     @property
     def sharded(self) -> bool:

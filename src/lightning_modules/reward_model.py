@@ -17,6 +17,7 @@ SFT model) and `model=hf model.pretrained=DIR` from any local checkpoint. The ex
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from genlight.callbacks.wandb_axes import STEP
 from genlight.lightning_modules.lm import LMModule
+from genlight.models.lm import language_model
 
 # TRL RewardTrainer's metric names, plus the mean reward of each side
 STATS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected", "mean_reward", "loss")
@@ -75,8 +77,33 @@ class RewardModelModule(LMModule):
         ("Samples", [("table", "val/samples")]),
     ]
 
-    def __init__(self, *args, center_rewards_coefficient: float = 0.0, **kwargs):
-        super().__init__(*args, **kwargs)
+    DATA_KIND = "preference"
+
+    def __init__(
+        self,
+        net: PreTrainedModel | str | Callable[..., PreTrainedModel],
+        tokenizer=None,
+        *,
+        center_rewards_coefficient: float = 0.01,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
+        num_logged_samples: int = 8,
+        lora: dict | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        """A Bradley-Terry reward model on preference pairs (`DATA_KIND` preference), built from `net`: a causal LM
+        (its transformer stack and a new one-output score head) or a reward model's export (its head kept). The
+        defaults are conf/algo/reward_model.yaml's.
+
+        Args:
+            center_rewards_coefficient: c in + c (r_w + r_l)^2 (TRL's; pins the reward scale's offset near 0).
+            The rest: `LMModule`'s (no generation: a reward model scores)."""
+        super().__init__(net, tokenizer, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         min_lr_ratio=min_lr_ratio, max_new_tokens=0, num_logged_samples=num_logged_samples, lora=lora,
+                         gradient_checkpointing=gradient_checkpointing)
         if center_rewards_coefficient < 0:
             raise ValueError(f"algo.center_rewards_coefficient={center_rewards_coefficient}: must be >= 0")
         for stage in ("val", "test"):  # pair-weighted means over the split (summed across processes), min / max
@@ -85,7 +112,7 @@ class RewardModelModule(LMModule):
             setattr(self, f"{stage}_stats", torch.nn.ModuleDict(stats))
 
     def build_model(self, net, tokenizer) -> PreTrainedModel:
-        return as_reward_model(net(tokenizer=tokenizer), tokenizer.pad_token_id)
+        return as_reward_model(language_model(net, tokenizer), tokenizer.pad_token_id)
 
     @staticmethod
     def check_config(cfg) -> None:

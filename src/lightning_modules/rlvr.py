@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 import torch
 from torchmetrics import MeanMetric
+from transformers import PreTrainedModel
 
 from genlight.callbacks.wandb_axes import STEP
 from genlight.envs.episodes import Episodes, environment_rewards, left_padded, reset_groups, run_episodes
@@ -50,7 +51,7 @@ from genlight.lightning_modules.lm import LMModule
 from genlight.metrics import PassAtK
 from genlight.models.logps import completion_logps
 from genlight.models.rollout import HFRollout, Rollout, RolloutEngine
-from genlight.rewards import passes, score
+from genlight.rewards import ExactAnswer, passes, score
 from genlight.rl.advantages import group_advantages, kl_penalised_rewards, truncation_rewards, zero_variance
 from genlight.rl.loss import (
     check_is_correction,
@@ -93,11 +94,18 @@ class RLVRModule(LMModule):
         ("Throughput", [("line", "tokens/s", STEP, ["perf/gen_tokens_per_s", "perf/train_forward_tokens_per_s"])]),
     ]
 
+    DATA_KIND = "prompt"
+
     def __init__(
         self,
-        *args,
-        reward=None,
+        net: PreTrainedModel | str | Callable[..., PreTrainedModel],
+        tokenizer=None,
+        *,
+        reward: Callable | None = None,
+        rollout: Callable[..., RolloutEngine] | None = None,
+        env: EnvSpec | None = None,
         num_generations: int = 8,
+        max_new_tokens: int = 8,
         temperature: float = 1.0,
         top_p: float = 1.0,
         loss_type: str = "cispo",
@@ -107,10 +115,15 @@ class RLVRModule(LMModule):
         clip_low: float | None = None,
         clip_high: float | None = None,
         beta: float = 0.0,
-        kl_estimator: str | None = None,
         kl_in: str = "loss",
+        kl_estimator: str | None = None,
         ref_pretrained: str | None = None,
         generation_lag: int = 8,
+        is_correction: str | None = None,
+        is_level: str = "token",
+        is_cap_low: float | None = None,
+        is_cap_high: float | None = None,
+        recompute_gen_logps: bool = False,
         zero_variance_filter: bool = True,
         retire_threshold: float | None = 0.9,
         pass_threshold: float = 1.0,
@@ -119,19 +132,44 @@ class RLVRModule(LMModule):
         val_num_samples: int = 8,
         val_temperature: float = 1.0,
         log_completions_every_n_steps: int = 50,
-        rollout: Callable[..., RolloutEngine] | None = None,
-        env: EnvSpec | None = None,
         micro_batch_size: int | None = None,
         max_tokens_per_micro_batch: int | None = None,
-        is_correction: str | None = None,
-        is_level: str = "token",
-        is_cap_low: float | None = None,
-        is_cap_high: float | None = None,
-        recompute_gen_logps: bool = False,
-        seed: int = 0,
-        **kwargs,
+        seed: int = 42,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 1.0,
+        num_logged_samples: int = 4,
+        lora: dict | None = None,
+        gradient_checkpointing: bool = False,
     ):
-        super().__init__(*args, **kwargs)
+        """RL with verifiable rewards on prompt rows (`DATA_KIND` prompt: each with its reference answer), the ScaleRL
+        recipe by default. The defaults are conf/algo/rlvr.yaml's, where each option is explained beside its value.
+
+        Args:
+            reward: the verifier, called as reward(completion, answer) -> float (`genlight.ExactAnswer`,
+                `NumericAnswer`, `MathVerify`, any function through `FunctionReward`), or a `RewardModel`
+                (RLHF). None: `ExactAnswer()`.
+            rollout: the sampling engine's factory (`HFRollout`, the default; `VLLMRollout`).
+            env: multi-turn episodes with tools (`genlight.envs.tools.EnvSpec`); None: one completion per prompt.
+            num_generations: G, the samples of each prompt (a step's prompts: the DataModule's batch size).
+            loss_type: cispo | grpo | dapo | gspo; loss_agg, adv_norm, clip_low, clip_high: None is the loss type's
+                own. epsilon: CISPO's cap on the importance weight.
+            beta, kl_in, kl_estimator, ref_pretrained: the KL to a frozen reference (beta 0: none).
+            generation_lag: pi_gen is refreshed every k optimizer steps (0: on-policy).
+            is_correction, is_level, is_cap_low, is_cap_high, recompute_gen_logps: the off-policy correction of the
+                sampler-trainer mismatch.
+            zero_variance_filter, retire_threshold, pass_threshold, truncated_reward, reward_on_error: which groups
+                and prompts train, what passes, what a cut completion and a failing verifier score.
+            val_num_samples, val_temperature: samples per held-out prompt (pass@k, majority@k).
+            micro_batch_size, max_tokens_per_micro_batch: the step's samples in micro-batches (memory).
+            seed: the sampling noise's (a resumed run draws the same).
+            The rest: `LMModule`'s."""
+        super().__init__(net, tokenizer, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         min_lr_ratio=min_lr_ratio, max_new_tokens=max_new_tokens,
+                         num_logged_samples=num_logged_samples, lora=lora, gradient_checkpointing=gradient_checkpointing)
+        reward = ExactAnswer() if reward is None else reward
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"algo.micro_batch_size={micro_batch_size}: must be >= 1 sample (or null: the whole step)")
         # the shortest a sample can be at its longest: 1 prompt token + a completion (an episode: env.max_tokens)
@@ -210,6 +248,7 @@ class RLVRModule(LMModule):
 
     # ------------------------------------------------------------------ state
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # the data's kind
         if stage == "fit":
             # One optimizer step per batch of prompts, over micro-batches of its samples (`policy_update`): the
             # module steps the optimizer itself, with the trainer's clipping settings. (Set here, after Lightning's

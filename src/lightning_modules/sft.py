@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +20,7 @@ import torch
 import transformers
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+from transformers import PreTrainedModel
 
 from genlight.callbacks.validate_at_end import ValidateAtEnd
 from genlight.callbacks.wandb_axes import STEP
@@ -39,8 +41,28 @@ class SFTModule(LMModule):
         EVAL_PANELS,
     ]
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    DATA_KIND = "sft"
+
+    def __init__(
+        self,
+        net: PreTrainedModel | str | Callable[..., PreTrainedModel],
+        tokenizer=None,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        max_new_tokens: int = 8,
+        num_logged_samples: int = 8,
+        lora: dict | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        """Supervised fine-tuning of `net` on prompt -> completion rows (`DATA_KIND` sft), the completion's tokens
+        only in the loss. The defaults are conf/algo/sft.yaml's; every argument is `LMModule`'s."""
+        super().__init__(net, tokenizer, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         min_lr_ratio=min_lr_ratio, max_new_tokens=max_new_tokens,
+                         num_logged_samples=num_logged_samples, lora=lora, gradient_checkpointing=gradient_checkpointing)
         vocab = self.model.get_output_embeddings().out_features
         # one metric object per stage (Lightning's convention: train_acc, val_acc, test_acc)
         for stage in ("train", "val", "test"):

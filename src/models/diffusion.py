@@ -106,4 +106,28 @@ def net_spec(net: nn.Module) -> dict:
 def net_from_spec(spec: dict) -> nn.Module:
     module, _, name = spec["class"].rpartition(".")
     cls = getattr(importlib.import_module(module), name)
+    if not hasattr(cls, "from_config"):
+        raise ValueError(f"the checkpoint's network {spec['class']} has no `from_config`: it cannot be rebuilt from the "
+                         "config the checkpoint holds (a denoiser for checkpoints is a diffusers ModelMixin + ConfigMixin)")
     return cls.from_config(spec["config"])
+
+
+def load_denoiser(path: str) -> nn.Module:
+    """A denoiser saved with `save_pretrained`: a diffusers model's directory (its config.json names the class: a
+    diffusers one, or `TimeMLP`), or a `DDPMPipeline` directory (DDPMModule's export of a UNet: its `unet/`)."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+
+    root = Path(path)
+    if (root / "unet" / "config.json").is_file():
+        root = root / "unet"
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"net={path}: no config.json there (nor in unet/): not a directory saved with "
+                                "save_pretrained")
+    name = json.loads((root / "config.json").read_text()).get("_class_name")
+    cls = {"TimeMLP": TimeMLP}.get(name) or getattr(diffusers, str(name), None)
+    if cls is None:
+        raise ValueError(f"net={path}: config.json names the class {name!r}, neither a diffusers model nor TimeMLP")
+    return cls.from_pretrained(str(root))

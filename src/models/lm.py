@@ -290,3 +290,31 @@ def from_pretrained(tokenizer, path: str, dtype: str = "float32", **config) -> P
             f"{model.get_input_embeddings().num_embeddings}: they do not belong together"
         )
     return model
+
+
+def language_model(net, tokenizer) -> PreTrainedModel:
+    """The network an LM algorithm trains, from what its `net` argument is: a `transformers` model (used as it is), a
+    local checkpoint directory (`from_pretrained`), or a factory called as `net(tokenizer=tokenizer)` that returns one
+    (`tiny_llama`, or the configs' `model.net`, a partial of it). Anything else is refused, naming what it was."""
+    import os
+
+    if isinstance(net, torch.nn.Module):
+        model = net
+    elif isinstance(net, (str, os.PathLike)):
+        model = from_pretrained(tokenizer, str(net))
+    elif callable(net):
+        model = net(tokenizer=tokenizer)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"net: the factory {getattr(net, '__name__', net)!r} returned a {type(model).__name__}, "
+                            "not a model; it is called as net(tokenizer=...) and must return a transformers model")
+    else:
+        raise TypeError(f"net: a {type(net).__name__} ({net!r:.60}); pass a transformers model, a local checkpoint "
+                        "directory, or a factory called as net(tokenizer=...) that returns a model (e.g. tiny_llama)")
+    if not isinstance(model, PreTrainedModel) and not hasattr(model, "peft_config"):
+        raise TypeError(f"net: a {type(model).__name__}, not a transformers model (PreTrainedModel): the algorithms "
+                        "call its forward with input_ids / attention_mask, its config and generate()")
+    embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embeddings:
+        raise ValueError(f"net: the model's embedding has {embeddings} rows and the tokenizer {len(tokenizer)} tokens: "
+                         "they do not belong together (pass the tokenizer the model was built or trained with)")
+    return model
