@@ -38,3 +38,30 @@ def test_the_slug_is_githubs():
     assert slug("RLVR (`algo=rlvr`): RL with verifiable rewards, the ScaleRL recipe") == \
         "rlvr-algorlvr-rl-with-verifiable-rewards-the-scalerl-recipe"
     assert slug("Memory: bounded by a micro-batch, not by the step") == "memory-bounded-by-a-micro-batch-not-by-the-step"
+
+
+def python_blocks(page, section: str) -> list[str]:
+    """The ```python blocks of a page's section (up to the next heading of its level)."""
+    text = page.read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], re.S)
+
+
+def test_the_readme_plugin_examples_run_as_written(tmp_path):
+    """The README's "Use it in your own Lightning code" examples (DPO with a plain Trainer and TR-DPO's refresh; RLVR
+    with a reward function of one's own), each run as written in a fresh process from an empty directory."""
+    import os
+    import subprocess
+    import sys
+
+    blocks = python_blocks(ROOT / "README.md", "Use it in your own Lightning code")
+    assert len(blocks) == 2
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "WANDB_MODE": "offline"}
+    for i, code in enumerate(blocks):
+        d = tmp_path / f"example{i}"
+        d.mkdir()
+        code += "\nprint('STEP', trainer.global_step if 'trainer' in dir() else module.global_step)\n"
+        r = subprocess.run([sys.executable, "-c", code], cwd=d, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.strip().splitlines()[-1] == ("STEP 10" if i == 0 else "STEP 4"), r.stdout[-500:]
