@@ -242,6 +242,7 @@ def test_a_denoiser_must_give_its_shape_and_rebuild_from_its_config(tmp_path, ca
         m = DDPMModule(net=given, process={"name": "flow"})
         assert m.sample_shape == (2,) and m.process.name == "flow" and m.process.T == 1000
     loaded = DDPMModule(net=str(tmp_path / "net")).net
+    assert loaded.training, "a saved network loads in eval mode; the module trains it in train mode"
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
 
 

@@ -7,6 +7,7 @@ import torch
 
 from genlight.pipeline import train
 from tests.helpers import leet as _leet
+from tests.helpers import train_with
 
 
 def test_fast_dev_run(cfg_factory):
@@ -201,3 +202,60 @@ def test_last_checkpoint_is_the_latest_validation_even_when_the_metric_did_not_i
     best = objs["trainer"].checkpoint_callback.best_model_path
     assert torch.load(best, weights_only=True)["global_step"] == 3, "the metric improved at step 6: no test"
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+class ModesAtFirstBatch:
+    """Records, at the first training batch, which of the module's submodules are in train mode."""
+
+    def __new__(cls, plant_policy_eval: bool = False):
+        import lightning as L
+
+        class Recorder(L.Callback):
+            def __init__(self):
+                self.modes = None
+
+            def on_fit_start(self, trainer, pl_module):
+                if plant_policy_eval:  # a policy left in eval mode (callbacks' on_fit_start runs before the module's)
+                    pl_module.model.eval()
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if self.modes is None:
+                    frozen = {id(x) for m in pl_module.frozen_models() for x in m.modules()}
+                    self.modes = {
+                        "policy": [m.training for m in pl_module.model.modules()],
+                        "frozen": [m.training for m in pl_module.modules() if id(m) in frozen],
+                    }
+
+        return Recorder()
+
+
+@pytest.mark.parametrize("algo", ["dpo", "rlvr"])
+def test_a_policy_loaded_from_a_checkpoint_trains_in_train_mode_and_its_frozen_copies_in_eval(cfg_factory, hf_dir,
+                                                                                             algo):
+    """`from_pretrained` returns a model in eval mode, and Lightning keeps each module's mode: before, the policy
+    trained without dropout (policy.training False at the first batch) and the filtered warning hid it. Now every
+    policy module trains in train mode, the reference (and RLVR's lagged generator) stay in eval mode, and
+    Lightning's warning, no longer filtered, is not raised for them."""
+    import warnings
+
+    from tests.helpers import RLVR_RUN
+
+    run = [o for o in RLVR_RUN if o != "test=false"] if algo == "rlvr" else ["algo=dpo", "warm_start.max_steps=0"]
+    cfg = cfg_factory(*run, "model=hf", f"model.pretrained={hf_dir}", "trainer.max_steps=2", "test=false",
+                      "trainer.enable_progress_bar=false")
+    rec = ModesAtFirstBatch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, objs = train_with(cfg, rec)
+    assert rec.modes["policy"] and all(rec.modes["policy"]), "a policy module trains in eval mode"
+    assert rec.modes["frozen"] and not any(rec.modes["frozen"]), "a frozen copy trains in train mode"
+    assert not [w for w in caught if "in eval mode at the start of training" in str(w.message)]
+
+    planted = ModesAtFirstBatch(plant_policy_eval=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, objs = train_with(cfg_factory(*run, "trainer.max_steps=1", "test=false",
+                                         "trainer.enable_progress_bar=false"), planted)
+    n_policy = len(list(objs["module"].model.modules()))
+    said = [str(w.message) for w in caught if "in eval mode at the start of training" in str(w.message)]
+    assert said and said[0].startswith(f"Found {n_policy} module(s) in eval mode"), said

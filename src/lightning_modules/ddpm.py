@@ -166,7 +166,8 @@ class DDPMModule(L.LightningModule):
         self.process = proc
         # classifier-free guidance: one extra class embedding, index num_classes, is the null label
         self.null_class = num_classes if class_conditional else None
-        self.net = with_class_embeddings(net, num_classes + 1) if class_conditional else net
+        # trained in train mode: a saved network loads in eval mode, and Lightning keeps each module's mode
+        self.net = (with_class_embeddings(net, num_classes + 1) if class_conditional else net).train()
         # the sample metric (data.metric), built in setup; in a dict so that it is no submodule (kept out of EMA,
         # parameters and checkpoints)
         self._eval: dict = {"metric": None}

@@ -108,7 +108,8 @@ class LMModule(L.LightningModule):
             tokenizer = load_tokenizer(str(net))
         self.save_hyperparameters(ignore=["net", "tokenizer", "reward", "rollout", "env"], logger=False)
         self.tokenizer = tokenizer
-        self.model = policy(self.build_model(net, tokenizer), lora, gradient_checkpointing, self.LORA_TASK)
+        # trained in train mode: a checkpoint loads in eval mode (from_pretrained), and Lightning keeps each module's mode
+        self.model = policy(self.build_model(net, tokenizer), lora, gradient_checkpointing, self.LORA_TASK).train()
         self.val_exact_match, self.test_exact_match = ExactMatch(), ExactMatch()
         self._samples: list[list] = []
         self.has_reference = False  # init_reference
@@ -239,6 +240,26 @@ class LMModule(L.LightningModule):
         for m in self.frozen_models():
             m.eval()  # no dropout in pi_ref / pi_gen, whatever Lightning does to the module
         return self
+
+    def _frozen_modules(self) -> list[torch.nn.Module]:
+        """Every module of the frozen copies, and the containers that hold nothing else (RLVR's reward-model
+        wrapper)."""
+        frozen = {id(x) for m in self.frozen_models() for x in m.modules()}
+        containers = [m for m in self.modules() if m is not self and id(m) not in frozen
+                      and len(children := list(m.modules())) > 1 and all(id(c) in frozen for c in children[1:])]
+        return [m for m in self.modules() if id(m) in frozen] + containers
+
+    def on_fit_start(self) -> None:
+        """Lightning warns, at the start of training, of every module in eval mode (it puts none in train mode
+        itself). The frozen copies are in eval mode by design: they are flagged as training for that check alone
+        (`on_train_start` puts them back; in between only the sanity validation runs, with every module in eval
+        mode and back), so that the warning stays on and names exactly the modules that would train in eval mode."""
+        for m in self._frozen_modules():
+            m.training = True
+
+    def on_train_start(self) -> None:
+        for m in self._frozen_modules():
+            m.training = False
 
     # ------------------------------------------------------------------ FSDP2
     def configure_model(self) -> None:

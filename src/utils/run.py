@@ -49,13 +49,12 @@ def fixed_mmap_threshold(nbytes: int = 4 << 20) -> bool:
 def quiet_known_noise() -> None:
     """Silence what every run would print and no user can act on, each by its message and origin
     (never all warnings): Lightning's own use of a torch API that torch deprecates, Lightning's
-    advertisement for its cloud logger, DataLoader worker advice for in-memory data, and Lightning's notice of
-    modules in eval mode at the start of training (the frozen reference and lagged generator are, by design)."""
+    advertisement for its cloud logger, and DataLoader worker advice for in-memory data. (Lightning's warning of
+    modules in eval mode at the start of training stays on: `LMModule.on_fit_start` keeps the frozen copies out of
+    it, so it names a module that would train in eval mode.)"""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
                             module=r"lightning\.pytorch\.utilities\._pytree")
     warnings.filterwarnings("ignore", message=r".*does not have many workers", module=r"lightning\.pytorch")
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
-                            module=r"lightning\.pytorch\.loops\.fit_loop")
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, DropMessage) for f in rank_zero.filters):
         rank_zero.addFilter(DropMessage("💡 Tip: For seamless cloud logging"))
