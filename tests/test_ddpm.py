@@ -685,25 +685,28 @@ def test_class_conditional_digits_draw_the_class_asked_for(cfg_factory):
 
 # ---------------------------------------------------------------------------------------------- flow matching
 class FlowOracle(torch.nn.Module):
-    """The exact marginal velocity E[eps - x0 | x_t] of x_t = (1 - t) x0 + t eps for Gaussian data N(m, v)."""
+    """The exact posterior means of x_t = (1 - t) x0 + t eps for Gaussian data N(m, v), as the network for `target`:
+    E[eps - x0 | x_t] (velocity), E[eps | x_t] or E[x0 | x_t]; plus N(0, noise^2) per output, a network's error."""
 
-    def __init__(self, m: float, v: float, T: int = 1000):
+    def __init__(self, m: float, v: float, T: int = 1000, target: str = "velocity", noise: float = 0.0):
         super().__init__()
-        self.m, self.v, self.T = m, v, T
+        self.m, self.v, self.T, self.target, self.noise = m, v, T, target, noise
+        self.g = torch.Generator().manual_seed(123)
         self.config = {"dim": 1}
 
     def forward(self, x, timestep):
         t = (timestep.double() / self.T)[:, None]
-        var = (1 - t) ** 2 * self.v + t**2
+        var = (1 - t) ** 2 * self.v + t**2  # Var x_t
         centred = x.double() - (1 - t) * self.m
-        x0 = self.m + (1 - t) * self.v / var * centred
-        eps = t / var * centred
-        return (eps - x0).float()
+        x0 = self.m + (1 - t) * self.v / var * centred  # Cov(x0, x_t) / Var x_t = (1 - t) v / var
+        eps = t / var * centred  # Cov(eps, x_t) / Var x_t = t / var
+        out = {"velocity": eps - x0, "eps": eps, "x0": x0}[self.target]
+        return (out + self.noise * torch.randn(out.shape, generator=self.g, dtype=out.dtype)).float()
 
 
-def test_flow_training_pair_and_its_three_parametrisations():
-    """x_t = (1 - t) x0 + t eps; the velocity target is eps - x0; x0 read back from a velocity, an eps or an x0
-    output is x0; logit-normal t has the median 1/2 and the spread of sigmoid(N(0, 1))."""
+def test_flow_training_pair_and_its_parametrisations():
+    """x_t = (1 - t) x0 + t eps; the velocity target is eps - x0; x0 read back from a velocity or an x0 output is x0
+    (an eps output is refused, naming why); logit-normal t has the median 1/2 and the spread of sigmoid(N(0, 1))."""
     p = FlowProcess(num_steps=1000)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(64, 2, generator=g)
@@ -713,8 +716,10 @@ def test_flow_training_pair_and_its_three_parametrisations():
     eps = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
     t = (k / 1000)[:, None]
     assert torch.allclose(x_t, (1 - t) * x0 + t * eps, atol=1e-6) and torch.allclose(v, eps - x0, atol=1e-6)
-    for target, out in (("velocity", eps - x0), ("eps", eps), ("x0", x0)):
-        assert torch.allclose(p.predict_x0(out, x_t, k, target), x0, atol=1e-3), target
+    for target, out in (("velocity", eps - x0), ("x0", x0)):
+        assert torch.allclose(p.predict_x0(out, x_t, k, target), x0, atol=1e-6), target
+    with pytest.raises(ValueError, match="algo.target='eps' with algo.process.name=flow"):
+        p.predict_x0(eps, x_t, k, "eps")
     ln = FlowProcess(t_sampling="logit_normal").sample_k(200_000, torch.Generator().manual_seed(2)) / 1000
     assert ln.median().item() == pytest.approx(0.5, abs=0.01)
     assert torch.logit(ln).std().item() == pytest.approx(1.0, abs=0.01)
@@ -767,9 +772,38 @@ def test_flow_euler_and_heun_transport_the_prior_to_gaussian_data():
     assert len(calls) == 9
 
 
+@pytest.mark.parametrize("target", FlowProcess.targets)
+def test_every_flow_target_samples_the_same_distribution(target):
+    """Each target the flow accepts, from a network that is the exact posterior mean of N(m, s^2) data plus 0.01
+    noise, samples N(m, s^2) with Euler and Heun, and its x0 estimate stays in the data's range at every step,
+    t = 1 included (where x_t is pure noise and E[x0 | x_t] = m)."""
+    m, s = 2.0, 0.5
+    module = module_with(FlowOracle(m, s**2, target=target, noise=0.01), {"name": "flow", "num_steps": 1000},
+                         target=target)
+    x1 = torch.randn(4000, 1, generator=torch.Generator().manual_seed(0))
+    x0_hats = []
+    predict_x0 = module.process.predict_x0
+
+    def recording(out, x_t, k, target):
+        x0_hats.append(predict_x0(out, x_t, k, target))
+        return x0_hats[-1]
+
+    module.process.predict_x0 = recording
+    for sampler, steps in (("euler", 50), ("heun", 10)):
+        x0_hats.clear()
+        x = module.sample(4000, sampler, steps, x_T=x1, shape=(1,))
+        assert x.mean().item() == pytest.approx(m, abs=0.03), (sampler, x.mean().item())
+        assert x.std().item() == pytest.approx(s, abs=0.03), (sampler, x.std().item())
+        worst = max(h.abs().max().item() for h in x0_hats)
+        assert worst < m + 5 * s, (sampler, worst)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"process": {"name": "vp", "num_steps": 10}, "target": "velocity"}, "algo.target='velocity' .* not defined for process='vp'"),
     ({"process": {"name": "flow", "num_steps": 10}, "target": "v"}, "algo.target='v' .* not defined for process='flow', which predicts velocity"),
+    ({"process": {"name": "flow", "num_steps": 10}, "target": "eps"}, "algo.target='eps' with algo.process.name=flow: "
+     "sampling starts at t = 1, where x_t = eps, so an eps prediction carries no information on x0 .* divides by zero "
+     r".* use algo.target=velocity or algo.target=x0"),
     ({"process": {"name": "vp", "num_steps": 10}, "val_sampler": "heun"}, "algo.val_sampler='heun' on process='vp': heun reverses process=flow .* samples with ddpm [|] ddim [|] dpmpp"),
     ({"process": {"name": "flow", "num_steps": 10}, "val_sampler": "ddpm"}, "process='flow' samples with euler [|] heun"),
     ({"process": {"name": "flow", "num_steps": 10}, "shift": 0.0}, "algo.shift=0.0: must be > 0"),

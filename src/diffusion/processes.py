@@ -254,12 +254,15 @@ class FlowProcess(Process):
     """Flow matching with the linear pointwise flow x_t = (1 - t) x_0 + t eps, t in [0, 1] (continuous).
 
     Steps k = t T are floats here (the network reads t T, as SD3's timesteps = sigma * 1000). The velocity of the
-    pointwise flow is dx_t/dt = eps - x_0; the network regresses it (`velocity`), or eps or x_0, equivalently:
-    x_0 = x_t - t v, eps = x_t + (1 - t) v. Sampling integrates the marginal flow dx/dt = E[eps - x_0 | x_t]
-    from t = 1 (x_1 ~ N(0, I)) to 0."""
+    pointwise flow is dx_t/dt = eps - x_0; the network regresses it (`velocity`) or x_0, which give each other
+    exactly at every t: x_0 = x_t - t v. Sampling integrates the marginal flow dx/dt = E[eps - x_0 | x_t]
+    from t = 1 (x_1 ~ N(0, I)) to 0.
+
+    eps is refused: sampling starts at t = 1, where x_t = eps, so an eps prediction says nothing of x_0 there and
+    x_0 = (x_t - t eps)/(1 - t) divides by zero; near t = 1 it multiplies the network's error by 1/(1 - t)."""
 
     name = "flow"
-    targets = ("velocity", "eps", "x0")
+    targets = ("velocity", "x0")
     default_sampler = "euler"
     loss_weightings = ("none",)  # the flow shapes its time with t_sampling instead
 
@@ -299,15 +302,23 @@ class FlowProcess(Process):
     def training_pair(self, x0, k, target, g):
         eps = randn_like(x0, g)
         x_t = self.marginal(x0, k, eps)
-        return x_t, {"velocity": eps - x0, "eps": eps, "x0": x0}[target]
+        return x_t, {"velocity": eps - x0, "x0": x0}[target]
+
+    def check_target(self, target: str) -> None:
+        if target == "eps":
+            raise ValueError("algo.target='eps' with algo.process.name=flow: sampling starts at t = 1, where x_t = eps, "
+                             "so an eps prediction carries no information on x0 there, and x0 = (x_t - t eps)/(1 - t) "
+                             "divides by zero (near t = 1 it multiplies the network's error by 1/(1 - t)); use "
+                             "algo.target=velocity or algo.target=x0")
+        super().check_target(target)
 
     def predict_x0(self, out, x_t, k, target):
+        if target == "x0":
+            return out
+        if target != "velocity":
+            self.check_target(target)  # raises, naming why
         t = self.t(k if torch.is_tensor(k) else torch.tensor(float(k)), x_t)
-        if target == "velocity":
-            return x_t - t * out
-        if target == "eps":  # x_t = (1 - t) x0 + t eps
-            return (x_t - t * out) / (1 - t).clamp(min=1e-4)
-        return out
+        return x_t - t * out  # x_t = x_0 + t (eps - x_0)
 
     def velocity(self, x, x0, k: float) -> torch.Tensor:
         """The velocity (x_t - x_0) / t of the straight path through x_t and x_0 (= eps - x_0)."""
