@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import hydra
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import CONF
+from tests.helpers import ROOT
 
 
 def options(group: str) -> list[str]:
@@ -125,8 +127,9 @@ def test_logger_callback_trainer_configs_instantiate(cfg_factory, group):
         cfg = cfg_factory(f"{group}={option}")
         callbacks = instantiate_callbacks(cfg.callbacks)
         loggers = instantiate_loggers(cfg.logger)
-        if option in ("gpu", "deepspeed"):
-            continue  # need a GPU (deepspeed also its package) to build; composed above
+        if option in ("gpu", "deepspeed"):  # need a GPU (deepspeed also its package) to build: checked without
+            _check_gpu_trainer(cfg.trainer)
+            continue
         if option == "fsdp":  # FSDP2; runs on 2 CPU processes in tests/test_fsdp.py (the script re-launches)
             from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -137,70 +140,127 @@ def test_logger_callback_trainer_configs_instantiate(cfg_factory, group):
         assert isinstance(trainer, L.Trainer)
 
 
-# what each preset must change in the composed config (key: (value without it, value with it))
+def _check_gpu_trainer(cfg) -> None:
+    """A GPU trainer config on a CPU machine: its keys are Trainer arguments, its accelerator a registered one, and,
+    with the accelerator set to cpu, Lightning builds it with its precision; a strategy's keys are its arguments."""
+    import inspect
+
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from omegaconf import OmegaConf
+
+    trainer_args = inspect.signature(L.Trainer).parameters
+    assert set(cfg) - {"_target_"} <= set(trainer_args), set(cfg) - set(trainer_args)
+    assert cfg.accelerator in AcceleratorRegistry
+    if "strategy" in cfg:
+        strategy = hydra.utils.get_class(cfg.strategy._target_)
+        assert set(cfg.strategy) - {"_target_"} <= set(inspect.signature(strategy).parameters)
+        return
+    cpu = {**OmegaConf.to_container(cfg), "accelerator": "cpu", "default_root_dir": None}
+    trainer = hydra.utils.instantiate(cpu, logger=False)
+    assert trainer.precision == cfg.precision == "bf16-mixed"
+
+
+# what each preset is: the groups it picks (its defaults list) and EVERY key it then changes, with its value: the
+# composed preset differs from those groups' composition in exactly these keys (a key added to a preset's file, or a
+# default that moves under it, fails until this table says so)
 PRESETS = {
-    "experiment/sft_arith3": {"data.source.digits": (2, 3), "data.source.ops": (["+"], ["+", "-"]),
-                              "trainer.max_steps": (1500, 6000), "data.source.n_train": (8000, 50000)},
-    "experiment/rlhf": {"algo._target_": ("genlight.lightning_modules.sft.SFTModule", "genlight.lightning_modules.rlvr.RLVRModule"),
-                        "reward._target_": (None, "genlight.rewards.RewardModel"), "reward.normalize": (None, True),
-                        "algo.kl_in": (None, "reward"), "algo.beta": (None, 0.05)},
-    "experiment/gsm8k": {"algo._target_": ("genlight.lightning_modules.sft.SFTModule", "genlight.lightning_modules.rlvr.RLVRModule"),
-                         "data.source.train": (None, "openai/gsm8k"), "data.answer_pattern": (None, "#### (.*)"),
-                         "reward._target_": (None, "genlight.rewards.MathVerify"), "model.lora.r": (None, 16),
-                         "trainer.accelerator": ("auto", "gpu"), "data.chat": (None, True)},
-    "experiment/rg_arithmetic": {"algo._target_": ("genlight.lightning_modules.sft.SFTModule",
-                                                   "genlight.lightning_modules.rlvr.RLVRModule"),
-                                 "data.source.tasks.0.name": (None, "basic_arithmetic"),
-                                 "reward._target_": (None, "genlight.datamodules.reasoning_gym.ReasoningGymScore")},
-    "experiment/rg_spell_backward": {"algo._target_": ("genlight.lightning_modules.sft.SFTModule",
-                                                       "genlight.lightning_modules.rlvr.RLVRModule"),
-                                     "data.source.tasks.0.name": (None, "spell_backward"),
-                                     "trainer.max_steps": (1500, 300),
-                                     "reward._target_": (None, "genlight.datamodules.reasoning_gym.ReasoningGymScore")},
-    "experiment/calculator_tool": {"algo._target_": ("genlight.lightning_modules.sft.SFTModule",
-                                                     "genlight.lightning_modules.rlvr.RLVRModule"),
-                                   "algo.env.environment._target_": (None, "genlight.envs.calculator.Calculator"),
-                                   "data.source._target_": ("genlight.datamodules.arithmetic.ArithmeticTask",
-                                                            "genlight.envs.calculator.CalculatorTask"),
-                                   "data.source.ops": (["+"], ["*"]), "algo.max_new_tokens": (8, 96)},
-    "experiment/guess_the_number": {"algo.env.environment.env_id": (None, "GuessTheNumber-v0-raw"),
-                                     "data.source._target_": ("genlight.datamodules.arithmetic.ArithmeticTask",
-                                                              "genlight.envs.textarena.GameSeeds"),
-                                     "model.net.max_position_embeddings": (256, 896), "algo.max_new_tokens": (8, 72)},
-    "experiment/scalerl": {"algo._target_": ("genlight.lightning_modules.sft.SFTModule", "genlight.lightning_modules.rlvr.RLVRModule"),
-                           "trainer.max_steps": (1500, 600), "trainer.val_check_interval": (250, 25),
-                           "data.source.ops": (["+"], ["+", "*"])},
-    "debug/fdr": {"trainer.fast_dev_run": (None, True), "logger": (["wandb"], []),
-                  "callbacks": (["finite_loss", "hf_export", "lr_monitor", "model_checkpoint", "rich_progress_bar",
-                                 "wandb_axes"], [])},
+    "experiment/sft_arith3": (["algo=sft", "data=arithmetic"], {
+        "data.source.digits": 3, "data.source.ops": ["+", "-"], "data.source.n_train": 50000, "data.source.n_val": 1000,
+        "data.source.n_test": 2000, "trainer.max_steps": 6000, "trainer.val_check_interval": 500,
+        "tags": ["sft", "arithmetic", "3digit"]}),
+    "experiment/rlhf": (["algo=rlvr", "reward=model"], {
+        "reward.normalize": True, "algo.beta": 0.05, "algo.kl_in": "reward", "algo.retire_threshold": None,
+        "algo.truncated_reward": "min", "tags": ["rlhf", "reward_model"]}),
+    "experiment/gsm8k": (["algo=rlvr", "data=jsonl_prompts", "model=hf", "reward=math_verify", "rollout=vllm",
+                          "trainer=gpu"], {
+        "data.source.train": "openai/gsm8k", "data.source.test": "openai/gsm8k", "data.source.name": "main",
+        "data.source.val_fraction": 0.02, "data.columns.prompt": "question", "data.answer_pattern": "#### (.*)",
+        "data.chat": True,
+        "data.system_prompt": "Please reason step by step, and put your final answer within \\boxed{}.",
+        "data.eval_batch_size": 256, "model.lora.r": 16, "model.gradient_checkpointing": True,
+        "rollout.max_model_len": 1024, "rollout.dtype": "bfloat16", "rollout.enforce_eager": False,
+        "rollout.gpu_memory_utilization": 0.35, "rollout.sleep_mode": True, "algo.max_new_tokens": 512,
+        "algo.generation_lag": 1, "algo.lr": 2e-5, "algo.warmup_steps": 10, "algo.micro_batch_size": 32,
+        "algo.val_num_samples": 4, "trainer.max_steps": 500, "trainer.num_sanity_val_steps": 0}),
+    "experiment/rg_arithmetic": (["algo=rlvr", "data=reasoning_gym", "reward=reasoning_gym"], {
+        "data.source.n_train": 6000, "data.max_length": 48, "algo.max_new_tokens": 6, "warm_start.val_every": 25,
+        "tags": ["rlvr", "reasoning_gym", "basic_arithmetic"]}),
+    "experiment/rg_spell_backward": (["algo=rlvr", "data=reasoning_gym", "reward=reasoning_gym"], {
+        "data.source.tasks": [{"name": "spell_backward", "config": {"min_word_len": 3, "max_word_len": 5}}],
+        "data.max_length": 88, "algo.max_new_tokens": 6, "trainer.max_steps": 300,
+        "tags": ["rlvr", "reasoning_gym", "spell_backward"]}),
+    "experiment/calculator_tool": (["algo=rlvr", "data=calculator", "env=calculator", "reward=exact"], {
+        "algo.max_new_tokens": 96, "algo.val_num_samples": 4, "data.batch_size": 8, "data.source.n_val": 100,
+        "data.source.n_test": 200, "warm_start.target": 0.95, "warm_start.max_steps": 1000,
+        "warm_start.batch_size": 32, "warm_start.val_every": 25, "trainer.max_steps": 80,
+        "trainer.val_check_interval": 20, "tags": ["rlvr", "multi_turn", "calculator"]}),
+    "experiment/guess_the_number": (["algo=rlvr", "data=games", "env=textarena"], {
+        "model.net.max_position_embeddings": 896, "algo.max_new_tokens": 72, "algo.val_num_samples": 4,
+        "env.environment.instructions": "Guess the number in 1..10 with move, e.g. [5].",
+        "env.environment.max_number": 10, "env.environment.max_turns": 5, "env.max_turns": 6, "env.max_tokens": 760,
+        "data.max_length": 896, "warm_start.target": 1.0, "warm_start.max_steps": 300, "warm_start.val_every": 100,
+        "warm_start.batch_size": 32, "trainer.max_steps": 200, "tags": ["rlvr", "multi_turn", "textarena"]}),
+    "experiment/scalerl": (["algo=rlvr"], {
+        "data.source.ops": ["+", "*"], "warm_start.cache_dir": "${paths.log_dir}/warm_start_cache", "algo.lr": 5e-5,
+        "trainer.max_steps": 600, "trainer.val_check_interval": 25, "test": False, "tags": ["rlvr", "scalerl"]}),
+    "debug/fdr": (["logger=none", "callbacks=none"], {"trainer.fast_dev_run": True, "extras.print_config": False}),
 }
 
 
-def _value(cfg, key):
+def _flat(node: dict, prefix: str = "") -> dict:
+    """A composed config as {dotted key: value} (lists are values; empty mappings are left out)."""
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _composed(conf: Path, overrides: list[str]) -> dict:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    node = OmegaConf.select(cfg, key)
-    if key in ("logger", "callbacks"):  # a group: the names of what it instantiates
-        return sorted(k for k in node if node[k] is not None)
-    return OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose("train", overrides=overrides), resolve=False)
+    GlobalHydra.instance().clear()
+    return _flat(cfg)
+
+
+def preset_changes(name: str, conf: Path = ROOT / "conf") -> tuple[list[str], dict]:
+    """The groups a preset's file picks, and every key the preset changes from their composition, with its value."""
+    import yaml
+
+    picked = [f"{k.removeprefix('override /')}={v}" for d in yaml.safe_load((conf / f"{name}.yaml").read_text())
+              ["defaults"] if isinstance(d, dict) for k, v in d.items()]
+    base, preset = _composed(conf, picked), _composed(conf, [name.replace("/", "=")])
+    return picked, {k: preset.get(k, "<absent>") for k in base.keys() | preset.keys()
+                    if base.get(k, "<absent>") != preset.get(k, "<absent>")}
 
 
 @pytest.mark.parametrize("name", options("experiment") + [f"debug/{d}" for d in options("debug")])
 def test_experiment_and_debug_presets_change_what_they_say(name):
-    """Each preset changes exactly the keys it is for, from the plain defaults."""
-    from tests.conftest import make_cfg
-
+    """Each preset picks the groups it names and changes exactly the keys PRESETS lists, to the values it lists."""
     group, _, option = name.rpartition("/")
     name = f"{group or 'experiment'}/{option}"
-    assert name in PRESETS, f"add {name} to PRESETS with what it changes"
-    import tempfile
+    assert name in PRESETS, f"add {name} to PRESETS with the groups it picks and every key it changes"
+    picked, changed = preset_changes(name)
+    assert picked == PRESETS[name][0], f"{name} picks {picked}"
+    assert changed == PRESETS[name][1], f"{name} changes {sorted(set(changed) ^ set(PRESETS[name][1]))} unlike PRESETS"
 
-    with tempfile.TemporaryDirectory() as d:
-        plain = make_cfg(Path(d), quick=False)
-        preset = make_cfg(Path(d), [f"{group or 'experiment'}={option}"], quick=False)
-    for key, (before, after) in PRESETS[name].items():
-        assert _value(plain, key) == before, f"{key}: the default moved; update PRESETS"
-        assert _value(preset, key) == after, f"{name} should set {key} to {after}"
+
+def test_the_preset_check_sees_a_key_added_to_a_preset(tmp_path):
+    """The issue's planted bug: algo.lr and algo.generation_lag added to experiment/rlhf.yaml (in a copy of conf/)
+    show in the preset's changes, so the check above would fail on them."""
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    path = conf / "experiment" / "rlhf.yaml"
+    path.write_text(path.read_text().replace("\nalgo:\n", "\nalgo:\n  lr: 1.0e-2\n  generation_lag: 0\n"))
+    _, changed = preset_changes("experiment/rlhf", conf)
+    assert changed == {**PRESETS["experiment/rlhf"][1], "algo.lr": 1e-2, "algo.generation_lag": 0}
 
 
 def test_scalerl_rows_share_their_warm_starts_through_the_cache(cfg_factory, tmp_path):

@@ -16,8 +16,9 @@ importance-weighted KL term beta sg(min(rho, eps)) k(d_t), d_t = log pi(y_t) / p
 Off-policy corrections for the sampler-trainer mismatch (`is_correction`, `is_weights`), verl's decoupled
 "rollout correction" (Liu, Li et al. 2025, "When Speed Kills Stability") and TRL's `vllm_importance_sampling_mode`:
 with pi_old the generator's weights run by the trainer's kernels (recomputed) and pi_rollout the engine's log-probs,
-each token's loss is multiplied by a weight of q = pi_old / pi_rollout (per token, or per sequence: the product over
-its tokens), no gradient; the policy ratio rho becomes pi_train / pi_old:
+each token's policy-gradient term is multiplied by a weight of q = pi_old / pi_rollout (per token, or per sequence: the
+product over its tokens), no gradient, and the KL term is added after, unweighted by it (TRL's place: a token the
+correction masks keeps its pull to pi_ref); the policy ratio rho becomes pi_train / pi_old:
     tis     min(q, C_high) (and max(., C_low) if set)   truncated IS (verl rollout_is, TRL *_truncate)
     mis     q 1[C_low <= q <= C_high], else 0         masked IS (TRL *_mask; verl's rejection sampling keeps 1, not q)
     icepop  mis per token with IcePop's band [0.5, 5]  (Ling team 2025, Ring-1T's IcePop)
@@ -222,8 +223,9 @@ def rlvr_loss(
     With beta > 0 and `kl_in=loss`, the KL term of `kl_estimator` on `ref_logp` (log pi_ref), for every group,
     filtered or not (`loss_groups`); with `kl_in=reward` the penalty is already in the advantages
     (`kl_penalised_rewards`).
-    `is_weight` (`is_weights`, no gradient) multiplies each token's objective, the KL term's too (TRL's place): the
-    off-policy correction; `logp_gen` is then pi_old, recomputed by the trainer.
+    `is_weight` (`is_weights`, no gradient) multiplies each token's policy-gradient term and not its KL term (TRL's
+    place: `per_token_loss * importance_sampling_ratio`, then `+ beta * per_token_kl`): the off-policy correction;
+    `logp_gen` is then pi_old, recomputed by the trainer.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"algo.loss_type={loss_type!r}: must be one of {list(LOSS_TYPES)}")
@@ -238,13 +240,13 @@ def rlvr_loss(
         objective = torch.minimum(rho * a, rho_clip * a)
     if keep is not None:  # the filter removes the policy-gradient term of tied groups (their A is 0 already)
         objective = objective * keep[:, None, None]
+    if is_weight is not None:  # the policy-gradient term only: the KL term below is not the sampler's to correct
+        objective = objective * is_weight
     if beta > 0 and kl_in == "loss":
         if ref_logp is None:
             raise ValueError("algo.beta > 0 needs the reference log-probs")
         iw = torch.clamp(torch.exp(logp.detach() - logp_gen), max=epsilon)  # sg(min(rho, eps)): samples from pi_gen
         objective = objective - beta * iw * kl_term(logp - ref_logp, kl_estimator)
-    if is_weight is not None:
-        objective = objective * is_weight
     if weights is None:  # the whole step: its own weights and count of units (`aggregate`)
         keep = torch.ones(adv.size(0), dtype=torch.bool, device=adv.device) if keep is None else keep
         units = loss_groups(keep, beta, kl_in)
