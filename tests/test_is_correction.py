@@ -84,6 +84,58 @@ def test_the_weight_multiplies_each_tokens_objective_without_a_gradient():
     assert w[0, 2] == 0 and logp.grad[0, 2] == 0
 
 
+def _trl_loss(logp, old, ref, adv, mask, is_ratio, loss_type, beta, eps_low=0.2, eps_high=0.2):
+    """TRL 1.16's GRPOTrainer._compute_loss itself on (N, T) log-probs, through a stand-in for the trainer's state it
+    reads: vLLM's importance-sampling correction on (`inputs["importance_sampling_ratio"]`), k3 to the reference with
+    `use_bias_correction_kl=False` (the KL as this project's loss defines it), one process, no accumulation."""
+    import collections
+    import types
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    n, t = logp.shape
+    fake = types.SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+        loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=True,
+        vllm_importance_sampling_correction=True,
+        args=types.SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
+        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        accelerator=types.SimpleNamespace(gather=lambda x: x, reduce=lambda x, reduction: x, num_processes=1))
+    inputs = {"prompt_ids": torch.zeros(n, 1, dtype=torch.long), "prompt_mask": torch.ones(n, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(n, t, dtype=torch.long), "completion_mask": mask.long(),
+              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "importance_sampling_ratio": is_ratio, "num_items_in_batch": mask.sum().float()}
+    return GRPOTrainer._compute_loss(fake, None, inputs)
+
+
+REF = OLD - torch.tensor([[0.4, -0.3, 0.6], [0.2, 0.5, 0.0], [-0.7, 0.0, 0.0]])  # log pi_ref: d = log pi/pi_ref varies
+
+
+@pytest.mark.parametrize("correction,lo,hi", [("tis", None, 2.0), ("mis", 0.5, 2.0)])
+@pytest.mark.parametrize("loss_type,agg", [("cispo", "token"), ("grpo", "sequence")])
+def test_the_correction_weighs_the_policy_term_and_not_the_kl_as_trl(correction, lo, hi, loss_type, agg):
+    """beta > 0 with a correction: the loss and its gradient equal TRL's (`per_token_loss * importance_sampling_ratio`,
+    then `+ beta * per_token_kl`) on the same tensors, at the first step after sampling (pi_train = pi_old, TRL's
+    num_iterations=1). The token that mis masks (q = exp(2.3)) keeps the KL's gradient beta (1 - pi_ref/pi) / N; with
+    the weight on the KL term too (the old place) it had none, and the loss moved."""
+    w, _ = is_weights(OLD, ROLL, MASK, correction, "token", lo, hi)
+    logp = OLD.clone().requires_grad_(True)
+    loss, _ = rlvr_loss(logp[None], OLD[None], ADV[None], MASK[None], loss_type=loss_type, loss_agg=agg, epsilon=5.0,
+                        clip_low=0.2, clip_high=0.2, ref_logp=REF[None], beta=0.1, is_weight=w[None])
+    loss.backward()
+    trl_logp = OLD.clone().requires_grad_(True)
+    trl = _trl_loss(trl_logp, OLD, REF, ADV, MASK, w, loss_type, 0.1, eps_high=5.0 if loss_type == "cispo" else 0.2)
+    trl.backward()
+    assert loss.item() == pytest.approx(trl.item(), rel=1e-6)
+    torch.testing.assert_close(logp.grad, trl_logp.grad, rtol=1e-6, atol=1e-8)
+    if correction == "mis" and loss_type == "cispo":  # token (0, 2): masked, its KL gradient by hand
+        d = float(OLD[0, 2] - REF[0, 2])
+        assert w[0, 2] == 0 and logp.grad[0, 2].item() == pytest.approx(0.1 * (1 - math.exp(-d)) / 6, rel=1e-5)
+
+
 @pytest.mark.parametrize("args,match", [
     (("ppo", "token", None, None), "algo.is_correction='ppo'"),
     (("tis", "batch", None, None), "algo.is_level='batch'"),
