@@ -47,8 +47,8 @@ def test_weights_equal_a_hand_computation(correction, level, lo, hi):
              if level == "token" else
              [math.exp(sum(float(OLD[i, t] - ROLL[i, t]) for t in range(3) if MASK[i, t])) for i in range(3)])
     outside = [not ((lo is None or q >= lo) and q <= hi) for q in units]
-    assert stats["sampling/importance_sampling_ratio/mean"].item() == pytest.approx(sum(units) / len(units), rel=1e-5)
-    assert stats["sampling/importance_sampling_ratio/max"].item() == pytest.approx(max(units), rel=1e-5)
+    assert stats["sampling/raw_importance_ratio/mean"].item() == pytest.approx(sum(units) / len(units), rel=1e-5)
+    assert stats["sampling/raw_importance_ratio/max"].item() == pytest.approx(max(units), rel=1e-5)
     frac = sum(outside) / len(units)
     assert stats["sampling/frac_masked"].item() == pytest.approx(0.0 if correction == "tis" else frac)
     assert stats["sampling/frac_truncated"].item() == pytest.approx(frac if correction == "tis" else 0.0)
@@ -57,12 +57,14 @@ def test_weights_equal_a_hand_computation(correction, level, lo, hi):
 
 
 def test_without_a_correction_the_recompute_reports_the_mismatch_and_weighs_nothing():
-    """`recompute_gen_logps` with no `is_correction`: no weight, the same ratio and mismatch statistics as a
-    correction's, nothing counted as masked or truncated."""
+    """`recompute_gen_logps` with no `is_correction`: no weight and no applied weights' statistics (TRL's
+    `importance_sampling_ratio/*`), the same raw ratio and mismatch statistics as a correction's, nothing counted as
+    masked or truncated."""
     w, stats = is_weights(OLD, ROLL, MASK, None, "token", None, None)
     _, tis = is_weights(OLD, ROLL, MASK, "tis", "token", None, 2.0)
     assert w is None
-    for key in ("importance_sampling_ratio/mean", "importance_sampling_ratio/max", "sampling_logp_difference/max"):
+    assert not any(k.startswith("sampling/importance_sampling_ratio/") for k in stats)
+    for key in ("raw_importance_ratio/mean", "raw_importance_ratio/max", "sampling_logp_difference/max"):
         assert stats[f"sampling/{key}"].item() == pytest.approx(tis[f"sampling/{key}"].item())
     assert stats["sampling/frac_truncated"].item() == 0.0 and tis["sampling/frac_truncated"].item() > 0
     assert stats["sampling/frac_masked"].item() == 0.0
@@ -134,6 +136,33 @@ def test_the_correction_weighs_the_policy_term_and_not_the_kl_as_trl(correction,
     if correction == "mis" and loss_type == "cispo":  # token (0, 2): masked, its KL gradient by hand
         d = float(OLD[0, 2] - REF[0, 2])
         assert w[0, 2] == 0 and logp.grad[0, 2].item() == pytest.approx(0.1 * (1 - math.exp(-d)) / 6, rel=1e-5)
+
+
+@pytest.mark.parametrize("correction,level,lo,hi", [
+    ("tis", "token", None, 2.0), ("tis", "sequence", None, 2.0), ("tis", "token", 0.9, 2.0),
+    ("mis", "token", 0.5, 2.0), ("mis", "sequence", 0.5, 2.0), ("icepop", "token", 0.5, 5.0),
+])
+def test_importance_sampling_ratio_is_what_trl_logs_under_that_name(correction, level, lo, hi):
+    """`sampling/importance_sampling_ratio/{min,mean,max}` are TRL's: the weights applied (after truncation or
+    masking), over the completion tokens (a masked token's 0 included) or one per sequence, as TRL 1.16's
+    `_generate_and_score_completions` computes them (transcribed below); the ratio before truncation or masking is
+    `sampling/raw_importance_ratio/*`."""
+    # TRL: per_token_logps_diff = (old - sampling) * mask; a sequence's sum; exp; clamp (*_truncate) or masked_fill 0
+    # outside [C_min, C_max] (*_mask); then ratio[mask] (token) or ratio.flatten() (sequence)
+    diff = (OLD - ROLL) * MASK
+    ratio = torch.exp(diff.sum(-1, keepdim=True) if level == "sequence" else diff)
+    if correction == "tis":
+        ratio = torch.clamp(ratio, min=lo, max=hi)
+    else:
+        ratio = ratio.masked_fill((ratio < (lo if lo is not None else -math.inf)) | (ratio > hi), 0.0)
+    flat = ratio.flatten() if level == "sequence" else ratio[MASK]
+    raw = torch.exp(diff.sum(-1) if level == "sequence" else diff[MASK])
+    _, stats = is_weights(OLD, ROLL, MASK, correction, level, lo, hi)
+    got = {k: stats[f"sampling/importance_sampling_ratio/{k}"].item() for k in ("min", "mean", "max")}
+    assert got == pytest.approx({"min": flat.min().item(), "mean": flat.mean().item(), "max": flat.max().item()},
+                                rel=1e-6)
+    got = {k: stats[f"sampling/raw_importance_ratio/{k}"].item() for k in ("min", "mean", "max")}
+    assert got == pytest.approx({"min": raw.min().item(), "mean": raw.mean().item(), "max": raw.max().item()}, rel=1e-6)
 
 
 @pytest.mark.parametrize("args,match", [

@@ -73,10 +73,16 @@ def is_weights(logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.T
                level: str = "token", c_low: float | None = None, c_high: float | None = 2.0
                ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """Each completion token's correction weight (N, T), 0 off the `mask`, from q = pi_old / pi_rollout (`level`
-    token: its own; sequence: exp of the sum of log q over its sequence's tokens, broadcast), and its statistics in
-    TRL's names: the ratio's mean / min / max over tokens (sequences), |log pi_old - log pi_rollout| (the engine's
-    mismatch), the share of tokens (sequences) masked (mis, icepop) or truncated (tis). `correction` None: the
-    statistics alone (the weight None: the recompute without a correction)."""
+    token: its own; sequence: exp of the sum of log q over its sequence's tokens, broadcast), and its statistics:
+
+    sampling/importance_sampling_ratio/*  TRL's: min / mean / max of the weights applied (after truncation or masking:
+                                          a masked token counts as 0) over the completion tokens, or one per sequence
+    sampling/raw_importance_ratio/*       q itself, before truncation or masking, over the same units
+    sampling/sampling_logp_difference/*   TRL's: |log pi_old - log pi_rollout| over the tokens (the engine's mismatch)
+    sampling/frac_masked, frac_truncated  the share of tokens (sequences) masked (mis, icepop) or truncated (tis)
+
+    `correction` None: no weight (None) and no `importance_sampling_ratio/*` (nothing is applied), the rest alone (the
+    recompute without a correction)."""
     m = mask.bool()
     d = (logp_old - logp_rollout).masked_fill(~m, 0.0)
     log_q = d.sum(-1, keepdim=True).expand_as(d) if level == "sequence" else d
@@ -91,18 +97,23 @@ def is_weights(logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.T
         w, truncated = q.clamp(min=c_low, max=c_high).masked_fill(~m, 0.0), out
     elif correction is not None:
         w, masked = q.masked_fill(out | ~m, 0.0), out
+    # the units: each completion token, or each sequence once (its first column: the sequence's q is broadcast)
     unit = m if level == "token" else m.any(-1, keepdim=True) & (torch.arange(m.size(-1), device=m.device) == 0)
     qs = q[unit]
     empty = qs.numel() == 0
     stats = {
-        "sampling/importance_sampling_ratio/mean": q.new_tensor(1.0) if empty else qs.mean(),
-        "sampling/importance_sampling_ratio/min": q.new_tensor(1.0) if empty else qs.min(),
-        "sampling/importance_sampling_ratio/max": q.new_tensor(1.0) if empty else qs.max(),
+        "sampling/raw_importance_ratio/mean": q.new_tensor(1.0) if empty else qs.mean(),
+        "sampling/raw_importance_ratio/min": q.new_tensor(1.0) if empty else qs.min(),
+        "sampling/raw_importance_ratio/max": q.new_tensor(1.0) if empty else qs.max(),
         "sampling/sampling_logp_difference/mean": d[m].abs().mean() if m.any() else q.new_tensor(0.0),
         "sampling/sampling_logp_difference/max": d[m].abs().max() if m.any() else q.new_tensor(0.0),
         "sampling/frac_masked": q.new_tensor(0.0) if empty else masked[unit].float().mean(),
         "sampling/frac_truncated": q.new_tensor(0.0) if empty else truncated[unit].float().mean(),
     }
+    if w is not None:  # TRL logs the weights it multiplies the loss by, not the ratio they come from
+        ws = w[unit]
+        stats.update({f"sampling/importance_sampling_ratio/{k}": q.new_tensor(1.0) if empty else f(ws)
+                      for k, f in (("mean", torch.mean), ("min", torch.min), ("max", torch.max))})
     return w, stats
 
 
