@@ -176,6 +176,38 @@ def test_truncation_caps_the_weight_at_epsilon():
     assert stats["rho/max"].item() == pytest.approx(math.exp(4.9), rel=1e-4)
 
 
+@pytest.mark.parametrize("loss_type,lo,hi,frac", [
+    ("cispo", None, None, 1 / 9),  # rho > eps = 1.5: e^2.3 alone
+    ("grpo", 0.2, 0.2, 3 / 9),  # A > 0 and rho > 1.2: e^2.3, e^0.2 (prompt 1); A < 0 and rho < 0.8: e^-1
+    ("dapo", 0.2, 0.28, 2 / 9),  # clip-higher 1.28 lets e^0.2 = 1.22 through
+    ("gspo", 3e-4, 4e-4, 4 / 9),  # per sequence: (0, 0) s = e^(2.3/3), A > 0: 3 tokens; (0, 1) s = e^-1, A < 0: 1
+])
+def test_ratio_stats_match_a_hand_computation_for_every_loss_type(loss_type, lo, hi, frac):
+    """train/logp_diff/*, train/rho/{mean,max,frac_truncated} and train/kl, one float at a time over the 9 completion
+    tokens. frac_truncated: CISPO's weight capped (rho > eps), PPO's clipped branch chosen by the min (TRL's
+    clip_ratio/region: rho > 1 + e_hi with A > 0, or rho < 1 - e_lo with A < 0), GSPO's on its sequence ratio."""
+    from genlight.rl.loss import ratio_stats
+
+    ref = LOGP - torch.tensor([[[0.3, -0.2, 0.5], [0.1, 0.0, 0.0]], [[-0.4, 0.2, 0.0], [0.6, 0.0, -0.1]]])
+    stats = ratio_stats(LOGP, LOGP_GEN, ADV, MASK, loss_type, 1.5, lo, hi, ref, beta=0.1)
+    toks = _tokens()
+    diff = {k: float(LOGP[k] - LOGP_GEN[k]) for k in toks}
+    seq = {(b, g): sum(diff[k] for k in toks if k[:2] == (b, g)) / int(MASK[b, g].sum()) for b in range(2) for g in range(2)}
+    rho = {k: math.exp(seq[k[:2]] if loss_type == "gspo" else diff[k]) for k in toks}
+    if loss_type == "cispo":
+        cut = [rho[k] > 1.5 for k in toks]
+    else:
+        cut = [(rho[k] > 1 + hi and float(ADV[k[:2]]) > 0) or (rho[k] < 1 - lo and float(ADV[k[:2]]) < 0) for k in toks]
+    d = {k: float(LOGP[k] - ref[k]) for k in toks}
+    want = {
+        "logp_diff/mean": sum(abs(v) for v in diff.values()) / 9, "logp_diff/max": max(abs(v) for v in diff.values()),
+        "rho/mean": sum(rho.values()) / 9, "rho/max": max(rho.values()), "rho/frac_truncated": sum(cut) / 9,
+        "kl": sum(math.exp(-v) + v - 1 for v in d.values()) / 9,
+    }
+    assert sum(cut) / 9 == pytest.approx(frac)  # the hand count agrees with the comment above
+    assert {k: v.item() for k, v in stats.items()} == pytest.approx(want, rel=1e-5)
+
+
 def test_group_advantages_batch_and_group_normalisation():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     keep = ~zero_variance(r)
