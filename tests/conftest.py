@@ -57,6 +57,14 @@ def cfg_factory(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def shared_warm_start(tmp_path_factory) -> list[str]:
+    """Overrides under which the slow learning tests whose recipes start from the same SFT warm start (DPO and the
+    reward model: target 0.85 on the default task) train it once: the same data, and a warm-start cache."""
+    cache = tmp_path_factory.mktemp("warm_start_cache")
+    return ["data.source.n_val=256", "data.source.n_test=256", f"warm_start.cache_dir={cache}"]
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from genlight.models import char_tokenizer
 

@@ -252,7 +252,7 @@ def test_dpo_fast_dev_run_logs_trl_metric_names(cfg_factory):
 
 # ----------------------------------------------------------------------------- learning
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory):
+def dpo_run(tmp_path_factory, shared_warm_start):
     """algo=dpo on the embedded default: warm-start SFT (to exact match 0.85), then DPO."""
     from hydra.core.global_hydra import GlobalHydra
 
@@ -260,7 +260,7 @@ def dpo_run(tmp_path_factory):
     from tests.conftest import make_cfg
 
     tmp = tmp_path_factory.mktemp("dpo")
-    cfg = make_cfg(tmp, DPO_LEARNING, quick=False)
+    cfg = make_cfg(tmp, DPO_LEARNING + shared_warm_start, quick=False)
     metrics, objs = train(cfg)
     GlobalHydra.instance().clear()
     return metrics, objs, tmp / "sft_init"
@@ -269,7 +269,7 @@ def dpo_run(tmp_path_factory):
 DPO_LEARNING = [
     "algo=dpo", "logger=none", "callbacks=none", "test=false", "extras.print_config=false",
     "trainer.enable_progress_bar=false", "trainer.val_check_interval=100",
-    "data.source.n_val=256", "data.source.n_test=16",
+    "data.source.n_val=256",
 ]
 
 

@@ -11,18 +11,20 @@ import pytest
 from tests.helpers import ALGORITHMS, SHORT, short_run
 from tests.helpers.resume import PER_EPOCH, TOTAL, check_resume_exactly
 
-# every algorithm (conf/algo/), plus variants whose state differs: LoRA adapters and their optimizer state; RLVR in
-# micro-batches of 3 samples (groups of 4 split across them); RLVR over multi-turn episodes; flow matching (continuous
-# logit-normal t, Heun samples)
+# every algorithm (conf/algo/), each in the variant whose state is the largest (one resume per code path): SFT with
+# LoRA adapters and their optimizer state; DPO as TR-DPO (its reference refreshed, the callback's counter: algo=dpo is
+# the same module with less state); RLVR in micro-batches of 3 samples (groups of 4 split across them), and over
+# multi-turn episodes (environments reset on each row, prompts re-rendered with the tool's schema); diffusion as flow
+# matching (continuous logit-normal t, Heun samples, EMA)
 VARIANTS = {
-    "sft_lora": (["algo=sft", "model.lora.r=4", "model.lora.dropout=0.0"], True),
-    "rlvr_micro": (SHORT["rlvr"] + ["algo.micro_batch_size=3"], True),
-    # multi-turn episodes (env=): environments reset on each row, prompts re-rendered with the tool's schema
+    "sft": (["algo=sft", "model.lora.r=4", "model.lora.dropout=0.0"], True),
+    "rlvr": (SHORT["rlvr"] + ["algo.micro_batch_size=3"], True),
     "rlvr_env": (SHORT["rlvr"] + ["env=calculator", "env.max_tokens=12", "env.max_turns=2"], True),
-    "ddpm_flow": (SHORT["ddpm"] + ["algo.process.name=flow", "algo.t_sampling=logit_normal", "algo.val_sampler=heun",
-                                   "algo.val_steps=5"], False),
+    "ddpm": (SHORT["ddpm"] + ["algo.process.name=flow", "algo.t_sampling=logit_normal", "algo.val_sampler=heun",
+                              "algo.val_steps=5"], False),
 }
-CASES = {algo: short_run(algo) for algo in ALGORITHMS} | VARIANTS
+SUBSUMED = {"dpo": "tr_dpo"}  # the same module, whose tr_dpo case holds all of dpo's state and more
+CASES = {algo: short_run(algo) for algo in ALGORITHMS if algo not in SUBSUMED} | VARIANTS
 
 
 def _four_batches(cfg_factory, overrides, quick) -> list[str]:

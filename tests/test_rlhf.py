@@ -128,7 +128,23 @@ def test_rlvr_against_a_reward_model(cfg_factory, reward_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     start = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).state_dict()
-    metrics, objects = train_with(cfg)
+    import lightning as L
+
+    scored = []  # (the reward model's scores, truncated) of each training step's samples
+
+    class RecordScores(L.Callback):
+        def on_train_start(self, trainer, module):
+            score_batch = module.reward.score_batch
+
+            def recording(*args, **kwargs):
+                out = score_batch(*args, **kwargs)
+                if trainer.training:
+                    scored.append((out.detach().clone(), kwargs["truncated"].detach().clone()))
+                return out
+
+            module.reward.score_batch = recording
+
+    metrics, objects = train_with(cfg, RecordScores())
     module = objects["module"]
     for k, v in module.reward.model.state_dict().items():
         assert torch.equal(v, start[k]), k
@@ -136,7 +152,12 @@ def test_rlvr_against_a_reward_model(cfg_factory, reward_model_dir, tmp_path):
     assert module.reward.stats[0] == 2 * 4 * 4  # every training score entered the running statistics
     ckpt = torch.load(next((tmp_path / "ck").glob("last*.ckpt")), weights_only=True)
     assert any(k.startswith("reward.model.") for k in ckpt["state_dict"]) and "reward.stats" in ckpt["state_dict"]
-    assert 0.0 <= float(metrics["val/pass@1"]) <= 1.0 and "train/kl" in metrics
+    # train/reward/mean is the reward model's (whitened) score of the step's samples, a cut sample at the step's
+    # lowest (truncated_reward=min), before the KL penalty folded into the advantages (kl_in=reward)
+    assert len(scored) == 2
+    r, cut = scored[-1]
+    want = torch.where(cut, r.min(), r).mean()
+    assert float(metrics["train/reward/mean"]) == pytest.approx(float(want), abs=1e-6)
 
 
 def test_rlhf_bad_input_stops_before_work(cfg_factory, tmp_path):
@@ -256,14 +277,14 @@ def test_kl_estimators_estimate_the_reverse_kl():
 
 
 @pytest.mark.slow
-def test_reward_model_default_recipe_reaches_090_heldout_accuracy(cfg_factory):
+def test_reward_model_default_recipe_reaches_090_heldout_accuracy(cfg_factory, shared_warm_start):
     """`algo=reward_model` as shipped on the embedded default (warm start to greedy exact match 0.85, then the
     Bradley-Terry loss on the arithmetic pairs), 400 of its 600 steps: held-out pair accuracy >= 0.9 on val and
     test (measured in the 600-step run: 0.92 at step 200, 0.95 at 400; a 250-step run, its cosine decay shorter,
-    ended at 0.888)."""
+    ended at 0.888). Its warm start is DPO's learning test's (`shared_warm_start`: trained once, by whichever runs
+    first)."""
     cfg = cfg_factory("algo=reward_model", "trainer.max_steps=400", "trainer.val_check_interval=400", "logger=none",
-                      "warm_start.val_every=50",
-                      "trainer.enable_progress_bar=false", quick=False)
+                      "trainer.enable_progress_bar=false", *shared_warm_start, quick=False)
     metrics, _ = train_with(cfg)
     assert float(metrics["val/accuracy"]) >= 0.9, metrics["val/accuracy"]
     assert float(metrics["test/accuracy"]) >= 0.9, metrics["test/accuracy"]
@@ -346,8 +367,18 @@ def test_best_of_k_by_the_reward_model(cfg_factory, reward_model_dir, tmp_path):
     assert worst["pass"] == best["pass"] and 0 < best["pass"][0] < best["pass"][-1] < 1  # the same samples
     assert best["best"][-1] == pytest.approx(best["pass"][-1])  # the oracle finds a correct sample when one exists
     assert worst["best"][-1] < best["best"][-1]  # ... the anti-oracle only when all are
-    metrics, _ = evaluate(cfg_factory(*run, "eval.scorer=reward_model", f"eval.reward_model={path}", name="eval"))
-    assert all(0 <= metrics[f"test/ttc/best_of@{k}"] <= 1 for k in (1, 2, 3, 4))
+    cfg = cfg_factory(*run, "eval.scorer=reward_model", f"eval.reward_model={path}", name="eval")
+    metrics, objs = evaluate(cfg)
+    # eval.py's curves are curves_at_k's (whose best-of-k the oracles above pin) with the reward model it was given,
+    # the checkpoint's own verifier and the run's seed
+    from genlight.rewards import RewardModel
+
+    want = curves_at_k(objs["module"], objs["datamodule"].test_dataloader(), 4, 1.0, None, "reward_model",
+                       max_batch_size=cfg.eval.max_batch_size, seed=cfg.seed, reward_model=RewardModel(str(path)))
+    for k in (1, 2, 3, 4):
+        assert metrics[f"test/ttc/best_of@{k}"] == pytest.approx(want["best"][k - 1])
+        assert metrics[f"test/ttc/pass@{k}"] == pytest.approx(want["pass"][k - 1])
+    assert want["best"] != want["pass"] or want["pass"][0] in (0.0, 1.0)  # the scorer picks among different samples
     with pytest.raises(ValueError, match="eval.scorer=reward_model needs eval.reward_model"):
         evaluate(cfg_factory(*run, "eval.scorer=reward_model", name="eval"))
 
