@@ -197,6 +197,94 @@ def test_kto_trains_on_a_file_with_lora_and_refuses_packing(cfg_factory, tmp_pat
         train(cfg_factory(*run, "+data.packing=true", quick=False))
 
 
+def _one_label_val(tmp_path, label: bool):
+    """A train file of both labels and a val file of `label` rows only."""
+    train = _unpaired_file(tmp_path, 32)
+    val = write_jsonl(tmp_path / "one_label_val.jsonl",
+                      [{"prompt": f"{i}+1=", "completion": str(i + 1 if label else i + 7), "label": label}
+                       for i in range(40, 52)])
+    return train, val
+
+
+@pytest.mark.parametrize("label", [True, False], ids=["desirable_only", "undesirable_only"])
+def test_a_one_label_val_split_logs_only_what_is_defined_and_says_why_once(cfg_factory, tmp_path, caplog, label):
+    """On a val split of one label the AUROC is undefined (torchmetrics gives 0.0 for one class: the worst score, so a
+    sweep ranked such a run last) and so are the other label's means and the margin (NaN, a mean over no rows), and
+    without desirable rows greedy exact match (0.0 over no rows): none is logged, every logged value is finite, and a
+    warning names them once over two validations."""
+    import logging
+
+    train, val = _one_label_val(tmp_path, label)
+    run = [*QUICK_KTO, "data=jsonl_unpaired", f"data.source.train={train}", f"data.source.val={val}",
+           "optimized_metric=val/loss", "monitor_mode=min", "trainer.max_steps=4", "trainer.val_check_interval=2",
+           "logger=none", "trainer.accelerator=cpu", "extras.print_config=false", "test=false"]
+    with caplog.at_level(logging.WARNING, logger="genlight.lightning_modules.kto"):
+        metrics, _ = train_with(cfg_factory(*run, quick=False))
+    val_metrics = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+    kept, gone = ("chosen", "rejected") if label else ("rejected", "chosen")
+    undefined = {f"val/rewards/{gone}", f"val/logps/{gone}", "val/rewards/margins", "val/rewards/auroc"}
+    undefined |= set() if label else {"val/exact_match"}
+    assert not undefined & set(val_metrics), val_metrics
+    assert {"val/loss", "val/kl", f"val/rewards/{kept}", f"val/logps/{kept}"} <= set(val_metrics)
+    assert all(math.isfinite(v) for v in val_metrics.values()), val_metrics
+    said = [r.getMessage() for r in caplog.records if "every row of the val split" in r.getMessage()]
+    assert len(said) == 1 and all(k in said[0] for k in undefined), said
+
+
+@pytest.mark.parametrize("metric", ["val/rewards/auroc", "val/rewards/margins"])
+def test_an_optimized_metric_a_one_label_val_split_leaves_undefined_is_refused_before_work(cfg_factory, tmp_path,
+                                                                                         metric):
+    """KTO's optimized_metric (val/rewards/auroc) on a val split of desirable rows only: the run and the Optuna sweep
+    stop before the warm start, naming the metric, the split and its file, and suggesting another metric."""
+    from genlight.lightning_modules.kto import KTOModule
+    from genlight.pipeline import train
+
+    train_file, val = _one_label_val(tmp_path, True)
+    run = ["algo=kto", "data=jsonl_unpaired", f"data.source.train={train_file}", f"data.source.val={val}",
+           "warm_start.max_steps=20", "warm_start.val_every=10", "data.batch_size=8", "trainer.max_steps=2",
+           "trainer.val_check_interval=2", "logger=none", "trainer.accelerator=cpu", "extras.print_config=false",
+           "test=false", f"optimized_metric={metric}"]
+    message = (rf"optimized_metric={metric}: every row of the val split \(.*one_label_val.jsonl, 12 rows\) is "
+               r"desirable \(label true\).*set another optimized_metric \(val/exact_match")
+    with pytest.raises(ValueError, match=message):
+        train(cfg_factory(*run, quick=False))
+    assert not (tmp_path / "sft_init").exists(), "the warm start ran before the refusal"
+    sweep = cfg_factory("hparams_search=kto_optuna", *run[:4], quick=False)
+    assert sweep.optimized_metric == "val/rewards/auroc"
+    with pytest.raises(ValueError, match=r"optimized_metric=val/rewards/auroc: every row of the val split"):
+        KTOModule.check_config(sweep)
+    KTOModule.check_config(cfg_factory(*run, "optimized_metric=val/exact_match", quick=False))  # defined: accepted
+
+
+@pytest.mark.parametrize("lora", [[], ["model.lora.r=4", "model.lora.dropout=0.0"]], ids=["full", "lora"])
+def test_first_step_rewards_are_zero_policy_equals_reference(cfg_factory, lora):
+    """At the first step the policy is its reference (pi_0 = pi_ref: a frozen copy, or with LoRA the base with the
+    adapters off), so every row's implied reward beta (log pi - log pi_ref) is exactly 0, and so is z_0; each row's
+    loss is then lambda (1 - sigma(0)) = 0.5: read from the module's own forward inside the first training step."""
+    seen = []
+
+    class Record(__import__("lightning").Callback):
+        def on_train_start(self, trainer, module):
+            forward = module.forward
+
+            def recorded(batch):
+                loss, out = forward(batch)
+                seen.append((loss.detach(), out))
+                return loss, out
+
+            module.forward = recorded
+
+    train_with(cfg_factory(*QUICK_KTO, "data.batch_size=32", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                           "test=false", *lora), Record())
+    loss, out = seen[0]
+    assert out["labels"].any() and (~out["labels"]).any()
+    assert torch.equal(out["rewards"], torch.zeros_like(out["rewards"])), out["rewards"]
+    assert out["kl"].item() == 0.0 and loss.item() == 0.5
+    # the warm-up's first learning rate is 0 (transformers' linear warm-up), so the policy first moves at step 2
+    third = seen[2][1]["rewards"]
+    assert not torch.equal(third, torch.zeros_like(third)), "the policy never moved: the check is vacuous"
+
+
 @pytest.mark.slow
 def test_kto_default_recipe_learns_without_losing_exact_match(cfg_factory):
     """`algo=kto` as shipped on the embedded default (warm start to greedy exact match 0.85 on the correct answers,

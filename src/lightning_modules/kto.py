@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable
 
 import torch
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAUROC
 from transformers import PreTrainedModel
 
@@ -47,6 +47,11 @@ from genlight.models.logps import completion_logps
 log = logging.getLogger(__name__)
 UNPAIRED_FORMATS = '{"prompt", "completion", "label"}'
 STATS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+# the held-out metrics a split must have these labels for (True = desirable rows); on a split without them they are
+# undefined (a mean over no rows is NaN; torchmetrics' AUROC of one class is 0.0) and not logged
+NEEDS_LABELS = {"rewards/chosen": {True}, "logps/chosen": {True}, "rewards/rejected": {False},
+                "logps/rejected": {False}, "rewards/margins": {True, False}, "rewards/auroc": {True, False},
+                "exact_match": {True}}
 
 
 # --------------------------------------------------------------------------- the loss
@@ -111,8 +116,8 @@ def unpaired_rows(source, split: str, seed: int) -> list[tuple[str, dict]]:
             raise DataError(f"{origin}: every row of the train split is {kind}: KTO learns from both desirable and "
                             "undesirable completions (its reference point weighs one against the other); add rows of "
                             "the other label")
-        log.warning("%s: every row of the %s split is %s: %s/rewards/auroc is undefined there", origin, split, kind,
-                    split)
+        # val / test: their metrics that need both labels are not logged (`KTOModule`, which says so once), and an
+        # `optimized_metric` among them is refused before any work (`KTOModule.check_config`)
     return rows
 
 
@@ -210,16 +215,42 @@ class KTOModule(LMModule):
             if value <= 0:
                 raise ValueError(f"algo.{key}={value}: must be > 0")
         self.init_reference(ref_pretrained)
-        for stage in ("val", "test"):  # row-weighted means over the split, summed across processes; AUROC
+        for stage in ("val", "test"):  # row-weighted means over the split, summed across processes; AUROC; row counts
             metrics = {k.replace("/", "_"): MeanMetric() for k in STATS + ("loss", "kl")}
-            setattr(self, f"{stage}_stats", torch.nn.ModuleDict(metrics | {"rewards_auroc": BinaryAUROC()}))
+            counts = {"rows_chosen": SumMetric(), "rows_rejected": SumMetric()}
+            setattr(self, f"{stage}_stats", torch.nn.ModuleDict(counts | metrics | {"rewards_auroc": BinaryAUROC()}))
+        self._one_label_warned: set[str] = set()
+        self._has_desirable: dict[str, bool] = {}
 
     @staticmethod
     def check_config(cfg) -> None:
-        """Before any work (train.py calls it first)."""
+        """Before any work (train.py calls it first): packing is refused, and so is an `optimized_metric` that the val
+        split's labels leave undefined (the AUROC of a split of desirable rows only): no validation would log it, so
+        neither the best checkpoint nor a sweep's trials could be ranked by it."""
         if cfg.data.get("packing"):
             raise ValueError("data.packing=true: KTO scores each row and a mismatched completion for its reference "
                              "point in padded rows; set data.packing=false for algo=kto")
+        metric = str(cfg.get("optimized_metric") or "")
+        needs = NEEDS_LABELS.get(metric.removeprefix("val/")) if metric.startswith("val/") else None
+        if not cfg.get("train") or not needs:
+            return
+        import hydra
+
+        data = hydra.utils.instantiate(cfg.data, tokenizer=hydra.utils.instantiate(cfg.model.tokenizer))
+        if not hasattr(data, "rows") or (hasattr(data, "has_split") and not data.has_split("val")):
+            return
+        rows = data.rows("val")
+        labels = {row.get("label") for _, row in rows}
+        if rows and not needs <= labels:
+            kind = "desirable (label true)" if labels == {True} else "undesirable (label false)"
+            origin = rows[0][0].rsplit(":", 1)[0].split("[row", 1)[0]
+            other = "val/exact_match, or val/loss with monitor_mode=min" if True in labels else \
+                "val/loss with monitor_mode=min"
+            raise ValueError(
+                f"optimized_metric={metric}: every row of the val split ({origin}, {len(rows)} rows) is {kind}, and "
+                f"{metric} needs {'both labels' if len(needs) == 2 else 'rows of the other label'}: it would never "
+                "be logged, so neither the best checkpoint nor a sweep could be ranked by it. Add rows of the other "
+                f"label to the val split (data.source.val), or set another optimized_metric ({other})")
 
     # ------------------------------------------------------------------ log-probs
     @staticmethod
@@ -272,18 +303,42 @@ class KTOModule(LMModule):
                   "logps/chosen": (out["logps"], labels), "logps/rejected": (out["logps"], ~labels)}
         for k, (v, mask) in values.items():
             stats[k.replace("/", "_")].update(v if mask is None else v[mask])
+        stats["rows_chosen"].update(labels.sum())
+        stats["rows_rejected"].update((~labels).sum())
         stats["rewards_auroc"].update(out["rewards"], labels.long())
         # greedy exact match on the desirable rows (against their `answer`, or their completion): a task's prompt,
-        # which has a desirable and an undesirable row, counts once
-        self.eval_generation(batch, stage, batch_idx, rows=[i for i, y in enumerate(labels.tolist()) if y])
+        # which has a desirable and an undesirable row, counts once; a split without desirable rows has none (0.0
+        # would be logged), decided on the whole split so that every process logs the same metrics
+        if batch_idx == 0:
+            self._has_desirable[stage] = self._split_has_desirable(stage)
+        if self._has_desirable.get(stage, True):
+            self.eval_generation(batch, stage, batch_idx, rows=[i for i, y in enumerate(labels.tolist()) if y])
+
+    def _split_has_desirable(self, stage: str) -> bool:
+        """Whether the split holds a desirable row (True when the DataModule keeps no `examples` to look at)."""
+        examples = getattr(getattr(self.trainer, "datamodule", None), "examples", None) or {}
+        return stage not in examples or any(e.get("label", True) for e in examples[stage])
 
     def _eval_epoch_end(self, stage: str) -> None:
         stats = getattr(self, f"{stage}_stats")
-        values = {k: m.compute() for k, m in stats.items() if m.update_called}
+        values = {}
+        if stats["rows_chosen"].update_called:
+            # the labels of the whole split (summed over processes, so every process computes the same metrics)
+            present = {label for label, key in ((True, "rows_chosen"), (False, "rows_rejected"))
+                       if stats[key].compute() > 0}
+            defined = {k for k, needs in NEEDS_LABELS.items() if needs <= present}
+            values = {k: m.compute() for k, m in stats.items() if not k.startswith("rows_")
+                      and (k.replace("_", "/", 1) in defined or k in ("loss", "kl"))}
+            if "rewards/margins" in defined:
+                values["rewards_margins"] = values["rewards_chosen"] - values["rewards_rejected"]
+            if len(present) < 2 and stage not in self._one_label_warned and not self.trainer.sanity_checking:
+                self._one_label_warned.add(stage)
+                log.warning("every row of the %s split is %s: %s are undefined there (a mean over no rows, an AUROC "
+                            "of one label) and not logged", stage,
+                            "desirable (label true)" if True in present else "undesirable (label false)",
+                            ", ".join(f"{stage}/{k}" for k in NEEDS_LABELS if k not in defined))
         for m in stats.values():
             m.reset()
-        if "rewards_chosen" in values and "rewards_rejected" in values:
-            values["rewards_margins"] = values["rewards_chosen"] - values["rewards_rejected"]
         if not self.trainer.sanity_checking:
             for k, v in values.items():
                 name = k.replace("rewards_", "rewards/").replace("logps_", "logps/")
