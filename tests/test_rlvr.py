@@ -664,6 +664,54 @@ def test_variants_differ_where_they_should(cfg_factory):
     assert kl.at[0]["train/kl"] < 1e-6 and kl.at[1]["train/kl"] > 1e-5 and kl.at[2]["train/kl"] > 1e-5
 
 
+class TokenCounts(L.Callback if (L := __import__("lightning")) else object):
+    """Per step, counted apart from the module's own counters: the prompt tokens of the step's rows (their
+    `prompt_ids` in the DataModule, once per prompt), the generated tokens of each completion the engine returned (up
+    to and with its first <eos>, or all `max_new_tokens` of a cut one), the policy's parameters and the logged
+    train/compute_flops."""
+
+    def __init__(self, rolls: list):
+        self.rolls, self.steps = rolls, []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        rows = trainer.datamodule.examples["train"]
+        prompt = sum(len(rows[i]["prompt_ids"]) for i in batch["index"].tolist())
+        eos, limit = module.tokenizer.eos_token_id, module.hparams.max_new_tokens
+        generated = 0
+        for ids in self.rolls[-1].completion_ids.tolist():
+            generated += ids.index(eos) + 1 if eos in ids[:limit] else limit
+        self.steps.append({"prompt": prompt, "generated": generated, "n": module.model.num_parameters(),
+                           "flops": float(trainer.callback_metrics["train/compute_flops"])})
+
+
+@pytest.fixture
+def recorded_rolls(monkeypatch):
+    """Every rollout the HF engine returns, in order (the last is the step's: validation is off)."""
+    from genlight.models.rollout import HFRollout
+
+    rolls, generate = [], HFRollout.generate
+    monkeypatch.setattr(HFRollout, "generate", lambda self, *a, **k: rolls.append(generate(self, *a, **k)) or rolls[-1])
+    return rolls
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_compute_flops_is_2n_per_sampled_token_and_6n_per_trained_token(cfg_factory, recorded_rolls, recompute):
+    """train/compute_flops (the ScaleRL curve's x-axis), cumulative, by hand: per step 2 N (P + Gen) for sampling (each
+    prompt prefilled once for its G samples, each generated token once) + 6 N (P + Gen) for training (each prompt
+    encoded once for its samples) + 2 N (P + Gen) for pi_old's recompute when on. Counting a prompt once per sample
+    (x G) or a trained token at 2 N would be another number."""
+    rec = TokenCounts(recorded_rolls)
+    cfg = cfg_factory(*RUN, "trainer.max_steps=3", "trainer.val_check_interval=null", "+trainer.limit_val_batches=0",
+                      "trainer.num_sanity_val_steps=0", f"algo.recompute_gen_logps={str(recompute).lower()}")
+    train_with(cfg, rec)
+    assert len(rec.steps) == 3 and len(recorded_rolls) == 3
+    total = 0.0
+    for step in rec.steps:
+        tokens = step["prompt"] + step["generated"]
+        total += (2 + 6 + (2 if recompute else 0)) * step["n"] * tokens
+        assert step["flops"] == pytest.approx(total, rel=1e-6)
+
+
 def test_fp32_head_under_bf16_autocast(tokenizer):
     """ScaleRL's FP32 logits: under bf16 mixed precision the LM head and log-softmax stay float32."""
     from genlight.models import tiny_llama
