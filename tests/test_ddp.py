@@ -74,6 +74,51 @@ def test_rlvr_batch_normalisation_across_ranks_equals_single_process(cfg_factory
     assert metrics["ddp/retired_spread"] == 0 and metrics["ddp/policy_spread"] == 0
 
 
+class ComputeCheck(L.Callback):
+    """After each step: this rank's tokens counted apart from the module (the prompt tokens of its rows, once per
+    prompt; each completion's tokens up to and with its first <eos>, or all max_new_tokens), summed over both ranks by
+    hand into 8 N per token (2 N sampling + 6 N training), against each rank's train/compute_flops."""
+
+    def __init__(self, rolls: list):
+        self.rolls, self.total = rolls, 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        rows = trainer.datamodule.examples["train"]
+        eos, limit = pl_module.tokenizer.eos_token_id, pl_module.hparams.max_new_tokens
+        prompt = sum(len(rows[i]["prompt_ids"]) for i in batch["index"].tolist())
+        generated = sum(ids.index(eos) + 1 if eos in ids[:limit] else limit
+                        for ids in self.rolls[-1].completion_ids.tolist())
+        both = pl_module.all_gather(torch.tensor([prompt, generated], dtype=torch.float64))  # (world, 2)
+        self.total += 8 * pl_module.model.num_parameters() * float(both.sum())
+        logged = float(trainer.callback_metrics["train/compute_flops"])
+        flops = pl_module.all_gather(torch.tensor([logged], dtype=torch.float64))  # each rank's value
+        worst = {
+            "ddp/world": float(trainer.world_size),
+            "ddp/generated_spread": (both[:, 1].max() - both[:, 1].min()).float(),  # the ranks' lengths differ
+            "ddp/flops_error": ((flops - self.total).abs().max() / self.total).float(),
+            "ddp/flops_spread": (flops.max() - flops.min()).float(),
+        }
+        for k, v in worst.items():
+            pl_module.log(k, v, batch_size=1, reduce_fx="max", on_step=False, on_epoch=True)
+
+
+def test_rlvr_compute_flops_sum_the_tokens_of_every_rank(cfg_factory, monkeypatch):
+    """train/compute_flops (the ScaleRL x-axis) under DDP counts the tokens of both ranks, not this rank's x 2: each
+    rank holds the hand sum over both, and the same value, when their completion lengths differ."""
+    from genlight.models.rollout import HFRollout
+
+    rolls, generate = [], HFRollout.generate
+    monkeypatch.setattr(HFRollout, "generate", lambda self, *a, **k: rolls.append(generate(self, *a, **k)) or rolls[-1])
+    cfg = cfg_factory(*RUN, "trainer.max_steps=3", "trainer=ddp", "trainer.strategy=ddp_fork", "data.batch_size=2",
+                      "data.source.n_train=32", "trainer.val_check_interval=null", "+trainer.limit_val_batches=0",
+                      "trainer.num_sanity_val_steps=0")
+    metrics, _ = train_with(cfg, ComputeCheck(rolls))
+    assert metrics["ddp/world"] == 2
+    assert metrics["ddp/generated_spread"] > 0, "both ranks generated as many tokens at every step: the check is vacuous"
+    assert metrics["ddp/flops_error"] < 1e-6
+    assert metrics["ddp/flops_spread"] == 0
+
+
 def test_sft_under_trainer_ddp_keeps_ranks_in_step_and_syncs_metrics(cfg_factory):
     """trainer=ddp (2 CPU processes, gloo): each rank sees its own shard of the data, the policies
     stay identical, and val/exact_match is computed over both shards (the metric sums counts)."""

@@ -511,9 +511,13 @@ class RLVRModule(LMModule):
         n_gen = int(roll.lengths.sum())
         n_prompt = int(batch["prompt_attention_mask"].sum())
         n_train = n_prompt + n_gen  # each prompt is encoded once for its G samples
-        n_fwd = n_prompt + n_gen + (n_train if self.hparams.recompute_gen_logps else 0)  # + pi_old's forward pass
-        self.compute += float(2 * self.n_params * n_fwd + 6 * self.n_params * n_train) * self.trainer.world_size
-        self.samples += b * g * self.trainer.world_size
+        # the step's compute is every process's tokens (their completion lengths differ): summed, so every process
+        # holds the same count (the ScaleRL curve's x-axis)
+        counts = self._gather(torch.tensor([[n_prompt, n_gen, b * g]], device=self.device)).sum(0).tolist()
+        tokens = counts[0] + counts[1]  # prefilled once per prompt + generated; trained: the same tokens
+        n_fwd = tokens * (2 if self.hparams.recompute_gen_logps else 1)  # + pi_old's forward pass
+        self.compute += float(2 * self.n_params * n_fwd + 6 * self.n_params * tokens)
+        self.samples += counts[2]
         m = roll.loss_mask
         log = {
             "loss": loss.detach(),
