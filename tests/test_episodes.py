@@ -77,10 +77,11 @@ def test_turn_and_token_budgets_end_episodes():
     eos = tok.eos_token_id
     turn1 = char_ids(tok, CALL) + [eos]
     prompt = [1, 2, 3]
-    # max_turns=1: the tool is not run, the episode ends after its turn (not truncated)
+    # max_turns=1: the last turn's tool call runs; no tool turn is appended (no turn left to read it), not truncated
     ep = run_episodes(Scripted([turn1]), tok, [prompt], [Environment(tools=[add])], 1, max_turns=1,
                       max_new_tokens=200, max_tokens=400)
-    assert ep.turns.tolist() == [1] and ep.tool_calls.tolist() == [0] and not ep.truncated.any()
+    assert ep.turns.tolist() == [1] and ep.tool_calls.tolist() == [1] and not ep.truncated.any()
+    assert int(ep.lengths[0]) == len(turn1) and ep.messages[0][-1] == {"role": "tool", "name": "add", "content": "42"}
     # a budget that ends inside the first turn: cut there, truncated
     ep = run_episodes(Scripted([turn1]), tok, [prompt], [Environment(tools=[add])], 1, max_turns=3,
                       max_new_tokens=200, max_tokens=10)
@@ -193,3 +194,62 @@ def test_tool_turn_tokens_carry_no_loss_no_kl_and_no_count_in_the_rlvr_step(cfg_
     expect, _ = rlvr_loss(lp.view(2, g, t), logps.view(2, g, t), adv, policy.view(2, g, t), keep, "cispo", "token",
                           5.0, ref_logp=ref.view(2, g, t), beta=0.1, with_stats=False)
     torch.testing.assert_close(loss, expect, atol=1e-5, rtol=1e-5)
+
+
+class Counter:
+    """A game on TRL's contract (plus `done`): `guess` wins at the `win_at`-th call; `get_reward` 1 for a win."""
+
+    def __init__(self, win_at: int = 99, reply: str = "no"):
+        self.win_at, self.reply, self.calls, self.done, self.won = win_at, reply, 0, False, False
+
+    def reset(self, **row) -> None:
+        return None
+
+    def guess(self, n: int) -> str:
+        """Guess.
+
+        Args:
+            n: the guess
+        """
+        self.calls += 1
+        self.done = self.won = self.calls >= self.win_at
+        return "you win" if self.won else self.reply
+
+    def get_reward(self) -> float:
+        return float(self.won)
+
+
+GUESS = '<tool_call>{"name": "guess", "arguments": {"n": 5}}</tool_call>'
+
+
+def test_every_turn_within_max_turns_has_its_calls_run_the_last_ones_too():
+    """A game won at the 3rd guess, played with max_turns=3: before, the 3rd turn's call never reached the game (2 of
+    3 moves were played, the game could not be won)."""
+    from genlight.envs.episodes import environment_rewards
+
+    tok = bpe_tokenizer()
+    turn = char_ids(tok, GUESS) + [tok.eos_token_id]
+    games = [Counter(win_at=3)]
+    ep = run_episodes(Scripted([turn] * 3), tok, [[1, 2, 3]], [Environment(g) for g in games], 1, max_turns=3,
+                      max_new_tokens=200, max_tokens=10_000)
+    assert games[0].calls == 3 and ep.tool_calls.tolist() == [3] and ep.turns.tolist() == [3]
+    assert environment_rewards([Environment(g) for g in games]).tolist() == [1.0] and not ep.truncated.any()
+
+
+def test_an_episode_its_environment_ended_keeps_its_reward_whatever_its_budget():
+    """The winning move reaches the game, then the game's reply does not fit the token budget: before, the episode
+    was marked truncated (its reward then replaced by truncated_reward, and it did not pass); now it ended with the
+    game: not truncated, no further turn sampled."""
+    tok = bpe_tokenizer()
+    turn = char_ids(tok, GUESS) + [tok.eos_token_id]
+    engine = Scripted([turn] * 3)
+    game = Counter(win_at=1, reply="x" * 500)
+    long_reply = tok(tool_turn_text(tok, [("guess", "you win")]), add_special_tokens=False).input_ids
+    ep = run_episodes(engine, tok, [[1, 2, 3]], [Environment(game)], 1, max_turns=3, max_new_tokens=200,
+                      max_tokens=len(turn) + len(long_reply) - 1)  # the reply to the win does not fit
+    assert game.won and ep.truncated.tolist() == [False] and len(engine.calls) == 1 and ep.turns.tolist() == [1]
+    # a game still running when the budget is spent is truncated, as before
+    running = Counter(win_at=99, reply="x" * 500)
+    ep = run_episodes(Scripted([turn] * 3), tok, [[1, 2, 3]], [Environment(running)], 1, max_turns=3,
+                      max_new_tokens=200, max_tokens=len(turn) + 5)
+    assert not running.done and ep.truncated.tolist() == [True]

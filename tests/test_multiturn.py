@@ -307,3 +307,38 @@ def test_game_demonstrations_are_the_episode_contexts_and_seeds_are_disjoint(tok
     tool = tokenizer(tool_turn_text(tokenizer, [("move", hint)]), add_special_tokens=False).input_ids
     assert second["prompt_ids"] == first["prompt_ids"] + first["completion_ids"] + tool
     assert "Guess 1..10 with move." in first["prompt"] and "<|tools|>move(action)" in first["prompt"]
+
+
+@pytest.mark.parametrize("form", ["messages_prompt", "chat_column_map"])
+def test_chat_prompts_render_as_messages_in_episodes_as_in_single_turn(tokenizer, tmp_path, form):
+    """A row whose prompt is a list of chat messages (TRL's conversational format), or a plain prompt made a chat by
+    `data.chat=true` with a system prompt: the episode's prompt is the chat template's rendering of those messages
+    (the system prompt a system message) with the tools, as single-turn renders them without. Before, the list
+    reached the policy as its Python repr inside one user message."""
+    import json
+
+    from genlight.datamodules.files import FileSource
+    from genlight.datamodules.lm import LMDataModule
+    from genlight.envs.episodes import reset_groups
+
+    system, question = "Answer with the number only.", "What is 12*34?"
+    row = ({"prompt": [{"role": "system", "content": system}, {"role": "user", "content": question}], "answer": "408"}
+           if form == "messages_prompt" else {"prompt": question, "answer": "408"})
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    kw = {"chat": True, "system_prompt": system} if form == "chat_column_map" else {}
+    dm = LMDataModule(FileSource(train=str(path), val=str(path)), tokenizer, kind="prompt", **kw)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    single = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert batch["prompts"][0] == single  # single-turn's rendering
+    spec = EnvSpec(environment=Calculator)
+    prompts, envs = reset_groups(spec, tokenizer, batch["chats"], batch["references"], batch["index"].tolist(),
+                                 batch["columns"], 2)
+    for e in envs:
+        e.close()
+    shown = tokenizer.decode(prompts[0], skip_special_tokens=False)
+    assert shown == tokenizer.apply_chat_template(messages, tools=spec.schemas, add_generation_prompt=True,
+                                                  tokenize=False)
+    assert f"<|system|>{system}" in shown and "'role'" not in shown

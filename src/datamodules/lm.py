@@ -196,8 +196,10 @@ def prompt_example(row: dict, t: Tokenized, where: str) -> dict:
     p = t.prompt(prompt, templated)
     if len(p) >= t.max_length:
         raise DataError(f"{where}: prompt is {len(p)} tokens, not shorter than data.max_length={t.max_length}")
-    # the conversation itself: a multi-turn run (src/envs/) renders it again with its tools and reset text
-    chat = row["messages"] if "messages" in row and "prompt" not in row else [{"role": "user", "content": row["prompt"]}]
+    # the conversation itself, as the single-turn prompt above renders it (a chat prompt: its messages, a system
+    # prompt included): a multi-turn run (src/envs/) renders it again with its tools and reset text
+    key = "messages" if "messages" in row and "prompt" not in row else "prompt"
+    chat = list(row[key]) if _is_messages(row[key]) else [{"role": "user", "content": row[key]}]
     # and the row's other columns: an environment's reset(**row) reads them (TRL's contract), e.g. a game's seed
     extra = {k: v for k, v in row.items() if k not in ("prompt", "messages", "answer")}
     return {"prompt": prompt, "prompt_ids": p, "reference": answer, "chat": chat, "columns": extra}

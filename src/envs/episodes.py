@@ -7,9 +7,13 @@ as token ids of the chat template's own rendering of the tool messages. `Episode
 policy wrote (True) against the tool turns (False): the loss, the KL and the token counts of the aggregation use it,
 and the sampler's log-probs (`logps`) are recorded for policy tokens only (0 elsewhere).
 
-A turn ends at <eos> or at the per-turn `max_new_tokens`; it is the episode's last when it calls no tool, when
-`max_turns` is reached, or when the token budget is spent (then the episode is `truncated`, as a completion cut at
-max_new_tokens is in single-turn RL).
+A turn ends at <eos> or at the per-turn `max_new_tokens`. Every assistant turn within `max_turns` has its tool calls
+run, the last one's included (a game played with `max_turns` moves sees all of them). A turn is the episode's last
+when it calls no tool (the policy answered), when its calls end the environment (an environment may say so with a
+`done` attribute: a game won or lost), when it is the `max_turns`-th, or when the token budget is spent before the
+episode ends: only then, or when a turn runs to `max_new_tokens`, is the episode `truncated` (as a completion cut at
+max_new_tokens is in single-turn RL). An episode its environment ended keeps the environment's reward, whatever
+budget it had left.
 """
 
 from __future__ import annotations
@@ -107,15 +111,17 @@ def run_episodes(engine, tokenizer, prompt_ids: list[list[int]], envs: list[Envi
                 truncated[i] = True
                 continue
             found = parse_tool_calls(text)
-            if not found or turn == max_turns - 1:
+            if not found:  # the policy answered: its episode ends here
                 continue
             results = []
-            for call in found:
+            for call in found:  # every turn's calls run, the last turn's too (their results then end the episode)
                 res = envs[i].call(call)
                 calls[i] += 1
                 errors[i] += res.error
                 results.append((call.name or "?", res.content))
                 messages[i].append({"role": "tool", "name": call.name or "?", "content": res.content})
+            if envs[i].done or turn == max_turns - 1:  # ended by its environment, or no turn left to read the results
+                continue
             tool = tokenizer(tool_turn_text(tokenizer, results), add_special_tokens=False).input_ids
             if len(ids[i]) + len(tool) >= max_tokens:  # no room left to answer after the tool turn
                 truncated[i] = True

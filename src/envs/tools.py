@@ -3,7 +3,8 @@ for TRL's `GRPOTrainer` works here unchanged:
 
   - an environment is a class; one instance per episode (`Environment(factory())`), `reset(**row) -> str | None`
     before it (a string is appended to the prompt's last user message), and an optional `get_reward() -> float`
-    read once the episode ends (the environment owns the reward);
+    read once the episode ends (the environment owns the reward); beyond TRL's contract, an optional `done`
+    attribute that turns true when a call ends the episode (a game won or lost: no further turn is sampled);
   - its public methods other than `reset` / `get_reward` are its tools; plain functions are tools too;
   - a tool's JSON schema (what the chat template shows the model) comes from `transformers`' `get_json_schema`, so a
     tool needs a type hint on every argument and a Google-style docstring with an `Args:` entry for each.
@@ -126,6 +127,12 @@ class Environment:
             raise ValueError(f"{type(self.instance).__qualname__}.reset returned {type(out).__name__}: it must return "
                              "a string (appended to the prompt) or None")
         return out
+
+    @property
+    def done(self) -> bool:
+        """Whether the environment ended the episode (its optional `done` attribute: a game won or lost; TRL's
+        contract has none, and an environment without it ends when the policy stops calling tools)."""
+        return bool(getattr(self.instance, "done", False))
 
     def reward(self) -> float | None:
         """`get_reward()` when the environment owns its reward, else None (the verifier scores the episode)."""
