@@ -7,7 +7,9 @@ from torchmetrics import Metric
 
 
 class ExactMatch(Metric):
-    """Fraction of generated completions that equal the reference after stripping whitespace."""
+    """Fraction of generated completions that equal the reference once surrounding whitespace is stripped from both
+    (`str.strip`; case, inner spaces and leading zeros count): correct and total are counted, and summed across
+    processes, so the value is the whole split's correct / total."""
 
     full_state_update = False
     higher_is_better = True
