@@ -749,6 +749,55 @@ def test_wandb_run_holds_rl_metrics_and_completion_table(cfg_factory, tmp_path):
     assert all(row[4] in (0.0, 1.0) for row in table["data"])
 
 
+def _scalerl_run(cfg_factory, sanity: int):
+    """6 steps, a validation every 2 on 2 val batches; the ScaleRLCurve and what reached metrics.csv."""
+    import csv
+
+    from genlight.callbacks import ScaleRLCurve
+
+    cfg = cfg_factory(*RUN, "trainer.max_steps=6", "trainer.val_check_interval=2", "data.eval_batch_size=8",
+                      f"trainer.num_sanity_val_steps={sanity}", "logger=csv", "callbacks.model_checkpoint=null")
+    _, objs = train_with(cfg)
+    curve = next(c for c in objs["trainer"].callbacks if isinstance(c, ScaleRLCurve))
+    rows = list(csv.DictReader((Path(objs["trainer"].logger.log_dir) / "metrics.csv").open()))
+    return curve, objs["trainer"], {k for r in rows for k, v in r.items() if v}
+
+
+def test_scalerl_fit_gets_r0_from_the_full_val_set_whatever_the_sanity_check(cfg_factory):
+    """R_0 is the pass rate of a full validation before training. With trainer.num_sanity_val_steps=0 (experiment=gsm8k)
+    the curve had no point at compute 0, so it never fitted and said nothing; with 1 its R_0 was the first val batch's.
+    Both now get the full validation's R_0 (the -1 run's, the same seed: the same policy and samples), the fit, and
+    scalerl/* in the logs."""
+    full, trainer, _ = _scalerl_run(cfg_factory, -1)
+    assert trainer.num_val_batches == [2] and full.points[0][0] == 0.0 and full.fit is not None
+    for sanity in (0, 1):
+        curve, _, logged = _scalerl_run(cfg_factory, sanity)
+        assert curve.points[0] == full.points[0], f"num_sanity_val_steps={sanity}"
+        assert len(curve.points) == 4 and curve.fit == pytest.approx(full.fit)
+        assert {"scalerl/A", "scalerl/B", "scalerl/C_mid", "scalerl/R0"} <= logged
+
+
+def test_scalerl_curve_without_r0_says_so_once_and_fits_nothing(caplog):
+    """Points that do not start at compute 0 (a run resumed from a checkpoint without R_0): no fit, no scalerl/*, and
+    one warning naming the setting to change."""
+    import logging
+    import types
+
+    from genlight.callbacks.scalerl_curve import ScaleRLCurve, sigmoid_curve
+
+    logged = []
+    trainer = types.SimpleNamespace(loggers=[types.SimpleNamespace(log_metrics=lambda m, step: logged.append(m))],
+                                    global_step=0, is_global_zero=True)
+    cb = ScaleRLCurve(n_bootstrap=10, min_points=4)
+    with caplog.at_level(logging.WARNING, logger="genlight.callbacks.scalerl_curve"):
+        for c in np.geomspace(1e11, 1e13, 8):
+            r = float(sigmoid_curve(c, 0.1, 0.6, 1.5, 1e12))
+            cb.on_validation_end(trainer, types.SimpleNamespace(compute=float(c), last_val={"val/pass@1": r}))
+    assert cb.fit is None and logged == [] and len(cb.points) == 8
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "trainer.num_sanity_val_steps=-1" in warnings[0]
+
+
 # --------------------------------------------------------------------------- review fixes (issue 27)
 class GradNorms(__import__("lightning").Callback):
     """The gradient norm the optimizer applies at each step (a step pre-hook: after unscaling and clipping)."""

@@ -112,8 +112,10 @@ class ScaleRLCurve(L.Callback):
     predictive check (`predict_fraction` of the compute: `scalerl/predicted_final`, `scalerl/observed_final`,
     `scalerl/prediction_error`); all of it also in `<dirpath>/scalerl_fit.json`.
 
-    The module must expose `compute` (cumulative FLOPs) and `last_val` (its latest val metrics);
-    the validation before training (sanity check over the full val set) gives R_0.
+    The module must expose `compute` (cumulative FLOPs) and `last_val` (its latest val metrics). R_0 is a full
+    validation before training: Lightning's sanity check, which this callback widens to every val batch when
+    `trainer.num_sanity_val_steps` would run fewer (0 skipped it and the fit never ran; 1 gave R_0 on one batch). A
+    run that still has no R_0 (resumed from a checkpoint without one) says so once and fits nothing.
     """
 
     def __init__(self, metric: str = "val/pass@1", skip_fraction: float = 0.1, min_points: int = 4,
@@ -126,12 +128,23 @@ class ScaleRLCurve(L.Callback):
         self.fit: tuple[float, float, float] | None = None
         self.result: dict = {}
         self.samples = np.empty((0, 3))  # the last fit's bootstrap refits (A, B, C_mid)
+        self._warned = False
 
     def state_dict(self) -> dict:
         return {"points": list(self.points)}
 
     def load_state_dict(self, state: dict) -> None:
         self.points = [tuple(p) for p in state.get("points", [])]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """R_0 needs the full val set before training: the sanity check runs all of it (unless R_0 is already here)."""
+        if ((self.points and self.points[0][0] == 0.0) or trainer.num_sanity_val_steps == float("inf")
+                or trainer.limit_val_batches == 0):
+            return
+        log.info("ScaleRL curve: R_0 is a full validation before training; trainer.num_sanity_val_steps=%s would run %s, "
+                 "so the sanity check runs every val batch (remove callbacks.scalerl_curve to skip both)",
+                 trainer.num_sanity_val_steps, "none" if trainer.num_sanity_val_steps == 0 else "a part")
+        trainer.num_sanity_val_steps = float("inf")  # Lightning's value for -1: every batch
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         value = getattr(pl_module, "last_val", {}).get(self.metric)
@@ -143,7 +156,14 @@ class ScaleRLCurve(L.Callback):
                 self.points[0] = (0.0, value)  # a repeated pre-training validation
             return
         self.points.append((c, value))
-        if len(self.points) < self.min_points or self.points[0][0] != 0.0:
+        if self.points[0][0] != 0.0:
+            if not self._warned:
+                log.warning("ScaleRL curve: no validation before training (R_0) was recorded, so the sigmoid is not "
+                            "fitted and no scalerl/* is logged: run from the start with trainer.num_sanity_val_steps=-1 "
+                            "(a resumed run keeps the R_0 of the checkpoint it resumes from)")
+                self._warned = True
+            return
+        if len(self.points) < self.min_points:
             return
         r0 = self.points[0][1]
         try:
