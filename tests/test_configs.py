@@ -195,7 +195,7 @@ PRESETS = {
         "warm_start.batch_size": 32, "warm_start.val_every": 25, "trainer.max_steps": 80,
         "trainer.val_check_interval": 20, "tags": ["rlvr", "multi_turn", "calculator"]}),
     "experiment/guess_the_number": (["algo=rlvr", "data=games", "env=textarena"], {
-        "model.net.max_position_embeddings": 896, "algo.max_new_tokens": 72, "algo.val_num_samples": 4,
+        "model.net.max_position_embeddings": 896, "algo.max_new_tokens": 80, "algo.val_num_samples": 4,
         "env.environment.instructions": "Guess the number in 1..10 with move, e.g. [5].",
         "env.environment.max_number": 10, "env.environment.max_turns": 5, "env.max_turns": 6, "env.max_tokens": 760,
         "data.max_length": 896, "warm_start.target": 1.0, "warm_start.max_steps": 300, "warm_start.val_every": 100,

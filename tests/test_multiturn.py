@@ -342,3 +342,42 @@ def test_chat_prompts_render_as_messages_in_episodes_as_in_single_turn(tokenizer
     assert shown == tokenizer.apply_chat_template(messages, tools=spec.schemas, add_generation_prompt=True,
                                                   tokenize=False)
     assert f"<|system|>{system}" in shown and "'role'" not in shown
+
+
+def test_the_game_preset_plays_its_six_guesses_and_its_baselines_are_the_games_own(tmp_path):
+    """experiment=guess_the_number documents 1..10 in 6 guesses. Played through the episode code by scripted policies
+    (scripts/game_baselines.py): bisection wins every game (a move of "[10]" fits a turn), guessing 1, 2, 3, ... wins
+    exactly the games whose number is at most 6 (the 6th guess reaches the game), each counted from the games' own
+    targets; uniform guessing ignores the hints (consistency below bisection's 1.0). Before: 5 guesses reached the
+    game and a move of 10 was cut at max_new_tokens."""
+    import sys
+
+    import genlight
+    from genlight.envs.textarena import TextArenaGame
+    from tests.helpers import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from game_baselines import play
+
+    cfg = genlight.compose(["experiment=guess_the_number", "logger=none"], output_dir=tmp_path)
+    games = 16
+    seeds = [row["seed"] for _, row in hydra_rows(cfg, "val")[:games]]
+    targets = []
+    for s in seeds:
+        g = TextArenaGame(max_number=10, max_turns=5)
+        g.reset(seed=s)
+        targets.append(g.game.game_number)
+    # the check bites: a game only the 6th guess wins (6), games ascending loses (> 6), a game whose number is 10
+    assert 6 in targets and max(targets) == 10
+    bisect = play(cfg, "bisect", "val", games, 1)
+    assert bisect["win_rate"] == 1.0 and bisect["hint_consistency"] == 1.0
+    ascending = play(cfg, "ascending", "val", games, 1)
+    assert ascending["win_rate"] == pytest.approx(sum(t <= 6 for t in targets) / games)
+    uniform = play(cfg, "uniform", "val", games, 2)
+    assert uniform["hint_consistency"] < 0.9 and uniform["turns"] <= 6
+
+
+def hydra_rows(cfg, split):
+    import hydra
+
+    return hydra.utils.instantiate(cfg.data.source).rows(split)

@@ -19,6 +19,10 @@ to collect. `partial_credit=true` passes the game's reward on.
 from __future__ import annotations
 
 import random
+import re
+
+HINT = re.compile(r"target number is (higher|lower)", re.IGNORECASE)
+GUESS = re.compile(r"\[\s*(-?\d+)\s*\]")
 
 
 class TextArenaGame:
@@ -44,7 +48,7 @@ class TextArenaGame:
             _, opening = self.game.get_observation()
         finally:
             random.setstate(state)
-        self.reward, self.done = 0.0, False
+        self.reward, self.done, self.history = 0.0, False, []
         return self.instructions or "\n".join(message for _, message, _ in opening)
 
     def move(self, action: str) -> str:
@@ -59,13 +63,94 @@ class TextArenaGame:
         if self.done:
             rewards, info = self.game.close()
             self.reward = float(rewards[0]) if rewards else 0.0
-            return info[0].get("reason", "The game is over.")
-        _, news = self.game.get_observation()
-        return "\n".join(message for source, message, _ in news if source == -1)  # the game's, not our echo
+            reply = info[0].get("reason", "The game is over.")
+        else:
+            _, news = self.game.get_observation()
+            reply = "\n".join(message for source, message, _ in news if source == -1)  # the game's, not our echo
+        self.history.append((action, reply))
+        return reply
+
+    def hint_consistency(self) -> tuple[int, int]:
+        """(guesses consistent with every hint before them, guesses after the first hint) of this game (Guess The
+        Number): a guess is consistent when it lies in the interval the earlier hints leave. What a policy that reads
+        the hints does; guessing at random rarely is."""
+        return hint_consistency(self.history)
 
     def get_reward(self) -> float:
         """The game's reward; without `partial_credit`, 1 for a win and 0 otherwise."""
         return self.reward if self.partial_credit else float(self.reward >= 1.0)
+
+
+def hint_consistency(history: list[tuple[str, str]]) -> tuple[int, int]:
+    """(consistent, judged) over a Guess The Number game's (move, reply) history: each guess after the first hint is
+    judged against the interval every earlier hint leaves (after "higher" than g: > g; "lower": < g)."""
+    lo, hi, consistent, judged = float("-inf"), float("inf"), 0, 0
+    for move, reply in history:
+        m = GUESS.search(move or "")
+        guess = int(m.group(1)) if m else None
+        if judged or lo > float("-inf") or hi < float("inf"):  # a hint has been given
+            judged += 1
+            consistent += guess is not None and lo < guess < hi
+        h = HINT.search(reply or "")
+        if guess is not None and h:
+            lo, hi = (max(lo, guess), hi) if h.group(1).lower() == "higher" else (lo, min(hi, guess))
+    return consistent, judged
+
+
+class ScriptedPlayer:
+    """A Guess The Number policy as a rollout engine (`generate` / `load_weights`), for baselines played through the
+    episode code exactly as a trained policy plays (same prompts, tools, turns and budgets): it reads the
+    conversation so far (the moves after the prompt and the game's hints) and writes its next move as a tool call.
+    `strategy`: `uniform` (uniformly among the numbers not yet guessed, ignoring the hints: the warm start's
+    demonstrations), `bisect` (the middle of the interval the hints leave: optimal, at most ceil(log2 n) guesses) or
+    `ascending` (1, 2, 3, ...)."""
+
+    STRATEGIES = ("uniform", "bisect", "ascending")
+
+    def __init__(self, tokenizer, strategy: str, min_number: int = 1, max_number: int = 20):
+        if strategy not in self.STRATEGIES:
+            raise ValueError(f"strategy={strategy!r}: one of {list(self.STRATEGIES)}")
+        self.tok, self.strategy, self.range = tokenizer, strategy, (min_number, max_number)
+        marker = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                               tokenize=False)
+        self._after_prompt = marker[marker.index("x") + 1 :]  # the generation prompt: where the episode starts
+
+    def load_weights(self, state_dict) -> None:
+        pass
+
+    def next_guess(self, text: str, generator=None) -> int:
+        import torch
+
+        episode = text.split(self._after_prompt, 1)[1] if self._after_prompt in text else ""
+        guesses = [int(g) for g in re.findall(r'"action":\s*"\[(-?\d+)\]"', episode)]
+        hints = HINT.findall(episode)
+        lo, hi = self.range
+        for g, h in zip(guesses, hints):
+            lo, hi = (max(lo, g + 1), hi) if h.lower() == "higher" else (lo, min(hi, g - 1))
+        if self.strategy == "bisect":
+            return (lo + hi) // 2
+        left = [n for n in range(self.range[0], self.range[1] + 1) if n not in guesses]
+        if self.strategy == "ascending" or not left:
+            return left[0] if left else self.range[0]
+        return left[int(torch.randint(len(left), (1,), generator=generator))]
+
+    def generate(self, ctx, mask, g, max_new_tokens, temperature=1.0, top_p=1.0, generator=None):
+        import torch
+
+        from genlight.models.rollout import Rollout
+
+        rows = []
+        for row, m in zip(ctx, mask):
+            text = self.tok.decode(row[m.bool()].tolist(), skip_special_tokens=False)
+            for _ in range(g):
+                call = f'<tool_call>{{"name": "move", "arguments": {{"action": "[{self.next_guess(text, generator)}]"}}}}</tool_call>'
+                ids = self.tok(call, add_special_tokens=False).input_ids + [self.tok.eos_token_id]
+                rows.append(ids[:max_new_tokens])
+        t = max(len(r) for r in rows)
+        ids = torch.tensor([r + [self.tok.pad_token_id] * (t - len(r)) for r in rows])
+        done = torch.tensor([[True] * len(r) + [False] * (t - len(r)) for r in rows])
+        cut = torch.tensor([r[-1] != self.tok.eos_token_id for r in rows])
+        return Rollout(ids, done, torch.zeros(ids.shape), cut)
 
 
 class GameSeeds:
