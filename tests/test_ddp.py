@@ -119,6 +119,50 @@ def test_rlvr_compute_flops_sum_the_tokens_of_every_rank(cfg_factory, monkeypatc
     assert metrics["ddp/flops_spread"] == 0
 
 
+class StepMetricsCheck(L.Callback):
+    """After each step: every train/* metric on both ranks side by side (their largest spread), and the per-sample
+    ones by hand over both ranks' samples: the rewards and passes of the whole batch (`last_batch`, gathered; the
+    parity verifier pays 1 to a pass), each rank's completions as the engine returned them, each rank's loss."""
+
+    def __init__(self, rolls: list):
+        self.rolls = rolls
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        got = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and v.numel() == 1}
+        keys = sorted(got)
+        both = pl_module.all_gather(torch.tensor([got[k] for k in keys], dtype=torch.float64))  # (world, K)
+        roll = self.rolls[-1]
+        mine = torch.tensor([float(roll.completion_mask.sum()), float(roll.truncated.sum()), float(roll.truncated.numel()),
+                             float(outputs["loss"] if isinstance(outputs, dict) else outputs)], dtype=torch.float64)
+        tokens, cut, samples, _ = pl_module.all_gather(mine).sum(0).tolist()
+        losses = pl_module.all_gather(mine[3:])
+        r = pl_module.last_batch["rewards_all"].double()
+        want = {"train/reward/mean": r.mean(), "train/reward/std": r.std(), "train/pass_rate": (r >= 1).double().mean(),
+                "train/completion_length": tokens / samples, "train/truncation_rate": cut / samples,
+                "train/loss": losses.mean()}
+        error = max(abs(got[k] - float(v)) / max(abs(float(v)), 1e-6) for k, v in want.items())
+        spread = (both.max(0).values - both.min(0).values).abs().max()
+        pl_module.log("ddp/world", float(trainer.world_size), batch_size=1)
+        for k, v in {"ddp/metric_spread": spread, "ddp/per_sample_error": error}.items():
+            pl_module.log(k, torch.as_tensor(v).float(), batch_size=1, reduce_fx="max", on_step=False, on_epoch=True)
+
+
+def test_rlvr_step_metrics_are_over_both_ranks(cfg_factory, monkeypatch):
+    """train/* metrics under DDP: rank 0 logged its own half of the step (its rewards' mean, its tokens' entropy, its
+    share of the loss); they are the whole step's now: the same on both ranks, and by hand over both ranks' samples."""
+    from genlight.models.rollout import HFRollout
+
+    rolls, generate = [], HFRollout.generate
+    monkeypatch.setattr(HFRollout, "generate", lambda self, *a, **k: rolls.append(generate(self, *a, **k)) or rolls[-1])
+    cfg = cfg_factory(*RUN, "trainer.max_steps=3", "trainer=ddp", "trainer.strategy=ddp_fork", "data.batch_size=2",
+                      "data.source.n_train=32", "trainer.val_check_interval=null", "+trainer.limit_val_batches=0",
+                      "trainer.num_sanity_val_steps=0", "algo.beta=0.1", "algo.recompute_gen_logps=true")
+    metrics, _ = train_with(cfg, StepMetricsCheck(rolls))
+    assert metrics["ddp/world"] == 2
+    assert metrics["ddp/per_sample_error"] < 1e-5
+    assert metrics["ddp/metric_spread"] < 1e-6, "the ranks log different train/* values"
+
+
 def test_sft_under_trainer_ddp_keeps_ranks_in_step_and_syncs_metrics(cfg_factory):
     """trainer=ddp (2 CPU processes, gloo): each rank sees its own shard of the data, the policies
     stay identical, and val/exact_match is computed over both shards (the metric sums counts)."""

@@ -524,19 +524,18 @@ class RLVRModule(LMModule):
             "reward/mean": r.mean(),
             "reward/std": r.std(),
             "pass_rate": passed.float().mean(),
-            "frac_zero_variance": zv_all.float().mean(),
-            "retired_prompts": float(len(self.retired)),
             "entropy": entropy[m].mean(),
             "completion_length": m.sum(-1).float().mean(),  # the policy's tokens
             "truncation_rate": roll.truncated.float().mean(),
             "reward_errors": float(errors),
-            "samples": float(self.samples),
-            "compute_flops": self.compute,
             **stats,
         }
         if isinstance(roll, Episodes):  # multi-turn: turns, tool calls and errors per episode
             log.update({"turns/mean": roll.turns.float().mean(), "turns/max": roll.turns.max().float(),
                         "tool_calls": roll.tool_calls.float().mean(), "tool_errors": roll.tool_errors.float().mean()})
+        log = self.across_processes(log, r, m)
+        log.update({"frac_zero_variance": zv_all.float().mean(), "retired_prompts": float(len(self.retired)),
+                    "samples": float(self.samples), "compute_flops": self.compute})  # the same on every process
         for k, v in log.items():
             self.log(f"train/{k}", v, prog_bar=k in ("reward/mean", "pass_rate"), batch_size=b)
         self.log("perf/gen_tokens_per_s", n_gen / max(t_gen, 1e-9), batch_size=b)
@@ -544,6 +543,49 @@ class RLVRModule(LMModule):
         every = self.hparams.log_completions_every_n_steps
         if every and self.global_step % every == 0:
             self._log_completions(batch, roll.transcripts() if isinstance(roll, Episodes) else texts, r, roll.truncated, g)
+
+    # TRL's names keep TRL's reduction over processes: the mean of the processes' means (`accelerator.gather(...).mean()`)
+    TRL_MEAN_OF_MEANS = ("sampling/importance_sampling_ratio/mean", "sampling/sampling_logp_difference/mean")
+
+    def across_processes(self, log: dict, r: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This process's step metrics (`log`) as values over all processes (identity on one): a `/max` the largest,
+        a `/min` the smallest, `reward_errors` the sum, `loss` the processes' mean (DDP averages their gradients),
+        `reward/std` the std of all rewards, TRL's `TRL_MEAN_OF_MEANS` as TRL reduces them; every other mean is
+        weighted by its units: the tokens (entropy, rho, logp_diff, kl, sampling/* per token), the sequences
+        (sampling/* with is_level=sequence) or the samples."""
+        if self.trainer.world_size == 1:
+            return log
+        n_tok, n_seq, n_smp = mask.sum(), mask.any(-1).sum(), r.new_tensor(float(r.numel()))
+        per_token = ("entropy", "logp_diff/", "rho/", "kl", "sampling/sampling_logp_difference/")
+        units = n_seq if self.hparams.is_level == "sequence" else n_tok  # of sampling/* from `is_weights`
+        keys = list(log)
+        vals = torch.stack([torch.as_tensor(log[k], dtype=torch.float64, device=self.device) for k in keys])
+        weights = []
+        for k in keys:
+            if k.endswith(("/max", "/min")) or k in ("loss", "reward_errors") or k in self.TRL_MEAN_OF_MEANS:
+                weights.append(1.0)
+            elif k.startswith(per_token):
+                weights.append(n_tok)
+            elif k.startswith("sampling/"):
+                weights.append(units)
+            else:
+                weights.append(n_smp)
+        w = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device) for x in weights])
+        moments = torch.stack([r.double().sum(), (r.double() ** 2).sum(), n_smp.double()])
+        all_ = self._gather(torch.cat([vals, w, moments]).view(1, -1))  # (world, 2 K + 3): one collective
+        v_all, w_all, (s1, s2, n) = all_[:, : len(keys)], all_[:, len(keys) : 2 * len(keys)], all_[:, -3:].sum(0)
+        out = {}
+        for i, k in enumerate(keys):
+            if k.endswith("/max"):
+                out[k] = v_all[:, i].max()
+            elif k.endswith("/min"):
+                out[k] = v_all[:, i].min()
+            elif k == "reward_errors":
+                out[k] = v_all[:, i].sum()
+            else:
+                out[k] = (v_all[:, i] * w_all[:, i]).sum() / w_all[:, i].sum().clamp(min=1e-12)
+        out["reward/std"] = ((s2 - s1**2 / n) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
+        return {k: v.float() for k, v in out.items()}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """Refresh pi_gen from the trainer's weights every `generation_lag` optimizer steps."""
