@@ -28,8 +28,10 @@ optimum is pi_ref(y|x) exp(r(x, y) / beta) / Z(x). With d_t = log pi(y_t) / pi_r
             gradient of E[r] - beta KL[pi || pi_ref]; the advantages' normalisation leaves its optimum unchanged
     loss    + beta sg(min(rho_t, eps)) k(d_t) per token (importance-weighted: samples come from pi_gen), with
             k2 = d^2 / 2, whose gradient E[d grad log pi] is KL[pi || pi_ref]'s (reverse), or
-            k3 = exp(-d) + d - 1 (DeepSeekMath, TRL's GRPO): an estimate of KL[pi || pi_ref] whose gradient
-            E[(1 - pi_ref / pi) grad log pi] is that of KL[pi_ref || pi] (forward): it converges elsewhere.
+            k3 = exp(-d) + d - 1 (DeepSeekMath; TRL's GRPO with use_bias_correction_kl=False, where TRL 1.16's
+            default True multiplies it by pi / pi_old with gradient: the reverse KL's): an estimate of KL[pi || pi_ref]
+            whose gradient E[(1 - pi_ref / pi) grad log pi] is that of KL[pi_ref || pi] (forward): it converges
+            elsewhere.
             Here the advantage's scale weighs the reward against beta: the normalised reward's optimum.
 Logits and log-softmax are float32 at the LM head, even under bf16 mixed precision.
 """
