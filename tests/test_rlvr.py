@@ -517,7 +517,7 @@ def test_scalerl_callback_logs_the_errors_the_band_and_the_prediction(tmp_path):
     bootstrap errors, the end of training logs the predictive check, and scalerl_fit.json holds both."""
     import types
 
-    from genlight.callbacks.scalerl_curve import ScaleRLCurve, predictive_check, sigmoid_curve
+    from genlight.callbacks.scalerl_curve import ScaleRLCurve, bootstrap_fit, predictive_check, sigmoid_curve
 
     logged = []
     logger = types.SimpleNamespace(log_metrics=lambda m, step: logged.append(dict(m)))
@@ -530,7 +530,10 @@ def test_scalerl_callback_logs_the_errors_the_band_and_the_prediction(tmp_path):
         trainer.global_step = 10 * i
         cb.on_validation_end(trainer, types.SimpleNamespace(compute=float(ci), last_val={"val/pass@1": float(ri)}))
     fits = [m for m in logged if "scalerl/A" in m]
-    assert len(fits) == 17 - 3 and all(0 < m["scalerl/A_se"] < 0.2 for m in fits[-3:])
+    assert len(fits) == 17 - 3
+    want = bootstrap_fit(c, r, 0.2, 0.0, n_boot=30)  # the same points, the same resamples (seed 0)
+    assert fits[-1] == pytest.approx({"scalerl/R0": 0.2, **{f"scalerl/{k}": want[k] for k in
+                                      ("A", "B", "C_mid", "A_se", "B_se", "C_mid_se")}}, rel=1e-9)
     cb.on_train_end(trainer, None)
     want = predictive_check(c, r, 0.2, 0.5, 0.0)
     assert logged[-1]["scalerl/prediction_error"] == pytest.approx(want["error"])
@@ -607,6 +610,49 @@ def test_retired_prompts_are_never_sampled_again_and_resume_is_exact(cfg_factory
     assert resumed["module"].compute == pytest.approx(module.compute)
 
 
+class EvalPasses(L.Callback if (L := __import__("lightning")) else object):
+    """At each validation, every sample's pass and reward as the module scored them (its `rewards`, wrapped), grouped
+    by prompt; then val/pass@k and val/reward/mean by hand: pass@k = 1 - C(n - c, k) / C(n, k) per prompt (c of its n
+    samples pass), the mean over prompts, against what the module reported (`last_val`)."""
+
+    def __init__(self):
+        self.checked = []
+
+    def on_validation_epoch_start(self, trainer, module):
+        self.passed, self.rewards = [], []
+        scorer = type(module).rewards
+
+        def record(prompts, *args, **kwargs):
+            r, passed, errors = scorer(module, prompts, *args, **kwargs)
+            self.passed += passed.view(len(prompts), -1).tolist()
+            self.rewards += r.tolist()
+            return r, passed, errors
+
+        module.rewards = record
+
+    def on_validation_end(self, trainer, module):
+        del module.rewards  # the class's method again
+        n = len(self.passed[0])
+        want = {f"val/pass@{k}": sum(1 - math.comb(n - sum(p), k) / math.comb(n, k) for p in self.passed) / len(self.passed)
+                for k in (1, 2, 4, 8) if k <= n}
+        want["val/pass@k"] = want[f"val/pass@{n}"]
+        want["val/reward/mean"] = sum(self.rewards) / len(self.rewards)
+        self.checked.append((len(self.passed), want, {k: module.last_val[k] for k in want}))
+
+
+def test_val_pass_at_k_and_mean_reward_are_the_validations_samples_by_hand(cfg_factory):
+    """val/pass@1, @2, @4 (4 samples per prompt) and val/reward/mean over all 16 val prompts in 2 batches, at each
+    validation, against the hand formula on the samples the module scored."""
+    rec = EvalPasses()
+    train_with(cfg_factory(*RUN, "trainer.max_steps=2", "trainer.val_check_interval=2", "data.eval_batch_size=8",
+                           "algo.val_num_samples=4", "trainer.num_sanity_val_steps=-1"), rec)
+    assert len(rec.checked) == 2  # before training and after step 2
+    for prompts, want, got in rec.checked:
+        assert prompts == 16
+        assert got == pytest.approx(want, rel=1e-6)
+    assert 0 < rec.checked[0][1]["val/pass@1"] < rec.checked[0][1]["val/pass@4"] < 1  # the values exercise the formula
+
+
 @pytest.mark.slow
 def test_rlvr_default_recipe_raises_heldout_pass_at_1_from_its_warm_start(cfg_factory):
     """`algo=rlvr` as shipped (warm start to greedy exact match 0.4, 64 prompts x 8, lr 1e-4), 200 of its 400
@@ -616,13 +662,16 @@ def test_rlvr_default_recipe_raises_heldout_pass_at_1_from_its_warm_start(cfg_fa
 
     cfg = cfg_factory("algo=rlvr", "trainer.max_steps=200", "trainer.val_check_interval=50", "test=false", "logger=none",
                       "trainer.enable_progress_bar=false", quick=False)
-    metrics, objs = train_with(cfg)
+    rec = EvalPasses()
+    metrics, objs = train_with(cfg, rec)
     curve = next(c for c in objs["trainer"].callbacks if isinstance(c, ScaleRLCurve))
     (c0, r0), (_, final) = curve.points[0], curve.points[-1]
     assert c0 == 0.0 and len(curve.points) == 5
     assert 0.1 <= r0 <= 0.4, f"the warm start is off: pass@1 {r0:.3f} before RL (expected 0.1-0.4)"
     assert final - r0 >= 0.15, f"RL did not learn: val pass@1 {r0:.3f} -> {final:.3f}"
-    assert metrics["val/pass@8"] > metrics["val/pass@1"]
+    for prompts, want, got in rec.checked:  # pass@1 .. pass@8 over the 500 prompts, by hand from the samples
+        assert prompts == 500 and got == pytest.approx(want, rel=1e-6)
+    assert [w["val/pass@1"] for _, w, _ in rec.checked] == pytest.approx([r for _, r in curve.points], rel=1e-6)
     assert curve.fit is not None and r0 < curve.fit[0] <= 1
 
 
