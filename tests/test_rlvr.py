@@ -561,10 +561,15 @@ def test_bad_prompt_rows_name_file_and_line(tmp_path, tokenizer, row, message):
 
 # --------------------------------------------------------------------------- training runs
 class Record(L.Callback if (L := __import__("lightning")) else object):
-    """Prompt indices of each batch by epoch; whether pi_gen equals the policy before each step."""
+    """Prompt indices of each batch by epoch; whether pi_gen equals the policy before each step; the prompts whose
+    step pass rate reached 0.9 (the parity verifier pays 1 to a pass: rewards >= 1 of the step's batch)."""
 
     def __init__(self):
-        self.seen, self.gen_equal, self.retired_at_start = {}, {}, {}
+        self.seen, self.gen_equal, self.retired_at_start, self.should_retire = {}, {}, {}, set()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        rate = (module.last_batch["rewards_all"] >= 1).float().mean(-1)
+        self.should_retire |= {i for i, p in zip(batch["index"].tolist(), rate.tolist()) if p >= 0.9}
 
     def on_train_epoch_start(self, trainer, module):
         self.retired_at_start[trainer.current_epoch] = set(module.retired)
@@ -586,7 +591,7 @@ def test_retired_prompts_are_never_sampled_again_and_resume_is_exact(cfg_factory
     _, full = train_with(cfg_factory(*RUN, "trainer.max_steps=8", "callbacks.model_checkpoint.save_top_k=-1"), rec)
     module = full["module"]
     assert even <= module.retired, "prompts with pass rate >= 0.9 are retired"
-    assert len(module.retired - even) <= 2, "only (nearly) always-right prompts retire"
+    assert module.retired == rec.should_retire, "exactly the prompts whose pass rate reached 0.9 at a step retire"
     assert sorted(rec.seen[0]) == list(range(16))
     for epoch, idx in rec.seen.items():
         assert not set(idx) & rec.retired_at_start[epoch], f"a retired prompt was sampled again in epoch {epoch}"
