@@ -152,3 +152,19 @@ def test_collate_is_tensor_typed(tokenizer):
     dm.setup()
     b = next(iter(dm.train_dataloader()))
     assert b["input_ids"].dtype == torch.long and b["input_ids"].shape == b["labels"].shape
+
+
+def test_a_split_the_processes_do_not_divide_is_said_to_count_rows_twice(tokenizer, caplog):
+    """Under DDP Lightning's DistributedSampler repeats rows to even a split out over the processes, and the split's
+    metrics then count them twice: said once, with the sizes; a split the processes divide is silent."""
+    import types
+
+    dm = LMDataModule(ArithmeticTask(n_train=32, n_val=15, n_test=16), tokenizer, kind="sft", batch_size=4)
+    dm.setup("fit")
+    dm.trainer = types.SimpleNamespace(world_size=2)
+    dm.val_dataloader()
+    dm.val_dataloader()
+    dm.test_dataloader()
+    said = [r.getMessage() for r in caplog.records if "repeats" in r.getMessage()]
+    assert said == ["val split: 15 rows over 2 processes: Lightning repeats 1 of them to even the processes out, and val "
+                    "metrics count those twice; give the split a multiple of 2 rows (data.source.n_val)"]

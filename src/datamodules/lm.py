@@ -373,6 +373,7 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         self.collate = Collator(kind, tokenizer.pad_token_id, packing, max_length)
         self.examples: dict[str, list[dict]] = {}
         self.retired: set[int] = set()  # train indices never to be sampled again (RLVR)
+        self._warned: set[str] = set()
 
     def rows(self, split: str):
         make = row_kind(self.kind).rows
@@ -393,12 +394,27 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         return self.train_loader(self.examples["train"], self.seed, self.batch_size, exclude=self.retired, **self._loader_kw())
 
     def val_dataloader(self) -> DataLoader:
+        self._warn_if_padded("val")
         return DataLoader(self.examples["val"], batch_size=self.eval_batch_size, **self._loader_kw())
 
     def test_dataloader(self) -> DataLoader:
         if not self.has_split("test"):
             self.source.rows("test")  # raises, naming the key
+        self._warn_if_padded("test")
         return DataLoader(self.examples["test"], batch_size=self.eval_batch_size, **self._loader_kw())
+
+    def _warn_if_padded(self, split: str) -> None:
+        """Under DDP, Lightning's DistributedSampler pads a split whose size the processes do not divide by repeating
+        its first rows, so those rows count twice in the split's metrics (every process must take as many evaluation
+        steps: a collective forward, FSDP2's, would hang otherwise). Said once per split, with the sizes that avoid it."""
+        trainer = getattr(self, "trainer", None)
+        world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        n = len(self.examples[split])
+        if world > 1 and n % world and split not in self._warned:
+            self._warned.add(split)
+            log.warning("%s split: %d rows over %d processes: Lightning repeats %d of them to even the processes out, "
+                        "and %s metrics count those twice; give the split a multiple of %d rows (data.source.n_%s)",
+                        split, n, world, world - n % world, split, world, split)
 
     def _loader_kw(self) -> dict:
         return dict(collate_fn=self.collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
