@@ -381,3 +381,46 @@ def hydra_rows(cfg, split):
     import hydra
 
     return hydra.utils.instantiate(cfg.data.source).rows(split)
+
+
+def test_the_games_hint_consistency_is_logged_pooled_over_the_steps_episodes(cfg_factory, tokenizer):
+    """train/env/hint_consistency: the share of guesses after the first hint that every earlier hint allows, pooled
+    over the step's episodes (sum / sum), here against the games' own histories counted apart; a policy that bisects
+    is consistent on every guess."""
+    from genlight.envs.textarena import ScriptedPlayer
+
+    module, logged = _module(cfg_factory, "env=textarena", "env.max_turns=6", "env.max_tokens=900",
+                             "+env.environment.max_number=10", "algo.max_new_tokens=80",
+                             "model.net.max_position_embeddings=1024")
+    games = []
+    make = module.env.make
+
+    def recording():
+        env = make()
+        games.append(env.instance)
+        return env
+
+    module.env.make = recording
+    batch = [("play", "-"), ("play", "-"), ("play", "-")]
+    for strategy in ("uniform", "bisect"):
+        games.clear()
+        module.engine = ScriptedPlayer(tokenizer, strategy, 1, 10)
+        module.training_step(_batch(tokenizer, batch), 0)
+        judged = [g.hint_consistency() for g in games]
+        assert sum(j for _, j in judged) > 0, "no guess after a hint: the test would not bite"
+        want = sum(c for c, _ in judged) / sum(j for _, j in judged)
+        assert logged["train/env/hint_consistency"] == pytest.approx(want)
+        assert (want == 1.0) == (strategy == "bisect")  # uniform guessing ignores the hints
+    # and held out: val/env/hint_consistency, pooled over the split's batches
+    games.clear()
+    module.eval_engine = ScriptedPlayer(tokenizer, "uniform", 1, 10)
+    for i in range(2):
+        module._eval_step(_batch(tokenizer, batch), i, "val")
+    module._eval_epoch_end("val")
+    judged = [g.hint_consistency() for g in games]
+    assert logged["val/env/hint_consistency"] == pytest.approx(sum(c for c, _ in judged) / sum(j for _, j in judged))
+    # a guess outside what the hints leave lowers it: 5 ("lower" if the number is below), then 9
+    from genlight.envs.textarena import hint_consistency
+
+    assert hint_consistency([("[5]", "The target number is lower."), ("[9]", "The target number is lower."),
+                             ("[2]", "The target number is higher."), ("[3]", "x")]) == (2, 3)

@@ -52,6 +52,7 @@ class Episodes(Rollout):
     tool_errors: torch.Tensor | None = None  # (N,) long: calls that came back as an error message
     messages: list[list[dict]] = dataclasses.field(default_factory=list)  # each episode as chat messages (W&B table)
     env_rewards: torch.Tensor | None = None  # (N,) the environments' own rewards (get_reward), when they have one
+    env_metrics: dict = dataclasses.field(default_factory=dict)  # name -> (sum, count): `environment_metrics`
 
     @property
     def answers(self) -> list[str]:
@@ -168,6 +169,16 @@ def reset_groups(spec, tokenizer, chats: list[list[dict]], answers: list[str], i
         rendered = tokenizer.apply_chat_template(chat, tools=spec.schemas, add_generation_prompt=True, tokenize=False)
         prompts.append(tokenizer(rendered, add_special_tokens=False).input_ids)
     return prompts, envs
+
+
+def environment_metrics(envs: list[Environment]) -> dict[str, tuple[float, float]]:
+    """The environments' own measurements (`Environment.metrics`), each (sum of numerators, sum of denominators)."""
+    out: dict[str, list[float]] = {}
+    for e in envs:
+        for k, (num, den) in e.metrics().items():
+            acc = out.setdefault(k, [0.0, 0.0])
+            acc[0], acc[1] = acc[0] + num, acc[1] + den
+    return {k: (a, b) for k, (a, b) in out.items()}
 
 
 def environment_rewards(envs: list[Environment]) -> torch.Tensor | None:

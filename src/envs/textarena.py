@@ -70,6 +70,10 @@ class TextArenaGame:
         self.history.append((action, reply))
         return reply
 
+    def metrics(self) -> dict[str, tuple[int, int]]:
+        """Logged per episode, pooled (`Environment.metrics`): the hint consistency of the game's guesses."""
+        return {"hint_consistency": self.hint_consistency()}
+
     def hint_consistency(self) -> tuple[int, int]:
         """(guesses consistent with every hint before them, guesses after the first hint) of this game (Guess The
         Number): a guess is consistent when it lies in the interval the earlier hints leave. What a policy that reads

@@ -134,6 +134,20 @@ class Environment:
         contract has none, and an environment without it ends when the policy stops calling tools)."""
         return bool(getattr(self.instance, "done", False))
 
+    def metrics(self) -> dict[str, tuple[float, float]]:
+        """The environment's own measurements of its episode (an optional `metrics()` of the instance, beyond TRL's
+        contract), each a (numerator, denominator) pair: pooled over episodes and processes as sum / sum, logged as
+        `train/env/<name>` and `<val|test>/env/<name>` (a game's hint consistency)."""
+        get = getattr(self.instance, "metrics", None)
+        if get is None:
+            return {}
+        out = get()
+        for k, v in out.items():
+            if not (isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, int | float) for x in v)):
+                raise ValueError(f"{type(self.instance).__qualname__}.metrics()[{k!r}] = {v!r}: each value must be a "
+                                 "(numerator, denominator) pair of numbers")
+        return {k: (float(a), float(b)) for k, (a, b) in out.items()}
+
     def reward(self) -> float | None:
         """`get_reward()` when the environment owns its reward, else None (the verifier scores the episode)."""
         get = getattr(self.instance, "get_reward", None)

@@ -47,7 +47,14 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from genlight.callbacks.wandb_axes import STEP
-from genlight.envs.episodes import Episodes, environment_rewards, left_padded, reset_groups, run_episodes
+from genlight.envs.episodes import (
+    Episodes,
+    environment_metrics,
+    environment_rewards,
+    left_padded,
+    reset_groups,
+    run_episodes,
+)
 from genlight.envs.tools import EnvSpec, check_tool_template
 from genlight.lightning_modules.lm import LMModule
 from genlight.metrics import PassAtK
@@ -219,6 +226,7 @@ class RLVRModule(LMModule):
         self.val_pass, self.test_pass = PassAtK(ks), PassAtK(ks)
         self.val_reward, self.test_reward = MeanMetric(), MeanMetric()
         self.last_val: dict[str, float] = {}
+        self._env_sums: dict[str, list[float]] = {}  # an evaluation's environment measurements (`pooled`)
 
     @staticmethod
     def check_config(cfg) -> None:
@@ -394,7 +402,7 @@ class RLVRModule(LMModule):
         try:
             ep = run_episodes(engine, self.tokenizer, prompts, envs, g, self.env.max_turns, self.hparams.max_new_tokens,
                               self.env.max_tokens, temperature, top_p, generator)
-            ep.env_rewards = environment_rewards(envs)
+            ep.env_rewards, ep.env_metrics = environment_rewards(envs), environment_metrics(envs)
         finally:
             for e in envs:
                 e.close()
@@ -538,6 +546,8 @@ class RLVRModule(LMModule):
         log = self.across_processes(log, r, m)
         log.update({"frac_zero_variance": zv_all.float().mean(), "retired_prompts": float(len(self.retired)),
                     "samples": float(self.samples), "compute_flops": self.compute})  # the same on every process
+        if isinstance(roll, Episodes):  # the environment's own measurements, pooled over every process's episodes
+            log.update({f"env/{k}": v for k, v in self.pooled(roll.env_metrics).items()})
         for k, v in log.items():
             self.log(f"train/{k}", v, prog_bar=k in ("reward/mean", "pass_rate"), batch_size=b)
         self.log("perf/gen_tokens_per_s", n_gen / max(t_gen, 1e-9), batch_size=b)
@@ -545,6 +555,16 @@ class RLVRModule(LMModule):
         every = self.hparams.log_completions_every_n_steps
         if every and self.global_step % every == 0:
             self._log_completions(batch, roll.transcripts() if isinstance(roll, Episodes) else texts, r, roll.truncated, g)
+
+    def pooled(self, sums: dict[str, tuple[float, float]]) -> dict[str, float]:
+        """(numerator, denominator) pairs, summed over processes: sum / sum (nan where nothing was counted)."""
+        if not sums:
+            return {}
+        keys = sorted(sums)
+        total = self._gather(torch.tensor([[sums[k][0] for k in keys] + [sums[k][1] for k in keys]],
+                                          dtype=torch.float64, device=self.device)).sum(0)
+        return {k: float(total[i] / total[len(keys) + i]) if total[len(keys) + i] > 0 else float("nan")
+                for i, k in enumerate(keys)}
 
     # TRL's names keep TRL's reduction over processes: the mean of the processes' means (`accelerator.gather(...).mean()`)
     TRL_MEAN_OF_MEANS = ("sampling/importance_sampling_ratio/mean", "sampling/sampling_logp_difference/mean")
@@ -630,6 +650,9 @@ class RLVRModule(LMModule):
         answers = [self.verifier.extract(t) if hasattr(self.verifier, "extract") else t.strip() for t in texts]
         getattr(self, f"{stage}_pass").update(correct, [answers[i * n : (i + 1) * n] for i in range(b)])
         getattr(self, f"{stage}_reward").update(r)
+        for k, (num, den) in getattr(roll, "env_metrics", {}).items():  # summed over the split's batches
+            acc = self._env_sums.setdefault(k, [0.0, 0.0])
+            acc[0], acc[1] = acc[0] + num, acc[1] + den
         if batch_idx == 0:
             shown = roll.transcripts() if isinstance(roll, Episodes) else texts  # an episode: its tool turns too
             self._samples = [
@@ -644,6 +667,9 @@ class RLVRModule(LMModule):
         values[f"{stage}/pass@k"] = values[f"{stage}/pass@{k_max}"]
         values[f"{stage}/majority@k"] = values.pop(f"{stage}/majority")
         values[f"{stage}/reward/mean"] = getattr(self, f"{stage}_reward").compute()
+        if self.env is not None:  # every process has its sums (the same keys: the same environment)
+            values |= {f"{stage}/env/{k}": v for k, v in self.pooled(dict(self._env_sums)).items()}
+            self._env_sums = {}
         metric.reset()
         getattr(self, f"{stage}_reward").reset()
         if stage == "val":
