@@ -362,11 +362,30 @@ MATH_DIFFERENCES = [
 ]
 
 
+def last_answer_verifier(completion: str, reference: str) -> float:
+    """The old verifier, written again here as the reference: the last \\boxed{} (else the last number) of the
+    completion, compared with the reference as numbers when both are, else as text."""
+    import re
+
+    from genlight.rewards import parse_number
+
+    boxed = re.findall(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}", completion)
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", completion)
+    pred = boxed[-1] if boxed else (numbers[-1] if numbers else None)
+    if pred is None:
+        return 0.0
+    a, b = parse_number(pred), parse_number(reference)
+    return float(a == b) if a is not None and b is not None else float(pred.strip() == reference.strip())
+
+
 @pytest.mark.parametrize("completion, reference, want, old", MATH_DIFFERENCES)
 def test_math_verify_where_it_differs_from_a_last_number_verifier(completion, reference, want, old):
+    """math-verify's score, and the old verifier's (`last_answer_verifier`): each row is what the table says of both,
+    so the rows where they differ are differences of the two, not of the table."""
     from genlight.rewards import MathVerify
 
     assert MathVerify()(completion, reference) == want
+    assert last_answer_verifier(completion, reference) == old
 
 
 def test_math_verify_works_off_the_main_thread_and_in_a_forked_worker():
