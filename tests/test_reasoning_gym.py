@@ -119,12 +119,14 @@ def test_too_few_distinct_questions_and_preference_pairs_are_refused():
 def test_rlvr_on_reasoning_gym_scores_with_the_generators_entry(cfg_factory):
     """data=reasoning_gym + reward=reasoning_gym through the pipeline: chat-templated prompts, the junk probe passes,
     pass@k is computed with the entries (a lost entry raises)."""
-    from genlight.pipeline import train
     from genlight.utils import get_metric_value
+    from tests.helpers import answer_engine_callback, train_with
 
     cfg = cfg_factory(*RG_RUN)
-    metrics, objs = train(cfg)
-    assert 0 <= get_metric_value(metrics, "val/pass@1") <= 1
+    metrics, objs = train_with(cfg, answer_engine_callback())
+    # held out, each prompt's even samples are its reference and the odd ones junk: the generators' own scorers,
+    # reading each row's entry, give exactly pass@1 0.5 and pass@2 1.0
+    assert get_metric_value(metrics, "val/pass@1") == 0.5 and get_metric_value(metrics, "val/pass@2") == 1.0
     dm = objs["datamodule"]
     example = dm.examples["val"][0]
     question = example["reference"].entry["question"]
@@ -146,9 +148,11 @@ def test_rlvr_on_reasoning_gym_under_ddp_scores_each_ranks_rows(cfg_factory):
                        on_step=False, on_epoch=True, batch_size=1)
             module.log("ddp/world", float(trainer.world_size), on_step=False, on_epoch=True, batch_size=1)
 
+    from tests.helpers import answer_engine_callback
+
     cfg = cfg_factory(*RG_RUN, "trainer=ddp", "trainer.strategy=ddp_fork", "logger=none", "data.source.n_val=16")
-    metrics, _ = train_with(cfg, Seen())
-    assert metrics["ddp/world"] == 2 and 0 <= metrics["val/pass@1"] <= 1
+    metrics, _ = train_with(cfg, Seen(), answer_engine_callback())
+    assert metrics["ddp/world"] == 2 and metrics["val/pass@1"] == 0.5 and metrics["val/pass@2"] == 1.0
     assert metrics["ddp/val_rows"] == 16
 
 

@@ -115,3 +115,44 @@ def episode_logps(model, pad_id: int, prompts: list[list[int]], ep):
         logp, _ = completion_logps(model, ids, mask, ep.completion_ids, ep.completion_mask,
                                    group=ep.completion_ids.size(0) // len(prompts), with_entropy=False)
     return logp
+
+
+class AnswerEngine:
+    """A rollout engine that answers held-out prompts from a table: of each prompt's G samples, the even ones are its
+    reference answer and the odd ones a wrong one ("?"), so pass@1 is exactly 0.5 and pass@2 1.0 whatever scores
+    them (for checking evaluation plumbing with known values). `answers`: prompt ids (tuple) -> answer text."""
+
+    def __init__(self, tokenizer, answers: dict[tuple, str]):
+        self.tok, self.answers = tokenizer, answers
+
+    def load_weights(self, state_dict) -> None:
+        pass
+
+    def generate(self, ctx, mask, g, max_new_tokens, temperature=1.0, top_p=1.0, generator=None):
+        import torch
+
+        from genlight.models.rollout import Rollout
+
+        rows = []
+        for row, m in zip(ctx, mask):
+            answer = str(self.answers[tuple(row[m.bool()].tolist())])
+            for j in range(g):
+                ids = self.tok(answer if j % 2 == 0 else "?", add_special_tokens=False).input_ids
+                rows.append(ids + [self.tok.eos_token_id])
+        t = max(len(r) for r in rows)
+        ids = torch.tensor([r + [self.tok.pad_token_id] * (t - len(r)) for r in rows])
+        done = torch.tensor([[True] * len(r) + [False] * (t - len(r)) for r in rows])
+        return Rollout(ids, done, torch.zeros(ids.shape), torch.zeros(len(rows), dtype=torch.bool))
+
+
+def answer_engine_callback():
+    """A callback that makes a run's held-out evaluation answer from the data's references (`AnswerEngine`)."""
+    import lightning as L
+
+    class Answers(L.Callback):
+        def on_validation_epoch_start(self, trainer, module):
+            dm = trainer.datamodule
+            table = {tuple(e["prompt_ids"]): e["reference"] for e in dm.examples["val"]}
+            module.eval_engine = AnswerEngine(module.tokenizer, table)
+
+    return Answers()
