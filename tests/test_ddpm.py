@@ -728,7 +728,8 @@ def test_flow_training_pair_and_its_parametrisations():
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_euler_step_equals_diffusers_flow_match_euler(shift):
     """One Euler step x_s = x_t + (s - t) v equals diffusers' FlowMatchEulerDiscreteScheduler.step on the same
-    inputs, at each of its (shifted) sigmas; our grid is the same time shift of an even grid from 1 to 0."""
+    inputs, at each of its (shifted) sigmas; the even grid (the default) is the same time shift of an even grid from 1
+    to 0, which is not diffusers' grid (test_flow_diffusers_grid_is_flow_match_euler_schedulers_sigmas)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
@@ -746,6 +747,30 @@ def test_flow_euler_step_equals_diffusers_flow_match_euler(shift):
     t = torch.linspace(1, 0, 11, dtype=torch.float64)
     assert p.grid(10) == pytest.approx((shift * t / (1 + (shift - 1) * t) * 1000).tolist())
     assert p.grid(10)[0] == 1000 and p.grid(10)[-1] == 0 and (shift == 1 or p.grid(10)[5] > 500)
+
+
+@pytest.mark.parametrize("steps, shift", [(10, 3.0), (10, 1.0), (4, 3.0), (20, 3.0), (50, 1.0), (1, 2.0), (7, 0.5)])
+def test_flow_diffusers_grid_is_flow_match_euler_schedulers_sigmas(steps, shift):
+    """algo.flow_grid=diffusers visits exactly the sigmas of diffusers' FlowMatchEulerDiscreteScheduler (default
+    settings, set_timesteps(steps)), last 0 included, for any (steps, shift); the even grid is another grid: at 10
+    steps and shift 3 its last step starts at 0.25, diffusers' at 0.0089."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    sched.set_timesteps(steps)
+    grid = FlowProcess(num_steps=1000, shift=shift, flow_grid="diffusers").grid(steps)
+    assert torch.equal((torch.tensor(grid, dtype=torch.float64) / 1000).float(), sched.sigmas)
+    # and whole Euler trajectories of a velocity network agree with diffusers' loop over its timesteps
+    net = FlowOracle(0.7, 0.09)
+    module = module_with(net, {"name": "flow", "num_steps": 1000}, target="velocity", shift=shift, flow_grid="diffusers")
+    x = torch.randn(64, 1, generator=torch.Generator().manual_seed(0))
+    ours = module.sample(64, "euler", steps, x_T=x, shape=(1,))
+    for timestep in sched.timesteps:
+        x = sched.step(net(x, timestep.expand(64)), timestep, x).prev_sample
+    assert torch.allclose(ours, x, atol=1e-5)
+    if (steps, shift) == (10, 3.0):
+        assert sched.sigmas[-2].item() == pytest.approx(0.00893, abs=1e-5)
+        assert FlowProcess(num_steps=1000, shift=shift).grid(steps)[-2] == pytest.approx(250.0)
 
 
 def test_flow_euler_and_heun_transport_the_prior_to_gaussian_data():
@@ -809,6 +834,8 @@ def test_every_flow_target_samples_the_same_distribution(target):
     ({"process": {"name": "flow", "num_steps": 10}, "shift": 0.0}, "algo.shift=0.0: must be > 0"),
     ({"process": {"name": "flow", "num_steps": 10}, "t_sampling": "beta"}, "algo.t_sampling='beta'"),
     ({"process": {"name": "vp", "num_steps": 10}, "shift": 3.0}, "algo.shift=3.0: it shapes the time of process=flow; process='vp'"),
+    ({"process": {"name": "flow", "num_steps": 10}, "flow_grid": "karras"}, r"algo.flow_grid='karras': must be one of \['even', 'diffusers'\]"),
+    ({"process": {"name": "vp", "num_steps": 10}, "flow_grid": "diffusers"}, "algo.flow_grid='diffusers': it shapes the time of process=flow; process='vp'"),
 ])
 def test_flow_bad_options_stop_naming_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -12,7 +12,8 @@ flow); k = 0 is clean data. Samplers (samplers.py) walk a grid of k from T to 0 
       The deterministic step is Song et al. 2020, "Denoising Diffusion Implicit Models" (eta = 0).
   flow  Nakkiran et al.'s flow matching with the linear pointwise flow (Lipman et al. 2023, Liu et al. 2023's
       rectified flow): x_t = (1 - t) x_0 + t eps on continuous t in [0, 1]; the network regresses the velocity
-      eps - x_0, and sampling integrates dx/dt = v(x, t) from t = 1 to 0 on a grid shifted as SD3 / diffusers'.
+      eps - x_0, and sampling integrates dx/dt = v(x, t) from t = 1 to 0 on an even grid in t, or diffusers'
+      FlowMatchEulerDiscreteScheduler's grid (`flow_grid`), shifted as SD3 / diffusers'.
 
 A new process: one class here with `name`, `targets` and the operations, added to `PROCESSES`.
 """
@@ -35,6 +36,7 @@ TARGETS = {
     "velocity": "the flow's velocity eps - x0",
 }
 T_SAMPLINGS = ("uniform", "logit_normal")
+FLOW_GRIDS = ("even", "diffusers")
 
 
 def per_example(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -267,7 +269,7 @@ class FlowProcess(Process):
     loss_weightings = ("none",)  # the flow shapes its time with t_sampling instead
 
     def __init__(self, num_steps: int = 1000, t_sampling: str = "uniform", logit_mean: float = 0.0,
-                 logit_std: float = 1.0, shift: float = 1.0):
+                 logit_std: float = 1.0, shift: float = 1.0, flow_grid: str = "even"):
         super().__init__(num_steps)
         if t_sampling not in T_SAMPLINGS:
             raise ValueError(f"algo.t_sampling={t_sampling!r}: must be one of {list(T_SAMPLINGS)}")
@@ -275,7 +277,9 @@ class FlowProcess(Process):
             raise ValueError(f"algo.shift={shift}: must be > 0 (1: no shift)")
         if logit_std <= 0:
             raise ValueError(f"algo.process.logit_std={logit_std}: must be > 0")
-        self.t_sampling, self.shift = t_sampling, shift
+        if flow_grid not in FLOW_GRIDS:
+            raise ValueError(f"algo.flow_grid={flow_grid!r}: must be one of {list(FLOW_GRIDS)}")
+        self.t_sampling, self.shift, self.flow_grid = t_sampling, shift, flow_grid
         self.logit_mean, self.logit_std = logit_mean, logit_std
 
     def t(self, k, x: torch.Tensor | None = None):
@@ -328,14 +332,25 @@ class FlowProcess(Process):
         # Euler on dx/dt = v from t to s: x_s = x_t + (s - t) v. For this flow it is DDIM: x_s = (1 - s) x0 + s eps_hat
         return x + (s - k) / self.T * self.velocity(x, x0, k)
 
+    def shifted(self, t):
+        # SD3 / diffusers: t <- shift t / (1 + (shift - 1) t); shift > 1 spends more of the steps at high noise
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
     def grid(self, steps: int) -> list[float]:
-        """k = t T on t = 1 -> 0 in `steps` even steps, shifted (SD3 / diffusers: t <- shift t / (1 + (shift - 1) t),
-        shift > 1 spends more of the steps at high noise)."""
+        """k = t T from t = 1 to 0 in `steps` steps, shifted. `flow_grid`:
+          even       t even on [1, 0], then shifted: the last step starts at shifted(1/steps) (0.25 at 10 steps,
+                     shift 3).
+          diffusers  FlowMatchEulerDiscreteScheduler.set_timesteps (default settings): `steps` points even from its
+                     training grid's largest sigma, shifted(1), to its smallest, shifted(1/T), both in float32 as
+                     diffusers builds them; these shifted again, then t = 0 appended. The last step starts at
+                     shifted(shifted(1/T)) (0.0089 at 10 steps, shift 3, T = 1000): one step from near-clean data."""
         if steps < 1:  # continuous time: any number of steps
             raise ValueError(f"steps={steps}: must be >= 1")
-        t = np.linspace(1.0, 0.0, steps + 1)
-        t = self.shift * t / (1 + (self.shift - 1) * t)
-        return (t * self.T).tolist()
+        if self.flow_grid == "even":
+            return (self.shifted(np.linspace(1.0, 0.0, steps + 1)) * self.T).tolist()
+        t_max, t_min = self.shifted(torch.tensor([float(self.T), 1.0]) / self.T).tolist()  # diffusers' __init__
+        t = np.linspace(t_max * self.T, t_min * self.T, steps) / self.T
+        return (np.append(self.shifted(t), 0.0) * self.T).tolist()
 
     def net_time(self, k: torch.Tensor) -> torch.Tensor:
         return k.float()  # t * T
@@ -356,7 +371,7 @@ def make_process(name: str, num_steps: int, **options) -> Process:
     (`sigma` under vp) are ignored."""
     cls = process_class(name)
     accepted = inspect.signature(cls).parameters
-    for key in ("t_sampling", "shift"):  # algo-level keys (algo.shift), not under algo.process
+    for key in ("t_sampling", "shift", "flow_grid"):  # algo-level keys (algo.shift), not under algo.process
         if key in options and key not in accepted:
             owners = [n for n, c in PROCESSES.items() if key in inspect.signature(c).parameters]
             default = inspect.signature(PROCESSES[owners[0]]).parameters[key].default

@@ -114,6 +114,7 @@ class DDPMModule(L.LightningModule):
         guidance_scale: float = 0.0,
         t_sampling: str = "uniform",
         shift: float = 1.0,
+        flow_grid: str = "even",
         seed: int = 42,
     ):
         """A diffusion model (or a flow) of the data the DataModule yields: (B, ...) tensors, or (x, labels) for a
@@ -134,7 +135,7 @@ class DDPMModule(L.LightningModule):
         net = check_denoiser(denoiser(net))
         super().__init__()
         # the process first: its own target and sampler fill a null (vp / ve: eps, ddim; flow: velocity, euler)
-        proc = make_process(**process, t_sampling=t_sampling, shift=shift)
+        proc = make_process(**process, t_sampling=t_sampling, shift=shift, flow_grid=flow_grid)
         target = target or proc.targets[0]
         val_sampler = val_sampler or proc.default_sampler
         test_sampler = test_sampler or proc.default_sampler
