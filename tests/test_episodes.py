@@ -253,3 +253,184 @@ def test_an_episode_its_environment_ended_keeps_its_reward_whatever_its_budget()
     ep = run_episodes(Scripted([turn] * 3), tok, [[1, 2, 3]], [Environment(running)], 1, max_turns=3,
                       max_new_tokens=200, max_tokens=len(turn) + 5)
     assert not running.done and ep.truncated.tolist() == [True]
+
+
+# --------------------------------------------------------------------------- the KV cache kept across turns
+def echo(x: str) -> str:
+    """Echo.
+
+    Args:
+        x: text
+    """
+    return x
+
+
+def _mixed_turns(text: str) -> list[ToolCall]:
+    """Every few turns the policy 'answers' (no call: its episode ends early); the other turns call echo with 0-4 of
+    their characters (tool turns of different lengths)."""
+    return [] if len(text) % 4 == 3 else [ToolCall("echo", {"x": text[: len(text) % 5]})]
+
+
+def _policy(monkeypatch):
+    """A real tiny policy on a small vocabulary, tool calls forced by `_mixed_turns`; weights x8 and the <eos>
+    embedding x2, so that its greedy turns differ in length and end (a random init's greedy turns repeat one token
+    until the limit)."""
+    import genlight.envs.episodes as episodes
+    from genlight.models import char_tokenizer, tiny_llama
+
+    tok = char_tokenizer("0123456789+=<|>\nuseratniol")
+    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    monkeypatch.setattr(episodes, "parse_tool_calls", _mixed_turns)
+    model = tiny_llama(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=2).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(8.0)
+        model.model.embed_tokens.weight[tok.eos_token_id] *= 2.0
+    prompts = [tok(f"<|user|>{q}\n<|assistant|>").input_ids for q in ("1+2", "30+4", "7+15", "2+2")]
+    return tok, model, prompts
+
+
+class Plain:
+    """The engine without `episodes`: run_episodes re-prefills each turn's whole context (today's path for vLLM)."""
+
+    def __init__(self, engine):
+        self.model, self.generate = engine.model, engine.generate
+
+
+def _run(engine, tok, prompts, temperature, seed=0, **kw):
+    from genlight.envs.tools import Environment
+
+    envs = [Environment(tools=[echo]) for _ in range(len(prompts) * 2)]
+    return run_episodes(engine, tok, prompts, envs, num_samples=2, max_turns=kw.get("max_turns", 4),
+                        max_new_tokens=16, max_tokens=kw.get("max_tokens", 90), temperature=temperature,
+                        generator=torch.Generator().manual_seed(seed))
+
+
+def _turn_lengths(ep) -> list[list[int]]:
+    return [[len(m["content"]) for m in ms if m["role"] == "assistant"] for ms in ep.messages]
+
+
+@pytest.mark.parametrize("max_batch_size,episode_cache", [(None, True), (3, True), (3, False)])
+def test_kept_cache_samples_the_episodes_of_re_prefilling_at_temperature_0(monkeypatch, max_batch_size, episode_cache):
+    """Greedy episodes with the KV cache kept across turns (or, episode_cache=False, the engine's own re-prefill)
+    against run_episodes re-prefilling every turn's whole context through `generate`: the same ids, policy masks,
+    truncation, turns and log-probs. The episodes mix what the cache must get right: turns ending at different lengths
+    in one batch (rows fed padding after their <eos>), episodes ending at turn 1, 3 or 4, tool turns of different
+    lengths; max_batch_size=3 splits the 8 episodes into pieces of 3 (a group's two samples in two pieces)."""
+    from genlight.models.rollout import HFRollout
+
+    tok, model, prompts = _policy(monkeypatch)
+    engine = HFRollout(model, tok.eos_token_id, tok.pad_token_id, max_batch_size, episode_cache=episode_cache)
+    kept = _run(engine, tok, prompts, temperature=0.0)
+    plain = _run(Plain(HFRollout(model, tok.eos_token_id, tok.pad_token_id)), tok, prompts, temperature=0.0)
+    # the episodes mix lengths and endings: the test bites
+    assert len(set(plain.turns.tolist())) >= 3 and 0 < int(plain.truncated.sum()) < 8
+    assert len({n for t in _turn_lengths(plain) for n in t}) >= 4
+    assert len({len(m["content"]) for ms in plain.messages for m in ms if m["role"] == "tool"}) >= 3
+    assert torch.equal(kept.completion_ids, plain.completion_ids)
+    assert torch.equal(kept.completion_mask, plain.completion_mask)
+    assert torch.equal(kept.policy_mask, plain.policy_mask)
+    assert torch.equal(kept.truncated, plain.truncated) and torch.equal(kept.turns, plain.turns)
+    torch.testing.assert_close(kept.logps, plain.logps, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("max_batch_size", [None, 3])
+def test_kept_cache_logps_are_the_trainers_at_temperature_1(monkeypatch, max_batch_size):
+    """Sampled episodes (temperature 1) with the cache kept across turns, in one batch or in pieces of 3: the
+    sampler's log-prob of every policy token equals the trainer's forward over prompt + the whole episode."""
+    from genlight.models.rollout import HFRollout
+    from tests.helpers import episode_logps
+
+    tok, model, prompts = _policy(monkeypatch)
+    engine = HFRollout(model, tok.eos_token_id, tok.pad_token_id, max_batch_size)
+    ep = _run(engine, tok, prompts, temperature=1.0, max_tokens=64)
+    assert int(ep.turns.max()) >= 3 and len(set(ep.turns.tolist())) >= 2, "few turns: the test would not bite"
+    logp = episode_logps(model, tok.pad_token_id, prompts, ep)
+    m = ep.policy_mask
+    torch.testing.assert_close(logp[m], ep.logps[m], atol=1e-4, rtol=1e-4)
+
+
+def _prefill_recorder(model):
+    """Each forward pass of the model's transformer stack: (width of input_ids, real tokens among them)."""
+    calls = []
+
+    def record(module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        calls.append((ids.size(1), int(mask[:, -ids.size(1):].sum())))
+
+    return calls, model.model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def test_each_turn_prefills_only_the_ids_its_cache_does_not_hold(monkeypatch):
+    """The forward passes of a sampled multi-turn run, counted: turn 1 prefills each prompt once for its 2 samples,
+    a later turn only the tool turns (and at most each row's last token of the turn before, which the decoding loop
+    stops before feeding), never the prompt and earlier turns again; over the run, no context token is fed twice.
+    Re-prefilling every turn (the old path) feeds every episode's whole context again at every turn."""
+    from genlight.models.rollout import HFRollout
+
+    tok, model, prompts = _policy(monkeypatch)
+    calls, hook = _prefill_recorder(model)
+    try:
+        ep = _run(HFRollout(model, tok.eos_token_id, tok.pad_token_id), tok, prompts, temperature=1.0, max_tokens=64)
+    finally:
+        hook.remove()
+    tool = ~ep.policy_mask & ep.completion_mask
+    tool_tokens = int(tool.sum())
+    tool_turns = int((tool[:, 1:] & ~tool[:, :-1]).sum())  # each tool turn starts after a policy token
+    assert tool_turns >= 6, "few tool turns: the test would not bite"
+    prefills = [real for width, real in calls if width > 1]  # decoding steps feed 1 token; a tool turn is longer
+    assert prefills[0] == sum(len(p) for p in prompts)
+    assert tool_tokens <= sum(prefills[1:]) <= tool_tokens + tool_turns
+    assert sum(real for _, real in calls) <= sum(len(p) for p in prompts) + int(ep.lengths.sum())
+
+
+def _sharded_worker(rank: int, port: int, out: str) -> None:
+    """One of 2 processes sampling its own episodes with HFRollout told its weights are sharded (FSDP2's collective
+    forward passes): process 0 has 3 prompts (3 pieces of 2 episodes), process 1 one prompt (1 piece), so their
+    pieces, turns and token limits differ. Saves its episodes and its forward passes' count."""
+    import datetime
+    import os
+
+    import genlight.envs.episodes as episodes
+    from genlight.models.rollout import HFRollout
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    monkeypatch = pytest.MonkeyPatch()
+    tok, model, prompts = _policy(monkeypatch)
+    monkeypatch.setattr(episodes, "parse_tool_calls", _mixed_turns)
+    monkeypatch.setattr(HFRollout, "sharded", property(lambda self: True))
+    calls, _ = _prefill_recorder(model)
+    mine = prompts[:3] if rank == 0 else prompts[3:]
+    ep = _run(HFRollout(model, tok.eos_token_id, tok.pad_token_id, max_batch_size=2), tok, mine, temperature=0.0,
+              max_tokens=70 if rank == 0 else 40)
+    torch.save({"ids": ep.completion_ids, "policy": ep.policy_mask, "turns": ep.turns, "truncated": ep.truncated,
+                "forwards": len(calls)}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_sharded_processes_take_the_same_forward_passes_whatever_their_episodes(monkeypatch, tmp_path):
+    """FSDP2: every forward pass is collective. 2 processes (gloo) whose episodes differ in number, pieces, turns and
+    token budget take the same number of forward passes (a process short of work runs idle ones), and each samples
+    the episodes a single unsharded process samples from its prompts. Before, a process whose episodes had all ended
+    left the turn loop while the other went on (and pieces differed): the collectives no longer paired."""
+    import socket
+
+    from genlight.models.rollout import HFRollout
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_sharded_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert got[0]["forwards"] == got[1]["forwards"]
+    tok, model, prompts = _policy(monkeypatch)
+    for r, (mine, budget) in enumerate([(prompts[:3], 70), (prompts[3:], 40)]):
+        alone = _run(HFRollout(model, tok.eos_token_id, tok.pad_token_id, max_batch_size=2), tok, mine,
+                     temperature=0.0, max_tokens=budget)
+        assert torch.equal(got[r]["ids"], alone.completion_ids) and torch.equal(got[r]["policy"], alone.policy_mask)
+        assert torch.equal(got[r]["turns"], alone.turns) and torch.equal(got[r]["truncated"], alone.truncated)
+    assert got[0]["turns"].max() != got[1]["turns"].max(), "the processes took as many turns: the test would not bite"

@@ -7,6 +7,10 @@ as token ids of the chat template's own rendering of the tool messages. `Episode
 policy wrote (True) against the tool turns (False): the loss, the KL and the token counts of the aggregation use it,
 and the sampler's log-probs (`logps`) are recorded for policy tokens only (0 elsewhere).
 
+`rollout=hf` keeps each episode's KV cache across its turns (`HFRollout.episodes`): a turn prefills only the ids its
+cache does not hold (the tool turn), so an episode costs its tokens, not its tokens times its turns. An engine without
+such a session (vLLM) gets each turn's whole context (`Reprefill`); vLLM's prefix cache finds the context's KV blocks.
+
 A turn ends at <eos> or at the per-turn `max_new_tokens`. Every assistant turn within `max_turns` has its tool calls
 run, the last one's included (a game played with `max_turns` moves sees all of them). A turn is the episode's last
 when it calls no tool (the policy answered), when its calls end the environment (an environment may say so with a
@@ -64,11 +68,35 @@ class Episodes(Rollout):
         return ["\n".join(f"[{m.get('name', m['role'])}] {m['content']}" for m in ms) for ms in self.messages]
 
 
+class Reprefill:
+    """The turns of an engine that keeps nothing between calls (vLLM, whose prefix cache finds the contexts' KV
+    blocks again by itself): each turn's whole contexts, left-padded, in one `generate` call; the first turn's are the
+    prompts, each prefilled once for its G samples."""
+
+    def __init__(self, engine, prompt_ids: list[list[int]], num_samples: int, pad: int):
+        self.engine, self.prompts, self.g, self.pad, self.first = engine, prompt_ids, num_samples, pad, True
+        model = getattr(engine, "model", None)  # contexts go where the engine's model is; vLLM's take CPU ids
+        self.device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
+
+    def running(self, local: bool) -> bool:
+        return local
+
+    def generate(self, episodes: list[int], contexts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
+        contexts, g = (self.prompts, self.g) if self.first else (contexts, 1)  # the G samples share the prefill
+        self.first = False
+        ctx = _pad([list(c) for c in contexts], self.pad, torch.long, "left").to(self.device)
+        mask = _pad([[1] * len(c) for c in contexts], 0, torch.long, "left").to(self.device)
+        return self.engine.generate(ctx, mask, g, max_new_tokens, temperature, top_p, generator)
+
+
 def run_episodes(engine, tokenizer, prompt_ids: list[list[int]], envs: list[Environment], num_samples: int,
                  max_turns: int, max_new_tokens: int, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  generator: torch.Generator | None = None) -> Episodes:
     """`num_samples` episodes per prompt (prompt i's are rows i*G .. i*G+G-1, as single-turn rollouts), each with its
-    own environment from `envs` (already reset: one per episode, N = prompts x G)."""
+    own environment from `envs` (already reset: one per episode, N = prompts x G). An engine that offers
+    `episodes(prompt_ids, num_samples)` (an `EpisodeSession`: HFRollout keeps each episode's KV cache across its
+    turns) samples the turns through it; any other gets each turn's whole context (`Reprefill`)."""
     if max_turns < 1:
         raise ValueError(f"max_turns={max_turns}: an episode has at least one turn")
     if max_tokens < 1 or max_new_tokens < 1:
@@ -77,8 +105,8 @@ def run_episodes(engine, tokenizer, prompt_ids: list[list[int]], envs: list[Envi
     if len(envs) != n:
         raise ValueError(f"{len(envs)} environments for {n} episodes: one each")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    model = getattr(engine, "model", None)  # contexts go where the engine's model is (HFRollout); vLLM's take CPU ids
-    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
+    offered = getattr(engine, "episodes", None)  # HFRollout: the KV caches kept across turns
+    session = offered(prompt_ids, num_samples) if offered is not None else Reprefill(engine, prompt_ids, num_samples, pad)
     ids: list[list[int]] = [[] for _ in range(n)]
     policy: list[list[bool]] = [[] for _ in range(n)]
     logps: list[list[float]] = [[] for _ in range(n)]
@@ -87,15 +115,12 @@ def run_episodes(engine, tokenizer, prompt_ids: list[list[int]], envs: list[Envi
     truncated = [False] * n
     active = list(range(n))
     for turn in range(max_turns):
+        if not session.running(bool(active)):  # under FSDP2, while any process has episodes running
+            break
         budget = {i: max_tokens - len(ids[i]) for i in active}
-        if turn == 0:  # the G samples of a prompt share its prefill
-            contexts, g = prompt_ids, num_samples
-        else:
-            contexts, g = [prompt_ids[i // num_samples] + ids[i] for i in active], 1
-        ctx = _pad([list(c) for c in contexts], pad, torch.long, "left").to(device)
-        mask = _pad([[1] * len(c) for c in contexts], 0, torch.long, "left").to(device)
-        roll = engine.generate(ctx, mask, g, min(max_new_tokens, max(budget.values())), temperature, top_p,
-                               generator)
+        contexts = [list(prompt_ids[i // num_samples]) + ids[i] for i in active]
+        roll = session.generate(active, contexts, min(max_new_tokens, max(budget.values(), default=1)), temperature,
+                                top_p, generator)
         nxt = []
         for row, i in enumerate(active):
             k = int(roll.completion_mask[row].sum())
@@ -132,8 +157,6 @@ def run_episodes(engine, tokenizer, prompt_ids: list[list[int]], envs: list[Envi
             logps[i] += [0.0] * len(tool)
             nxt.append(i)
         active = nxt
-        if not active:
-            break
     return Episodes(
         completion_ids=_pad(ids, pad, torch.long),
         completion_mask=_pad([[True] * len(x) for x in ids], False, torch.bool),
