@@ -331,3 +331,24 @@ def test_unpaired_json_lines_roundtrip_through_datasets(cfg_factory, tmp_path):
     dm = hydra.utils.instantiate(cfg.data, tokenizer=hydra.utils.instantiate(cfg.model.tokenizer))
     dm.setup("fit")
     assert [e["label"] for e in dm.examples["train"]] == [r["label"] for r in rows]
+
+
+def test_exact_match_over_no_desirable_rows_is_not_logged_without_a_datamodule(cfg_factory, tmp_path):
+    """`trainer.validate(module, dataloaders=...)` (no DataModule to tell the split's labels): on a split of
+    undesirable rows only, exact match would be 0.0 over no rows; it is decided from the split's summed label counts
+    at the epoch's end, not logged; on a split with desirable rows it is (the greedy exact match of those rows)."""
+    import lightning as L
+
+    from genlight.pipeline import build
+
+    for label in (False, True):
+        train, val = _one_label_val(tmp_path, label)
+        cfg = cfg_factory(*QUICK_KTO, "data=jsonl_unpaired", f"data.source.train={train}", f"data.source.val={val}",
+                          "optimized_metric=val/loss", "monitor_mode=min", "logger=none", "trainer.accelerator=cpu",
+                          quick=False)
+        objs = build(cfg, warm_start=False)
+        dm = objs["datamodule"]
+        dm.setup("fit")
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        out = trainer.validate(objs["module"], dataloaders=dm.val_dataloader(), verbose=False)[0]
+        assert ("val/exact_match" in out) == label, out

@@ -424,3 +424,22 @@ def test_the_games_hint_consistency_is_logged_pooled_over_the_steps_episodes(cfg
 
     assert hint_consistency([("[5]", "The target number is lower."), ("[9]", "The target number is lower."),
                              ("[2]", "The target number is higher."), ("[3]", "x")]) == (2, 3)
+
+
+def test_hint_consistency_judges_moves_the_game_does_not_read_as_inconsistent():
+    """A move outside the game's range ([0], [25]) or not in its format ("[ 3 ]") gets no hint from textarena (an
+    invalid move): it is judged inconsistent and narrows nothing; before, the interval started unbounded and the
+    looser pattern read such moves, which counted as consistent."""
+    from genlight.envs.textarena import TextArenaGame
+
+    def play(moves):
+        game = TextArenaGame(max_number=10, max_turns=20)
+        game.reset(seed=0)
+        assert game.game.game_number == 7
+        for m in moves:
+            game.move(m)
+        return game.hint_consistency()
+
+    assert play(["[9]", "[5]", "[8]", "[7]"]) == (3, 3)
+    for moves in (["[9]", "[0]", "[5]", "[7]"], ["[1]", "[25]", "[8]", "[7]"], ["[9]", "[ 3 ]", "[5]", "[7]"]):
+        assert play(moves) == (2, 3), moves

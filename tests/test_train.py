@@ -273,3 +273,25 @@ def test_a_policy_loaded_from_a_checkpoint_trains_in_train_mode_and_its_frozen_c
     n_policy = len(list(objs["module"].model.modules()))
     said = [str(w.message) for w in caught if "in eval mode at the start of training" in str(w.message)]
     assert said and said[0].startswith(f"Found {n_policy} module(s) in eval mode"), said
+
+
+def test_a_fit_with_no_step_left_leaves_the_frozen_copies_in_eval_mode(tmp_path, tokenizer):
+    """The frozen copies are flagged as training for Lightning's eval-mode check between on_fit_start and
+    on_train_start; a fit resumed at max_steps trains nothing and skips on_train_start: on_fit_end puts them back
+    (before, the reference kept dropout on after such a fit)."""
+    import lightning as L
+
+    from genlight import ArithmeticTask, DPOModule, LMDataModule, tiny_llama
+
+    module = DPOModule(net=lambda tokenizer: tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2,
+                                                        intermediate_size=64), tokenizer=tokenizer)
+    data = LMDataModule(ArithmeticTask(n_train=32, n_val=8, n_test=8), tokenizer, kind="preference", batch_size=8)
+    kw = dict(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=False)
+    first = L.Trainer(**kw)
+    first.fit(module, data)
+    ckpt = tmp_path / "done.ckpt"
+    first.save_checkpoint(ckpt)
+    L.Trainer(**kw).fit(module, data, ckpt_path=ckpt, weights_only=True)
+    assert not any(m.training for m in module.ref_model.modules())
+    assert all(m.training for m in module.model.modules())

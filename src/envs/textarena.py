@@ -22,7 +22,7 @@ import random
 import re
 
 HINT = re.compile(r"target number is (higher|lower)", re.IGNORECASE)
-GUESS = re.compile(r"\[\s*(-?\d+)\s*\]")
+GUESS = re.compile(r"\[(\d+)\]")  # textarena's own reading of a Guess The Number move
 
 
 class TextArenaGame:
@@ -78,25 +78,30 @@ class TextArenaGame:
         """(guesses consistent with every hint before them, guesses after the first hint) of this game (Guess The
         Number): a guess is consistent when it lies in the interval the earlier hints leave. What a policy that reads
         the hints does; guessing at random rarely is."""
-        return hint_consistency(self.history)
+        game = self.game
+        return hint_consistency(self.history, game.min_number - 1, game.max_number + 1)
 
     def get_reward(self) -> float:
         """The game's reward; without `partial_credit`, 1 for a win and 0 otherwise."""
         return self.reward if self.partial_credit else float(self.reward >= 1.0)
 
 
-def hint_consistency(history: list[tuple[str, str]]) -> tuple[int, int]:
-    """(consistent, judged) over a Guess The Number game's (move, reply) history: each guess after the first hint is
-    judged against the interval every earlier hint leaves (after "higher" than g: > g; "lower": < g)."""
-    lo, hi, consistent, judged = float("-inf"), float("inf"), 0, 0
+def hint_consistency(history: list[tuple[str, str]], lo: float = float("-inf"),
+                     hi: float = float("inf")) -> tuple[int, int]:
+    """(consistent, judged) over a Guess The Number game's (move, reply) history: each move after the first hint is
+    judged against the open interval (lo, hi) that the game's range and every earlier hint leave (after "higher" than
+    g: > g; "lower": < g). A move the game does not read as a guess in its range (textarena's `[n]`) is judged
+    inconsistent; only a hint narrows the interval."""
+    consistent, judged, hinted = 0, 0, False
     for move, reply in history:
         m = GUESS.search(move or "")
         guess = int(m.group(1)) if m else None
-        if judged or lo > float("-inf") or hi < float("inf"):  # a hint has been given
+        if hinted:
             judged += 1
             consistent += guess is not None and lo < guess < hi
         h = HINT.search(reply or "")
         if guess is not None and h:
+            hinted = True
             lo, hi = (max(lo, guess), hi) if h.group(1).lower() == "higher" else (lo, min(hi, guess))
     return consistent, judged
 

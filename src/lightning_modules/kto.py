@@ -307,12 +307,14 @@ class KTOModule(LMModule):
         stats["rows_rejected"].update((~labels).sum())
         stats["rewards_auroc"].update(out["rewards"], labels.long())
         # greedy exact match on the desirable rows (against their `answer`, or their completion): a task's prompt,
-        # which has a desirable and an undesirable row, counts once; a split without desirable rows has none (0.0
-        # would be logged), decided on the whole split so that every process logs the same metrics
+        # which has a desirable and an undesirable row, counts once; logged at the epoch's end where the split has
+        # desirable rows (summed over processes; a split without would log 0.0 over none). Not generated at all when
+        # the DataModule's split shows it has none
         if batch_idx == 0:
             self._has_desirable[stage] = self._split_has_desirable(stage)
         if self._has_desirable.get(stage, True):
-            self.eval_generation(batch, stage, batch_idx, rows=[i for i, y in enumerate(labels.tolist()) if y])
+            self.eval_generation(batch, stage, batch_idx, rows=[i for i, y in enumerate(labels.tolist()) if y],
+                                 log=False)
 
     def _split_has_desirable(self, stage: str) -> bool:
         """Whether the split holds a desirable row (True when the DataModule keeps no `examples` to look at)."""
@@ -321,7 +323,7 @@ class KTOModule(LMModule):
 
     def _eval_epoch_end(self, stage: str) -> None:
         stats = getattr(self, f"{stage}_stats")
-        values = {}
+        values, defined = {}, set()
         if stats["rows_chosen"].update_called:
             # the labels of the whole split (summed over processes, so every process computes the same metrics)
             present = {label for label, key in ((True, "rows_chosen"), (False, "rows_rejected"))
@@ -337,6 +339,10 @@ class KTOModule(LMModule):
                             "of one label) and not logged", stage,
                             "desirable (label true)" if True in present else "undesirable (label false)",
                             ", ".join(f"{stage}/{k}" for k in NEEDS_LABELS if k not in defined))
+        exact = getattr(self, f"{stage}_exact_match")
+        if "exact_match" in defined and exact.update_called:
+            values["exact_match"] = exact.compute()
+        exact.reset()
         for m in stats.values():
             m.reset()
         if not self.trainer.sanity_checking:

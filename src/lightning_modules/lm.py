@@ -261,6 +261,9 @@ class LMModule(L.LightningModule):
         for m in self._frozen_modules():
             m.training = False
 
+    def on_fit_end(self) -> None:  # a fit with no step left to take (resumed at max_steps) skips on_train_start
+        self.on_train_start()
+
     # ------------------------------------------------------------------ FSDP2
     def configure_model(self) -> None:
         """Under `trainer=fsdp` (ModelParallelStrategy), shard the policy and its frozen copies (reference,
@@ -338,15 +341,18 @@ class LMModule(L.LightningModule):
         )
         return tok.batch_decode(out[:, input_ids.size(1) :], skip_special_tokens=True)
 
-    def eval_generation(self, batch: dict, stage: str, batch_idx: int, rows: list[int] | None = None) -> None:
+    def eval_generation(self, batch: dict, stage: str, batch_idx: int, rows: list[int] | None = None,
+                        log: bool = True) -> None:
         """Exact match of greedy completions against the references (of `rows` only, when given: every row is still
-        generated, since under FSDP2 every process must run as many forward passes); keep a few for the table."""
+        generated, since under FSDP2 every process must run as many forward passes); keep a few for the table.
+        `log=False`: the metric is updated, and logged by the module itself (KTO: only where it is defined)."""
         preds = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"])
         rows = range(len(preds)) if rows is None else rows
         prompts, preds, refs = ([xs[i] for i in rows] for xs in (batch["prompts"], preds, batch["references"]))
         metric = getattr(self, f"{stage}_exact_match")
         metric.update(preds, refs)
-        self.log(f"{stage}/exact_match", metric, on_epoch=True, prog_bar=True, batch_size=max(len(preds), 1))
+        if log:
+            self.log(f"{stage}/exact_match", metric, on_epoch=True, prog_bar=True, batch_size=max(len(preds), 1))
         if batch_idx == 0:
             n = self.hparams.num_logged_samples
             self._samples = [[p, c, r, ExactMatch.match(c, r)] for p, c, r in zip(prompts[:n], preds[:n], refs[:n])]
