@@ -38,7 +38,7 @@ class ArithmeticTask:
         ops: tuple[str, ...] | list[str] = ("+",),
         n_train: int = 8000,
         n_val: int = 500,
-        n_test: int = 500,
+        n_test: int = 1000,
         seed: int = 1234,
     ):
         bad = [op for op in ops if op not in OPS]

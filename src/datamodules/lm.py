@@ -351,7 +351,7 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         max_length: int = 512,
         truncation: str = "error",
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int = 42,
         packing: bool = False,
         columns: dict | None = None,
         answer_pattern: str | None = None,
