@@ -132,6 +132,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
                          "DPO, RLVR checkpoints)")
     objects = build(cfg, warm_start=False)
     trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
+    if ev.get("num_samples") and getattr(module, "env", None) is not None:
+        raise ValueError("eval.num_samples: test-time compute samples single completions, and this is a multi-turn "
+                         "(env=) run whose answers come from episodes; its pass@k over episodes is what eval.py "
+                         "reports without eval.num_samples (algo.val_num_samples episodes per prompt)")
     if not has_split(datamodule, split):
         raise ValueError(f"eval.split={split}: the data has no {split} split (data.source.{split} is not set); pass "
                          f"one (data.source.{split}=FILE), or eval.split=val: metrics named val/, from the split the "

@@ -182,3 +182,14 @@ def test_rlvr_pass_at_k_and_test_time_compute_share_one_definition_of_correct(cf
     rlvr = float(module.val_pass.compute()["pass@1"])
     curves = curves_at_k(module, [batch], 2, 1.0, module.verifier)
     assert rlvr == pytest.approx(want) and curves["pass"][0] == pytest.approx(want)
+
+
+def test_test_time_compute_refuses_a_multi_turn_run(cfg_factory):
+    """eval.num_samples samples single completions: on a multi-turn (env=) run it would score completions that never
+    call the tool; it stops before any work, naming what to use instead."""
+    from genlight.pipeline import evaluate
+
+    with pytest.raises(ValueError, match=r"eval.num_samples: .* multi-turn \(env=\) run"):
+        evaluate(cfg_factory("experiment=calculator_tool", "model.net.hidden_size=32", "model.net.num_layers=1",
+                             "model.net.num_heads=2", "model.net.intermediate_size=64", "eval.num_samples=2",
+                             "ckpt_path=null", "+model.pretrained=unused", name="eval"))
