@@ -279,3 +279,44 @@ def test_multi_turn_episodes_on_vllm_keep_the_sampled_ids_and_their_logps(tokeni
     logp = episode_logps(model, tokenizer.pad_token_id, prompts, ep)
     m = ep.policy_mask
     assert (logp - ep.logps)[m].abs().max() < 1e-4  # as single-turn above: float32 rounding only
+
+
+def test_episodes_on_vllm_find_their_context_in_the_prefix_cache(tokenizer, monkeypatch):
+    """vLLM is built with prefix caching on (the engine's own config says so), and the turn after a tool call finds
+    the KV blocks of its context in it: every request of turn 2 reports at least one full block (128 tokens on CPU)
+    of cached prompt tokens (the first request of each prompt in turn 2 can only have found turn 1's). The prefix
+    cache is reset at the weight push before turn 1 and never between the turns."""
+    import genlight.envs.episodes as episodes
+    from genlight.envs.episodes import run_episodes
+    from genlight.envs.tools import Environment, ToolCall
+    from genlight.models import tiny_llama
+    from genlight.models.rollout_vllm import VLLMRollout
+
+    def echo(x: str) -> str:
+        """Echo.
+
+        Args:
+            x: text
+        """
+        return x
+
+    monkeypatch.setattr(episodes, "parse_tool_calls", lambda text: [ToolCall("echo", {"x": "ok"})])
+    model = tiny_llama(tokenizer, seed=0)
+    vl = VLLMRollout(model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_model_len=256)
+    llm = vl.llm
+    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is True
+    block = llm.llm_engine.vllm_config.cache_config.block_size
+    outputs, resets = [], []
+    generate, reset = llm.generate, llm.reset_prefix_cache
+    monkeypatch.setattr(llm, "generate", lambda *a, **k: outputs.append(generate(*a, **k)) or outputs[-1])
+    monkeypatch.setattr(llm, "reset_prefix_cache", lambda *a, **k: resets.append(len(outputs)) or reset(*a, **k))
+    filler = " ".join(f"{i}+{i}={2 * i}." for i in range(14))  # a prompt over one block: ~140 tokens
+    prompts = [tokenizer(f"<|user|>{q} {filler}\n<|assistant|>").input_ids for q in ("1+2", "30+4", "7+15", "2+2")]
+    assert all(block < len(p) < 2 * block for p in prompts)
+    envs = [Environment(tools=[echo]) for _ in range(8)]
+    ep = run_episodes(vl, tokenizer, prompts, envs, num_samples=2, max_turns=2, max_new_tokens=24, max_tokens=80,
+                      generator=torch.Generator().manual_seed(0))
+    assert int((ep.turns == 2).sum()) >= 2, "few episodes took a second turn: the test would not bite"
+    assert resets == [0] and vl.pushes == 1  # the push before turn 1, none between the turns
+    _, second = outputs
+    assert len(second) == int((ep.turns == 2).sum()) and all(o.num_cached_tokens >= block for o in second)

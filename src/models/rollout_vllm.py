@@ -18,7 +18,9 @@ engine on its own device, with its own prompts (vLLM joins the trainer's process
 `external_launcher`, as TRL's colocate mode does).
 
 Sampling: G samples per prompt are one request with `n=G`, so vLLM prefills the prompt once and shares its
-KV blocks. Each prompt gets its own seed drawn from the caller's generator (a resumed run draws the same; two
+KV blocks. Multi-turn episodes send each turn's whole context; the prefix cache (on) finds the blocks of the context
+computed by the turns before (full blocks: 128 tokens on CPU), and it is reset only when new weights are pushed,
+which never happens between the turns of an episode (tested). Each prompt gets its own seed drawn from the caller's generator (a resumed run draws the same; two
 prompts never share a random stream). The recorded log-probs are the sampler's own (`processed_logprobs`:
 after temperature and top-p), i.e. log pi_gen of each sampled token.
 """
@@ -148,9 +150,11 @@ class VLLMRollout:
         check_supported(self.config)
         if dtype == "auto":  # the policy's own dtype (a config built in code may not record one)
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        # prefix caching named, not left to vLLM's default: a multi-turn episode's turn finds the KV blocks of its
+        # context (prompt, earlier turns) again (src/envs/episodes.py sends the whole context every turn)
         self.settings = dict(max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager,
                              gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                             enable_sleep_mode=sleep_mode, seed=seed)
+                             enable_sleep_mode=sleep_mode, enable_prefix_caching=True, seed=seed)
         self.sleep_mode, self.cpu_kvcache_space_gb = sleep_mode, cpu_kvcache_space_gb
         self.key = json.dumps([self.config.to_dict(), self.settings], sort_keys=True, default=str)
         self.uid = next(_ids)
