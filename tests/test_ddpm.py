@@ -251,7 +251,7 @@ def test_a_new_sampler_is_one_class_registered_in_one_place(monkeypatch):
     with pytest.raises(ValueError, match=r"algo.val_sampler='jump' on process='flow': jump reverses process=vp "
                                          r"\(Jump to the denoiser's x0 at every step.\); process='flow' samples with "
                                          r"euler \| heun"):
-        module_with(mlp2d(), {"name": "flow", "num_steps": 10}, val_sampler="jump")
+        module_with(mlp2d(), {"name": "flow", "num_steps": 10}, target="velocity", val_sampler="jump")
 
 
 # ---------------------------------------------------------------------------------------------- losses
