@@ -353,12 +353,14 @@ def test_kept_cache_logps_are_the_trainers_at_temperature_1(monkeypatch, max_bat
 
 
 def _prefill_recorder(model):
-    """Each forward pass of the model's transformer stack: (width of input_ids, real tokens among them)."""
+    """Each forward pass of the model's transformer stack: (width of input_ids, real tokens among them, the most real
+    tokens a row had before them, the columns before them)."""
     calls = []
 
     def record(module, args, kwargs):
         ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        calls.append((ids.size(1), int(mask[:, -ids.size(1):].sum())))
+        w = ids.size(1)
+        calls.append((w, int(mask[:, -w:].sum()), int(mask[:, :-w].sum(-1).max()), mask.size(1) - w))
 
     return calls, model.model.register_forward_pre_hook(record, with_kwargs=True)
 
@@ -367,7 +369,8 @@ def test_each_turn_prefills_only_the_ids_its_cache_does_not_hold(monkeypatch):
     """The forward passes of a sampled multi-turn run, counted: turn 1 prefills each prompt once for its 2 samples,
     a later turn only the tool turns (and at most each row's last token of the turn before, which the decoding loop
     stops before feeding), never the prompt and earlier turns again; over the run, no context token is fed twice.
-    Re-prefilling every turn (the old path) feeds every episode's whole context again at every turn."""
+    Re-prefilling every turn (the old path) feeds every episode's whole context again at every turn. And a later
+    turn's cache is as wide as the longest context it holds (compacted: the masked columns of earlier turns gone)."""
     from genlight.models.rollout import HFRollout
 
     tok, model, prompts = _policy(monkeypatch)
@@ -380,10 +383,11 @@ def test_each_turn_prefills_only_the_ids_its_cache_does_not_hold(monkeypatch):
     tool_tokens = int(tool.sum())
     tool_turns = int((tool[:, 1:] & ~tool[:, :-1]).sum())  # each tool turn starts after a policy token
     assert tool_turns >= 6, "few tool turns: the test would not bite"
-    prefills = [real for width, real in calls if width > 1]  # decoding steps feed 1 token; a tool turn is longer
-    assert prefills[0] == sum(len(p) for p in prompts)
-    assert tool_tokens <= sum(prefills[1:]) <= tool_tokens + tool_turns
-    assert sum(real for _, real in calls) <= sum(len(p) for p in prompts) + int(ep.lengths.sum())
+    prefills = [c for c in calls if c[0] > 1]  # decoding steps feed 1 token; a tool turn is longer
+    assert prefills[0][1] == sum(len(p) for p in prompts)
+    assert tool_tokens <= sum(real for _, real, _, _ in prefills[1:]) <= tool_tokens + tool_turns
+    assert sum(real for _, real, _, _ in calls) <= sum(len(p) for p in prompts) + int(ep.lengths.sum())
+    assert all(held == columns for _, _, held, columns in prefills[1:])
 
 
 def _sharded_worker(rank: int, port: int, out: str) -> None:

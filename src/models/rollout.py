@@ -299,11 +299,13 @@ class EpisodeCache:
     `max_batch_size` episodes, each prompt prefilled once for its G samples. Each piece keeps its cache after the turn;
     the next turn selects the rows of the episodes still running (`batch_select_indices`) and feeds each row only the
     ids its cache does not hold yet: the tool turn, after the turn's last token where the decoding loop stopped before
-    feeding it. These suffixes differ in length: they are right-padded, the padding masked (0), and every token's
-    position is the count of real tokens before it (the attention mask's cumulative sum), the position it has in a
-    plain forward over the whole context; each row's next-token logits are read at its last real token. Tokens fed
-    after a row's <eos> are masked in the cache too (`HFRollout._decode`). So the keys and values a turn attends to
-    are the plain forward's: the episodes equal those of re-prefilling every turn (tested: greedy ids, log-probs).
+    feeding it. First the cache is compacted (`_compact`): each row's tokens gathered to the right, so the masked
+    columns the turn before left do not widen every later step. The suffixes differ in length: they are right-padded,
+    the padding masked (0), and every token's position is the count of real tokens before it (the attention mask's
+    cumulative sum), the position it has in a plain forward over the whole context; each row's next-token logits are
+    read at its last real token. Tokens fed after a row's <eos> are masked in the cache too (`HFRollout._decode`). So
+    the keys and values a turn attends to are the plain forward's: the episodes equal those of re-prefilling every
+    turn (tested: greedy ids, log-probs).
 
     Pieces only lose episodes (an episode never moves to another piece's cache). With `keep=False`, or a model with
     sliding-window layers (a masked column inside the window would shift it), nothing is kept: each turn prefills the
@@ -428,6 +430,8 @@ class EpisodeCache:
         if piece.cache is None:
             piece.cache = DynamicCache(config=self.config)
             piece.mask = torch.zeros(len(contexts), 0, dtype=torch.long, device=self.device)
+        else:
+            self._compact(piece)
         new = _pad(suffixes, engine.pad, torch.long, side).to(self.device)
         new_mask = _pad([[1] * len(x) for x in suffixes], 0, torch.long, side).to(self.device)
         pos = (piece.mask.sum(-1, keepdim=True) + new_mask.cumsum(-1) - 1).clamp(min=0)  # the plain forward's
@@ -439,6 +443,25 @@ class EpisodeCache:
         piece.held = [list(c) for c in contexts]
         self._record(piece, roll, mask, piece.mask.size(1) + new.size(1))
         return roll
+
+    @staticmethod
+    def _compact(piece: _Piece) -> None:
+        """Gather each row's cached tokens to the right, left-padded to the row that holds most: the masked columns
+        a turn leaves (tokens fed after an <eos>, the padding of shorter tool turns, rows of ended episodes) go, so the
+        next turn attends over, and copies as the cache grows, its contexts' width (a re-prefill's left-padded
+        contexts), not the sum of every turn's longest row. The keys keep their positions (rotary: applied already)."""
+        real = piece.mask.bool()
+        t, width = real.size(1), int(real.sum(-1).max())
+        layers = getattr(piece.cache, "layers", None)
+        if width == t or layers is None:
+            return
+        cols = torch.arange(t, device=real.device).expand_as(real)
+        order = torch.where(real, cols, -1).sort(-1).values[:, t - width:]  # -1 (padding) first, then the columns
+        index = order.clamp(min=0)
+        for layer in layers:
+            at = index[:, None, :, None].expand(-1, layer.keys.size(1), -1, layer.keys.size(-1))
+            layer.keys, layer.values = layer.keys.gather(2, at), layer.values.gather(2, at)
+        piece.mask = (order >= 0).to(piece.mask.dtype)
 
     def _record(self, piece: _Piece, roll: Rollout, mask: torch.Tensor, width: int) -> None:
         """After a piece's turn: its cache's mask, and each row's held tokens extended by the ones decoding fed."""
