@@ -47,7 +47,7 @@ def play(cfg, strategy: str, split: str, games: int | None, plays: int, seed: in
                               spec.max_tokens, generator=g)
             wins += environment_rewards(envs).tolist()
             for e in envs:
-                c, j = e.instance.hint_consistency()
+                c, j = e.metrics()["hint_consistency"]
                 consistent, judged = consistent + c, judged + j
             turns += ep.turns.tolist()
         finally:

@@ -406,7 +406,7 @@ def test_the_games_hint_consistency_is_logged_pooled_over_the_steps_episodes(cfg
         games.clear()
         module.engine = ScriptedPlayer(tokenizer, strategy, 1, 10)
         module.training_step(_batch(tokenizer, batch), 0)
-        judged = [g.hint_consistency() for g in games]
+        judged = [g.metrics()["hint_consistency"] for g in games]
         assert sum(j for _, j in judged) > 0, "no guess after a hint: the test would not bite"
         want = sum(c for c, _ in judged) / sum(j for _, j in judged)
         assert logged["train/env/hint_consistency"] == pytest.approx(want)
@@ -417,7 +417,7 @@ def test_the_games_hint_consistency_is_logged_pooled_over_the_steps_episodes(cfg
     for i in range(2):
         module._eval_step(_batch(tokenizer, batch), i, "val")
     module._eval_epoch_end("val")
-    judged = [g.hint_consistency() for g in games]
+    judged = [g.metrics()["hint_consistency"] for g in games]
     assert logged["val/env/hint_consistency"] == pytest.approx(sum(c for c, _ in judged) / sum(j for _, j in judged))
     # a guess outside what the hints leave lowers it: 5 ("lower" if the number is below), then 9
     from genlight.envs.textarena import hint_consistency
@@ -438,7 +438,7 @@ def test_hint_consistency_judges_moves_the_game_does_not_read_as_inconsistent():
         assert game.game.game_number == 7
         for m in moves:
             game.move(m)
-        return game.hint_consistency()
+        return game.metrics()["hint_consistency"]
 
     assert play(["[9]", "[5]", "[8]", "[7]"]) == (3, 3)
     for moves in (["[9]", "[0]", "[5]", "[7]"], ["[1]", "[25]", "[8]", "[7]"], ["[9]", "[ 3 ]", "[5]", "[7]"]):

@@ -71,15 +71,10 @@ class TextArenaGame:
         return reply
 
     def metrics(self) -> dict[str, tuple[int, int]]:
-        """Logged per episode, pooled (`Environment.metrics`): the hint consistency of the game's guesses."""
-        return {"hint_consistency": self.hint_consistency()}
-
-    def hint_consistency(self) -> tuple[int, int]:
-        """(guesses consistent with every hint before them, guesses after the first hint) of this game (Guess The
-        Number): a guess is consistent when it lies in the interval the earlier hints leave. What a policy that reads
-        the hints does; guessing at random rarely is."""
+        """Logged per episode, pooled (`Environment.metrics`): the hint consistency of the game's guesses (the share of
+        them, after the first hint, that every earlier hint allows: `hint_consistency`)."""
         game = self.game
-        return hint_consistency(self.history, game.min_number - 1, game.max_number + 1)
+        return {"hint_consistency": hint_consistency(self.history, game.min_number - 1, game.max_number + 1)}
 
     def get_reward(self) -> float:
         """The game's reward; without `partial_credit`, 1 for a win and 0 otherwise."""

@@ -27,7 +27,7 @@ import json
 import re
 from collections.abc import Callable
 
-SKIP = ("reset", "get_reward")  # TRL's contract: the environment's own methods, not tools
+SKIP = ("reset", "get_reward", "metrics")  # the environment's own methods (TRL's, and our `metrics`), not tools
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 

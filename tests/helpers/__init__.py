@@ -156,3 +156,4 @@ def answer_engine_callback():
             module.eval_engine = AnswerEngine(module.tokenizer, table)
 
     return Answers()
+
