@@ -10,6 +10,7 @@ import torch
 from genlight.envs.episodes import run_episodes, tool_turn_text
 from genlight.envs.tools import Environment, ToolCall
 from genlight.models.rollout import Rollout
+from tests.helpers import echo
 from tests.helpers.checkpoints import bpe_tokenizer
 
 CALL = '<tool_call>{"name": "add", "arguments": {"a": 12, "b": 30}}</tool_call>'
@@ -105,14 +106,6 @@ def test_sampler_and_trainer_logps_agree_on_policy_tokens_at_lag_0(monkeypatch):
     tok = char_tokenizer("0123456789+=<|>\nuseratniol")  # a small vocabulary: a random policy ends turns often
     tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-    def echo(x: str) -> str:
-        """Echo.
-
-        Args:
-            x: text
-        """
-        return x
 
     monkeypatch.setattr(episodes, "parse_tool_calls", lambda text: [ToolCall("echo", {"x": text[:3]})])
     torch.manual_seed(0)
@@ -256,15 +249,6 @@ def test_an_episode_its_environment_ended_keeps_its_reward_whatever_its_budget()
 
 
 # --------------------------------------------------------------------------- the KV cache kept across turns
-def echo(x: str) -> str:
-    """Echo.
-
-    Args:
-        x: text
-    """
-    return x
-
-
 def _mixed_turns(text: str) -> list[ToolCall]:
     """Every few turns the policy 'answers' (no call: its episode ends early); the other turns call echo with 0-4 of
     their characters (tool turns of different lengths)."""

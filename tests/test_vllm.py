@@ -250,14 +250,7 @@ def test_multi_turn_episodes_on_vllm_keep_the_sampled_ids_and_their_logps(tokeni
     from genlight.envs.episodes import run_episodes, tool_turn_text
     from genlight.envs.tools import Environment, ToolCall
     from genlight.models import tiny_llama
-
-    def echo(x: str) -> str:
-        """Echo.
-
-        Args:
-            x: text
-        """
-        return x
+    from tests.helpers import echo
 
     monkeypatch.setattr(episodes, "parse_tool_calls", lambda text: [ToolCall("echo", {"x": "ok"})])
     model = tiny_llama(tokenizer, seed=0)
@@ -291,14 +284,7 @@ def test_episodes_on_vllm_find_their_context_in_the_prefix_cache(tokenizer, monk
     from genlight.envs.tools import Environment, ToolCall
     from genlight.models import tiny_llama
     from genlight.models.rollout_vllm import VLLMRollout
-
-    def echo(x: str) -> str:
-        """Echo.
-
-        Args:
-            x: text
-        """
-        return x
+    from tests.helpers import echo
 
     monkeypatch.setattr(episodes, "parse_tool_calls", lambda text: [ToolCall("echo", {"x": "ok"})])
     model = tiny_llama(tokenizer, seed=0)

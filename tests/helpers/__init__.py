@@ -157,3 +157,12 @@ def answer_engine_callback():
 
     return Answers()
 
+
+
+def echo(x: str) -> str:
+    """Echo.
+
+    Args:
+        x: text
+    """
+    return x
