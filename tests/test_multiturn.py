@@ -191,6 +191,31 @@ def test_bad_env_configs_stop_before_work(cfg_factory, override, message):
         RLVRModule.check_config(cfg)
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["model.net.max_position_embeddings=64", "env.max_tokens=60"], "env.max_tokens=60"),
+    (["model.net.max_position_embeddings=32", "algo.max_new_tokens=30"], "algo.max_new_tokens=30"),
+])
+@pytest.mark.parametrize("stage", ["train", "val"])
+def test_a_prompt_and_its_budget_past_the_models_positions_stop_naming_the_keys(cfg_factory, tokenizer, overrides,
+                                                                               key, stage):
+    """The tiny Llama (rotary) would run past its positions without an error; before sampling, a prompt plus
+    env.max_tokens (episodes) or algo.max_new_tokens (one completion) over max_position_embeddings stops, naming the
+    keys, in training and in validation alike. At the limit itself it samples."""
+    module, _ = _module(cfg_factory, *overrides)
+    if key.startswith("algo."):  # one completion per prompt
+        module.env = None
+    module.engine = module.eval_engine = Scripted(tokenizer, ["6"])
+    batch = _batch(tokenizer, [("12*34=", "408")])
+    step = module.training_step if stage == "train" else (lambda b, i: module._eval_step(b, i, "val"))
+    with pytest.raises(ValueError, match=rf"a prompt of \d+ tokens \+ {key.replace('.', '[.]')} = \d+ positions, more "
+                                         r"than the model's \d+ \(max_position_embeddings\)"):
+        step(batch, 0)
+    from genlight.models.lm import check_positions
+
+    limit = module.model.config.max_position_embeddings
+    check_positions(module.model, limit - 10, 10, key.split("=")[0])  # exactly at the limit: allowed
+
+
 def test_env_spec_needs_an_environment_or_tools():
     with pytest.raises(ValueError, match="give an environment class"):
         EnvSpec()

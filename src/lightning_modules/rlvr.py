@@ -58,6 +58,7 @@ from genlight.envs.episodes import (
 from genlight.envs.tools import EnvSpec, check_tool_template
 from genlight.lightning_modules.lm import LMModule
 from genlight.metrics import PassAtK
+from genlight.models.lm import check_positions
 from genlight.models.logps import completion_logps
 from genlight.models.rollout import HFRollout, Rollout, RolloutEngine
 from genlight.rewards import ExactAnswer, passes, score
@@ -379,6 +380,7 @@ class RLVRModule(LMModule):
             roll = self.episodes(self.engine, batch, hp.num_generations, hp.temperature, hp.top_p,
                                  self._rng("train", self.global_step))
             return roll, roll.answers, time.perf_counter() - t0
+        check_positions(self.model, batch["prompt_input_ids"].size(1), hp.max_new_tokens, "algo.max_new_tokens")
         roll = self.engine.generate(
             batch["prompt_input_ids"], batch["prompt_attention_mask"], hp.num_generations, hp.max_new_tokens,
             hp.temperature, hp.top_p, self._rng("train", self.global_step),
@@ -398,6 +400,7 @@ class RLVRModule(LMModule):
         prompts, envs = reset_groups(self.env, self.tokenizer, batch["chats"], batch["references"],
                                      batch["index"].tolist(), columns, g)
         ids, mask = left_padded(prompts, self.tokenizer.pad_token_id)
+        check_positions(self.model, ids.size(1), self.env.max_tokens, "env.max_tokens")
         batch["prompt_input_ids"], batch["prompt_attention_mask"] = ids.to(self.device), mask.to(self.device)
         try:
             ep = run_episodes(engine, self.tokenizer, prompts, envs, g, self.env.max_turns, self.hparams.max_new_tokens,
@@ -638,6 +641,7 @@ class RLVRModule(LMModule):
             roll = self.episodes(self.eval_engine, batch, n, hp.val_temperature, 1.0, self._rng(stage, batch_idx))
             texts = roll.answers
         else:
+            check_positions(self.model, batch["prompt_input_ids"].size(1), hp.max_new_tokens, "algo.max_new_tokens")
             roll = self.eval_engine.generate(
                 batch["prompt_input_ids"], batch["prompt_attention_mask"], n, hp.max_new_tokens,
                 hp.val_temperature, 1.0, self._rng(stage, batch_idx),

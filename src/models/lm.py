@@ -293,6 +293,18 @@ def from_pretrained(tokenizer, path: str, dtype: str = "float32", **config) -> P
     return model
 
 
+def check_positions(model, prompt_len: int, budget: int, budget_key: str) -> None:
+    """Refuse a prompt plus its completion budget longer than the model's positions (`max_position_embeddings`, GPT-2's
+    `n_positions`): a rotary model would run past what it was built for silently, a learned-position one fail deep in
+    its forward. Names the keys that set each length."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if limit is not None and prompt_len + budget > limit:
+        raise ValueError(f"a prompt of {prompt_len} tokens + {budget_key}={budget} = {prompt_len + budget} positions, "
+                         f"more than the model's {limit} (max_position_embeddings): lower {budget_key} or "
+                         "data.max_length, or raise model.net.max_position_embeddings")
+
+
 def language_model(net, tokenizer) -> PreTrainedModel:
     """The network an LM algorithm trains, from what its `net` argument is: a `transformers` model (used as it is), a
     local checkpoint directory (`from_pretrained`), or a factory called as `net(tokenizer=tokenizer)` that returns one
