@@ -1,29 +1,31 @@
-"""Multi-turn RL with a tool: our RLVRModule over episodes against TRL 1.16's GRPOTrainer with `environment_factory`,
-on the same calculator environment, model and prompts.
+"""Multi-turn RL with a tool: our RLVRModule over episodes against TRL 1.16's GRPOTrainer with `environment_factory`, on
+the same calculator environment, model and prompts.
 
     OMP_WAIT_POLICY=PASSIVE python bench/episode_trl.py --init DIR [--steps 10] [--rounds 3] [--prompts 8]
 
 `--init`: a policy that already calls the calculator, e.g. the warm start of `python train.py
 experiment=calculator_tool` (`<run>/sft_init`, or its `warm_start.cache_dir` entry); both sides start from it.
 
-The work (conf/experiment/calculator_tool.yaml's): 3-digit multiplication prompts (the task's train split), 8
-episodes per prompt, `Calculator` from genlight.envs.calculator as the environment on both sides (TRL's contract:
-reset and one documented tool), at most 3 assistant turns (TRL: `max_tool_calling_iterations=2`) and 160 episode
-tokens (TRL: `max_completion_length=160`), temperature 1, reward 1 when the last assistant turn is exactly the
-product. The recipe is made equal where the two can be: CISPO with eps 5 (TRL: `loss_type="cispo"`,
-`epsilon_high=5`), no KL, batch-scaled advantages, Adam (0.9, 0.99) at a constant lr 1e-4 with no warm-up,
-gradient clipping 1.0, on-policy (our `generation_lag=0`), no zero-variance filtering or prompt retirement on our
-side (TRL has neither), fp32, no gradient checkpointing. What differs and stays: our turn is capped at 96 new tokens
-(the preset's `algo.max_new_tokens`), TRL caps only the episode; our HF engine keeps each episode's KV cache across
-turns (rollout=hf), TRL's `generate` re-reads the whole context each turn. The chat template is the character
-tokenizer's; TRL parses its turns with a response template written here for it (the tool call, then the text up to
-</s>).
+The work (conf/experiment/calculator_tool.yaml's): 3-digit multiplication prompts (the task's train split), 8 episodes
+per prompt, `Calculator` from genlight.envs.calculator as the environment on both sides (TRL's contract: reset and one
+documented tool), at most 3 assistant turns (TRL: `max_tool_calling_iterations=2`) and 160 episode tokens (TRL:
+`max_completion_length=160`), temperature 1, reward 1 when the last assistant turn is exactly the product. The recipe
+is made equal where the two can be: CISPO with eps 5 (TRL: `loss_type="cispo"`, `epsilon_high=5`) over all the step's
+policy tokens (ours: `loss_agg="token"`, TRL's cispo normaliser; our preset's is per prompt), no KL, batch-scaled
+advantages (TRL divides by the raw rewards' std, ours by the group-centred rewards' std: one factor for the whole
+step, which Adam mostly absorbs), Adam (0.9, 0.99) at a constant lr 1e-4 with no warm-up, gradient clipping 1.0,
+on-policy (our `generation_lag=0`), no zero-variance filtering or prompt retirement on our side (TRL has neither),
+fp32, no gradient checkpointing. What differs and stays: our turn is capped at 96 new tokens (the preset's
+`algo.max_new_tokens`), TRL caps only the episode; our HF engine keeps each episode's KV cache across turns
+(rollout=hf), TRL's `generate` re-reads the whole context each turn. The chat template is the character tokenizer's;
+TRL parses its turns with a response template written here for it (the tool call, then the text up to </s>).
 
 Timed alike from outside the training code: wall time between optimizer-step ends (a Lightning callback, a
-transformers TrainerCallback), the median over the steps after the first. Then both trained policies are scored by
-the same function: held-out pass@1 over the task's val prompts (`--eval` of them x 4 episodes at temperature 1,
-our episode code and exact match), alongside the start's. Rounds alternate ours and TRL; reported as median (min-max).
-"""
+transformers TrainerCallback), the median over the steps after the first. Then both trained policies are scored by the
+same function: held-out pass@1 over the task's val prompts (`--eval` of them x 4 episodes at temperature 1, our
+episode code and exact match), alongside the start's. Round r is training seed r on both sides (our module's and
+data's seeds, TRL's `seed`: sampling and prompt order) and evaluation seed r; rounds alternate ours and TRL; reported
+as median (min-max)."""
 
 from __future__ import annotations
 
@@ -78,15 +80,16 @@ class StepTimes(L.Callback):
         self.ends.append(time.perf_counter())
 
 
-def ours(init: str, steps: int, prompts: int) -> tuple[list[float], torch.nn.Module]:
+def ours(init: str, steps: int, prompts: int, seed: int) -> tuple[list[float], torch.nn.Module]:
     tok = load_tokenizer(init)
-    dm = LMDataModule(task(), tok, kind="prompt", batch_size=prompts, max_length=256, seed=0)
+    dm = LMDataModule(task(), tok, kind="prompt", batch_size=prompts, max_length=256, seed=seed)
     module = RLVRModule(
         net=init, tokenizer=tok, reward=ExactAnswer(), env=EnvSpec(Calculator, max_turns=MAX_TURNS,
                                                                    max_tokens=MAX_TOKENS),
         num_generations=G, max_new_tokens=TURN_TOKENS, temperature=1.0, loss_type="cispo", epsilon=EPS, beta=0.0,
-        adv_norm="batch", lr=LR, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0,
-        generation_lag=0, zero_variance_filter=False, retire_threshold=None, log_completions_every_n_steps=0,
+        loss_agg="token", adv_norm="batch", seed=seed, lr=LR, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=0,
+        min_lr_ratio=1.0, generation_lag=0, zero_variance_filter=False, retire_threshold=None,
+        log_completions_every_n_steps=0,
     )
     times = StepTimes()
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
@@ -96,7 +99,7 @@ def ours(init: str, steps: int, prompts: int) -> tuple[list[float], torch.nn.Mod
     return times.ends, module.model
 
 
-def trl(init: str, steps: int, prompts: int) -> tuple[list[float], torch.nn.Module]:
+def trl(init: str, steps: int, prompts: int, seed: int) -> tuple[list[float], torch.nn.Module]:
     import datasets
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -124,7 +127,7 @@ def trl(init: str, steps: int, prompts: int) -> tuple[list[float], torch.nn.Modu
         learning_rate=LR, adam_beta1=0.9, adam_beta2=0.99, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, loss_type="cispo", epsilon_high=EPS, beta=0.0, scale_rewards="batch", max_steps=steps,
         bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, report_to="none", logging_steps=10**6,
-        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0, seed=0,
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0, seed=seed,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=exact, args=args, train_dataset=ds, processing_class=tok,
                           environment_factory=Calculator, callbacks=[Times()])
@@ -175,8 +178,8 @@ def main() -> None:
     res = {"ours": [], "trl": []}
     for r in range(a.rounds):
         for name, fn in (("ours", ours), ("trl", trl)) if r % 2 == 0 else (("trl", trl), ("ours", ours)):
-            L.seed_everything(r, verbose=False)
-            ends, model = fn(a.init, a.steps, a.prompts)
+            L.seed_everything(r, verbose=False)  # and each side's own seeds: a round is a training seed
+            ends, model = fn(a.init, a.steps, a.prompts, r)
             step = statistics.median(b - e for e, b in zip(ends[:-1], ends[1:]))  # after the first step
             score = held_out_pass(model, a.init, a.eval, seed=r)
             res[name].append((step, score))
