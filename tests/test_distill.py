@@ -39,15 +39,21 @@ def test_token_divergence_by_hand():
     assert token_divergence(log_ps, log_pt, 1e-6).item() == pytest.approx(0.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_loss_and_gradient_equal_trls_distillation_trainer(beta, temperature):
     """The masked token mean of ours against TRL's `_chunked_divergence_loss` (what `DistillationTrainer` minimises):
-    the same student / teacher hidden states (B, K, H) and LM heads (a teacher twice as wide), loss and the gradient
-    to the student's hidden states and head."""
+    the same student / teacher hidden states (B, K, H) and LM heads (a teacher twice as wide, the student's head with
+    a bias), loss and the gradient to the student's hidden states and head. Beta 0.1 and 0.9 tell the mixture's sides
+    apart (0.5 is symmetric)."""
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
     student, teacher = _model(16, 0), _model(32, 1)
+    head = torch.nn.Linear(16, VOCAB, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(student.lm_head.weight)
+        head.bias.uniform_(-1, 1)
+    student.lm_head = head
     torch.manual_seed(2)
     b, k = 3, 5
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
@@ -55,10 +61,11 @@ def test_loss_and_gradient_equal_trls_distillation_trainer(beta, temperature):
     w_s, w_t = student.lm_head.weight, teacher.lm_head.weight
 
     h_s = h_s0.clone().requires_grad_(True)
-    trl, _, _ = _chunked_divergence_loss(h_s, h_t, w_s, w_t, mask, beta, temperature=temperature)
+    trl, _, _ = _chunked_divergence_loss(h_s, h_t, w_s, w_t, mask, beta, temperature=temperature,
+                                         student_lm_head_bias=head.bias)
     trl.backward()
-    want_h, want_w = h_s.grad.clone(), w_s.grad.clone()
-    w_s.grad = None
+    want_h, want_w, want_b = h_s.grad.clone(), w_s.grad.clone(), head.bias.grad.clone()
+    w_s.grad = head.bias.grad = None
 
     h_s = h_s0.clone().requires_grad_(True)
     m = mask.bool()
@@ -66,7 +73,7 @@ def test_loss_and_gradient_equal_trls_distillation_trainer(beta, temperature):
     ours.backward()
     assert ours.item() == pytest.approx(trl.item(), rel=1e-4, abs=1e-7)  # float32: TRL folds its tiles online
     assert torch.allclose(h_s.grad, want_h, atol=1e-6)
-    assert torch.allclose(w_s.grad, want_w, atol=1e-6)
+    assert torch.allclose(w_s.grad, want_w, atol=1e-6) and torch.allclose(head.bias.grad, want_b, atol=1e-6)
     assert teacher.lm_head.weight.grad is None  # the teacher gets no gradient
     assert not torch.equal(want_h[m], torch.zeros_like(want_h[m]))
 
@@ -96,5 +103,9 @@ def test_bad_input_stops_naming_the_key():
             head_divergence(student, h, teacher, h, beta)
     other = LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=32, vocab_size=VOCAB + 1))
-    with pytest.raises(ValueError, match=r"teacher.pretrained: the teacher's vocabulary \(51 .*\(50\)"):
+    with pytest.raises(ValueError, match=r"teacher.pretrained: the teacher's LM head has 51 rows and the student's 50"):
         head_divergence(student, h, other, h, 0.5)
+    capped = _model(16, 2)
+    capped.config.final_logit_softcapping = 30.0  # Gemma-2's: logits transformed after the head
+    with pytest.raises(ValueError, match="teacher.pretrained: the model's config sets final_logit_softcapping=30.0"):
+        head_divergence(student, h, capped, h, 0.5)

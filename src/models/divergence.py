@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from genlight.models.lm import LOGITS_CHUNK_ELEMENTS, _head_weights, _sharded_head
+from genlight.models.lm import LOGITS_CHUNK_ELEMENTS, _head_weights, _sharded_head, causal_lm
 
 
 def check_beta(beta: float) -> float:
@@ -41,10 +41,25 @@ def token_divergence(log_ps: torch.Tensor, log_pt: torch.Tensor, beta: float) ->
     return (beta * log_pt.exp() * (log_pt - log_m) + (1 - beta) * log_ps.exp() * (log_ps - log_m)).sum(-1)
 
 
+# config keys by which some architectures transform their logits after the head (Cohere, Gemma-2, Granite, ...): the
+# divergence reads the head's weights itself, so a model that sets one is refused rather than scored without it
+LOGIT_TRANSFORMS = {"logit_scale": 1.0, "final_logit_softcapping": None, "logits_scaling": 1.0,
+                    "output_multiplier": 1.0, "lm_head_multiplier": 1.0}
+
+
+def check_plain_logits(model, key: str) -> None:
+    cfg = causal_lm(model).config
+    for name, neutral in LOGIT_TRANSFORMS.items():
+        value = getattr(cfg, name, neutral)
+        if value is not None and value != neutral:
+            raise ValueError(f"{key}: the model's config sets {name}={value} (its logits are transformed after the LM "
+                             "head), which the distillation divergence does not apply: not supported")
+
+
 def _chunk(h_s, w_s, b_s, h_t, w_t, b_t, beta: float, temperature: float) -> torch.Tensor:
-    log_ps = F.log_softmax(F.linear(h_s.float(), w_s.float(), None if b_s is None else b_s.float()) / temperature, -1)
+    log_ps = F.log_softmax(F.linear(h_s.float(), w_s, b_s) / temperature, -1)
     with torch.no_grad():
-        log_pt = F.log_softmax(F.linear(h_t.float(), w_t.float(), None if b_t is None else b_t.float()) / temperature, -1)
+        log_pt = F.log_softmax(F.linear(h_t.float(), w_t, b_t) / temperature, -1)
     return token_divergence(log_ps, log_pt, beta)
 
 
@@ -61,12 +76,18 @@ def head_divergence(student, h_s: torch.Tensor, teacher, h_t: torch.Tensor, beta
     if _sharded_head(student) is not None or _sharded_head(teacher) is not None:
         raise ValueError("the distillation divergence reads the LM heads' weights whole: an LM head sharded as its own "
                          "FSDP2 unit is not supported (use DDP, or tie the embeddings)")
+    check_plain_logits(student, "model")
+    check_plain_logits(teacher, "teacher.pretrained")
     w_s, b_s = _head_weights(student)
     w_t, b_t = _head_weights(teacher)
     if w_s.size(0) != w_t.size(0):
-        raise ValueError(f"teacher.pretrained: the teacher's vocabulary ({w_t.size(0)} rows in its LM head) is not the "
-                         f"student's ({w_s.size(0)}): distillation compares their next-token distributions token by "
-                         "token, so they must share the tokenizer")
+        raise ValueError(f"teacher.pretrained: the teacher's LM head has {w_t.size(0)} rows and the student's "
+                         f"{w_s.size(0)}: distillation compares their next-token distributions over the same rows, so "
+                         "their vocabularies must match row for row (a shared tokenizer padded to other sizes does not)")
+    # float32 once, outside the chunks: a low-precision weight's gradient then sums over the chunks in float32 and is
+    # cast back once (a cast per chunk would round each chunk's share)
+    w_s, w_t = w_s.float(), w_t.float()
+    b_s, b_t = (None if b is None else b.float() for b in (b_s, b_t))
     n = h_s.size(0)
     if n == 0:
         return h_s.new_zeros(0, dtype=torch.float32)
