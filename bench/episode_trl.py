@@ -87,7 +87,7 @@ def ours(init: str, steps: int, prompts: int, seed: int) -> tuple[list[float], t
         net=init, tokenizer=tok, reward=ExactAnswer(), env=EnvSpec(Calculator, max_turns=MAX_TURNS,
                                                                    max_tokens=MAX_TOKENS),
         num_generations=G, max_new_tokens=TURN_TOKENS, temperature=1.0, loss_type="cispo", epsilon=EPS, beta=0.0,
-        loss_agg="token", adv_norm="batch", seed=seed, lr=LR, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=0,
+        loss_agg="token", advantage="scalerl", seed=seed, lr=LR, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=0,
         min_lr_ratio=1.0, generation_lag=0, zero_variance_filter=False, retire_threshold=None,
         log_completions_every_n_steps=0,
     )

@@ -3,6 +3,7 @@ the test of the best checkpoint, and each run's wall-clock time.
 
     python train.py -m experiment=rg_arithmetic,rg_spell_backward seed=0,1,2 logger=csv
     python scripts/rl_table.py logs/train/multiruns/<date>        # or run directories, one or more
+    python scripts/rl_table.py <multirun> --by algo.advantage     # a column of that config key (the rows' setting)
 
 Before RL is `scalerl/R0`, the validation over the whole val split that runs before the first step (logged once the
 ScaleRL fit has its points); after is the last validation (at the last step); test is the checkpoint with the
@@ -26,7 +27,7 @@ def last(rows: list[dict], key: str, before_step: int | None = None) -> float | 
     return values[-1][1] if values else None
 
 
-def summary(run: Path) -> dict:
+def summary(run: Path, by: str | None = None) -> dict:
     metrics = sorted(run.glob("csv/version_*/metrics.csv"))
     if not metrics:
         raise SystemExit(f"{run}: no csv/version_*/metrics.csv (train with logger=csv)")
@@ -48,12 +49,14 @@ def summary(run: Path) -> dict:
         "test_maj": last(rows, "test/majority@k"),
         "k": OmegaConf.select(cfg, "algo.val_num_samples"),
         "minutes": seconds / 60,
+        "by": OmegaConf.select(cfg, by) if by else None,
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="run directories, or a multirun directory holding them")
+    ap.add_argument("--by", help="a config key (e.g. algo.advantage): its value in a first column, rows sorted by it")
     args = ap.parse_args()
     runs = []
     for path in args.runs:
@@ -64,14 +67,18 @@ def main() -> None:
     def f(x, spec=".3f"):
         return "" if x is None else format(x, spec)
 
-    print("| task | seed | warm start (greedy EM, steps) | val pass@1 before RL | after | gain (points) | "
+    first = f"| `{args.by}` " if args.by else ""
+    print(first + "| task | seed | warm start (greedy EM, steps) | val pass@1 before RL | after | gain (points) | "
           "test pass@1 | test majority@k | minutes |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for run in runs:
-        s = summary(run)
+    print("|---" * (10 if args.by else 9) + "|")
+    rows = [summary(run, args.by) for run in runs]
+    if args.by:
+        rows.sort(key=lambda s: (str(s["by"]), s["seed"]))
+    for s in rows:
         at_k = f" (k={s['k']})" if s["k"] else ""
         gain = None if s["before"] is None or s["after"] is None else 100 * (s["after"] - s["before"])
-        print(f"| {s['task']} | {s['seed']} | {f(s['ws'])}, {f(s['ws_steps'], '.0f')} | {f(s['before'])} | "
+        lead = f"| {s['by']} " if args.by else ""
+        print(f"{lead}| {s['task']} | {s['seed']} | {f(s['ws'])}, {f(s['ws_steps'], '.0f')} | {f(s['before'])} | "
               f"{f(s['after'])} | {f(gain, '+.1f')} | {f(s['test'])} | {f(s['test_maj'])}{at_k} | "
               f"{s['minutes']:.1f} |")
 

@@ -2,7 +2,7 @@
 spread over seeds and bootstrap errors, and the predictive check (the fit on the first half of the compute against
 the last validation), as Markdown.
 
-    python train.py -m experiment=<preset> algo.loss_type=cispo,dapo,gspo seed=0,1,2 logger=csv
+    python train.py -m experiment=<preset> loss=cispo,dapo,gspo seed=0,1,2 logger=csv
     python scripts/scalerl_table.py logs/train/multiruns/<date> ... [--plot rows.png]   # or run directories
 
 Each run's `scalerl_fit.json` (written by `callbacks=scalerl`, src/callbacks/scalerl_curve.py) holds its last fit and

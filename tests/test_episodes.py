@@ -136,7 +136,7 @@ def test_tool_turn_tokens_carry_no_loss_no_kl_and_no_count_in_the_rlvr_step(cfg_
     from genlight.rl.loss import rlvr_loss
     from tests.helpers import attach_trainer
 
-    cfg = cfg_factory("algo=rlvr", "algo.beta=0.1", "algo.loss_agg=token", "algo.adv_norm=none",
+    cfg = cfg_factory("algo=rlvr", "algo.beta=0.1", "algo.loss_agg=token", "algo.advantage=dr_grpo",
                       "algo.num_generations=2", "warm_start.max_steps=0", "model.net.hidden_size=32",
                       "model.net.num_layers=1", "model.net.num_heads=2", "model.net.intermediate_size=64")
     module = attach_trainer(build(cfg, warm_start=False)["module"]).train()
@@ -184,8 +184,8 @@ def test_tool_turn_tokens_carry_no_loss_no_kl_and_no_count_in_the_rlvr_step(cfg_
     with torch.no_grad():
         lp, _ = completion_logps(module.model, batch["prompt_input_ids"], batch["prompt_attention_mask"], ids, cmask,
                                  group=g, with_entropy=False)
-    expect, _ = rlvr_loss(lp.view(2, g, t), logps.view(2, g, t), adv, policy.view(2, g, t), keep, "cispo", "token",
-                          5.0, ref_logp=ref.view(2, g, t), beta=0.1, with_stats=False)
+    expect, _ = rlvr_loss(lp.view(2, g, t), logps.view(2, g, t), adv, policy.view(2, g, t), keep, loss_type="cispo",
+                          loss_agg="token", epsilon=5.0, ref_logp=ref.view(2, g, t), beta=0.1, with_stats=False)
     torch.testing.assert_close(loss, expect, atol=1e-5, rtol=1e-5)
 
 

@@ -233,19 +233,22 @@ def test_rlvr_micro_batch_plan_fits_the_budget_and_refuses_what_cannot_fit(cfg_f
 
     cfg = cfg_factory(*MICRO_RUN, "algo.micro_batch_size=3", "algo.max_tokens_per_micro_batch=30")
     tok = hydra.utils.instantiate(cfg.model.tokenizer)
-    module = hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net), tokenizer=tok)
-    module._gather = lambda x: x  # one process
+    from genlight.rl.rollouts import plan
+    from tests.helpers import attach_trainer
+
+    module = attach_trainer(hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net), tokenizer=tok))
     prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # 3 and 4 prompt tokens; G = 4
     lengths = torch.tensor([5, 1, 2, 5, 1, 5, 1, 1])
-    ranges = module.micro_batches(prompt_mask, lengths, 4)
+    hp = module.hparams
+    ranges = plan(module, prompt_mask, lengths, 4, hp.micro_batch_size, hp.max_tokens_per_micro_batch)
     assert ranges[0][0] == 0 and ranges[-1][1] == 8 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     for s, e in ranges:
         assert e - s <= 3
         assert (e - s) * (int(prompt_mask.sum(-1).repeat_interleave(4)[s:e].max()) + int(lengths[s:e].max())) <= 30
     assert ranges == [(0, 3), (3, 6), (6, 8)]
-    module.hparams.max_tokens_per_micro_batch = 8  # samples 0 and 3 are 3 + 5 = 8 tokens; sample 5 is 4 + 5 = 9
+    # samples 0 and 3 are 3 + 5 = 8 tokens; sample 5 is 4 + 5 = 9
     with pytest.raises(ValueError, match=r"algo.max_tokens_per_micro_batch=8 cannot hold sample 5 .*4 prompt \+ 5"):
-        module.micro_batches(prompt_mask, lengths, 4)
+        plan(module, prompt_mask, lengths, 4, hp.micro_batch_size, 8)
     # what a bad key raises at instantiation, with its message kept
     from hydra.errors import InstantiationException
 

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from genlight.lightning_modules.reward_model import bradley_terry_loss
-from genlight.rl.advantages import group_advantages, kl_penalised_rewards, zero_variance
+from genlight.rl.advantages import compute_advantages, kl_penalised_rewards, zero_variance
 from genlight.rl.loss import kl_term, rlvr_loss
+from genlight.rl.rollouts import score_samples
 from tests.helpers import attach_trainer, train_with
 
 RM_QUICK = ["algo=reward_model", "warm_start.max_steps=0", "trainer.max_steps=4"]
@@ -232,8 +233,9 @@ def train_bandit(kl_estimator: str, kl_in: str, lag: int = 4, steps: int = 3000,
         r = R[y].squeeze(-1)
         if kl_in == "reward":
             r = kl_penalised_rewards(r, logp_gen, ref, mask, BETA)
-        loss, _ = rlvr_loss(logp, logp_gen, group_advantages(r, "none"), mask, None, "cispo", "token", 5.0, 0.2, 0.2,
-                            ref, BETA, with_stats=False, kl_estimator=kl_estimator, kl_in=kl_in)
+        loss, _ = rlvr_loss(logp, logp_gen, compute_advantages("dr_grpo", r), mask, loss_type="cispo",
+                            loss_agg="token", ref_logp=ref, beta=BETA, with_stats=False, kl_estimator=kl_estimator,
+                            kl_in=kl_in)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -463,7 +465,7 @@ def test_rlhf_truncated_completions_score_the_steps_minimum(cfg_factory, reward_
     module = attach_trainer(build(cfg, warm_start=False)["module"]).train()
     module.reward.raw_scores = lambda prompts, completions: torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     cut = torch.tensor([True, False, False, False, False, True])
-    r, passed, _ = module.rewards(["1+1="] * 3, ["2"] * 3, ["2", "2", "4", "5", "6", "2"], cut)
+    r, passed, _ = score_samples(module, ["1+1="] * 3, ["2"] * 3, ["2", "2", "4", "5", "6", "2"], cut)
     assert r[0] == r[5] == r.min() and (r[0] < r[1:5]).all()
     assert passed.tolist() == [False, True, False, False, False, False]  # the exact verifier: "2" passes if it ended
 
@@ -488,7 +490,8 @@ def test_a_reward_model_with_verifier_weight_calls_the_verifier_once_per_sample(
     module.verifier = module.reward.verifier = counting
     module.reward.raw_scores = lambda prompts, completions: torch.zeros(len(completions))
     module.reward.normalize = False
-    r, passed, _ = module.rewards(["1+1="] * 2, ["2"] * 2, ["2", "3", "2", "5"], torch.zeros(4, dtype=torch.bool))
+    r, passed, _ = score_samples(module, ["1+1="] * 2, ["2"] * 2, ["2", "3", "2", "5"],
+                                 torch.zeros(4, dtype=torch.bool))
     assert calls == ["2", "3", "2", "5"]  # once each (twice before: once for passes, once in score_batch)
     assert r.tolist() == [2.0, 0.0, 2.0, 0.0] and passed.tolist() == [True, False, True, False]
 
@@ -517,8 +520,8 @@ def test_zero_variance_filter_keeps_the_kl_term_of_tied_groups():
     mask = torch.ones(2, 4, 3, dtype=torch.bool)
     r = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # the second group ties
     keep = ~zero_variance(r)
-    adv = group_advantages(r, "none", keep)
-    loss, _ = rlvr_loss(logp, logp.detach(), adv, mask, keep, "cispo", "token", ref_logp=ref, beta=0.1,
+    adv = compute_advantages("dr_grpo", r, keep)
+    loss, _ = rlvr_loss(logp, logp.detach(), adv, mask, keep, loss_type="cispo", loss_agg="token", ref_logp=ref, beta=0.1,
                         kl_estimator="k2", kl_in="loss")
     loss.backward()
     d = (logp - ref).detach()
@@ -578,7 +581,7 @@ def _bandit_run(cfg_factory, tmp_path, zero_variance_filter: bool):
         "reward.fn._target_=tests.test_rlhf.digit_reward", "warm_start.max_steps=0", "test=false", "logger=none",
         "callbacks=none",
         "data.batch_size=8", "algo.num_generations=2", "algo.max_new_tokens=1", "algo.generation_lag=0",
-        "algo.loss_agg=token", "algo.adv_norm=none", f"algo.beta={BANDIT_BETA}", "algo.kl_estimator=k2",
+        "algo.loss_agg=token", "algo.advantage=dr_grpo", f"algo.beta={BANDIT_BETA}", "algo.kl_estimator=k2",
         f"algo.zero_variance_filter={zero_variance_filter}", "algo.retire_threshold=null", "algo.truncated_reward=null",
         "algo.lr=1e-2", "algo.warmup_steps=0", "algo.weight_decay=0", "trainer.gradient_clip_val=null",
         "+trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.max_steps=300",

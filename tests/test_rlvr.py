@@ -15,7 +15,7 @@ import torch
 
 from genlight.metrics import PassAtK, majority_correct, pass_at_k
 from genlight.models.logps import completion_logps
-from genlight.rl.advantages import group_advantages, zero_variance
+from genlight.rl.advantages import compute_advantages, zero_variance
 from genlight.rl.loss import aggregate, rlvr_loss
 from tests.helpers import RLVR_RUN as RUN
 from tests.helpers import leet, train_with
@@ -186,10 +186,10 @@ def test_ratio_stats_match_a_hand_computation_for_every_loss_type(loss_type, lo,
     """train/logp_diff/*, train/rho/{mean,max,frac_truncated} and train/kl, one float at a time over the 9 completion
     tokens. frac_truncated: CISPO's weight capped (rho > eps), PPO's clipped branch chosen by the min (TRL's
     clip_ratio/region: rho > 1 + e_hi with A > 0, or rho < 1 - e_lo with A < 0), GSPO's on its sequence ratio."""
-    from genlight.rl.loss import ratio_stats
+    from genlight.rl.loss import LossOptions, ratio_stats
 
     ref = LOGP - torch.tensor([[[0.3, -0.2, 0.5], [0.1, 0.0, 0.0]], [[-0.4, 0.2, 0.0], [0.6, 0.0, -0.1]]])
-    stats = ratio_stats(LOGP, LOGP_GEN, ADV, MASK, loss_type, 1.5, lo, hi, ref, beta=0.1)
+    stats = ratio_stats(LOGP, LOGP_GEN, ADV, MASK, loss_type, LossOptions(1.5, lo or 0.2, hi or 0.2), ref, beta=0.1)
     toks = _tokens()
     diff = {k: float(LOGP[k] - LOGP_GEN[k]) for k in toks}
     seq = {(b, g): sum(diff[k] for k in toks if k[:2] == (b, g)) / int(MASK[b, g].sum()) for b in range(2) for g in range(2)}
@@ -208,27 +208,11 @@ def test_ratio_stats_match_a_hand_computation_for_every_loss_type(loss_type, lo,
     assert {k: v.item() for k, v in stats.items()} == pytest.approx(want, rel=1e-5)
 
 
-def test_group_advantages_batch_and_group_normalisation():
-    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    keep = ~zero_variance(r)
-    assert keep.tolist() == [True, True, False]
-    a = r - r.mean(-1, keepdim=True)
-    std_batch = torch.cat([a[0], a[1]]).std()  # over the kept groups' samples only
-    got = group_advantages(r, "batch", keep)
-    assert torch.allclose(got[:2], a[:2] / std_batch, atol=1e-5)
-    assert torch.equal(got[2], torch.zeros(4))
-    got = group_advantages(r, "group", keep)
-    assert torch.allclose(got[:2], a[:2] / r[:2].std(-1, keepdim=True), atol=1e-5)
-    assert torch.allclose(group_advantages(r, "none", keep)[:2], a[:2])
-    with pytest.raises(ValueError, match="adv_norm"):
-        group_advantages(r, "batchh")
-
-
 def test_zero_variance_groups_contribute_nothing():
     """Changing the log-probs of a filtered group changes neither the loss nor anything's gradient."""
     r = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # prompt 1: all correct -> filtered
     keep = ~zero_variance(r)
-    adv = group_advantages(r, "batch", keep)
+    adv = compute_advantages("scalerl", r, keep)
     logp = LOGP.clone().requires_grad_(True)
     loss, _ = rlvr_loss(logp, LOGP_GEN, adv, MASK, keep, loss_type="cispo", loss_agg="prompt")
     (grad,) = torch.autograd.grad(loss, logp)
@@ -635,7 +619,7 @@ def test_retired_prompts_are_never_sampled_again_and_resume_is_exact(cfg_factory
 
 
 class EvalPasses(L.Callback if (L := __import__("lightning")) else object):
-    """At each validation, every sample's pass and reward as the module scored them (its `rewards`, wrapped), grouped
+    """At each validation, every sample's pass and reward as the module scored them (its `score`, wrapped), grouped
     by prompt; then val/pass@k and val/reward/mean by hand: pass@k = 1 - C(n - c, k) / C(n, k) per prompt (c of its n
     samples pass), the mean over prompts, against what the module reported (`last_val`)."""
 
@@ -644,18 +628,18 @@ class EvalPasses(L.Callback if (L := __import__("lightning")) else object):
 
     def on_validation_epoch_start(self, trainer, module):
         self.passed, self.rewards = [], []
-        scorer = type(module).rewards
+        scorer = type(module).score
 
-        def record(prompts, *args, **kwargs):
-            r, passed, errors = scorer(module, prompts, *args, **kwargs)
-            self.passed += passed.view(len(prompts), -1).tolist()
-            self.rewards += r.tolist()
+        def record(batch, *args, **kwargs):
+            r, passed, errors = scorer(module, batch, *args, **kwargs)
+            self.passed += passed.view(len(batch["prompts"]), -1).tolist()
+            self.rewards += r.flatten().tolist()
             return r, passed, errors
 
-        module.rewards = record
+        module.score = record
 
     def on_validation_end(self, trainer, module):
-        del module.rewards  # the class's method again
+        del module.score  # the class's method again
         n = len(self.passed[0])
         want = {f"val/pass@{k}": sum(1 - math.comb(n - sum(p), k) / math.comb(n, k) for p in self.passed) / len(self.passed)
                 for k in (1, 2, 4, 8) if k <= n}
@@ -720,14 +704,14 @@ def test_variants_differ_where_they_should(cfg_factory):
     - beta > 0: KL to the reference (pi_0) is 0 before the first update and > 0 after it."""
     steps = ["trainer.max_steps=3", "trainer.val_check_interval=3", "algo.warmup_steps=0"]  # lr > 0 from step 0
     dapo = StepMetrics()
-    _, objs = train_with(cfg_factory(*RUN, *steps, "algo.loss_type=dapo", "algo.generation_lag=0"), dapo)
+    _, objs = train_with(cfg_factory(*RUN, *steps, "loss=dapo", "algo.generation_lag=0"), dapo)
     assert objs["module"].generator is None and objs["module"].hparams.loss_agg == "token"
     for step, m in dapo.at.items():
         assert _rho_spread(m) < 1e-4, f"dapo on-policy: rho != 1 at step {step}: {m['train/rho/max']}"
         assert m["train/rho/frac_truncated"] == 0.0
 
     grpo = StepMetrics()
-    train_with(cfg_factory(*RUN, *steps, "algo.loss_type=grpo", "algo.generation_lag=3"), grpo)
+    train_with(cfg_factory(*RUN, *steps, "loss=grpo", "algo.generation_lag=3"), grpo)
     assert _rho_spread(grpo.at[0]) < 1e-4
     assert _rho_spread(grpo.at[1]) > 1e-3 and _rho_spread(grpo.at[2]) > 1e-3, "pi_gen should lag the policy"
 
@@ -911,15 +895,14 @@ def test_fp16_loss_scaling_is_undone_before_clipping(cfg_factory):
 
 
 def test_a_run_records_the_values_it_used_not_the_nulls(cfg_factory, tmp_path):
-    """algo.loss_agg / adv_norm / clip_high / kl_estimator left null are chosen by the loss type (dapo: token, group,
-    0.28; the loss's KL: k3): the checkpoint's hyper-parameters, hparams.yaml and the W&B config hold those values."""
+    """loss=dapo's preset (conf/loss/dapo.yaml: token, grpo advantages, 0.28) and the KL estimator left null (the
+    loss's: k3): the checkpoint's hyper-parameters, hparams.yaml and the W&B config hold the values the run used."""
     import yaml
 
-    cfg = cfg_factory(*RUN, "algo.loss_type=dapo", "logger=[csv,wandb]", "trainer.max_steps=2",
-                      "trainer.val_check_interval=2")
-    assert cfg.algo.loss_agg is None and cfg.algo.kl_estimator is None
+    cfg = cfg_factory(*RUN, "loss=dapo", "logger=[csv,wandb]", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    assert cfg.algo.kl_estimator is None
     train_with(cfg)
-    want = {"loss_agg": "token", "adv_norm": "group", "clip_high": 0.28, "kl_estimator": "k3"}
+    want = {"loss_type": "dapo", "loss_agg": "token", "advantage": "grpo", "clip_high": 0.28, "kl_estimator": "k3"}
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     (hparams,) = tmp_path.glob("csv/version_*/hparams.yaml")
     (run,) = tmp_path.glob("wandb/offline-run-*")
@@ -929,12 +912,13 @@ def test_a_run_records_the_values_it_used_not_the_nulls(cfg_factory, tmp_path):
 
 
 def test_the_rl_math_imports_without_lightning():
-    """src/rl/ (advantages, losses, KL, the planner, the recipe checks) is one floor below the modules: importing it
-    loads neither Lightning nor the modules."""
+    """src/rl/ (advantages, losses, KL, the planner, the recipe checks, the rollouts layer) is one floor below the
+    modules: importing it loads neither Lightning nor the modules."""
     import subprocess
     import sys
 
-    code = ("import sys; import genlight.rl.advantages, genlight.rl.loss, genlight.rl.planner, genlight.rl.recipe; "
+    code = ("import sys; import genlight.rl.advantages, genlight.rl.loss, genlight.rl.planner, genlight.rl.recipe, "
+            "genlight.rl.registry, genlight.rl.rollouts; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning') "
             "or m.startswith('genlight.lightning_modules')]; assert not bad, bad")
     from tests.helpers import ROOT
@@ -975,6 +959,10 @@ def test_rl_table_reads_before_after_and_test_from_a_csv_run(tmp_path):
     out = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, check=True).stdout
     line = out.strip().splitlines()[-1]
     assert line.startswith("| CalculatorTask, env Calculator | 0 | 0.500, 160 |") and "| 0.700 (k=4) |" in line, line
+    # --by KEY: the run's value of a config key in a first column (an estimator table's rows)
+    out = subprocess.run([sys.executable, str(script), str(run), "--by", "algo.val_num_samples"], capture_output=True,
+                         text=True, check=True).stdout.strip().splitlines()
+    assert out[0].startswith("| `algo.val_num_samples` | task |") and out[-1].startswith("| 4 | CalculatorTask"), out
     (run / "csv" / "version_0" / "metrics.csv").unlink()
     bad = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True)
     assert bad.returncode != 0 and "no csv/version_*/metrics.csv (train with logger=csv)" in bad.stderr

@@ -183,7 +183,7 @@ def test_warm_start_cache_gives_the_same_run_without_training_and_keys_on_what_c
     for (k, v), (_, w) in zip(first["module"].model.state_dict().items(), second["module"].model.state_dict().items()):
         assert torch.equal(v, w), k
     # the algorithm's own options are not the warm start's: still a hit
-    train(make_cfg(tmp_path / "c", [*common, "algo.loss_type=dapo"]))
+    train(make_cfg(tmp_path / "c", [*common, "loss=dapo"]))
     assert not trained and len(list(cache.iterdir())) == 1
     for changed in ("seed=7", "warm_start.lr=5e-4"):
         cfg = make_cfg(tmp_path / "d", [*common, changed])

@@ -123,7 +123,7 @@ def test_lora_policy_is_served_merged(tokenizer):
 
 def test_rlvr_runs_on_vllm_and_logs_the_train_inference_drift(cfg_factory):
     cfg = cfg_factory(*RLVR_RUN, "rollout=vllm", "rollout.max_model_len=128", "trainer.max_steps=4",
-                      "algo.generation_lag=0", "algo.loss_type=dapo")
+                      "algo.generation_lag=0", "loss=dapo")
     _, objs = train_with(cfg)
     module, metrics = objs["module"], objs["trainer"].callback_metrics
     assert type(module.engine).__name__ == "VLLMRollout" and module.eval_engine is module.engine

@@ -49,34 +49,42 @@ from transformers import PreTrainedModel
 from genlight.callbacks.wandb_axes import STEP
 from genlight.envs.episodes import (
     Episodes,
-    environment_metrics,
-    environment_rewards,
-    left_padded,
-    reset_groups,
-    run_episodes,
 )
 from genlight.envs.tools import EnvSpec, check_tool_template
 from genlight.lightning_modules.lm import LMModule
 from genlight.metrics import PassAtK
-from genlight.models.lm import check_positions
 from genlight.models.logps import completion_logps
 from genlight.models.rollout import HFRollout, Rollout, RolloutEngine
-from genlight.rewards import ExactAnswer, passes, score
-from genlight.rl.advantages import group_advantages, kl_penalised_rewards, truncation_rewards, zero_variance
+from genlight.rewards import ExactAnswer
+from genlight.rl.advantages import (
+    check_advantage,
+    compute_advantages,
+    kl_penalised_rewards,
+    zero_variance,
+)
 from genlight.rl.loss import (
+    LossOptions,
     check_is_correction,
+    check_policy_loss,
     count_units,
     is_weights,
     kl_options,
+    kl_place,
     loss_groups,
     ratio_stats,
     rlvr_loss,
     token_weights,
 )
-from genlight.rl.planner import even_out, plan_micro_batches
 from genlight.rl.recipe import check_recipe, check_retirement
-
-STAGES = {"train": 0, "val": 1, "test": 2}
+from genlight.rl.rollouts import (
+    gather,
+    micro_batch,
+    plan,
+    sample,
+    sampled_logps,
+    sampling_generator,
+    score_samples,
+)
 
 
 class RLVRModule(LMModule):
@@ -119,11 +127,11 @@ class RLVRModule(LMModule):
         temperature: float = 1.0,
         top_p: float = 1.0,
         loss_type: str = "cispo",
-        loss_agg: str | None = None,
-        adv_norm: str | None = None,
+        loss_agg: str = "prompt",
+        advantage: str = "scalerl",
         epsilon: float = 5.0,
-        clip_low: float | None = None,
-        clip_high: float | None = None,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
         beta: float = 0.0,
         kl_in: str = "loss",
         kl_estimator: str | None = None,
@@ -164,8 +172,11 @@ class RLVRModule(LMModule):
             rollout: the sampling engine's factory (`HFRollout`, the default; `VLLMRollout`).
             env: multi-turn episodes with tools (`genlight.envs.tools.EnvSpec`); None: one completion per prompt.
             num_generations: G, the samples of each prompt (a step's prompts: the DataModule's batch size).
-            loss_type: cispo | grpo | dapo | gspo; loss_agg, adv_norm, clip_low, clip_high: None is the loss type's
-                own. epsilon: CISPO's cap on the importance weight.
+            loss_type: a registered policy loss (cispo | grpo | dapo | gspo, `genlight.rl.loss.POLICY_LOSSES`);
+                advantage: a registered estimator (scalerl | grpo | dr_grpo | rloo | reinforce_pp |
+                reinforce_pp_baseline, `genlight.rl.advantages.ADVANTAGES`); loss_agg: prompt | token | sequence |
+                constant; clip_low, clip_high: the clipped ratio's range; epsilon: CISPO's cap on the importance
+                weight. The papers' combinations are conf/loss/*.yaml (the defaults: cispo.yaml, ScaleRL's).
             beta, kl_in, kl_estimator, ref_pretrained: the KL to a frozen reference (beta 0: none).
             generation_lag: pi_gen is refreshed every k optimizer steps (0: on-policy).
             is_correction, is_level, is_cap_low, is_cap_high, recompute_gen_logps: the off-policy correction of the
@@ -192,14 +203,15 @@ class RLVRModule(LMModule):
         self.env = env
         if env is not None:
             check_tool_template(self.tokenizer)
-        loss_agg, adv_norm, clip_high, clip_low = check_recipe(
-            reward, loss_type, loss_agg, adv_norm, clip_high, num_generations, generation_lag, epsilon,
-            reward_on_error, val_num_samples, temperature, top_p, truncated_reward, clip_low)
+        check_recipe(reward, loss_type=loss_type, loss_agg=loss_agg, advantage=advantage, clip_low=clip_low,
+                     clip_high=clip_high, num_generations=num_generations, generation_lag=generation_lag,
+                     epsilon=epsilon, reward_on_error=reward_on_error, val_num_samples=val_num_samples,
+                     temperature=temperature, top_p=top_p, truncated_reward=truncated_reward,
+                     zero_variance_filter=zero_variance_filter)
         # the values this run uses, not the nulls that chose them: the checkpoint, hparams.yaml and the W&B config
         # hold these (src/utils/run.py `hyperparameters`)
         is_cap_low, is_cap_high = check_is_correction(is_correction, is_level, is_cap_low, is_cap_high)
-        self.hparams.update(loss_agg=loss_agg, adv_norm=adv_norm, clip_high=clip_high, clip_low=clip_low,
-                            kl_estimator=kl_options(kl_in, kl_estimator), is_cap_low=is_cap_low,
+        self.hparams.update(kl_estimator=kl_options(kl_in, kl_estimator), is_cap_low=is_cap_low,
                             is_cap_high=is_cap_high,
                             # a correction weighs pi_old / pi_rollout: pi_old is recomputed by the trainer
                             recompute_gen_logps=recompute_gen_logps or is_correction is not None)
@@ -241,6 +253,8 @@ class RLVRModule(LMModule):
             if target and hasattr(cls := get_class(target), "check_config"):
                 cls.check_config(OmegaConf.select(cfg, key.rsplit(".", 1)[0]))
         kl_options(cfg.algo.get("kl_in", "loss"), cfg.algo.get("kl_estimator"))
+        check_policy_loss(cfg.algo.loss_type)  # a registered name (a user's own registers on import)
+        check_advantage(cfg.algo.advantage)
         if cfg.algo.get("env") is not None:  # multi-turn: the environment imports, its tools have schemas, the
             from hydra.errors import InstantiationException  # template shows them (before the warm start)
             from hydra.utils import instantiate
@@ -291,59 +305,31 @@ class RLVRModule(LMModule):
         self.retired.update(state.get("retired", []))
         self.compute, self.samples = state.get("compute", 0.0), state.get("samples", 0)
 
-    def _rng(self, stage: str, step: int) -> torch.Generator:
+    def noise(self, stage: str, step: int) -> torch.Generator:
         """Sampling noise as a function of (seed, stage, step, rank): a resumed run draws the same."""
-        key = ((self.hparams.seed * 1_000_003 + STAGES[stage]) * 1_000_003 + step) * 1_009 + self.global_rank
-        return torch.Generator(device=self.device).manual_seed(key % 2**63)
-
-    # ------------------------------------------------------------------ rewards
-    def rewards(self, prompts: list[str], answers: list[str], texts: list[str], truncated: torch.Tensor,
-                scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(B*G,) rewards, (B*G,) passes and the count of verifier errors. The rewards are the verifier's, or a reward
-        model's (reward=model, scored in batches on this device, its running statistics updated while training), with
-        truncated completions set by `truncated_reward` (a number: in the reward's raw units, before a reward model's
-        whitening; min: the lowest reward of the step over all processes). A sample passes by `passes`: the
-        verifier's score (with a reward model, `reward.verifier`'s) against pass_threshold; with truncated_reward
-        set, a truncated sample never passes. One definition for train/pass_rate, val/pass@k and eval.py's.
-        `scores`: the environment's own rewards of multi-turn episodes (`get_reward`), in place of the verifier's."""
-        hp = self.hparams
-        g = len(texts) // len(prompts)
-        prompts, answers = [x for x in prompts for _ in range(g)], [x for x in answers for _ in range(g)]
-        if scores is None:
-            v, errors = score(self.verifier, prompts, texts, answers, hp.reward_on_error)
-        else:
-            v, errors = scores, 0
-        v = torch.as_tensor(v, dtype=torch.float32, device=self.device)
-        if hasattr(self.reward, "score_batch"):
-            raw_units = hp.truncated_reward if hp.truncated_reward != "min" else None
-            r = self.reward.score_batch(prompts, texts, answers, update=self.training, truncated=truncated,
-                                        truncated_reward=raw_units, verifier_scores=v).float()
-            value = "min" if hp.truncated_reward == "min" else None  # a number is in r already
-        else:
-            r, value = v, hp.truncated_reward
-        floor = self._gather(r).min() if value == "min" and r.numel() else None  # every process calls the gather
-        r = truncation_rewards(r, truncated, value, floor)
-        return r, passes(v, truncated, hp.pass_threshold, hp.truncated_reward is not None), errors
-
-    def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate a per-process tensor over processes along dim 0 (identity on one process)."""
-        if self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).flatten(0, 1)
+        return sampling_generator(self.hparams.seed, stage, step, self.global_rank, self.device)
 
     # ------------------------------------------------------------------ training: the ScaleRL pipeline
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        roll, texts, t_gen = self.sample(batch)  # G completions per prompt from pi_gen
+        t0 = time.perf_counter()
+        if self.generator is None:  # on-policy: the engine samples from the policy as the last step left it
+            self.engine.load_weights(self.model.state_dict())
+        roll, texts = sample(self.engine, self.tokenizer, self.model, batch, hp.num_generations,
+                             max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p,
+                             generator=self.noise("train", self.global_step), env=self.env)  # G from pi_gen
+        t_gen = time.perf_counter() - t0
         r, passed, errors = self.score(batch, texts, roll)  # rewards and passes, (B, G)
-        ranges = self.micro_batches(batch["prompt_attention_mask"], roll.lengths, r.size(1))
+        ranges = plan(self, batch["prompt_attention_mask"], roll.lengths, r.size(1), hp.micro_batch_size,
+                      hp.max_tokens_per_micro_batch)
         ref_logp = self.reference_logps(batch, roll, ranges) if self.has_reference else None
         old_logp = self.generator_logps(batch, roll, ranges) if hp.recompute_gen_logps else None
         r_train = r
-        if hp.kl_in == "reward" and hp.beta > 0:  # r - beta KL sample, PPO-RLHF
+        if kl_place(hp.beta, hp.kl_in) == "reward":  # r - beta KL sample, PPO-RLHF
             r_train = kl_penalised_rewards(r, roll.logps.view(*r.shape, -1), ref_logp.view(*r.shape, -1),
                                            roll.loss_mask.view(*r.shape, -1), hp.beta)
-        adv, keep, zv_all = self.advantages(r_train, r)  # group advantages, batch-normalised; zero-variance filter
+        lengths = roll.loss_mask.sum(-1).view(r.shape)  # the policy's tokens of each sample (REINFORCE++'s weights)
+        adv, keep, zv_all = self.advantages(r_train, r, lengths)  # `algo.advantage`'s; the zero-variance filter
         self.retire(batch, passed)  # no-positive resampling
         loss, stats, entropy, t_train = self.policy_update(batch, roll, adv, keep, ranges, ref_logp, old_logp)
         self.log_step(batch, roll, texts, r, passed, zv_all, errors, loss, stats, entropy, t_gen, t_train)
@@ -353,7 +339,7 @@ class RLVRModule(LMModule):
     def reference_logps(self, batch: dict, roll: Rollout, ranges: list[tuple[int, int]]) -> torch.Tensor:
         """log pi_ref of every sampled token (N, T), in the step's micro-batches, without gradients."""
         with self.reference() as ref_model:
-            return self._logps(ref_model, batch, roll, ranges)
+            return sampled_logps(ref_model, batch, roll, ranges, self.hparams.temperature)
 
     @torch.no_grad()
     def generator_logps(self, batch: dict, roll: Rollout, ranges: list[tuple[int, int]]) -> torch.Tensor:
@@ -361,73 +347,30 @@ class RLVRModule(LMModule):
         this step's update) run by the trainer's kernels (`algo.recompute_gen_logps`, verl's decoupled mode), so that
         the engine's mismatch (pi_old / pi_rollout, corrected by `algo.is_correction`) and the lag (pi_train /
         pi_old, the loss's ratio) come apart. One forward pass over the step's samples, without gradients."""
-        return self._logps(self.generator if self.generator is not None else self.model, batch, roll, ranges)
-
-    def _logps(self, model, batch: dict, roll: Rollout, ranges: list[tuple[int, int]]) -> torch.Tensor:
-        out = torch.zeros_like(roll.logps)
-        g = roll.logps.size(0) // batch["prompt_input_ids"].size(0)
-        for s, e in ranges:
-            seqs = self._micro_batch(batch, roll, g, s, e)
-            out[s:e, : seqs[2].size(1)] = completion_logps(model, *seqs, with_entropy=False)[0]
-        return out
-
-    def sample(self, batch: dict) -> tuple[Rollout, list[str], float]:
-        hp = self.hparams
-        t0 = time.perf_counter()
-        if self.generator is None:  # on-policy: the engine samples from the policy as the last step left it
-            self.engine.load_weights(self.model.state_dict())
-        if self.env is not None:
-            roll = self.episodes(self.engine, batch, hp.num_generations, hp.temperature, hp.top_p,
-                                 self._rng("train", self.global_step))
-            return roll, roll.answers, time.perf_counter() - t0
-        check_positions(self.model, batch["prompt_input_ids"].size(1), hp.max_new_tokens, "algo.max_new_tokens")
-        roll = self.engine.generate(
-            batch["prompt_input_ids"], batch["prompt_attention_mask"], hp.num_generations, hp.max_new_tokens,
-            hp.temperature, hp.top_p, self._rng("train", self.global_step),
-        )
-        t_gen = time.perf_counter() - t0
-        return roll, self.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True), t_gen
-
-    def episodes(self, engine: RolloutEngine, batch: dict, g: int, temperature: float, top_p: float,
-                 generator: torch.Generator) -> Episodes:
-        """Multi-turn: `g` episodes per prompt, each with its own environment reset on its row (`reset_groups`: a game
-        seeded from the row is the same game for a group, and again on resume). The prompts, rendered again with the
-        tools' schemas and the reset text, replace the batch's prompt tensors in place (the trainer encodes what the
-        sampler saw). The environments' `get_reward` go to `Episodes.env_rewards`."""
-        if "chats" not in batch:
-            raise ValueError("env: multi-turn episodes start from prompt rows (data.kind=prompt)")
-        columns = batch.get("columns") or [{}] * len(batch["chats"])
-        prompts, envs = reset_groups(self.env, self.tokenizer, batch["chats"], batch["references"],
-                                     batch["index"].tolist(), columns, g)
-        ids, mask = left_padded(prompts, self.tokenizer.pad_token_id)
-        check_positions(self.model, ids.size(1), self.env.max_tokens, "env.max_tokens")
-        batch["prompt_input_ids"], batch["prompt_attention_mask"] = ids.to(self.device), mask.to(self.device)
-        try:
-            ep = run_episodes(engine, self.tokenizer, prompts, envs, g, self.env.max_turns, self.hparams.max_new_tokens,
-                              self.env.max_tokens, temperature, top_p, generator)
-            ep.env_rewards, ep.env_metrics = environment_rewards(envs), environment_metrics(envs)
-        finally:
-            for e in envs:
-                e.close()
-        return ep.to(self.device)
+        model = self.generator if self.generator is not None else self.model
+        return sampled_logps(model, batch, roll, ranges, self.hparams.temperature)
 
     def score(self, batch: dict, texts: list[str], roll: Rollout) -> tuple[torch.Tensor, torch.Tensor, int]:
-        r, passed, errors = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated,
-                                         getattr(roll, "env_rewards", None))
-        shape = (len(batch["prompts"]), self.hparams.num_generations)
+        """(B, n) rewards and passes of the n samples of each prompt (`score_samples`), and the verifier's errors:
+        one definition for train/pass_rate, val/pass@k and eval.py's."""
+        r, passed, errors = score_samples(self, batch["prompts"], batch["references"], texts, roll.truncated,
+                                          getattr(roll, "env_rewards", None))
+        shape = (len(batch["prompts"]), -1)
         return r.view(shape), passed.view(shape), errors
 
-    def advantages(self, r: torch.Tensor, raw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This process's (B, G) advantages of rewards `r` and its kept groups, from statistics over the whole batch
-        (all processes). Ties are judged on `raw` (the rewards before a KL penalty; default `r`); with `kl_in=reward`
-        and beta > 0 no group leaves the loss (a tied group's advantage is its KL part alone)."""
+    def advantages(self, r: torch.Tensor, raw: torch.Tensor | None = None, lengths: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This process's (B, G) advantages of rewards `r` (`algo.advantage`'s estimator, with each sample's
+        completion `lengths`) and its kept groups, from statistics over the whole batch (all processes). Ties are
+        judged on `raw` (the rewards before a KL penalty; default `r`); with `kl_in=reward` and beta > 0 no group
+        leaves the loss (a tied group's advantage is its KL part alone)."""
         hp = self.hparams
         b = r.size(0)
-        r_all = self._gather(r)
-        zv_all = zero_variance(self._gather(raw) if raw is not None else r_all)
-        filtered = hp.zero_variance_filter and not (hp.kl_in == "reward" and hp.beta > 0)
+        r_all = gather(self, r)
+        zv_all = zero_variance(gather(self, raw) if raw is not None else r_all)
+        filtered = hp.zero_variance_filter and kl_place(hp.beta, hp.kl_in) != "reward"
         keep_all = ~zv_all if filtered else torch.ones_like(zv_all)
-        adv_all = group_advantages(r_all, hp.adv_norm, keep_all)
+        adv_all = compute_advantages(hp.advantage, r_all, keep_all, None if lengths is None else gather(self, lengths))
         lo = self.global_rank * b if self.trainer.world_size > 1 else 0
         self.last_batch = {"rewards_all": r_all, "keep_all": keep_all, "adv": adv_all[lo : lo + b]}  # for inspection
         return adv_all[lo : lo + b], keep_all[lo : lo + b], zv_all
@@ -436,7 +379,7 @@ class RLVRModule(LMModule):
         """Retire prompts whose pass rate reaches `retire_threshold` (on every process)."""
         hp = self.hparams
         if hp.retire_threshold is not None:
-            idx_all, rate_all = self._gather(batch["index"]), self._gather(passed.float().mean(-1))
+            idx_all, rate_all = gather(self, batch["index"]), gather(self, passed.float().mean(-1))
             self.retired.update(idx_all[rate_all >= hp.retire_threshold].tolist())
 
     def policy_update(self, batch: dict, roll: Rollout, adv: torch.Tensor, keep: torch.Tensor,
@@ -454,9 +397,9 @@ class RLVRModule(LMModule):
         opt.zero_grad(set_to_none=True)
         mask = roll.loss_mask.view(b, g, -1)  # the policy's tokens (a tool turn's are not the policy's)
         groups = loss_groups(keep, hp.beta, hp.kl_in)  # filtered groups keep their KL term (their A is 0)
-        weights = token_weights(mask, groups, hp.loss_agg).flatten(0, 1)
+        weights = token_weights(mask, groups, hp.loss_agg, self.generation_budget).flatten(0, 1)
         units = count_units(mask, groups, hp.loss_agg)
-        normalizer = self._gather(units.view(1)).sum().float() / self.trainer.world_size
+        normalizer = gather(self, units.view(1)).sum().float() / self.trainer.world_size
         adv_flat = adv.flatten()
         gen_logp, corr, corr_stats = roll.logps, None, {}
         if old_logp is not None:  # decoupled: the ratio against pi_old; the engine's mismatch weighed apart
@@ -465,28 +408,30 @@ class RLVRModule(LMModule):
                                           hp.is_cap_low, hp.is_cap_high)
         logp = torch.zeros_like(roll.logps)
         entropy = torch.zeros_like(roll.logps)
-        ranges = ranges or self.micro_batches(batch["prompt_attention_mask"], roll.lengths, g)
+        ranges = ranges or plan(self, batch["prompt_attention_mask"], roll.lengths, g, hp.micro_batch_size,
+                                hp.max_tokens_per_micro_batch)
         if ref_logp is None and self.has_reference:
             ref_logp = self.reference_logps(batch, roll, ranges)
         loss, t_train = torch.zeros((), device=self.device), 0.0
         for s, e in ranges:
             t1 = time.perf_counter()
-            seqs = self._micro_batch(batch, roll, g, s, e)
+            seqs = micro_batch(batch, roll, g, s, e, hp.temperature)
             t = seqs[2].size(1)
             lp, ent = completion_logps(self.model, *seqs)
             part, _ = rlvr_loss(
-                lp, gen_logp[s:e, :t], adv_flat[s:e], roll.loss_mask[s:e, :t], None, hp.loss_type, hp.loss_agg,
-                hp.epsilon, hp.clip_low, hp.clip_high, None if ref_logp is None else ref_logp[s:e, :t], hp.beta,
-                normalizer, weights[s:e, :t], with_stats=False, kl_estimator=hp.kl_estimator, kl_in=hp.kl_in,
-                is_weight=None if corr is None else corr[s:e, :t])
+                lp, gen_logp[s:e, :t], adv_flat[s:e], roll.loss_mask[s:e, :t], loss_type=hp.loss_type,
+                epsilon=hp.epsilon, clip_low=hp.clip_low, clip_high=hp.clip_high, beta=hp.beta,
+                ref_logp=None if ref_logp is None else ref_logp[s:e, :t], kl_estimator=hp.kl_estimator,
+                kl_in=hp.kl_in, normalizer=normalizer, weights=weights[s:e, :t],
+                is_weight=None if corr is None else corr[s:e, :t], with_stats=False)
             t_train += time.perf_counter() - t1
             self.manual_backward(part)
             loss += part.detach()
             logp[s:e, :t], entropy[s:e, :t] = lp.detach(), ent
         opt.step()  # clips in `on_before_optimizer_step`, after the precision plugin unscaled the gradients
         self.lr_schedulers().step()
-        stats = ratio_stats(logp, gen_logp, adv_flat, roll.loss_mask, hp.loss_type, hp.epsilon, hp.clip_low,
-                            hp.clip_high, ref_logp, hp.beta)
+        stats = ratio_stats(logp, gen_logp, adv_flat, roll.loss_mask, hp.loss_type,
+                            LossOptions(hp.epsilon, hp.clip_low, hp.clip_high), ref_logp, hp.beta)
         return loss, {**stats, **corr_stats}, entropy, t_train  # t_train: the forward passes only
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -496,28 +441,11 @@ class RLVRModule(LMModule):
         if not self.automatic_optimization:
             self.clip_gradients(optimizer)
 
-    def micro_batches(self, prompt_mask: torch.Tensor, lengths: torch.Tensor, g: int) -> list[tuple[int, int]]:
-        """The step's micro-batches (`genlight.rl.planner`): as many on every process, the most any plans."""
-        hp = self.hparams
-        prompt_len, comp_len = prompt_mask.sum(-1).repeat_interleave(g).tolist(), lengths.tolist()
-        ranges = plan_micro_batches(prompt_len, comp_len, hp.micro_batch_size, hp.max_tokens_per_micro_batch)
-        count = int(self._gather(torch.tensor([len(ranges)], device=self.device)).max())
-        return even_out(ranges, count, prompt_len, comp_len)
-
-    def _micro_batch(self, batch: dict, roll: Rollout, g: int, s: int, e: int) -> tuple:
-        """`completion_logps`'s arguments for samples [s, e): whole groups share their prompt's encoding; a range
-        that splits a group encodes the prompt once per sample. Columns that are padding in every row are cut."""
-        ids, pmask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-        if s % g == 0 and e % g == 0:
-            ids, pmask, group = ids[s // g : e // g], pmask[s // g : e // g], g
-        else:
-            rows = torch.arange(s, e, device=ids.device) // g
-            ids, pmask, group = ids[rows], pmask[rows], 1
-        first = int(pmask.any(0).long().argmax())  # prompts are left-padded
-        cmask = roll.completion_mask[s:e]
-        t = max(int(cmask.sum(-1).max()), 1)
-        return (ids[:, first:], pmask[:, first:], roll.completion_ids[s:e, :t], cmask[:, :t],
-                self.hparams.temperature, group)
+    @property
+    def generation_budget(self) -> int:
+        """A sample's most completion tokens: env.max_tokens for an episode, algo.max_new_tokens for one completion
+        (`loss_agg=constant` divides by it, as TRL's dr_grpo by max_completion_length)."""
+        return self.env.max_tokens if self.env is not None else self.hparams.max_new_tokens
 
     def log_step(self, batch, roll, texts, r, passed, zv_all, errors, loss, stats, entropy, t_gen, t_train) -> None:
         b, g = r.shape
@@ -526,7 +454,7 @@ class RLVRModule(LMModule):
         n_train = n_prompt + n_gen  # each prompt is encoded once for its G samples
         # the step's compute is every process's tokens (their completion lengths differ): summed, so every process
         # holds the same count (the ScaleRL curve's x-axis)
-        counts = self._gather(torch.tensor([[n_prompt, n_gen, b * g]], device=self.device)).sum(0).tolist()
+        counts = gather(self, torch.tensor([[n_prompt, n_gen, b * g]], device=self.device)).sum(0).tolist()
         tokens = counts[0] + counts[1]  # prefilled once per prompt + generated; trained: the same tokens
         n_fwd = tokens * (2 if self.hparams.recompute_gen_logps else 1)  # + pi_old's forward pass
         self.compute += float(2 * self.n_params * n_fwd + 6 * self.n_params * tokens)
@@ -564,7 +492,7 @@ class RLVRModule(LMModule):
         if not sums:
             return {}
         keys = sorted(sums)
-        total = self._gather(torch.tensor([[sums[k][0] for k in keys] + [sums[k][1] for k in keys]],
+        total = gather(self, torch.tensor([[sums[k][0] for k in keys] + [sums[k][1] for k in keys]],
                                           dtype=torch.float64, device=self.device)).sum(0)
         return {k: float(total[i] / total[len(keys) + i]) if total[len(keys) + i] > 0 else float("nan")
                 for i, k in enumerate(keys)}
@@ -597,7 +525,7 @@ class RLVRModule(LMModule):
                 weights.append(n_smp)
         w = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device) for x in weights])
         moments = torch.stack([r.double().sum(), (r.double() ** 2).sum(), n_smp.double()])
-        all_ = self._gather(torch.cat([vals, w, moments]).view(1, -1))  # (world, 2 K + 3): one collective
+        all_ = gather(self, torch.cat([vals, w, moments]).view(1, -1))  # (world, 2 K + 3): one collective
         v_all, w_all, (s1, s2, n) = all_[:, : len(keys)], all_[:, len(keys) : 2 * len(keys)], all_[:, -3:].sum(0)
         out = {}
         for i, k in enumerate(keys):
@@ -637,18 +565,11 @@ class RLVRModule(LMModule):
         """n samples per prompt from the current policy: pass@k, majority@n, mean reward."""
         hp = self.hparams
         n = hp.val_num_samples
-        if self.env is not None:
-            roll = self.episodes(self.eval_engine, batch, n, hp.val_temperature, 1.0, self._rng(stage, batch_idx))
-            texts = roll.answers
-        else:
-            check_positions(self.model, batch["prompt_input_ids"].size(1), hp.max_new_tokens, "algo.max_new_tokens")
-            roll = self.eval_engine.generate(
-                batch["prompt_input_ids"], batch["prompt_attention_mask"], n, hp.max_new_tokens,
-                hp.val_temperature, 1.0, self._rng(stage, batch_idx),
-            )
-            texts = self.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True)
-        r, passed, _ = self.rewards(batch["prompts"], batch["references"], texts, roll.truncated,
-                                    getattr(roll, "env_rewards", None))
+        roll, texts = sample(self.eval_engine, self.tokenizer, self.model, batch, n, max_new_tokens=hp.max_new_tokens,
+                             temperature=hp.val_temperature, top_p=1.0, generator=self.noise(stage, batch_idx),
+                             env=self.env)
+        r, passed, _ = self.score(batch, texts, roll)
+        r = r.flatten()
         b = len(batch["prompts"])
         correct = passed.view(b, n).tolist()
         answers = [self.verifier.extract(t) if hasattr(self.verifier, "extract") else t.strip() for t in texts]
