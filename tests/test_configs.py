@@ -190,10 +190,11 @@ PRESETS = {
         "data.max_length": 88, "algo.max_new_tokens": 6, "trainer.max_steps": 300,
         "tags": ["rlvr", "reasoning_gym", "spell_backward"]}),
     "experiment/calculator_tool": (["algo=rlvr", "data=calculator", "env=calculator", "reward=exact"], {
-        "algo.max_new_tokens": 96, "algo.val_num_samples": 4, "data.batch_size": 8, "data.source.n_val": 100,
-        "data.source.n_test": 200, "warm_start.target": 0.95, "warm_start.max_steps": 1000,
-        "warm_start.batch_size": 32, "warm_start.val_every": 25, "trainer.max_steps": 80,
-        "trainer.val_check_interval": 20, "tags": ["rlvr", "multi_turn", "calculator"]}),
+        "algo.max_new_tokens": 96, "algo.val_num_samples": 4, "algo.generation_lag": 0, "data.batch_size": 32,
+        "data.source.n_val": 100, "data.source.n_test": 200, "warm_start.target": 0.95, "warm_start.max_steps": 1000,
+        "warm_start.batch_size": 32, "warm_start.val_every": 25,
+        "warm_start.cache_dir": "${paths.log_dir}/warm_start_cache",
+        "trainer.max_steps": 40, "trainer.val_check_interval": 10, "tags": ["rlvr", "multi_turn", "calculator"]}),
     "experiment/guess_the_number": (["algo=rlvr", "data=games", "env=textarena"], {
         "model.net.max_position_embeddings": 896, "algo.max_new_tokens": 80, "algo.val_num_samples": 4,
         "env.environment.instructions": "Guess the number in 1..10 with move, e.g. [5].",
@@ -270,7 +271,7 @@ def test_scalerl_rows_share_their_warm_starts_through_the_cache(cfg_factory, tmp
 
     base = cfg_factory("experiment=scalerl", quick=False)
     assert base.warm_start.cache_dir == str(tmp_path / "warm_start_cache")
-    for row in ("algo.loss_type=gspo", "algo.generation_lag=0", "algo.zero_variance_filter=false",
+    for row in ("loss=gspo", "algo.advantage=rloo", "algo.generation_lag=0", "algo.zero_variance_filter=false",
                 "data.batch_size=128"):
         assert warm_start_key(cfg_factory("experiment=scalerl", row, quick=False)) == warm_start_key(base), row
 
