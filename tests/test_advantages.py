@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from genlight.rl.advantages import ADVANTAGES, compute_advantages, register_advantage, zero_variance
 from genlight.rl.loss import POLICY_LOSSES, PolicyTerm, register_policy_loss, rlvr_loss
 from tests.helpers import RLVR_RUN, train_with
+from tests.helpers.trl import trl_grpo_loss
 
 # 4 prompts x G = 4: binary groups, a tied group (dropped by the filter) and a graded one
 REWARDS = [[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.2, 0.9, 0.5, 0.1]]
@@ -100,29 +101,6 @@ def test_dropped_groups_get_no_advantage_and_leave_the_batch_statistics():
         assert torch.allclose(got[keep], alone, atol=1e-6), name
 
 
-def _trl_loss(logp, logp_gen, adv, mask, loss_type, max_completion_length):
-    """TRL 1.16 GRPOTrainer._compute_loss itself (token-level ratio, clip 0.2) on (N, T) log-probs, through a
-    stand-in for the trainer's state it reads."""
-    import collections
-    import types
-
-    from trl.trainer.grpo_trainer import GRPOTrainer
-
-    n, t = logp.shape
-    fake = types.SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=0.0,
-        loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.2, args=types.SimpleNamespace(delta=None),
-        use_vllm=False, model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
-        max_completion_length=max_completion_length, _entropy_bonus_enabled=False, aux_loss_enabled=False,
-        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
-        accelerator=types.SimpleNamespace(gather=lambda x: x, reduce=lambda x, reduction: x))
-    inputs = {"prompt_ids": torch.zeros(n, 1, dtype=torch.long), "prompt_mask": torch.ones(n, 1, dtype=torch.long),
-              "completion_ids": torch.zeros(n, t, dtype=torch.long), "completion_mask": mask.long(),
-              "advantages": adv, "old_per_token_logps": logp_gen}
-    return GRPOTrainer._compute_loss(fake, None, inputs)
-
-
 def test_dr_grpo_loss_is_trls_constant_normaliser():
     """loss=dr_grpo (the clipped ratio, loss_agg=constant over the generation budget L): by hand, sum over all tokens /
     (N L) with N every sample of the step, a group the filter drops included (A = 0), and TRL's loss_type="dr_grpo"
@@ -140,7 +118,8 @@ def test_dr_grpo_loss_is_trls_constant_normaliser():
     rho = torch.exp(logp - logp_gen)
     per_token = -torch.minimum(rho * adv[:, None], rho.clamp(0.8, 1.2) * adv[:, None])
     assert ours.item() == pytest.approx(float((per_token * mask).sum() / (n * budget)), rel=1e-6)
-    assert ours.item() == pytest.approx(float(_trl_loss(logp, logp_gen, adv, mask, "dr_grpo", budget)), rel=1e-6)
+    assert ours.item() == pytest.approx(float(trl_grpo_loss(logp, logp_gen, adv, mask, loss_type="dr_grpo",
+                                                                   max_completion_length=budget)), rel=1e-6)
     per_sample, _ = rlvr_loss(*shaped, keep, loss_type="grpo", loss_agg="sequence")
     assert abs(per_sample.item() - ours.item()) > 1e-3
     with pytest.raises(ValueError, match="loss_agg=constant"):

@@ -19,6 +19,7 @@ from genlight.rl.advantages import compute_advantages, zero_variance
 from genlight.rl.loss import aggregate, rlvr_loss
 from tests.helpers import RLVR_RUN as RUN
 from tests.helpers import leet, train_with
+from tests.helpers.trl import trl_grpo_loss
 
 # --------------------------------------------------------------------------- fixed inputs
 # B = 2 prompts, G = 2 samples, T = 3 tokens; sample lengths 3, 1 | 2, 3
@@ -66,29 +67,6 @@ def test_loss_matches_hand_computation(loss_type, hi, how):
     assert loss.item() == pytest.approx(want, rel=1e-5)
 
 
-def _trl_sequence_level_loss(logp, logp_gen, adv, mask, lo, hi):
-    """TRL's GRPOTrainer._compute_loss itself (importance_sampling_level="sequence", loss_type="grpo": GSPO as TRL
-    documents it) on (N, T) log-probs, through a stand-in for the trainer's state it reads."""
-    import collections
-    import types
-
-    from trl.trainer.grpo_trainer import GRPOTrainer
-
-    n, t = logp.shape
-    fake = types.SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="sequence", beta=0.0,
-        loss_type="grpo", epsilon_low=lo, epsilon_high=hi, args=types.SimpleNamespace(delta=None), use_vllm=False,
-        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
-        _entropy_bonus_enabled=False, aux_loss_enabled=False,
-        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
-        accelerator=types.SimpleNamespace(gather=lambda x: x, reduce=lambda x, reduction: x))
-    inputs = {"prompt_ids": torch.zeros(n, 1, dtype=torch.long), "prompt_mask": torch.ones(n, 1, dtype=torch.long),
-              "completion_ids": torch.zeros(n, t, dtype=torch.long), "completion_mask": mask.long(),
-              "advantages": adv, "old_per_token_logps": logp_gen}
-    return GRPOTrainer._compute_loss(fake, None, inputs)
-
-
 @pytest.mark.parametrize("lo,hi", [(0.2, 0.2), (3e-4, 4e-4), (10.0, 10.0)])
 def test_gspo_loss_and_gradient_match_a_hand_computation_and_trls(lo, hi):
     """GSPO: one ratio per sequence, s = exp(mean_t log pi / pi_gen), clipped as PPO's, the mean over sequences.
@@ -111,7 +89,8 @@ def test_gspo_loss_and_gradient_match_a_hand_computation_and_trls(lo, hi):
     assert loss.item() == pytest.approx(want, rel=1e-5)
     torch.testing.assert_close(logp.grad, grad, rtol=1e-5, atol=1e-7)
     flat = LOGP.clone().flatten(0, 1).requires_grad_(True)
-    trl = _trl_sequence_level_loss(flat, LOGP_GEN.flatten(0, 1), ADV.flatten(), MASK.flatten(0, 1), lo, hi)
+    trl = trl_grpo_loss(flat, LOGP_GEN.flatten(0, 1), ADV.flatten(), MASK.flatten(0, 1), level="sequence", lo=lo,
+                        hi=hi)
     trl.backward()
     assert trl.item() == pytest.approx(loss.item(), rel=1e-5)
     torch.testing.assert_close(flat.grad.view_as(grad), grad, rtol=1e-5, atol=1e-7)
