@@ -38,24 +38,20 @@ Logits and log-softmax are float32 at the LM head, even under bf16 mixed precisi
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 
 import torch
-from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from genlight.callbacks.wandb_axes import STEP
 from genlight.envs.episodes import (
     Episodes,
 )
-from genlight.envs.tools import EnvSpec, check_tool_template
-from genlight.lightning_modules.lm import LMModule
-from genlight.metrics import PassAtK
+from genlight.envs.tools import EnvSpec
+from genlight.lightning_modules.sampling import SamplingModule
 from genlight.models.logps import completion_logps
-from genlight.models.rollout import HFRollout, Rollout, RolloutEngine
-from genlight.rewards import ExactAnswer
+from genlight.models.rollout import Rollout, RolloutEngine
 from genlight.rl.advantages import (
     check_advantage,
     compute_advantages,
@@ -77,17 +73,16 @@ from genlight.rl.loss import (
 )
 from genlight.rl.recipe import check_recipe, check_retirement
 from genlight.rl.rollouts import (
+    across_processes,
     gather,
     micro_batch,
     plan,
     sample,
     sampled_logps,
-    sampling_generator,
-    score_samples,
 )
 
 
-class RLVRModule(LMModule):
+class RLVRModule(SamplingModule):
     DASHBOARD = [  # the W&B workspace's sections (sweeps/dashboard.py)
         ("Reward", [
             ("line", "mean reward against steps", STEP, ["train/reward/mean", "train/pass_rate"]),
@@ -187,10 +182,10 @@ class RLVRModule(LMModule):
             micro_batch_size, max_tokens_per_micro_batch: the step's samples in micro-batches (memory).
             seed: the sampling noise's (a resumed run draws the same).
             The rest: `LMModule`'s."""
-        super().__init__(net, tokenizer, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         min_lr_ratio=min_lr_ratio, max_new_tokens=max_new_tokens,
+        super().__init__(net, tokenizer, reward=reward, rollout=rollout, env=env, val_num_samples=val_num_samples,
+                         lagged_sampler=generation_lag > 0, lr=lr, weight_decay=weight_decay, betas=betas,
+                         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, max_new_tokens=max_new_tokens,
                          num_logged_samples=num_logged_samples, lora=lora, gradient_checkpointing=gradient_checkpointing)
-        reward = ExactAnswer() if reward is None else reward
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"algo.micro_batch_size={micro_batch_size}: must be >= 1 sample (or null: the whole step)")
         # the shortest a sample can be at its longest: 1 prompt token + a completion (an episode: env.max_tokens)
@@ -199,11 +194,7 @@ class RLVRModule(LMModule):
         if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < longest + 1:
             raise ValueError(f"algo.max_tokens_per_micro_batch={max_tokens_per_micro_batch} cannot hold one sample: "
                              f"a sample can be a prompt + {what}={longest} tokens")
-        # multi-turn (env=, src/envs/): episodes of tool calls; the chat template must show tools and their results
-        self.env = env
-        if env is not None:
-            check_tool_template(self.tokenizer)
-        check_recipe(reward, loss_type=loss_type, loss_agg=loss_agg, advantage=advantage, clip_low=clip_low,
+        check_recipe(self.reward, loss_type=loss_type, loss_agg=loss_agg, advantage=advantage, clip_low=clip_low,
                      clip_high=clip_high, num_generations=num_generations, generation_lag=generation_lag,
                      epsilon=epsilon, reward_on_error=reward_on_error, val_num_samples=val_num_samples,
                      temperature=temperature, top_p=top_p, truncated_reward=truncated_reward,
@@ -215,99 +206,43 @@ class RLVRModule(LMModule):
                             is_cap_high=is_cap_high,
                             # a correction weighs pi_old / pi_rollout: pi_old is recomputed by the trainer
                             recompute_gen_logps=recompute_gen_logps or is_correction is not None)
-        self.reward = reward  # a reward model (an nn.Module) becomes a frozen submodule: device, FSDP2, checkpoints
-        self.verifier = getattr(reward, "verifier", reward)  # what "passes" (pass@k, pass rate): never the model
-        check_retirement(self.verifier is not reward, retire_threshold)
+        check_retirement(self.verifier is not self.reward, retire_threshold)
         if beta > 0:  # the KL penalty's pi_ref: model.ref_pretrained, or pi_0
             self.init_reference(ref_pretrained)
-        # pi_gen: the engine samples with a lagged copy of the policy, refreshed every `generation_lag` optimizer
-        # steps through `engine.load_weights` (its weights are in the checkpoint); with 0, the policy itself
-        self.generator = copy.deepcopy(self.model).requires_grad_(False).eval() if generation_lag > 0 else None
-        make_engine = rollout or HFRollout
-        tok = self.tokenizer
-        self.engine: RolloutEngine = make_engine(self.generator or self.model, tok.eos_token_id, tok.pad_token_id)
-        self.eval_engine: RolloutEngine = (
-            make_engine(self.model, tok.eos_token_id, tok.pad_token_id) if self.generator is not None else self.engine)
+        # pi_gen (`self.generator`, with generation_lag > 0) is refreshed every `generation_lag` optimizer steps
         self._synced_at = -1  # the optimizer step of pi_gen's last refresh
-        # ScaleRL state (checkpointed): retired prompts, cumulative compute and samples
-        self.retired: set[int] = set()  # train prompts with pass rate >= retire_threshold
-        self.compute = 0.0  # cumulative model FLOPs: 2 N per token the sampler runs (prompt, generated), 6 N per trained token
-        self.samples = 0  # cumulative sampled completions
-        self.n_params = sum(p.numel() for p in self.model.parameters())
-        # evaluation: pass@k for k = 1, 2, 4, ... up to the samples per prompt, majority vote, mean reward
-        ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= val_num_samples] + [val_num_samples]
-        self.val_pass, self.test_pass = PassAtK(ks), PassAtK(ks)
-        self.val_reward, self.test_reward = MeanMetric(), MeanMetric()
-        self.last_val: dict[str, float] = {}
-        self._env_sums: dict[str, list[float]] = {}  # an evaluation's environment measurements (`pooled`)
+        self.retired: set[int] = set()  # ScaleRL's no-positive resampling: train prompts with pass rate >= threshold
 
     @staticmethod
     def check_config(cfg) -> None:
-        """Before any work (train.py calls it first, before the warm start): the rollout engine is installed, a
-        reward model exists, the KL options and retirement fit."""
+        """Before any work (train.py calls it first, before the warm start): `SamplingModule`'s checks, and the KL
+        options, the loss and estimator names and retirement fit."""
         from hydra.utils import get_class
         from omegaconf import OmegaConf
 
-        for key in ("algo.rollout._target_", "algo.reward._target_"):
-            target = OmegaConf.select(cfg, key)
-            if target and hasattr(cls := get_class(target), "check_config"):
-                cls.check_config(OmegaConf.select(cfg, key.rsplit(".", 1)[0]))
+        SamplingModule.check_config(cfg)
         kl_options(cfg.algo.get("kl_in", "loss"), cfg.algo.get("kl_estimator"))
         check_policy_loss(cfg.algo.loss_type)  # a registered name (a user's own registers on import)
         check_advantage(cfg.algo.advantage)
-        if cfg.algo.get("env") is not None:  # multi-turn: the environment imports, its tools have schemas, the
-            from hydra.errors import InstantiationException  # template shows them (before the warm start)
-            from hydra.utils import instantiate
-
-            from genlight.envs.tools import import_target
-
-            if target := OmegaConf.select(cfg, "algo.env.environment._target_"):
-                import_target(target, "env.environment")
-            try:
-                instantiate(cfg.algo.env)
-            except InstantiationException as e:  # the env's own message, not Hydra's wrapper around it
-                raise (e.__cause__ if isinstance(e.__cause__, ValueError) else e) from None
-            check_tool_template(instantiate(cfg.model.tokenizer), "model.tokenizer")
         reward = OmegaConf.select(cfg, "algo.reward._target_")
         check_retirement(bool(reward) and hasattr(get_class(reward), "score_batch"), cfg.algo.get("retire_threshold"))
 
     # ------------------------------------------------------------------ state
     def setup(self, stage: str) -> None:
-        super().setup(stage)  # the data's kind
-        if stage == "fit":
-            # One optimizer step per batch of prompts, over micro-batches of its samples (`policy_update`): the
-            # module steps the optimizer itself, with the trainer's clipping settings. (Set here, after Lightning's
-            # check that refuses `gradient_clip_val` with manual optimization: this module applies it.)
-            if self.trainer.accumulate_grad_batches != 1:
-                raise ValueError(
-                    f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches}: RLVR takes one optimizer "
-                    "step per batch of prompts; bound its memory with algo.micro_batch_size / "
-                    "algo.max_tokens_per_micro_batch (gradients accumulate over them within the step)")
-            self.automatic_optimization = False
+        super().setup(stage)  # the data's kind; manual optimization
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "retired"):
             dm.retired.update(self.retired)
             self.retired = dm.retired  # one set: the train sampler skips what the module retires
-        if hasattr(self.verifier, "check_references"):  # before any work: a reference it cannot use, or a reward hole
-            for split, examples in getattr(dm, "examples", {}).items():
-                self.verifier.check_references(examples, split)
-
-    def frozen_models(self) -> list[torch.nn.Module]:
-        reward_model = [self.reward.model] if isinstance(self.reward, torch.nn.Module) else []
-        return super().frozen_models() + ([self.generator] if self.generator is not None else []) + reward_model
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rlvr"] = {"retired": sorted(self.retired), "compute": self.compute, "samples": self.samples}
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["rlvr"] = {"retired": sorted(self.retired)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("rlvr", {})
+        super().on_load_checkpoint(checkpoint)
         self.retired.clear()  # in place: the datamodule's sampler holds this set
-        self.retired.update(state.get("retired", []))
-        self.compute, self.samples = state.get("compute", 0.0), state.get("samples", 0)
-
-    def noise(self, stage: str, step: int) -> torch.Generator:
-        """Sampling noise as a function of (seed, stage, step, rank): a resumed run draws the same."""
-        return sampling_generator(self.hparams.seed, stage, step, self.global_rank, self.device)
+        self.retired.update(checkpoint.get("rlvr", {}).get("retired", []))
 
     # ------------------------------------------------------------------ training: the ScaleRL pipeline
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -349,14 +284,6 @@ class RLVRModule(LMModule):
         pi_old, the loss's ratio) come apart. One forward pass over the step's samples, without gradients."""
         model = self.generator if self.generator is not None else self.model
         return sampled_logps(model, batch, roll, ranges, self.hparams.temperature)
-
-    def score(self, batch: dict, texts: list[str], roll: Rollout) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(B, n) rewards and passes of the n samples of each prompt (`score_samples`), and the verifier's errors:
-        one definition for train/pass_rate, val/pass@k and eval.py's."""
-        r, passed, errors = score_samples(self, batch["prompts"], batch["references"], texts, roll.truncated,
-                                          getattr(roll, "env_rewards", None))
-        shape = (len(batch["prompts"]), -1)
-        return r.view(shape), passed.view(shape), errors
 
     def advantages(self, r: torch.Tensor, raw: torch.Tensor | None = None, lengths: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -434,13 +361,6 @@ class RLVRModule(LMModule):
                             LossOptions(hp.epsilon, hp.clip_low, hp.clip_high), ref_logp, hp.beta)
         return loss, {**stats, **corr_stats}, entropy, t_train  # t_train: the forward passes only
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """The trainer's gradient_clip_val / gradient_clip_algorithm, as Lightning applies them in automatic
-        optimization: here the precision plugin has unscaled the gradients (16-mixed's GradScaler multiplies the loss
-        by up to 2^16; clipping before the unscale would clip the scaled norm and shrink the step by that factor)."""
-        if not self.automatic_optimization:
-            self.clip_gradients(optimizer)
-
     @property
     def generation_budget(self) -> int:
         """A sample's most completion tokens: env.max_tokens for an episode, algo.max_new_tokens for one completion
@@ -456,8 +376,7 @@ class RLVRModule(LMModule):
         # holds the same count (the ScaleRL curve's x-axis)
         counts = gather(self, torch.tensor([[n_prompt, n_gen, b * g]], device=self.device)).sum(0).tolist()
         tokens = counts[0] + counts[1]  # prefilled once per prompt + generated; trained: the same tokens
-        n_fwd = tokens * (2 if self.hparams.recompute_gen_logps else 1)  # + pi_old's forward pass
-        self.compute += float(2 * self.n_params * n_fwd + 6 * self.n_params * tokens)
+        self.count_compute(tokens, forward=2 if self.hparams.recompute_gen_logps else 1, trained=1)  # + pi_old's
         self.samples += counts[2]
         m = roll.loss_mask
         log = {
@@ -474,7 +393,7 @@ class RLVRModule(LMModule):
         if isinstance(roll, Episodes):  # multi-turn: turns, tool calls and errors per episode
             log.update({"turns/mean": roll.turns.float().mean(), "turns/max": roll.turns.max().float(),
                         "tool_calls": roll.tool_calls.float().mean(), "tool_errors": roll.tool_errors.float().mean()})
-        log = self.across_processes(log, r, m)
+        log = across_processes(self, log, r, m, self.hparams.is_level)
         log.update({"frac_zero_variance": zv_all.float().mean(), "retired_prompts": float(len(self.retired)),
                     "samples": float(self.samples), "compute_flops": self.compute})  # the same on every process
         if isinstance(roll, Episodes):  # the environment's own measurements, pooled over every process's episodes
@@ -486,59 +405,6 @@ class RLVRModule(LMModule):
         every = self.hparams.log_completions_every_n_steps
         if every and self.global_step % every == 0:
             self._log_completions(batch, roll.transcripts() if isinstance(roll, Episodes) else texts, r, roll.truncated, g)
-
-    def pooled(self, sums: dict[str, tuple[float, float]]) -> dict[str, float]:
-        """(numerator, denominator) pairs, summed over processes: sum / sum (nan where nothing was counted)."""
-        if not sums:
-            return {}
-        keys = sorted(sums)
-        total = gather(self, torch.tensor([[sums[k][0] for k in keys] + [sums[k][1] for k in keys]],
-                                          dtype=torch.float64, device=self.device)).sum(0)
-        return {k: float(total[i] / total[len(keys) + i]) if total[len(keys) + i] > 0 else float("nan")
-                for i, k in enumerate(keys)}
-
-    # TRL's names keep TRL's reduction over processes: the mean of the processes' means (`accelerator.gather(...).mean()`)
-    TRL_MEAN_OF_MEANS = ("sampling/importance_sampling_ratio/mean", "sampling/sampling_logp_difference/mean")
-
-    def across_processes(self, log: dict, r: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """This process's step metrics (`log`) as values over all processes (identity on one): a `/max` the largest,
-        a `/min` the smallest, `reward_errors` the sum, `loss` the processes' mean (DDP averages their gradients),
-        `reward/std` the std of all rewards, TRL's `TRL_MEAN_OF_MEANS` as TRL reduces them; every other mean is
-        weighted by its units: the tokens (entropy, rho, logp_diff, kl, sampling/* per token), the sequences
-        (sampling/* with is_level=sequence) or the samples."""
-        if self.trainer.world_size == 1:
-            return log
-        n_tok, n_seq, n_smp = mask.sum(), mask.any(-1).sum(), r.new_tensor(float(r.numel()))
-        per_token = ("entropy", "logp_diff/", "rho/", "kl", "sampling/sampling_logp_difference/")
-        units = n_seq if self.hparams.is_level == "sequence" else n_tok  # of sampling/* from `is_weights`
-        keys = list(log)
-        vals = torch.stack([torch.as_tensor(log[k], dtype=torch.float64, device=self.device) for k in keys])
-        weights = []
-        for k in keys:
-            if k.endswith(("/max", "/min")) or k in ("loss", "reward_errors") or k in self.TRL_MEAN_OF_MEANS:
-                weights.append(1.0)
-            elif k.startswith(per_token):
-                weights.append(n_tok)
-            elif k.startswith("sampling/"):
-                weights.append(units)
-            else:
-                weights.append(n_smp)
-        w = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device) for x in weights])
-        moments = torch.stack([r.double().sum(), (r.double() ** 2).sum(), n_smp.double()])
-        all_ = gather(self, torch.cat([vals, w, moments]).view(1, -1))  # (world, 2 K + 3): one collective
-        v_all, w_all, (s1, s2, n) = all_[:, : len(keys)], all_[:, len(keys) : 2 * len(keys)], all_[:, -3:].sum(0)
-        out = {}
-        for i, k in enumerate(keys):
-            if k.endswith("/max"):
-                out[k] = v_all[:, i].max()
-            elif k.endswith("/min"):
-                out[k] = v_all[:, i].min()
-            elif k == "reward_errors":
-                out[k] = v_all[:, i].sum()
-            else:
-                out[k] = (v_all[:, i] * w_all[:, i]).sum() / w_all[:, i].sum().clamp(min=1e-12)
-        out["reward/std"] = ((s2 - s1**2 / n) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
-        return {k: v.float() for k, v in out.items()}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """Refresh pi_gen from the trainer's weights every `generation_lag` optimizer steps."""
@@ -559,63 +425,3 @@ class RLVRModule(LMModule):
                 rows.append([self.global_step, batch["prompts"][i], texts[i * g + j], batch["references"][i],
                              float(r[i, j]), bool(truncated[i * g + j])])
         self.log_table("train/completions", ["step", "prompt", "completion", "answer", "reward", "truncated"], rows)
-
-    # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
-        """n samples per prompt from the current policy: pass@k, majority@n, mean reward."""
-        hp = self.hparams
-        n = hp.val_num_samples
-        roll, texts = sample(self.eval_engine, self.tokenizer, self.model, batch, n, max_new_tokens=hp.max_new_tokens,
-                             temperature=hp.val_temperature, top_p=1.0, generator=self.noise(stage, batch_idx),
-                             env=self.env)
-        r, passed, _ = self.score(batch, texts, roll)
-        r = r.flatten()
-        b = len(batch["prompts"])
-        correct = passed.view(b, n).tolist()
-        answers = [self.verifier.extract(t) if hasattr(self.verifier, "extract") else t.strip() for t in texts]
-        getattr(self, f"{stage}_pass").update(correct, [answers[i * n : (i + 1) * n] for i in range(b)])
-        getattr(self, f"{stage}_reward").update(r)
-        for k, (num, den) in getattr(roll, "env_metrics", {}).items():  # summed over the split's batches
-            acc = self._env_sums.setdefault(k, [0.0, 0.0])
-            acc[0], acc[1] = acc[0] + num, acc[1] + den
-        if batch_idx == 0:
-            shown = roll.transcripts() if isinstance(roll, Episodes) else texts  # an episode: its tool turns too
-            self._samples = [
-                [batch["prompts"][i // n], shown[i], batch["references"][i // n], float(r[i])]
-                for i in range(min(len(texts), hp.num_logged_samples * n))
-            ]
-
-    def _eval_epoch_end(self, stage: str) -> None:
-        metric = getattr(self, f"{stage}_pass")
-        values = {f"{stage}/{k}": v for k, v in metric.compute().items()}
-        k_max = max(metric.ks)
-        values[f"{stage}/pass@k"] = values[f"{stage}/pass@{k_max}"]
-        values[f"{stage}/majority@k"] = values.pop(f"{stage}/majority")
-        values[f"{stage}/reward/mean"] = getattr(self, f"{stage}_reward").compute()
-        if self.env is not None:  # every process has its sums (the same keys: the same environment)
-            values |= {f"{stage}/env/{k}": v for k, v in self.pooled(dict(self._env_sums)).items()}
-            self._env_sums = {}
-        metric.reset()
-        getattr(self, f"{stage}_reward").reset()
-        if stage == "val":
-            self.last_val = {k: float(v) for k, v in values.items()}
-            # the RL counters beside the val metrics: W&B plots pass@1 against samples and compute as well
-            values["val/samples"] = float(self.samples)
-            values["val/compute_flops"] = float(self.compute)
-        if not self.trainer.sanity_checking:
-            for k, v in values.items():
-                self.log(k, v, prog_bar=k.endswith("pass@1"), sync_dist=False)
-        self.log_samples(stage, columns=("prompt", "completion", "answer", "reward"))
-
-
-    def on_validation_epoch_start(self) -> None:
-        self.eval_engine.load_weights(self.model.state_dict())  # the policy as training left it
-
-    def on_test_epoch_start(self) -> None:
-        self.eval_engine.load_weights(self.model.state_dict())
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")

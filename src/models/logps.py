@@ -47,16 +47,10 @@ def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return loss / n.clamp(min=1), n
 
 
-def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
-                     group: int = 1, with_entropy: bool = True):
-    """log pi(y_t | x, y_<t) of each completion token (FP32 LM head, temperature applied), and the
-    entropy of pi at each of those positions (None with `with_entropy=False`; 0 at padding). Prompts are
-    left-padded, completions right-padded. The LM head runs at the completion tokens only, in chunks.
-
-    With `group` = G > 1, `prompt_ids` holds the B distinct prompts and the completions are their
-    B*G samples (prompt-major): each prompt is encoded once and its keys/values are shared by its G
-    completions (gradients flow back through the shared cache), instead of G identical copies.
-    """
+def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group: int = 1) -> torch.Tensor:
+    """The last hidden states (N, T, H) at the positions that predict each completion token y_0 .. y_{T-1} (before the
+    LM head), with `completion_logps`'s inputs: left-padded prompts, right-padded completions, each prompt encoded once
+    for its `group` completions (prompt-major)."""
     lm = causal_lm(model)
     if group > 1 and lm.is_gradient_checkpointing and lm.training and torch.is_grad_enabled():
         # transformers drops the KV cache under gradient checkpointing: encode each prompt once per completion
@@ -79,6 +73,20 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
             rest = lm.base_model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
                                     position_ids=position_ids(mask)[:, p:-1], use_cache=True, **kw)
             hidden = torch.cat([hidden, rest.last_hidden_state], 1)  # predicts y_1 .. y_{T-1}
+    return hidden
+
+
+def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
+                     group: int = 1, with_entropy: bool = True):
+    """log pi(y_t | x, y_<t) of each completion token (FP32 LM head, temperature applied), and the
+    entropy of pi at each of those positions (None with `with_entropy=False`; 0 at padding). Prompts are
+    left-padded, completions right-padded. The LM head runs at the completion tokens only, in chunks.
+
+    With `group` = G > 1, `prompt_ids` holds the B distinct prompts and the completions are their
+    B*G samples (prompt-major): each prompt is encoded once and its keys/values are shared by its G
+    completions (gradients flow back through the shared cache), instead of G identical copies.
+    """
+    hidden = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group)
     m = completion_mask.bool()
     logp, ent, _ = head_logps(model, hidden[m], completion_ids[m], temperature, entropy=with_entropy)
     zeros = torch.zeros(m.shape, dtype=logp.dtype, device=logp.device)

@@ -1,8 +1,8 @@
-"""The rollouts layer: what a LightningModule that samples from its policy calls (RLVR; on-policy distillation, online
+"""The rollouts layer: what a LightningModule that samples from its policy calls (RLVR, on-policy distillation; online
 DPO next), with its policy, engine and random generator. Sampling (one completion, or multi-turn episodes with
 tools, on either engine), the log-probs of the sampled tokens under any model in the step's micro-batches, scoring
-(a verifier, a reward model, an environment's own reward) and the gather across processes. No algorithm here: no
-advantage, no loss."""
+(a verifier, a reward model, an environment's own reward), the gather across processes and a step's metrics reduced
+over them. No algorithm here: no advantage, no loss."""
 
 from __future__ import annotations
 
@@ -144,3 +144,49 @@ def sampled_logps(model, batch: dict, roll: Rollout, ranges: list[tuple[int, int
         seqs = micro_batch(batch, roll, g, s, e, temperature)
         out[s:e, : seqs[2].size(1)] = completion_logps(model, *seqs, with_entropy=False)[0]
     return out
+
+
+# TRL's names keep TRL's reduction over processes: the mean of the processes' means (`accelerator.gather(...).mean()`)
+TRL_MEAN_OF_MEANS = ("sampling/importance_sampling_ratio/mean", "sampling/sampling_logp_difference/mean")
+
+
+def across_processes(module, log: dict, r: torch.Tensor, mask: torch.Tensor, is_level: str = "token"
+                     ) -> dict[str, torch.Tensor]:
+    """This process's step metrics (`log`) as values over all processes (identity on one; `module` gives the trainer
+    and device): a `/max` the largest, a `/min` the smallest, `reward_errors` the sum, `loss` the processes' mean (DDP
+    averages their gradients), `reward/std` the std of all rewards, TRL's `TRL_MEAN_OF_MEANS` as TRL reduces them;
+    every other mean is weighted by its units: the tokens (entropy, rho, logp_diff, kl, sampling/* per token), the sequences
+    (sampling/* with `is_level` sequence) or the samples."""
+    if module.trainer.world_size == 1:
+        return log
+    n_tok, n_seq, n_smp = mask.sum(), mask.any(-1).sum(), r.new_tensor(float(r.numel()))
+    per_token = ("entropy", "logp_diff/", "rho/", "kl", "sampling/sampling_logp_difference/")
+    units = n_seq if is_level == "sequence" else n_tok  # of sampling/* from `is_weights`
+    keys = list(log)
+    vals = torch.stack([torch.as_tensor(log[k], dtype=torch.float64, device=module.device) for k in keys])
+    weights = []
+    for k in keys:
+        if k.endswith(("/max", "/min")) or k in ("loss", "reward_errors") or k in TRL_MEAN_OF_MEANS:
+            weights.append(1.0)
+        elif k.startswith(per_token):
+            weights.append(n_tok)
+        elif k.startswith("sampling/"):
+            weights.append(units)
+        else:
+            weights.append(n_smp)
+    w = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=module.device) for x in weights])
+    moments = torch.stack([r.double().sum(), (r.double() ** 2).sum(), n_smp.double()])
+    all_ = gather(module, torch.cat([vals, w, moments]).view(1, -1))  # (world, 2 K + 3): one collective
+    v_all, w_all, (s1, s2, n) = all_[:, : len(keys)], all_[:, len(keys) : 2 * len(keys)], all_[:, -3:].sum(0)
+    out = {}
+    for i, k in enumerate(keys):
+        if k.endswith("/max"):
+            out[k] = v_all[:, i].max()
+        elif k.endswith("/min"):
+            out[k] = v_all[:, i].min()
+        elif k == "reward_errors":
+            out[k] = v_all[:, i].sum()
+        else:
+            out[k] = (v_all[:, i] * w_all[:, i]).sum() / w_all[:, i].sum().clamp(min=1e-12)
+    out["reward/std"] = ((s2 - s1**2 / n) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
+    return {k: v.float() for k, v in out.items()}
