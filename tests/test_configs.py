@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import CONF
-from tests.helpers import ROOT
+from tests.helpers import REQUIRED, ROOT
 
 
 def options(group: str) -> list[str]:
@@ -40,7 +40,7 @@ def test_algo_configs_instantiate(cfg_factory, algo):
         module = hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net))
         assert isinstance(module, L.LightningModule) and cfg.optimized_metric == "val/fd"
         return
-    cfg = cfg_factory(f"algo={algo}")
+    cfg = cfg_factory(f"algo={algo}", *REQUIRED.get(algo, []))
     tok = hydra.utils.instantiate(cfg.model.tokenizer)
     module = hydra.utils.instantiate(cfg.algo, net=hydra.utils.instantiate(cfg.model.net), tokenizer=tok)
     assert isinstance(module, L.LightningModule)

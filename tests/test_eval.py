@@ -8,10 +8,11 @@ import torch
 
 from tests.helpers import ALGORITHMS, RLVR_RUN, ROOT, attach_trainer, run_cli, short_run
 
-# every algorithm (conf/algo/): a short run that validates twice; RLVR at a high lr, so that the policy moves far enough
-# in 4 steps for its sampled test scores to show it
+# every algorithm (conf/algo/): a short run that validates twice; the sampling ones (RLVR, distillation) at a high lr,
+# so that the policy moves far enough in 4 steps for its sampled test scores to show it
 RUNS = {algo: (short_run(algo)[0] + ["trainer.max_steps=6", "trainer.val_check_interval=3"]
-               + (["trainer.max_steps=4", "data.source.n_test=32", "algo.lr=1e-2"] if algo == "rlvr" else []),
+               + (["trainer.max_steps=4", "data.source.n_test=32", "algo.lr=1e-2"] if algo in ("rlvr", "distill")
+                  else []),
                short_run(algo)[1]) for algo in ALGORITHMS}
 
 

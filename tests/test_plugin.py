@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import ALGORITHMS, ROOT
+from tests.helpers import ALGORITHMS, REQUIRED, REQUIRED_ARGS, ROOT
 
 
 def test_import_genlight_is_light_and_lists_its_api():
@@ -29,8 +29,8 @@ def test_import_genlight_is_light_and_lists_its_api():
     import genlight
 
     assert int(n) == len(genlight.__all__) >= 30
-    for name in ("SFTModule", "DPOModule", "KTOModule", "RewardModelModule", "RLVRModule", "DDPMModule", "LMDataModule",
-                 "ReferenceRefresh", "dpo_loss", "trainer_defaults", "compose"):
+    for name in ("SFTModule", "DPOModule", "KTOModule", "RewardModelModule", "RLVRModule", "DistillModule", "DDPMModule",
+                 "LMDataModule", "ReferenceRefresh", "dpo_loss", "trainer_defaults", "compose"):
         assert name in genlight.__all__
         assert getattr(genlight, name).__module__.startswith("genlight."), name
     with pytest.raises(AttributeError, match="no attribute 'DPOModel'"):
@@ -40,7 +40,7 @@ def test_import_genlight_is_light_and_lists_its_api():
 # --------------------------------------------------------------------------- the Python defaults are the recipe
 # keys the YAML wires from another group (the model's reference, the data's classes, RLVR's reward / rollout / env):
 # they hold what those groups give, not a recipe value
-WIRED = {"ref_pretrained", "num_classes", "reward", "rollout", "env"}
+WIRED = {"ref_pretrained", "num_classes", "reward", "rollout", "env", "teacher"}
 NOT_IN_YAML = {"net", "tokenizer", "lora", "gradient_checkpointing"}  # the model= group's, not the algorithm's
 
 
@@ -50,7 +50,7 @@ def _plain(value):
 
 def _instantiate_pair(cfg_factory, algo: str):
     """The module as the YAML builds it (no overrides) and as Python builds it from the same network, no argument."""
-    cfg = cfg_factory(f"algo={algo}", quick=False)
+    cfg = cfg_factory(f"algo={algo}", *REQUIRED.get(algo, []), quick=False)
     cls = hydra.utils.get_class(cfg.algo._target_)
     tok = hydra.utils.instantiate(cfg.model.tokenizer) if "tokenizer" in cfg.model else None
 
@@ -60,7 +60,7 @@ def _instantiate_pair(cfg_factory, algo: str):
 
     shared = {"tokenizer": tok} if tok is not None else {}
     from_yaml = hydra.utils.instantiate(cfg.algo, net=net(), **shared, _convert_="all")
-    from_python = cls(net=net(), **shared)
+    from_python = cls(net=net(), **shared, **REQUIRED_ARGS.get(algo, {}))
     return cfg, cls, from_yaml, from_python
 
 

@@ -106,7 +106,7 @@ class LMModule(L.LightningModule):
                 raise ValueError(f"tokenizer: required with net={type(net).__name__} (only a checkpoint directory "
                                  "brings its own)")
             tokenizer = load_tokenizer(str(net))
-        self.save_hyperparameters(ignore=["net", "tokenizer", "reward", "rollout", "env"], logger=False)
+        self.save_hyperparameters(ignore=["net", "tokenizer", "teacher", "reward", "rollout", "env"], logger=False)
         self.tokenizer = tokenizer
         # trained in train mode: a checkpoint loads in eval mode (from_pretrained), and Lightning keeps each module's mode
         self.model = policy(self.build_model(net, tokenizer), lora, gradient_checkpointing, self.LORA_TASK).train()

@@ -56,20 +56,22 @@ def check_plain_logits(model, key: str) -> None:
                              "head), which the distillation divergence does not apply: not supported")
 
 
-def _chunk(h_s, w_s, b_s, h_t, w_t, b_t, beta: float, temperature: float) -> torch.Tensor:
+def _chunk(h_s, w_s, b_s, h_t, w_t, b_t, beta: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     log_ps = F.log_softmax(F.linear(h_s.float(), w_s, b_s) / temperature, -1)
     with torch.no_grad():
         log_pt = F.log_softmax(F.linear(h_t.float(), w_t, b_t) / temperature, -1)
-    return token_divergence(log_ps, log_pt, beta)
+        entropy = -(log_ps.exp() * log_ps).sum(-1)  # the student's, at the temperature (TRL's `entropy`)
+    return token_divergence(log_ps, log_pt, beta), entropy
 
 
 def head_divergence(student, h_s: torch.Tensor, teacher, h_t: torch.Tensor, beta: float, temperature: float = 1.0,
-                    chunk_elements: int | None = None) -> torch.Tensor:
+                    chunk_elements: int | None = None, with_entropy: bool = False):
     """The divergence (`token_divergence`) at each position of the student's hidden states `h_s` (N, H_s) and the
     teacher's `h_t` (N, H_t) at the same positions, through each model's own LM head (their widths may differ, their
     vocabularies may not): (N,), with the gradient to `h_s` and the student's head. Positions are taken in chunks of
     at most `chunk_elements` logits (default `LOGITS_CHUNK_ELEMENTS`), each recomputed in the backward, so memory
-    holds one chunk of both models' float32 logits, never the batch's."""
+    holds one chunk of both models' float32 logits, never the batch's. With `with_entropy`: also the student's
+    entropy at each position (N,), without gradient."""
     check_beta(beta)
     if temperature <= 0:
         raise ValueError(f"algo.temperature={temperature}: must be > 0")
@@ -90,7 +92,8 @@ def head_divergence(student, h_s: torch.Tensor, teacher, h_t: torch.Tensor, beta
     b_s, b_t = (None if b is None else b.float() for b in (b_s, b_t))
     n = h_s.size(0)
     if n == 0:
-        return h_s.new_zeros(0, dtype=torch.float32)
+        empty = h_s.new_zeros(0, dtype=torch.float32)
+        return (empty, empty) if with_entropy else empty
     rows = max(1, (chunk_elements or LOGITS_CHUNK_ELEMENTS) // w_s.size(0))
     h_t = h_t.detach()
     with torch.autocast(h_s.device.type, enabled=False):
@@ -98,5 +101,6 @@ def head_divergence(student, h_s: torch.Tensor, teacher, h_t: torch.Tensor, beta
                             use_reentrant=False) if torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad)
                  else _chunk(h_s[s : s + rows], w_s, b_s, h_t[s : s + rows], w_t, b_t, beta, temperature)
                  for s in range(0, n, rows)]
-    return torch.cat(parts)
+    div, entropy = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return (div, entropy.detach()) if with_entropy else div
 

@@ -79,8 +79,8 @@ def extras(cfg: DictConfig) -> None:
         rich.print(tree)
 
 
-def check_required(cfg: DictConfig) -> None:
-    """Fail before any work if a mandatory value (`???`) was not given, naming its key."""
+def missing_keys(cfg: DictConfig) -> list[str]:
+    """The keys whose value is mandatory (`???`) and not given, sorted (Hydra's own settings aside)."""
 
     def walk(node, prefix: str):
         for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
@@ -92,7 +92,12 @@ def check_required(cfg: DictConfig) -> None:
             elif not OmegaConf.is_interpolation(node, key) and OmegaConf.is_config(child := node[key]):
                 yield from walk(child, f"{full}.")
 
-    missing = sorted(walk(cfg, ""))
+    return sorted(walk(cfg, ""))
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Fail before any work if a mandatory value (`???`) was not given, naming its key."""
+    missing = missing_keys(cfg)
     if missing:
         raise ValueError(
             f"missing mandatory config value(s): {', '.join(missing)}; set them on the command line, "

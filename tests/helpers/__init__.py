@@ -71,19 +71,54 @@ DQUICK = [
     "logger=none",
 ]
 
+def teacher_dir() -> Path:
+    """A teacher for on-policy distillation (`teacher.pretrained`): a causal LM sharing the default character
+    tokenizer, twice the default student's width, random weights, saved as an HF directory. Built once per machine
+    (its name holds a hash of the tokenizer's vocabulary) and reused by every test and subprocess."""
+    import hashlib
+    import tempfile
+
+    from genlight.models import char_tokenizer, tiny_llama
+
+    tok = char_tokenizer()
+    key = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"genlight-test-teacher-{key}"
+    if not (path / "config.json").exists():
+        part = Path(tempfile.mkdtemp(dir=tempfile.gettempdir()))
+        tiny_llama(tok, hidden_size=256, num_layers=2, num_heads=4, intermediate_size=512, seed=7).save_pretrained(part)
+        tok.save_pretrained(part)
+        try:
+            part.rename(path)  # atomic: another process may have built it meanwhile
+        except OSError:
+            import shutil
+
+            shutil.rmtree(part, ignore_errors=True)
+    return path
+
+
+TEACHER = teacher_dir()
+
 # Every algorithm, as conf/algo/ lists them: tests that cover each algorithm parametrize over these (a new algorithm
 # is picked up by adding its YAML; nothing lists them by hand).
 ALGORITHMS = tuple(sorted(p.stem for p in (ROOT / "conf" / "algo").glob("*.yaml")))
 
 # What a short run of an algorithm needs beyond `algo=NAME` and the tests' quick settings, where it needs anything:
-# RLVR a verifier a random policy can pass and a few samples; DDPM its own quick settings (not the LM data keys);
+# RLVR a verifier a random policy can pass and a few samples (distillation the same verifier); DDPM its own quick settings (not the LM data keys);
 # TR-DPO a refresh within a few steps. Every other algorithm runs its own defaults with the warm start off.
 SHORT = {
     "rlvr": [o for o in RLVR_RUN if o != "test=false"],
     "ddpm": DQUICK + ["data=toy2d", "data.n_train=1024", "data.n_val=100", "data.n_test=100", "data.batch_size=256",
                       "algo.val_num_samples=50", "algo.test_num_samples=50"],
     "tr_dpo": ["algo=tr_dpo", "warm_start.max_steps=0", "callbacks.reference_refresh.tau=2"],
+    # distillation: the parity verifier too (held-out pass@k a random policy moves)
+    "distill": ["algo=distill", "warm_start.max_steps=0", f"teacher.pretrained={TEACHER}", "reward=custom",
+                "reward.fn._target_=tests.helpers.parity_reward", "algo.truncated_reward=null"],
 }
+
+
+# what an algorithm cannot run without, beyond its YAML (a teacher): as overrides, and as constructor arguments
+REQUIRED = {"distill": [f"teacher.pretrained={TEACHER}"]}
+REQUIRED_ARGS = {"distill": {"teacher": str(TEACHER)}}
 
 
 def is_lm(algo: str) -> bool:
