@@ -5,6 +5,7 @@ and a temperature; the teacher gets no gradient; the chunks change nothing; bad 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,6 +160,11 @@ def test_a_step_minimises_trls_loss_on_the_rows_completions(cfg_factory):
                                           torch.ones(h_s.shape[:2]), 0.5, temperature=2.0)
     want.backward()
     assert float(metrics["train/loss"]) == pytest.approx(want.item(), rel=1e-4)
+    # FLOPs: nothing sampled; the teacher's forward (2 N_t) and the student's training (6 N_s) over every prompt and
+    # completion token once
+    tokens = sum(len(ex["prompt_ids"]) for ex in dm.examples["train"]) + h_s.size(1)
+    n_s, n_t = (sum(p.numel() for p in m.parameters()) for m in (student, teacher))
+    assert float(metrics["train/compute_flops"]) == pytest.approx((2 * n_t + 6 * n_s) * tokens, rel=1e-6)
     assert torch.allclose(grads["embed"], student.model.embed_tokens.weight.grad, atol=1e-7, rtol=1e-4)
     assert grads["embed"].abs().sum() > 0
     module = objs["module"]
@@ -211,6 +217,24 @@ def test_the_student_learns_the_teachers_distribution(cfg_factory, tmp_path, tok
     before, after = measure(start, module), measure(module.model.eval(), module)
     assert after[0] < before[0] / 3, (before, after)
     assert after[1] > before[1] + 0.3, (before, after)
+
+
+def test_the_compute_counts_what_each_micro_batch_encodes(hf_dir):
+    """A micro-batch of whole groups encodes each prompt once for its samples; one that splits a group, once per
+    sample (the prompts are 3 and 5 tokens, 2 samples each, completions 2, 1, 4, 3 tokens)."""
+    from genlight.lightning_modules.distill import encoded_tokens
+    from genlight.models.lm import from_pretrained
+    from genlight.models.tokenizer import load_tokenizer
+
+    model = from_pretrained(load_tokenizer(str(hf_dir)), str(hf_dir))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    lengths = torch.tensor([2, 1, 4, 3])
+    assert encoded_tokens(model, mask, lengths, 2, [(0, 4)]) == 8 + 10
+    assert encoded_tokens(model, mask, lengths, 2, [(0, 2), (2, 4)]) == 8 + 10
+    assert encoded_tokens(model, mask, lengths, 2, [(0, 3), (3, 4)]) == (3 + 3 + 5) + 5 + 10
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # transformers drops the shared cache: every sample encodes its prompt
+    assert encoded_tokens(model, mask, lengths, 2, [(0, 4)]) == 16 + 10
 
 
 def test_lmbda_mixes_the_steps_deterministically(cfg_factory):
@@ -269,7 +293,11 @@ def test_bad_teachers_and_options_stop_before_work(cfg_factory, tmp_path, tokeni
                               ("temperature", 0.0, r"algo.temperature=0.0")):
         with pytest.raises(ValueError, match=match):
             DistillModule(net, tokenizer, teacher=str(TEACHER), **{key: value})
-    # through train.py: no teacher named, a teacher that is not there
+    # through train.py: no teacher named, a teacher that is not there, an option out of range: before the warm start
+    cfg = cfg_factory("algo=distill", f"teacher.pretrained={TEACHER}", "algo.lmbda=1.5")
+    with pytest.raises(ValueError, match=r"algo.lmbda=1.5: the fraction of on-policy steps must be in \[0, 1\]"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "sft_init").exists()  # the warm start never ran
     with pytest.raises(ValueError, match=r"missing mandatory config value\(s\): teacher.pretrained"):
         train(cfg_factory("algo=distill"))
     with pytest.raises(FileNotFoundError, match="teacher.pretrained='/nonexistent'"):

@@ -56,6 +56,39 @@ def check_teacher(teacher: PreTrainedModel, student: PreTrainedModel, tokenizer,
     check_plain_logits(teacher, "teacher.pretrained")
 
 
+def check_options(*, lmbda: float, beta: float, temperature: float, num_generations: int,
+                  micro_batch_size: int | None, multi_turn: bool) -> None:
+    """The options' ranges (from the constructor, and from the config before the warm start)."""
+    check_beta(beta)
+    if not 0.0 <= lmbda <= 1.0:
+        raise ValueError(f"algo.lmbda={lmbda}: the fraction of on-policy steps must be in [0, 1]")
+    if temperature <= 0:
+        raise ValueError(f"algo.temperature={temperature}: must be > 0")
+    if num_generations < 1:
+        raise ValueError(f"algo.num_generations={num_generations}: must be >= 1")
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"algo.micro_batch_size={micro_batch_size}: must be >= 1 sample (or null: the whole step)")
+    if multi_turn and lmbda < 1:
+        raise ValueError(f"algo.lmbda={lmbda} with env: a multi-turn episode has no dataset completion to train on "
+                         "off-policy; set algo.lmbda=1.0")
+
+
+def encoded_tokens(model, prompt_mask: torch.Tensor, lengths: torch.Tensor, g: int,
+                   ranges: list[tuple[int, int]]) -> int:
+    """The tokens a training pass over micro-batches `ranges` runs through `model`: a micro-batch of whole groups
+    encodes each prompt once for its samples, one that splits a group (or gradient checkpointing, which drops the
+    shared cache) once per sample; every completion token once (`completion_hidden`)."""
+    from genlight.models.lm import causal_lm
+
+    per_prompt = prompt_mask.sum(-1).tolist()
+    once = g == 1 or not (causal_lm(model).is_gradient_checkpointing and model.training)
+    total = int(lengths.sum())
+    for s, e in ranges:
+        whole = s % g == 0 and e % g == 0 and once
+        total += sum(per_prompt[s // g : e // g]) if whole else sum(per_prompt[i // g] for i in range(s, e))
+    return total
+
+
 class DistillModule(SamplingModule):
     DASHBOARD = [  # the W&B workspace's sections (sweeps/dashboard.py)
         ("Distillation", [
@@ -123,18 +156,8 @@ class DistillModule(SamplingModule):
                          lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
                          min_lr_ratio=min_lr_ratio, max_new_tokens=max_new_tokens,
                          num_logged_samples=num_logged_samples, lora=lora, gradient_checkpointing=gradient_checkpointing)
-        check_beta(beta)
-        if not 0.0 <= lmbda <= 1.0:
-            raise ValueError(f"algo.lmbda={lmbda}: the fraction of on-policy steps must be in [0, 1]")
-        if temperature <= 0:
-            raise ValueError(f"algo.temperature={temperature}: must be > 0")
-        if num_generations < 1:
-            raise ValueError(f"algo.num_generations={num_generations}: must be >= 1")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"algo.micro_batch_size={micro_batch_size}: must be >= 1 sample (or null: the whole step)")
-        if env is not None and lmbda < 1:
-            raise ValueError(f"algo.lmbda={lmbda} with env: a multi-turn episode has no dataset completion to train on "
-                             "off-policy; set algo.lmbda=1.0")
+        check_options(lmbda=lmbda, beta=beta, temperature=temperature, num_generations=num_generations,
+                      micro_batch_size=micro_batch_size, multi_turn=env is not None)
         path = getattr(teacher, "keywords", {}).get("path") if not isinstance(teacher, (str, Path)) else str(teacher)
         model = language_model(teacher, self.tokenizer)
         check_teacher(model, self.model, self.tokenizer, path)
@@ -153,7 +176,9 @@ class DistillModule(SamplingModule):
                              "sharing the student's tokenizer, e.g. the hf/ export of `python train.py algo=rlvr`)")
         if not Path(path).is_dir():
             raise FileNotFoundError(f"teacher.pretrained={path!r} is not a directory holding an HF checkpoint")
-        check_beta(cfg.algo.beta)
+        a = cfg.algo
+        check_options(lmbda=a.lmbda, beta=a.beta, temperature=a.temperature, num_generations=a.num_generations,
+                      micro_batch_size=a.micro_batch_size, multi_turn=a.get("env") is not None)
         SamplingModule.check_config(cfg)
 
     def frozen_models(self) -> list[torch.nn.Module]:
@@ -237,26 +262,30 @@ class DistillModule(SamplingModule):
             div_sum, ent_sum = div_sum + div.detach().sum(), ent_sum + ent.sum()
         opt.step()  # clipped in `on_before_optimizer_step`
         self.lr_schedulers().step()
-        self.log_step(batch, roll, texts, on_policy, div_sum, ent_sum, t_gen)
+        trained = [encoded_tokens(m, batch["prompt_attention_mask"], roll.lengths, g, ranges)
+                   for m in (self.model, self.teacher)]
+        self.log_step(batch, roll, texts, on_policy, (div_sum, ent_sum), trained, t_gen)
         return div_sum / n_tokens
 
-    def log_step(self, batch: dict, roll: Rollout, texts: list[str] | None, on_policy: bool, div_sum: torch.Tensor,
-                 ent_sum: torch.Tensor, t_gen: float) -> None:
+    def log_step(self, batch: dict, roll: Rollout, texts: list[str] | None, on_policy: bool,
+                 sums: tuple[torch.Tensor, torch.Tensor], trained: list[int], t_gen: float) -> None:
         """The step's metrics over every process, in TRL's `DistillationTrainer` names where it has them (`loss`: the
         mean divergence per completion token; `entropy`; `completions/*`), the FLOPs counted (the student's sampling
-        and training, the teacher's forward pass) and, on sampled steps, the verifier's pass rate."""
+        and training, the teacher's forward pass, over the tokens each encoded: `trained`) and, on sampled steps, the
+        verifier's pass rate."""
+        div_sum, ent_sum = sums
         b = len(batch["prompts"])
         lengths, m = roll.loss_mask.sum(-1).float(), roll.loss_mask
-        n_prompt = batch["prompt_attention_mask"].sum().float()
+        n_prompt = batch["prompt_attention_mask"].sum().float()  # prefilled once per prompt by the engine
         local = torch.stack([div_sum, ent_sum, m.sum().float(), lengths.new_tensor(float(lengths.numel())),
-                             lengths.sum(), roll.truncated.float().sum(), n_prompt, roll.lengths.sum().float()])
+                             lengths.sum(), roll.truncated.float().sum(), n_prompt + roll.lengths.sum().float(),
+                             lengths.new_tensor(float(trained[0])), lengths.new_tensor(float(trained[1]))])
         extremes = torch.stack([lengths.min(), -lengths.max()])
         all_ = gather(self, torch.cat([local.double(), extremes.double()]).view(1, -1))
         tot, lo = all_[:, : local.numel()].sum(0), all_[:, local.numel() :].min(0).values
-        div, ent, n_tok, n_seq, len_sum, n_cut, n_p, n_c = tot.tolist()
-        tokens = n_p + n_c  # each prompt encoded once for its samples
-        self.compute += (2 * self.n_params * tokens * on_policy  # the student samples
-                         + 2 * self.n_teacher * tokens + 6 * self.n_params * tokens)  # the teacher scores, the student trains
+        div, ent, n_tok, n_seq, len_sum, n_cut, sampled, student, teacher = tot.tolist()
+        self.compute += (2 * self.n_params * sampled * on_policy  # the student samples (a prompt prefilled once)
+                         + 2 * self.n_teacher * teacher + 6 * self.n_params * student)  # the teacher scores, the student trains
         self.samples += int(n_seq) if on_policy else 0
         log = {"loss": div / max(n_tok, 1), "entropy": ent / max(n_tok, 1), "on_policy": float(on_policy),
                "completions/mean_length": len_sum / max(n_seq, 1), "completions/min_length": float(lo[0]),
