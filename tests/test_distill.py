@@ -221,20 +221,22 @@ def test_the_student_learns_the_teachers_distribution(cfg_factory, tmp_path, tok
 
 def test_the_compute_counts_what_each_micro_batch_encodes(hf_dir):
     """A micro-batch of whole groups encodes each prompt once for its samples; one that splits a group, once per
-    sample (the prompts are 3 and 5 tokens, 2 samples each, completions 2, 1, 4, 3 tokens)."""
-    from genlight.lightning_modules.distill import encoded_tokens
+    sample (the prompts are 3 and 5 tokens, 2 samples each, completions 2, 1, 4, 3 tokens); so does a model trained
+    under gradient checkpointing (no shared cache)."""
     from genlight.models.lm import from_pretrained
     from genlight.models.tokenizer import load_tokenizer
+    from genlight.rl.rollouts import encoded_tokens, shares_prompt_cache
 
-    model = from_pretrained(load_tokenizer(str(hf_dir)), str(hf_dir))
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     lengths = torch.tensor([2, 1, 4, 3])
-    assert encoded_tokens(model, mask, lengths, 2, [(0, 4)]) == 8 + 10
-    assert encoded_tokens(model, mask, lengths, 2, [(0, 2), (2, 4)]) == 8 + 10
-    assert encoded_tokens(model, mask, lengths, 2, [(0, 3), (3, 4)]) == (3 + 3 + 5) + 5 + 10
+    assert encoded_tokens(mask, lengths, 2, [(0, 4)]) == 8 + 10
+    assert encoded_tokens(mask, lengths, 2, [(0, 2), (2, 4)]) == 8 + 10
+    assert encoded_tokens(mask, lengths, 2, [(0, 3), (3, 4)]) == (3 + 3 + 5) + 5 + 10
+    assert encoded_tokens(mask, lengths, 2, [(0, 4)], shared_cache=False) == 16 + 10
+    model = from_pretrained(load_tokenizer(str(hf_dir)), str(hf_dir)).train()
+    assert shares_prompt_cache(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # transformers drops the shared cache: every sample encodes its prompt
-    assert encoded_tokens(model, mask, lengths, 2, [(0, 4)]) == 16 + 10
+    assert not shares_prompt_cache(model) and shares_prompt_cache(model.eval())
 
 
 def test_lmbda_mixes_the_steps_deterministically(cfg_factory):

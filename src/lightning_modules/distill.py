@@ -35,7 +35,7 @@ from genlight.models.lm import language_model
 from genlight.models.logps import completion_hidden
 from genlight.models.rollout import Rollout, RolloutEngine
 from genlight.models.tokenizer import load_tokenizer
-from genlight.rl.rollouts import gather, micro_batch, plan, sample
+from genlight.rl.rollouts import encoded_tokens, gather, micro_batch, plan, sample, shares_prompt_cache
 
 
 def check_teacher(teacher: PreTrainedModel, student: PreTrainedModel, tokenizer, path: str | None) -> None:
@@ -71,22 +71,6 @@ def check_options(*, lmbda: float, beta: float, temperature: float, num_generati
     if multi_turn and lmbda < 1:
         raise ValueError(f"algo.lmbda={lmbda} with env: a multi-turn episode has no dataset completion to train on "
                          "off-policy; set algo.lmbda=1.0")
-
-
-def encoded_tokens(model, prompt_mask: torch.Tensor, lengths: torch.Tensor, g: int,
-                   ranges: list[tuple[int, int]]) -> int:
-    """The tokens a training pass over micro-batches `ranges` runs through `model`: a micro-batch of whole groups
-    encodes each prompt once for its samples, one that splits a group (or gradient checkpointing, which drops the
-    shared cache) once per sample; every completion token once (`completion_hidden`)."""
-    from genlight.models.lm import causal_lm
-
-    per_prompt = prompt_mask.sum(-1).tolist()
-    once = g == 1 or not (causal_lm(model).is_gradient_checkpointing and model.training)
-    total = int(lengths.sum())
-    for s, e in ranges:
-        whole = s % g == 0 and e % g == 0 and once
-        total += sum(per_prompt[s // g : e // g]) if whole else sum(per_prompt[i // g] for i in range(s, e))
-    return total
 
 
 class DistillModule(SamplingModule):
@@ -262,8 +246,8 @@ class DistillModule(SamplingModule):
             div_sum, ent_sum = div_sum + div.detach().sum(), ent_sum + ent.sum()
         opt.step()  # clipped in `on_before_optimizer_step`
         self.lr_schedulers().step()
-        trained = [encoded_tokens(m, batch["prompt_attention_mask"], roll.lengths, g, ranges)
-                   for m in (self.model, self.teacher)]
+        trained = [encoded_tokens(batch["prompt_attention_mask"], roll.lengths, g, ranges, shared)
+                   for shared in (shares_prompt_cache(self.model), True)]  # the student's pass, the teacher's
         self.log_step(batch, roll, texts, on_policy, (div_sum, ent_sum), trained, t_gen)
         return div_sum / n_tokens
 

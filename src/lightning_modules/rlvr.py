@@ -74,11 +74,13 @@ from genlight.rl.loss import (
 from genlight.rl.recipe import check_recipe, check_retirement
 from genlight.rl.rollouts import (
     across_processes,
+    encoded_tokens,
     gather,
     micro_batch,
     plan,
     sample,
     sampled_logps,
+    shares_prompt_cache,
 )
 
 
@@ -267,7 +269,9 @@ class RLVRModule(SamplingModule):
         adv, keep, zv_all = self.advantages(r_train, r, lengths)  # `algo.advantage`'s; the zero-variance filter
         self.retire(batch, passed)  # no-positive resampling
         loss, stats, entropy, t_train = self.policy_update(batch, roll, adv, keep, ranges, ref_logp, old_logp)
-        self.log_step(batch, roll, texts, r, passed, zv_all, errors, loss, stats, entropy, t_gen, t_train)
+        trained = encoded_tokens(batch["prompt_attention_mask"], roll.lengths, r.size(1), ranges,
+                                 shares_prompt_cache(self.model))
+        self.log_step(batch, roll, texts, (r, passed, zv_all, errors), (loss, stats, entropy, trained), (t_gen, t_train))
         return loss
 
     @torch.no_grad()
@@ -367,16 +371,24 @@ class RLVRModule(SamplingModule):
         (`loss_agg=constant` divides by it, as TRL's dr_grpo by max_completion_length)."""
         return self.env.max_tokens if self.env is not None else self.hparams.max_new_tokens
 
-    def log_step(self, batch, roll, texts, r, passed, zv_all, errors, loss, stats, entropy, t_gen, t_train) -> None:
+    def log_step(self, batch: dict, roll: Rollout, texts: list[str], scores: tuple, update: tuple,
+                 times: tuple[float, float]) -> None:
+        """The step's metrics: `scores` (rewards, passes, the batch's zero-variance groups, verifier errors), `update`
+        (loss, ratio statistics, entropy, the tokens the policy update encoded) and `times` (sampling, training)."""
+        r, passed, zv_all, errors = scores
+        loss, stats, entropy, trained = update
+        t_gen, t_train = times
         b, g = r.shape
         n_gen = int(roll.lengths.sum())
         n_prompt = int(batch["prompt_attention_mask"].sum())
-        n_train = n_prompt + n_gen  # each prompt is encoded once for its G samples
+        n_train = n_prompt + n_gen  # each prompt is encoded once for its G samples (a whole group's micro-batch)
         # the step's compute is every process's tokens (their completion lengths differ): summed, so every process
-        # holds the same count (the ScaleRL curve's x-axis)
-        counts = gather(self, torch.tensor([[n_prompt, n_gen, b * g]], device=self.device)).sum(0).tolist()
-        tokens = counts[0] + counts[1]  # prefilled once per prompt + generated; trained: the same tokens
-        self.count_compute(tokens, forward=2 if self.hparams.recompute_gen_logps else 1, trained=1)  # + pi_old's
+        # holds the same count (the ScaleRL curve's x-axis). The sampler prefills each prompt once for its samples;
+        # the update (and pi_old's recomputation) encodes what its micro-batches hold (`encoded_tokens`)
+        counts = gather(self, torch.tensor([[n_prompt + n_gen, trained, b * g]], device=self.device)).sum(0).tolist()
+        sampled, trained = counts[0], counts[1]
+        self.compute += float(2 * self.n_params * sampled + 6 * self.n_params * trained
+                              + (2 * self.n_params * trained if self.hparams.recompute_gen_logps else 0))  # pi_old's
         self.samples += counts[2]
         m = roll.loss_mask
         log = {

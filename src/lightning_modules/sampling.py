@@ -123,11 +123,6 @@ class SamplingModule(LMModule):
         """Sampling noise as a function of (seed, stage, step, rank): a resumed run draws the same."""
         return sampling_generator(self.hparams.seed, stage, step, self.global_rank, self.device)
 
-    def count_compute(self, tokens: int, forward: int, trained: int) -> None:
-        """Add a step's model FLOPs: `tokens` (prompt + completion tokens of every process) run `forward` times
-        forward through a model of the policy's size and trained `trained` times (2 N a token forward, 6 N trained)."""
-        self.compute += float((2 * forward + 6 * trained) * self.n_params * tokens)
-
     def score(self, batch: dict, texts: list[str], roll: Rollout) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(B, n) rewards and passes of the n samples of each prompt (`score_samples`), and the verifier's errors:
         one definition for train/pass_rate, val/pass@k and eval.py's."""

@@ -16,7 +16,7 @@ from genlight.envs.episodes import (
     reset_groups,
     run_episodes,
 )
-from genlight.models.lm import check_positions
+from genlight.models.lm import causal_lm, check_positions
 from genlight.models.logps import completion_logps
 from genlight.models.rollout import Rollout, RolloutEngine
 from genlight.rewards import passes, score
@@ -131,6 +131,27 @@ def micro_batch(batch: dict, roll: Rollout, g: int, s: int, e: int, temperature:
     cmask = roll.completion_mask[s:e]
     t = max(int(cmask.sum(-1).max()), 1)
     return ids[:, first:], pmask[:, first:], roll.completion_ids[s:e, :t], cmask[:, :t], temperature, group
+
+
+def shares_prompt_cache(model) -> bool:
+    """Whether a training pass through `model` encodes a group's prompt once for its samples (`completion_hidden`):
+    not under gradient checkpointing while it trains (transformers drops the shared cache)."""
+    return not (causal_lm(model).is_gradient_checkpointing and model.training)
+
+
+def encoded_tokens(prompt_mask: torch.Tensor, lengths: torch.Tensor, g: int, ranges: list[tuple[int, int]],
+                   shared_cache: bool = True) -> int:
+    """The tokens a pass over micro-batches `ranges` runs through a model (its FLOPs: 2 N a token forward, 6 N
+    trained): a micro-batch of whole groups encodes each prompt once for its `g` samples (with `shared_cache`), one
+    that splits a group once per sample; every completion token once."""
+    per_prompt = prompt_mask.sum(-1).tolist()
+    total = int(lengths.sum())
+    for s, e in ranges:
+        if s % g == 0 and e % g == 0 and (shared_cache or g == 1):
+            total += sum(per_prompt[s // g : e // g])
+        else:
+            total += sum(per_prompt[i // g] for i in range(s, e))
+    return total
 
 
 @torch.no_grad()
