@@ -19,7 +19,7 @@ imports our stack, and a lower bound: the imports + weights + gradients + Adam's
 - DPO: 8 pairs, each prompt + completion 512 tokens, one step, the reference a frozen copy on both sides (TRL
   precomputes nothing: precompute_ref_log_probs=False). TRL DPOTrainer, batch 8.
 - On-policy distillation: 8 prompts x 1 sample x 128 new tokens, one step, reverse KL (beta 1), the teacher a Qwen2
-  of the same vocabulary twice as wide with 4 layers (TEACHER, 40.7 M parameters), fp32. Ours: algo=distill. TRL 1.16
+  of the same vocabulary twice as wide with 4 layers (TEACHER, 42.7 M parameters), fp32. Ours: algo=distill. TRL 1.16
   DistillationTrainer, batch 8, max_completion_length 128. Both with gradient checkpointing off (TRL's default is on:
   measured too, against ours with model.gradient_checkpointing=true).
 """
