@@ -6,7 +6,8 @@ what sampling them cost.
 The prompts are the train split of the data the overrides compose (default: the embedded arithmetic task), rendered
 as training renders them; each gets `--samples` completions from the teacher (HF engine, `--max-new-tokens` as
 algo.max_new_tokens), written as `{"prompt", "completion"}` rows for `algo=sft data=jsonl_sft`. Completions the
-budget cut (no <eos>) are dropped, as an SFT row needs its end. Prints the sampling FLOPs (2 N a token, the prompt's
+budget cut (no <eos>) are dropped, as an SFT row needs its end, and so are empty ones (<eos> first: an SFT row needs a
+completion). Prints the sampling FLOPs (2 N a token, the prompt's
 and the completion's) so a learning table can charge them to the SFT run.
 """
 
@@ -48,7 +49,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in teacher.parameters())
     engine = HFRollout(teacher, tok.eos_token_id, tok.pad_token_id)
     gen = torch.Generator().manual_seed(a.seed)
-    rows, tokens, cut = [], 0, 0
+    rows, tokens, cut, empty = [], 0, 0, 0
     with torch.no_grad():
         for s in range(0, len(examples), a.batch):
             part = examples[s : s + a.batch]
@@ -62,9 +63,12 @@ def main() -> None:
                 if roll.truncated[i]:
                     cut += 1
                     continue
+                if not text.strip():
+                    empty += 1
+                    continue
                 rows.append({"prompt": part[i // a.samples]["prompt"], "completion": text})
     Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(json.dumps({"rows": len(rows), "cut": cut, "tokens": tokens, "sampling_flops": 2.0 * n_params * tokens,
+    print(json.dumps({"rows": len(rows), "cut": cut, "empty": empty, "tokens": tokens, "sampling_flops": 2.0 * n_params * tokens,
                       "teacher_params": n_params}))
 
 
