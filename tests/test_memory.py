@@ -256,7 +256,8 @@ def test_rlvr_micro_batch_plan_fits_the_budget_and_refuses_what_cannot_fit(cfg_f
         train_with(cfg_factory(*MICRO_RUN, "algo.micro_batch_size=0"))
     with pytest.raises(InstantiationException, match=r"algo.max_tokens_per_micro_batch=4 cannot hold one sample"):
         train_with(cfg_factory(*MICRO_RUN, "algo.max_tokens_per_micro_batch=4"))
-    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2: RLVRModule takes one optimizer step .*micro_batch_size"):
+    with pytest.raises(ValueError,
+                       match=r"accumulate_grad_batches=2: RLVRModule takes one optimizer step .*micro_batch_size"):
         train_with(cfg_factory(*MICRO_RUN, "trainer.accumulate_grad_batches=2"))
 
 
