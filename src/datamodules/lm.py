@@ -137,6 +137,12 @@ def prompt_text(row: dict, tokenizer, where: str) -> tuple[str, str, bool]:
 
 
 # --------------------------------------------------------------------------- text -> ids
+def completion_ids(tokenizer, text: str) -> list[int]:
+    """A completion's ids as training sees them: its text without specials, then <eos> (where the tokenizer has one)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
 class Tokenized:
     """Tokenizes prompts and completions; enforces `max_length` (error, or counted truncation)."""
 
@@ -151,8 +157,7 @@ class Tokenized:
         return self.tok(text, add_special_tokens=not templated)["input_ids"]
 
     def completion(self, text: str) -> list[int]:
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        return ids + ([self.tok.eos_token_id] if self.tok.eos_token_id is not None else [])
+        return completion_ids(self.tok, text)
 
     def fit(self, prompt: list[int], completion: list[int], where: str) -> list[int]:
         """The completion, cut so that prompt + completion <= max_length (or an error)."""

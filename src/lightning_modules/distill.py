@@ -28,6 +28,7 @@ import torch
 from transformers import PreTrainedModel
 
 from genlight.callbacks.wandb_axes import STEP
+from genlight.datamodules.lm import completion_ids, pad
 from genlight.envs.tools import EnvSpec
 from genlight.lightning_modules.sampling import SamplingModule
 from genlight.models.divergence import check_beta, check_plain_logits, head_divergence
@@ -200,17 +201,12 @@ class DistillModule(SamplingModule):
                 raise ValueError(f"algo.lmbda={self.hparams.lmbda} trains off-policy steps on each row's 'completion' "
                                  f"column, which train row {int(batch['index'][i])} does not have as text "
                                  f"(columns: {sorted(columns)}); add it, or set algo.lmbda=1.0 (on-policy only)")
-            row = tok(columns["completion"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+            row = completion_ids(tok, columns["completion"])
             ids.append(row[:cap])
             cut.append(len(row) > cap)
-        width = max(len(r) for r in ids)
-        out = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(ids), width, dtype=torch.bool)
-        for i, r in enumerate(ids):
-            out[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
         device = batch["prompt_input_ids"].device
-        return Rollout(out.to(device), mask.to(device), torch.zeros(mask.shape, device=device),
-                       torch.tensor(cut, device=device))
+        out, mask = pad(ids, tok.pad_token_id).to(device), pad([[1] * len(r) for r in ids], 0).bool().to(device)
+        return Rollout(out, mask, torch.zeros(mask.shape, device=device), torch.tensor(cut, device=device))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
