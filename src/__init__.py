@@ -31,6 +31,7 @@ _EXPORTS = {
     "KTOModule": "genlight.lightning_modules.kto",
     "RewardModelModule": "genlight.lightning_modules.reward_model",
     "RLVRModule": "genlight.lightning_modules.rlvr",
+    "Recipe": "genlight.rl.recipe",  # RLVRModule's options as one typed object
     "DistillModule": "genlight.lightning_modules.distill",
     "DDPMModule": "genlight.lightning_modules.ddpm",
     # their losses, usable alone

@@ -5,6 +5,7 @@ with nothing else changed."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 
@@ -165,6 +166,41 @@ def test_unknown_names_stop_listing_the_registered_ones(cfg_factory):
     for key, bad in (("algo.advantage", "rlooo"), ("algo.loss_type", "ppo")):  # before any work: the config's check
         with pytest.raises(ValueError, match=f"{key}='{bad}'"):
             RLVRModule.check_config(cfg_factory(*RLVR_RUN, f"{key}={bad}"))
+
+
+def test_the_recipe_is_one_typed_object_checked_when_built_and_recorded_flat(tokenizer):
+    """`RLVRModule` takes the recipe as a `Recipe` and/or its fields by keyword (the YAML's flat keys, over the
+    object's); the module's hyper-parameters (what a checkpoint rebuilds it from) hold the resolved values, flat."""
+    from genlight import Recipe, RLVRModule, tiny_llama
+
+    def net():
+        return tiny_llama(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+
+    module = RLVRModule(net(), tokenizer, recipe=Recipe(loss_type="grpo", clip_high=0.28, is_correction="tis"),
+                        clip_high=0.3, generation_lag=0, lr=3e-4)
+    r = module.recipe
+    assert (r.loss_type, r.clip_high, r.generation_lag, r.advantage) == ("grpo", 0.3, 0, "scalerl")
+    # the nulls resolved: the place's own KL estimator, tis's upper bound, pi_old recomputed for the correction
+    assert (r.kl_estimator, r.is_cap_high, r.recompute_gen_logps) == ("k3", 2.0, True)
+    assert "recipe" not in module.hparams and module.hparams.lr == 3e-4
+    assert {k: module.hparams[k] for k in dataclasses.asdict(r)} == dataclasses.asdict(r)
+    again = RLVRModule(net(), tokenizer, **module.hparams)  # as load_from_checkpoint rebuilds it
+    assert again.recipe == r
+    # the options apply over the recipe as given, its nulls resolved after: another correction's bounds, not tis's
+    mixed = RLVRModule(net(), tokenizer, recipe=Recipe(is_correction="tis"), is_correction="icepop").recipe
+    assert (mixed.is_cap_low, mixed.is_cap_high, mixed.recompute_gen_logps) == (0.5, 5.0, True)
+    plain = RLVRModule(net(), tokenizer, recipe=Recipe(is_correction="tis"), is_correction=None).recipe
+    assert (plain.is_cap_high, plain.recompute_gen_logps) == (None, False)
+    with pytest.raises(ValueError, match="algo.reward=1.0: a verifier is required"):
+        RLVRModule(net(), tokenizer, reward=1.0)
+    with pytest.raises(TypeError, match=r"unknown options \['clip_hi'\]"):
+        RLVRModule(net(), tokenizer, clip_hi=0.3)
+    with pytest.raises(ValueError, match="algo.clip_low=1.0"):
+        Recipe(clip_low=1.0)
+    with pytest.raises(ValueError, match="algo.micro_batch_size=0"):
+        Recipe(micro_batch_size=0)
+    with pytest.raises(ValueError, match="algo.kl_estimator=k1 as a loss term"):
+        Recipe(kl_estimator="k1")
 
 
 def halved_rloo(rewards, keep, lengths):

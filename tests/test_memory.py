@@ -249,10 +249,10 @@ def test_rlvr_micro_batch_plan_fits_the_budget_and_refuses_what_cannot_fit(cfg_f
     # samples 0 and 3 are 3 + 5 = 8 tokens; sample 5 is 4 + 5 = 9
     with pytest.raises(ValueError, match=r"algo.max_tokens_per_micro_batch=8 cannot hold sample 5 .*4 prompt \+ 5"):
         plan(module, prompt_mask, lengths, 4, hp.micro_batch_size, 8)
-    # what a bad key raises at instantiation, with its message kept
+    # what a bad key raises: from the config before any work (the recipe), or at instantiation, its message kept
     from hydra.errors import InstantiationException
 
-    with pytest.raises(InstantiationException, match="algo.micro_batch_size=0: must be >= 1"):
+    with pytest.raises(ValueError, match="algo.micro_batch_size=0: must be >= 1"):
         train_with(cfg_factory(*MICRO_RUN, "algo.micro_batch_size=0"))
     with pytest.raises(InstantiationException, match=r"algo.max_tokens_per_micro_batch=4 cannot hold one sample"):
         train_with(cfg_factory(*MICRO_RUN, "algo.max_tokens_per_micro_batch=4"))

@@ -4,6 +4,7 @@ checked, and the wheel installed and used from a directory with its own `src/` p
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import shutil
@@ -17,6 +18,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from genlight.rl.recipe import Recipe
 from tests.helpers import ALGORITHMS, REQUIRED, REQUIRED_ARGS, ROOT
 
 
@@ -68,8 +70,11 @@ def _instantiate_pair(cfg_factory, algo: str):
 def test_the_python_defaults_are_the_yaml_recipe(cfg_factory, algo):
     cfg, cls, from_yaml, from_python = _instantiate_pair(cfg_factory, algo)
     yaml_algo = cfg.algo
-    params = inspect.signature(cls.__init__).parameters
-    knobs = [k for k in params if k not in ("self", *NOT_IN_YAML)]
+    params = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+              if p.kind is not p.VAR_KEYWORD and k not in ("self", "recipe")}
+    if "recipe" in inspect.signature(cls.__init__).parameters:  # its fields are keyword options (RLVRModule's)
+        params |= {f.name: f.default for f in dataclasses.fields(Recipe)}
+    knobs = [k for k in params if k not in NOT_IN_YAML]
     missing = [k for k in knobs if k not in yaml_algo]
     assert not missing, f"conf/algo/{algo}.yaml does not show these constructor arguments: {missing}"
     unknown = [k for k in yaml_algo if k != "_target_" and k not in params]
@@ -79,8 +84,8 @@ def test_the_python_defaults_are_the_yaml_recipe(cfg_factory, algo):
         if k in WIRED:
             continue
         yaml_value = OmegaConf.to_container(yaml_algo, resolve=True)[k]
-        if _plain(params[k].default) != yaml_value:
-            differ[k] = (params[k].default, yaml_value)
+        if _plain(params[k]) != yaml_value:
+            differ[k] = (params[k], yaml_value)
     assert not differ, f"{cls.__name__}'s defaults differ from conf/algo/{algo}.yaml (python, yaml): {differ}"
     # and what each builds holds the same hyper-parameters (including what the module derives from them)
     hy = {k: _plain(v) for k, v in from_yaml.hparams.items() if k not in WIRED}

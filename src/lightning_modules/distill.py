@@ -36,7 +36,15 @@ from genlight.models.lm import language_model
 from genlight.models.logps import completion_hidden
 from genlight.models.rollout import Rollout, RolloutEngine
 from genlight.models.tokenizer import load_tokenizer
-from genlight.rl.rollouts import encoded_tokens, gather, micro_batch, plan, sample, shares_prompt_cache
+from genlight.rl.rollouts import (
+    check_micro_batches,
+    encoded_tokens,
+    gather,
+    micro_batch,
+    plan,
+    sample,
+    shares_prompt_cache,
+)
 
 
 def check_teacher(teacher: PreTrainedModel, student: PreTrainedModel, tokenizer, path: str | None) -> None:
@@ -67,8 +75,7 @@ def check_options(*, lmbda: float, beta: float, temperature: float, num_generati
         raise ValueError(f"algo.temperature={temperature}: must be > 0")
     if num_generations < 1:
         raise ValueError(f"algo.num_generations={num_generations}: must be >= 1")
-    if micro_batch_size is not None and micro_batch_size < 1:
-        raise ValueError(f"algo.micro_batch_size={micro_batch_size}: must be >= 1 sample (or null: the whole step)")
+    check_micro_batches(micro_batch_size)
     if multi_turn and lmbda < 1:
         raise ValueError(f"algo.lmbda={lmbda} with env: a multi-turn episode has no dataset completion to train on "
                          "off-policy; set algo.lmbda=1.0")
@@ -143,6 +150,7 @@ class DistillModule(SamplingModule):
                          num_logged_samples=num_logged_samples, lora=lora, gradient_checkpointing=gradient_checkpointing)
         check_options(lmbda=lmbda, beta=beta, temperature=temperature, num_generations=num_generations,
                       micro_batch_size=micro_batch_size, multi_turn=env is not None)
+        self.check_micro_batches(micro_batch_size, max_tokens_per_micro_batch)
         path = getattr(teacher, "keywords", {}).get("path") if not isinstance(teacher, (str, Path)) else str(teacher)
         model = language_model(teacher, self.tokenizer)
         check_teacher(model, self.model, self.tokenizer, path)

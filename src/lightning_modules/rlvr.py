@@ -38,6 +38,7 @@ Logits and log-softmax are float32 at the LM head, even under bf16 mixed precisi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -45,35 +46,26 @@ import torch
 from transformers import PreTrainedModel
 
 from genlight.callbacks.wandb_axes import STEP
-from genlight.envs.episodes import (
-    Episodes,
-)
+from genlight.envs.episodes import Episodes
 from genlight.envs.tools import EnvSpec
 from genlight.lightning_modules.sampling import SamplingModule
 from genlight.models.logps import completion_logps
 from genlight.models.rollout import Rollout, RolloutEngine
-from genlight.rl.advantages import (
-    check_advantage,
-    compute_advantages,
-    kl_penalised_rewards,
-    zero_variance,
-)
+from genlight.rl.advantages import kl_penalised_rewards
 from genlight.rl.loss import (
     LossOptions,
-    check_is_correction,
-    check_policy_loss,
     count_units,
     is_weights,
-    kl_options,
     kl_place,
     loss_groups,
     ratio_stats,
     rlvr_loss,
     token_weights,
 )
-from genlight.rl.recipe import check_recipe, check_retirement
+from genlight.rl.recipe import Recipe, check_retirement
 from genlight.rl.rollouts import (
     across_processes,
+    batch_advantages,
     encoded_tokens,
     gather,
     micro_batch,
@@ -119,37 +111,7 @@ class RLVRModule(SamplingModule):
         reward: Callable | None = None,
         rollout: Callable[..., RolloutEngine] | None = None,
         env: EnvSpec | None = None,
-        num_generations: int = 8,
-        max_new_tokens: int = 8,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        loss_type: str = "cispo",
-        loss_agg: str = "prompt",
-        advantage: str = "scalerl",
-        epsilon: float = 5.0,
-        clip_low: float = 0.2,
-        clip_high: float = 0.2,
-        beta: float = 0.0,
-        kl_in: str = "loss",
-        kl_estimator: str | None = None,
-        ref_pretrained: str | None = None,
-        generation_lag: int = 8,
-        is_correction: str | None = None,
-        is_level: str = "token",
-        is_cap_low: float | None = None,
-        is_cap_high: float | None = None,
-        recompute_gen_logps: bool = False,
-        zero_variance_filter: bool = True,
-        retire_threshold: float | None = 0.9,
-        pass_threshold: float = 1.0,
-        truncated_reward: float | str | None = 0.0,
-        reward_on_error: str = "raise",
-        val_num_samples: int = 8,
-        val_temperature: float = 1.0,
-        log_completions_every_n_steps: int = 50,
-        micro_batch_size: int | None = None,
-        max_tokens_per_micro_batch: int | None = None,
-        seed: int = 42,
+        recipe: Recipe | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
@@ -158,9 +120,10 @@ class RLVRModule(SamplingModule):
         num_logged_samples: int = 4,
         lora: dict | None = None,
         gradient_checkpointing: bool = False,
+        **options,
     ):
         """RL with verifiable rewards on prompt rows (`DATA_KIND` prompt: each with its reference answer), the ScaleRL
-        recipe by default. The defaults are conf/algo/rlvr.yaml's, where each option is explained beside its value.
+        recipe by default.
 
         Args:
             reward: the verifier, called as reward(completion, answer) -> float (`genlight.ExactAnswer`,
@@ -168,64 +131,41 @@ class RLVRModule(SamplingModule):
                 (RLHF). None: `ExactAnswer()`.
             rollout: the sampling engine's factory (`HFRollout`, the default; `VLLMRollout`).
             env: multi-turn episodes with tools (`genlight.envs.tools.EnvSpec`); None: one completion per prompt.
-            num_generations: G, the samples of each prompt (a step's prompts: the DataModule's batch size).
-            loss_type: a registered policy loss (cispo | grpo | dapo | gspo, `genlight.rl.loss.POLICY_LOSSES`);
-                advantage: a registered estimator (scalerl | grpo | dr_grpo | rloo | reinforce_pp |
-                reinforce_pp_baseline, `genlight.rl.advantages.ADVANTAGES`); loss_agg: prompt | token | sequence |
-                constant; clip_low, clip_high: the clipped ratio's range; epsilon: CISPO's cap on the importance
-                weight. The papers' combinations are conf/loss/*.yaml (the defaults: cispo.yaml, ScaleRL's).
-            beta, kl_in, kl_estimator, ref_pretrained: the KL to a frozen reference (beta 0: none).
-            generation_lag: pi_gen is refreshed every k optimizer steps (0: on-policy).
-            is_correction, is_level, is_cap_low, is_cap_high, recompute_gen_logps: the off-policy correction of the
-                sampler-trainer mismatch.
-            zero_variance_filter, retire_threshold, pass_threshold, truncated_reward, reward_on_error: which groups
-                and prompts train, what passes, what a cut completion and a failing verifier score.
-            val_num_samples, val_temperature: samples per held-out prompt (pass@k, majority@k).
-            micro_batch_size, max_tokens_per_micro_batch: the step's samples in micro-batches (memory).
-            seed: the sampling noise's (a resumed run draws the same).
-            The rest: `LMModule`'s."""
-        super().__init__(net, tokenizer, reward=reward, rollout=rollout, env=env, val_num_samples=val_num_samples,
-                         lagged_sampler=generation_lag > 0, lr=lr, weight_decay=weight_decay, betas=betas,
-                         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, max_new_tokens=max_new_tokens,
+            recipe, **options: the recipe (`genlight.rl.recipe.Recipe`: sampling, loss, advantage, KL, filters,
+                micro-batches), as an object and/or as its fields by keyword (`loss_type="grpo"`, over `recipe`'s):
+                the YAML's flat `algo.*` keys. Checked here, each error naming its key; `self.recipe` is
+                `Recipe.resolved()`, the values the run uses.
+            The rest: `LMModule`'s (the optimizer's, LoRA, gradient checkpointing)."""
+        given, unknown = Recipe.pick({**(dataclasses.asdict(recipe) if recipe else {}), **options})
+        if unknown:
+            raise TypeError(f"RLVRModule got unknown options {sorted(unknown)} (algo.*): neither the recipe's "
+                            f"(genlight.rl.recipe.Recipe) nor LMModule's")
+        recipe = given.resolved()  # the nulls that choose a default filled in
+        super().__init__(net, tokenizer, reward=reward, rollout=rollout, env=env, val_num_samples=recipe.val_num_samples,
+                         lagged_sampler=recipe.generation_lag > 0, lr=lr, weight_decay=weight_decay, betas=betas,
+                         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, max_new_tokens=recipe.max_new_tokens,
                          num_logged_samples=num_logged_samples, lora=lora, gradient_checkpointing=gradient_checkpointing)
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"algo.micro_batch_size={micro_batch_size}: must be >= 1 sample (or null: the whole step)")
-        # the shortest a sample can be at its longest: 1 prompt token + a completion (an episode: env.max_tokens)
-        longest, what = ((env.max_tokens, "env.max_tokens") if env is not None
-                         else (self.hparams.max_new_tokens, "algo.max_new_tokens"))
-        if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < longest + 1:
-            raise ValueError(f"algo.max_tokens_per_micro_batch={max_tokens_per_micro_batch} cannot hold one sample: "
-                             f"a sample can be a prompt + {what}={longest} tokens")
-        check_recipe(self.reward, loss_type=loss_type, loss_agg=loss_agg, advantage=advantage, clip_low=clip_low,
-                     clip_high=clip_high, num_generations=num_generations, generation_lag=generation_lag,
-                     epsilon=epsilon, reward_on_error=reward_on_error, val_num_samples=val_num_samples,
-                     temperature=temperature, top_p=top_p, truncated_reward=truncated_reward,
-                     zero_variance_filter=zero_variance_filter)
-        # the values this run uses, not the nulls that chose them: the checkpoint, hparams.yaml and the W&B config
-        # hold these (src/utils/run.py `hyperparameters`)
-        is_cap_low, is_cap_high = check_is_correction(is_correction, is_level, is_cap_low, is_cap_high)
-        self.hparams.update(kl_estimator=kl_options(kl_in, kl_estimator), is_cap_low=is_cap_low,
-                            is_cap_high=is_cap_high,
-                            # a correction weighs pi_old / pi_rollout: pi_old is recomputed by the trainer
-                            recompute_gen_logps=recompute_gen_logps or is_correction is not None)
-        check_retirement(self.verifier is not self.reward, retire_threshold)
-        if beta > 0:  # the KL penalty's pi_ref: model.ref_pretrained, or pi_0
-            self.init_reference(ref_pretrained)
+        self.recipe = recipe
+        # the hyper-parameters are flat (the checkpoint rebuilds the module from them) and hold the values this run uses
+        self.hparams.pop("recipe", None)
+        self.hparams.update(dataclasses.asdict(recipe))
+        self.check_micro_batches(recipe.micro_batch_size, recipe.max_tokens_per_micro_batch)
+        check_retirement(self.verifier is not self.reward, recipe.retire_threshold)
+        if recipe.beta > 0:  # the KL penalty's pi_ref: model.ref_pretrained, or pi_0
+            self.init_reference(recipe.ref_pretrained)
         # pi_gen (`self.generator`, with generation_lag > 0) is refreshed every `generation_lag` optimizer steps
         self._synced_at = -1  # the optimizer step of pi_gen's last refresh
         self.retired: set[int] = set()  # ScaleRL's no-positive resampling: train prompts with pass rate >= threshold
 
     @staticmethod
     def check_config(cfg) -> None:
-        """Before any work (train.py calls it first, before the warm start): `SamplingModule`'s checks, and the KL
-        options, the loss and estimator names and retirement fit."""
+        """Before any work (train.py calls it first, before the warm start): `SamplingModule`'s checks, the recipe's
+        (built from the config's `algo.*` keys) and whether retirement fits the reward."""
         from hydra.utils import get_class
         from omegaconf import OmegaConf
 
         SamplingModule.check_config(cfg)
-        kl_options(cfg.algo.get("kl_in", "loss"), cfg.algo.get("kl_estimator"))
-        check_policy_loss(cfg.algo.loss_type)  # a registered name (a user's own registers on import)
-        check_advantage(cfg.algo.advantage)
+        Recipe.pick(OmegaConf.to_container(cfg.algo, resolve=True))
         reward = OmegaConf.select(cfg, "algo.reward._target_")
         check_retirement(bool(reward) and hasattr(get_class(reward), "score_batch"), cfg.algo.get("retire_threshold"))
 
@@ -248,7 +188,7 @@ class RLVRModule(SamplingModule):
 
     # ------------------------------------------------------------------ training: the ScaleRL pipeline
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        hp = self.hparams
+        hp = self.recipe
         t0 = time.perf_counter()
         if self.generator is None:  # on-policy: the engine samples from the policy as the last step left it
             self.engine.load_weights(self.model.state_dict())
@@ -268,7 +208,8 @@ class RLVRModule(SamplingModule):
         lengths = roll.loss_mask.sum(-1).view(r.shape)  # the policy's tokens of each sample (REINFORCE++'s weights)
         adv, keep, zv_all = self.advantages(r_train, r, lengths)  # `algo.advantage`'s; the zero-variance filter
         self.retire(batch, passed)  # no-positive resampling
-        loss, stats, entropy, t_train = self.policy_update(batch, roll, adv, keep, ranges, ref_logp, old_logp)
+        loss, stats, entropy, t_train = self.policy_update(batch, roll, adv, keep, ranges=ranges,
+                                                               ref_logp=ref_logp, old_logp=old_logp)
         trained = encoded_tokens(batch["prompt_attention_mask"], roll.lengths, r.size(1), ranges,
                                  shares_prompt_cache(self.model))
         self.log_step(batch, roll, texts, (r, passed, zv_all, errors), (loss, stats, entropy, trained), (t_gen, t_train))
@@ -278,7 +219,7 @@ class RLVRModule(SamplingModule):
     def reference_logps(self, batch: dict, roll: Rollout, ranges: list[tuple[int, int]]) -> torch.Tensor:
         """log pi_ref of every sampled token (N, T), in the step's micro-batches, without gradients."""
         with self.reference() as ref_model:
-            return sampled_logps(ref_model, batch, roll, ranges, self.hparams.temperature)
+            return sampled_logps(ref_model, batch, roll, ranges, self.recipe.temperature)
 
     @torch.no_grad()
     def generator_logps(self, batch: dict, roll: Rollout, ranges: list[tuple[int, int]]) -> torch.Tensor:
@@ -287,33 +228,27 @@ class RLVRModule(SamplingModule):
         the engine's mismatch (pi_old / pi_rollout, corrected by `algo.is_correction`) and the lag (pi_train /
         pi_old, the loss's ratio) come apart. One forward pass over the step's samples, without gradients."""
         model = self.generator if self.generator is not None else self.model
-        return sampled_logps(model, batch, roll, ranges, self.hparams.temperature)
+        return sampled_logps(model, batch, roll, ranges, self.recipe.temperature)
 
     def advantages(self, r: torch.Tensor, raw: torch.Tensor | None = None, lengths: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This process's (B, G) advantages of rewards `r` (`algo.advantage`'s estimator, with each sample's
-        completion `lengths`) and its kept groups, from statistics over the whole batch (all processes). Ties are
-        judged on `raw` (the rewards before a KL penalty; default `r`); with `kl_in=reward` and beta > 0 no group
-        leaves the loss (a tied group's advantage is its KL part alone)."""
-        hp = self.hparams
-        b = r.size(0)
-        r_all = gather(self, r)
-        zv_all = zero_variance(gather(self, raw) if raw is not None else r_all)
+        """This process's (B, G) advantages of rewards `r`, its kept groups and the batch's tied groups
+        (`batch_advantages`, `algo.advantage`'s estimator over every process). Ties are judged on `raw` (the rewards
+        before a KL penalty); with `kl_in=reward` and beta > 0 no group leaves the loss (a tied group's advantage is
+        its KL part alone)."""
+        hp = self.recipe
         filtered = hp.zero_variance_filter and kl_place(hp.beta, hp.kl_in) != "reward"
-        keep_all = ~zv_all if filtered else torch.ones_like(zv_all)
-        adv_all = compute_advantages(hp.advantage, r_all, keep_all, None if lengths is None else gather(self, lengths))
-        lo = self.global_rank * b if self.trainer.world_size > 1 else 0
-        self.last_batch = {"rewards_all": r_all, "keep_all": keep_all, "adv": adv_all[lo : lo + b]}  # for inspection
-        return adv_all[lo : lo + b], keep_all[lo : lo + b], zv_all
+        self.last_batch = batch_advantages(self, hp.advantage, r, raw, lengths, filtered=filtered)  # for inspection
+        return self.last_batch["adv"], self.last_batch["keep"], self.last_batch["zero_variance_all"]
 
     def retire(self, batch: dict, passed: torch.Tensor) -> None:
         """Retire prompts whose pass rate reaches `retire_threshold` (on every process)."""
-        hp = self.hparams
+        hp = self.recipe
         if hp.retire_threshold is not None:
             idx_all, rate_all = gather(self, batch["index"]), gather(self, passed.float().mean(-1))
             self.retired.update(idx_all[rate_all >= hp.retire_threshold].tolist())
 
-    def policy_update(self, batch: dict, roll: Rollout, adv: torch.Tensor, keep: torch.Tensor,
+    def policy_update(self, batch: dict, roll: Rollout, adv: torch.Tensor, keep: torch.Tensor, *,
                       ranges: list[tuple[int, int]] | None = None, ref_logp: torch.Tensor | None = None,
                       old_logp: torch.Tensor | None = None):
         """-J over micro-batches of the step's samples, then one optimizer step. Each micro-batch computes log
@@ -322,7 +257,7 @@ class RLVRModule(SamplingModule):
         the whole step (all processes) first, so the accumulated gradient is the whole step's. With `old_logp`
         (`generator_logps`) the loss's ratio is pi_train / pi_old, and `algo.is_correction` weighs each token by
         pi_old / pi_rollout (`is_weights`). Returns the step's loss, statistics, entropy (N, T) and forward time."""
-        hp = self.hparams
+        hp = self.recipe
         b, g = adv.shape
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
@@ -365,12 +300,6 @@ class RLVRModule(SamplingModule):
                             LossOptions(hp.epsilon, hp.clip_low, hp.clip_high), ref_logp, hp.beta)
         return loss, {**stats, **corr_stats}, entropy, t_train  # t_train: the forward passes only
 
-    @property
-    def generation_budget(self) -> int:
-        """A sample's most completion tokens: env.max_tokens for an episode, algo.max_new_tokens for one completion
-        (`loss_agg=constant` divides by it, as TRL's dr_grpo by max_completion_length)."""
-        return self.env.max_tokens if self.env is not None else self.hparams.max_new_tokens
-
     def log_step(self, batch: dict, roll: Rollout, texts: list[str], scores: tuple, update: tuple,
                  times: tuple[float, float]) -> None:
         """The step's metrics: `scores` (rewards, passes, the batch's zero-variance groups, verifier errors), `update`
@@ -388,24 +317,16 @@ class RLVRModule(SamplingModule):
         counts = gather(self, torch.tensor([[n_prompt + n_gen, trained, b * g]], device=self.device)).sum(0).tolist()
         sampled, trained = counts[0], counts[1]
         self.compute += float(2 * self.n_params * sampled + 6 * self.n_params * trained
-                              + (2 * self.n_params * trained if self.hparams.recompute_gen_logps else 0))  # pi_old's
+                              + (2 * self.n_params * trained if self.recipe.recompute_gen_logps else 0))  # pi_old's
         self.samples += counts[2]
         m = roll.loss_mask
-        log = {
-            "loss": loss.detach(),
-            "reward/mean": r.mean(),
-            "reward/std": r.std(),
-            "pass_rate": passed.float().mean(),
-            "entropy": entropy[m].mean(),
-            "completion_length": m.sum(-1).float().mean(),  # the policy's tokens
-            "truncation_rate": roll.truncated.float().mean(),
-            "reward_errors": float(errors),
-            **stats,
-        }
+        log = {"loss": loss.detach(), "reward/mean": r.mean(), "reward/std": r.std(), "pass_rate": passed.float().mean(),
+               "entropy": entropy[m].mean(), "completion_length": m.sum(-1).float().mean(),  # the policy's tokens
+               "truncation_rate": roll.truncated.float().mean(), "reward_errors": float(errors), **stats}
         if isinstance(roll, Episodes):  # multi-turn: turns, tool calls and errors per episode
             log.update({"turns/mean": roll.turns.float().mean(), "turns/max": roll.turns.max().float(),
                         "tool_calls": roll.tool_calls.float().mean(), "tool_errors": roll.tool_errors.float().mean()})
-        log = across_processes(self, log, r, m, self.hparams.is_level)
+        log = across_processes(self, log, r, m, self.recipe.is_level)
         log.update({"frac_zero_variance": zv_all.float().mean(), "retired_prompts": float(len(self.retired)),
                     "samples": float(self.samples), "compute_flops": self.compute})  # the same on every process
         if isinstance(roll, Episodes):  # the environment's own measurements, pooled over every process's episodes
@@ -414,13 +335,13 @@ class RLVRModule(SamplingModule):
             self.log(f"train/{k}", v, prog_bar=k in ("reward/mean", "pass_rate"), batch_size=b)
         self.log("perf/gen_tokens_per_s", n_gen / max(t_gen, 1e-9), batch_size=b)
         self.log("perf/train_forward_tokens_per_s", n_train / max(t_train, 1e-9), batch_size=b)
-        every = self.hparams.log_completions_every_n_steps
+        every = self.recipe.log_completions_every_n_steps
         if every and self.global_step % every == 0:
-            self._log_completions(batch, roll.transcripts() if isinstance(roll, Episodes) else texts, r, roll.truncated, g)
+            self.log_completions(batch, roll, texts, r)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """Refresh pi_gen from the trainer's weights every `generation_lag` optimizer steps."""
-        lag = self.hparams.generation_lag
+        lag = self.recipe.generation_lag
         if lag > 0 and self.global_step % lag == 0 and self.global_step != self._synced_at:
             if self.sharded:  # FSDP2: the policy's own shards (the engine's copy is sharded the same way)
                 from genlight.models.lm import reshard
@@ -428,12 +349,3 @@ class RLVRModule(SamplingModule):
                 reshard(self.model)
             self.engine.load_weights(self.model.state_dict())
             self._synced_at = self.global_step
-
-    def _log_completions(self, batch, texts, r, truncated, g) -> None:
-        rows = []
-        n = self.hparams.num_logged_samples
-        for i in range(min(n, len(batch["prompts"]))):
-            for j in range(g):
-                rows.append([self.global_step, batch["prompts"][i], texts[i * g + j], batch["references"][i],
-                             float(r[i, j]), bool(truncated[i * g + j])])
-        self.log_table("train/completions", ["step", "prompt", "completion", "answer", "reward", "truncated"], rows)

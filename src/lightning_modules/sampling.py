@@ -17,7 +17,7 @@ from genlight.lightning_modules.lm import LMModule
 from genlight.metrics import PassAtK
 from genlight.models.rollout import HFRollout, Rollout, RolloutEngine
 from genlight.rewards import ExactAnswer
-from genlight.rl.rollouts import gather, sample, sampling_generator, score_samples
+from genlight.rl.rollouts import check_micro_batches, gather, sample, sampling_generator, score_samples
 
 
 class SamplingModule(LMModule):
@@ -32,7 +32,11 @@ class SamplingModule(LMModule):
     def __init__(self, net, tokenizer=None, *, reward: Callable | None, rollout: Callable[..., RolloutEngine] | None,
                  env: EnvSpec | None, val_num_samples: int, lagged_sampler: bool = False, **lm_kwargs):
         super().__init__(net, tokenizer, **lm_kwargs)
+        self.hparams.pop("lagged_sampler", None)  # the subclass's choice, not an option (RLVR: generation_lag > 0)
         reward = ExactAnswer() if reward is None else reward
+        if not callable(reward):
+            raise ValueError(f"algo.reward={reward!r}: a verifier is required, called as reward(completion, answer) "
+                             "(reward=exact|numeric|math|custom, or a reward model: reward=model)")
         # multi-turn (env=, src/envs/): episodes of tool calls; the chat template must show tools and their results
         self.env = env
         if env is not None:
@@ -58,6 +62,17 @@ class SamplingModule(LMModule):
         self.val_reward, self.test_reward = MeanMetric(), MeanMetric()
         self.last_val: dict[str, float] = {}
         self._env_sums: dict[str, list[float]] = {}  # an evaluation's environment measurements (`pooled`)
+
+    def check_micro_batches(self, micro_batch_size: int | None, max_tokens_per_micro_batch: int | None) -> None:
+        """A micro-batch holds at least one sample, and its token bound one sample at its longest."""
+        check_micro_batches(micro_batch_size, max_tokens_per_micro_batch, self.generation_budget,
+                            "env.max_tokens" if self.env is not None else "algo.max_new_tokens")
+
+    @property
+    def generation_budget(self) -> int:
+        """A sample's most completion tokens: env.max_tokens for an episode, algo.max_new_tokens for one completion
+        (`loss_agg=constant` divides by it, as TRL's dr_grpo by max_completion_length)."""
+        return self.env.max_tokens if self.env is not None else self.hparams.max_new_tokens
 
     @staticmethod
     def check_config(cfg) -> None:
@@ -140,6 +155,16 @@ class SamplingModule(LMModule):
                                           dtype=torch.float64, device=self.device)).sum(0)
         return {k: float(total[i] / total[len(keys) + i]) if total[len(keys) + i] > 0 else float("nan")
                 for i, k in enumerate(keys)}
+
+    def log_completions(self, batch: dict, roll: Rollout, texts: list[str], r: torch.Tensor) -> None:
+        """A table of the step's samples (`train/completions`): the first prompts' (`num_logged_samples`) every
+        sample (an episode: its transcript, tool turns too), with its reward (B, G) and whether it was cut."""
+        g = r.size(1)
+        shown = roll.transcripts() if isinstance(roll, Episodes) else texts
+        rows = [[self.global_step, batch["prompts"][i], shown[i * g + j], batch["references"][i], float(r[i, j]),
+                 bool(roll.truncated[i * g + j])]
+                for i in range(min(self.hparams.num_logged_samples, len(batch["prompts"]))) for j in range(g)]
+        self.log_table("train/completions", ["step", "prompt", "completion", "answer", "reward", "truncated"], rows)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:

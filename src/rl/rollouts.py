@@ -20,7 +20,7 @@ from genlight.models.lm import causal_lm, check_positions
 from genlight.models.logps import completion_logps
 from genlight.models.rollout import Rollout, RolloutEngine
 from genlight.rewards import passes, score
-from genlight.rl.advantages import truncation_rewards
+from genlight.rl.advantages import compute_advantages, truncation_rewards, zero_variance
 from genlight.rl.planner import even_out, plan_micro_batches
 
 STAGES = {"train": 0, "val": 1, "test": 2}
@@ -31,6 +31,22 @@ def gather(module, x: torch.Tensor) -> torch.Tensor:
     if module.trainer.world_size == 1:
         return x
     return module.all_gather(x).flatten(0, 1)
+
+
+def batch_advantages(module, estimator: str, r: torch.Tensor, raw: torch.Tensor | None = None,
+                     lengths: torch.Tensor | None = None, *, filtered: bool = True) -> dict[str, torch.Tensor]:
+    """The advantages of this process's (B, G) rewards `r` from statistics over the whole batch (every process's
+    groups): `estimator`'s (`compute_advantages`, with each sample's completion `lengths`), groups whose rewards tie
+    (judged on `raw`, default `r`) dropped when `filtered`. Returns this process's "adv" and "keep" (B, G) / (B,),
+    and the whole batch's "rewards_all", "keep_all", "zero_variance_all"."""
+    b = r.size(0)
+    r_all = gather(module, r)
+    zv_all = zero_variance(gather(module, raw) if raw is not None else r_all)
+    keep_all = ~zv_all if filtered else torch.ones_like(zv_all)
+    adv_all = compute_advantages(estimator, r_all, keep_all, None if lengths is None else gather(module, lengths))
+    lo = module.global_rank * b if module.trainer.world_size > 1 else 0
+    return {"adv": adv_all[lo : lo + b], "keep": keep_all[lo : lo + b], "rewards_all": r_all, "keep_all": keep_all,
+            "zero_variance_all": zv_all}
 
 
 def sampling_generator(seed: int, stage: str, step: int, rank: int, device) -> torch.Generator:
@@ -107,6 +123,17 @@ def score_samples(module, prompts: list[str], answers: list[str], texts: list[st
     floor = gather(module, r).min() if value == "min" and r.numel() else None  # every process calls the gather
     r = truncation_rewards(r, truncated, value, floor)
     return r, passes(v, truncated, hp.pass_threshold, hp.truncated_reward is not None), errors
+
+
+def check_micro_batches(micro_batch_size: int | None, max_tokens_per_micro_batch: int | None = None,
+                        longest: int = 0, budget_key: str = "algo.max_new_tokens") -> None:
+    """`algo.micro_batch_size` holds at least one sample, and `algo.max_tokens_per_micro_batch` one sample at its
+    longest: 1 prompt token + `longest` completion tokens (set by `budget_key`)."""
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"algo.micro_batch_size={micro_batch_size}: must be >= 1 sample (or null: the whole step)")
+    if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < longest + 1:
+        raise ValueError(f"algo.max_tokens_per_micro_batch={max_tokens_per_micro_batch} cannot hold one sample: "
+                         f"a sample can be a prompt + {budget_key}={longest} tokens")
 
 
 def plan(module, prompt_mask: torch.Tensor, lengths: torch.Tensor, g: int, micro_batch_size: int | None,
