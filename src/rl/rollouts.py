@@ -1,8 +1,9 @@
 """The rollouts layer: what a LightningModule that samples from its policy calls (RLVR, on-policy distillation; online
 DPO next), with its policy, engine and random generator. Sampling (one completion, or multi-turn episodes with
 tools, on either engine), the log-probs of the sampled tokens under any model in the step's micro-batches, scoring
-(a verifier, a reward model, an environment's own reward), the gather across processes and a step's metrics reduced
-over them. No algorithm here: no advantage, no loss."""
+(a verifier, a reward model, an environment's own reward), the gather across processes, the batch's advantages over
+every process's groups (by a registered estimator, src/rl/advantages.py) and a step's metrics reduced over them. No
+loss here: each algorithm's is its own."""
 
 from __future__ import annotations
 
