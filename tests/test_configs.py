@@ -196,11 +196,21 @@ PRESETS = {
         "warm_start.cache_dir": "${paths.log_dir}/warm_start_cache",
         "trainer.max_steps": 40, "trainer.val_check_interval": 10, "tags": ["rlvr", "multi_turn", "calculator"]}),
     "experiment/guess_the_number": (["algo=rlvr", "data=games", "env=textarena"], {
-        "model.net.max_position_embeddings": 896, "algo.max_new_tokens": 80, "algo.val_num_samples": 4,
+        "model.tokenizer.words": ["<|tools|>move(action)\n", "<|user|>", "<|assistant|>", "<|tool|>",
+                                  '<tool_call>{"name": "move", "arguments": {"action": "[', ']"}}</tool_call>',
+                                  "Guess the number in 1..10 with move, e.g. [5].", "The target number is ", "higher",
+                                  "lower", "Congratulations! You guessed the correct number.",
+                                  "The turn limit has been reached. Guess: ", ", Target: ",
+                                  "You attempted an invalid move. Reason: Invalid move. Player 0 has already guessed "
+                                  "the number. Please resubmit a valid move and remember to follow the game rules to "
+                                  "avoid penalties."],
+        "algo.lr": 3e-4, "algo.val_num_samples": 4, "algo.generation_lag": 0,
         "env.environment.instructions": "Guess the number in 1..10 with move, e.g. [5].",
-        "env.environment.max_number": 10, "env.environment.max_turns": 5, "env.max_turns": 6, "env.max_tokens": 760,
-        "data.max_length": 896, "warm_start.target": 1.0, "warm_start.max_steps": 300, "warm_start.val_every": 100,
-        "warm_start.batch_size": 32, "trainer.max_steps": 200, "tags": ["rlvr", "multi_turn", "textarena"]}),
+        "env.environment.max_number": 10, "env.environment.max_turns": 5, "env.max_turns": 6, "env.max_tokens": 96,
+        "data.batch_size": 32, "data.max_length": 128, "warm_start.target": 1.0, "warm_start.max_steps": 1000,
+        "warm_start.val_every": 250, "warm_start.batch_size": 32,
+        "warm_start.cache_dir": "${paths.log_dir}/warm_start_cache", "trainer.max_steps": 200,
+        "trainer.val_check_interval": 25, "tags": ["rlvr", "multi_turn", "textarena"]}),
     "experiment/scalerl": (["algo=rlvr"], {
         "data.source.ops": ["+", "*"], "warm_start.cache_dir": "${paths.log_dir}/warm_start_cache", "algo.lr": 5e-5,
         "trainer.max_steps": 600, "trainer.val_check_interval": 25, "test": False, "tags": ["rlvr", "scalerl"]}),

@@ -36,6 +36,28 @@ def test_arithmetic_bad_config_names_the_key():
         ArithmeticTask(ops=["/"])
 
 
+def test_char_tokenizer_words_are_single_tokens_that_round_trip(tmp_path):
+    """`char_tokenizer(words=...)`: each string is one token wherever it appears (the longer of two that share a start
+    wins), everything else stays characters, decoding gives the text back, and the tokenizer saves and loads as any HF
+    one (an exported checkpoint keeps them)."""
+    from genlight.models.tokenizer import char_tokenizer, load_tokenizer
+
+    call = '<tool_call>{"name": "move", "arguments": {"action": "['
+    tok = char_tokenizer(words=["<|tool|>", "<|tools|>move(action)\n", call, "higher"])
+    plain = char_tokenizer()
+    assert len(tok) == len(plain) + 4
+    text = f'<|tools|>move(action)\n{call}7]"}}}}</tool_call><|tool|>higher than 7, highe'
+    ids = tok(text, add_special_tokens=False).input_ids
+    words = [tok.convert_ids_to_tokens(i) for i in ids]
+    assert words[:2] == ["<|tools|>move(action)\n", call] and "<|tool|>" in words and "higher" in words
+    assert len(ids) == 4 + len('7]"}}</tool_call>') + len(" than 7, highe")
+    assert tok.decode(ids) == text
+    tok.save_pretrained(tmp_path)
+    assert load_tokenizer(str(tmp_path))(text, add_special_tokens=False).input_ids == ids
+    with pytest.raises(ValueError, match="model.tokenizer.words: each must be a non-empty string"):
+        char_tokenizer(words=["ok", ""])
+
+
 def test_sft_batch_masks_prompt_and_padding(tokenizer):
     dm = LMDataModule(ArithmeticTask(n_train=8, n_val=4, n_test=4), tokenizer, batch_size=8)
     dm.setup()

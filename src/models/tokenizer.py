@@ -50,8 +50,10 @@ def after_assistant_turn(tokenizer, following: list[dict], add_generation_prompt
     return None if cut < 0 else text[cut + len(_MARK):]
 
 
-def char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
-    """Character-level tokenizer: ids 0-3 are <pad> <s> </s> <unk>, then one id per character.
+def char_tokenizer(alphabet: str | None = None, words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Character-level tokenizer: ids 0-3 are <pad> <s> </s> <unk>, then one id per character, then one per string of
+    `words`: strings held as single tokens, matched whole before the characters (as a BPE vocabulary holds frequent
+    words; a game preset's tool-call markup and replies, conf/experiment/guess_the_number.yaml).
 
     `tokenizer(text)` prepends <s> (like Llama's); unknown characters map to <unk>.
     """
@@ -63,7 +65,7 @@ def char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    out = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,
         bos_token=BOS,
@@ -72,6 +74,12 @@ def char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
+    if words:
+        bad = [w for w in words if not isinstance(w, str) or not w]
+        if bad:
+            raise ValueError(f"model.tokenizer.words: each must be a non-empty string, not {bad[0]!r}")
+        out.add_tokens(list(dict.fromkeys(words)))
+    return out
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
