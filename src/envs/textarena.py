@@ -11,7 +11,7 @@ episode leaves unfinished (the policy stops moving, or runs out of turns or toke
 no reward before a game ends.
 
 Partial credit is off by default (`partial_credit=false`: 1 for a win, 0 otherwise). Guess The Number pays a game
-that ends without a win by how close the last guess was, and an invalid move ends it too: repeating a guess of 5 in
+that ends without a win by how close the last guess was, and a second invalid move ends it too: repeating a guess of 5 in
 1..10 scores 0.73 on average over 30 games (measured) without using a single hint, a reward the policy would learn
 to collect. `partial_credit=true` passes the game's reward on.
 """
