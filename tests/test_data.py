@@ -147,6 +147,51 @@ def test_chat_messages_use_the_chat_template(sft_jsonl, tokenizer):
     assert tokenizer.decode(e["completion_ids"], skip_special_tokens=True) == e["reference"]
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_conversation_trains_every_assistant_turn_or_its_last(tmp_path, tokenizer, caplog, packing):
+    """A row of chat messages with two assistant turns: `assistant_turns=all` scores both turns (each with its
+    <eos>) and nothing of the user's turns, packed or not; `last` (the default) scores the last turn only and says
+    that the earlier one trains as prompt."""
+    talk = [{"role": "user", "content": "2*3"}, {"role": "assistant", "content": "6"},
+            {"role": "user", "content": "times 7"}, {"role": "assistant", "content": "42"}]
+    path = write_jsonl(tmp_path / "t.jsonl", [{"messages": talk}] * 4)
+    eos = tokenizer.eos_token_id
+    scored = {}
+    for turns in ("all", "last"):
+        with caplog.at_level(logging.WARNING):
+            dm = _dm(tokenizer, path, batch_size=2, assistant_turns=turns, packing=packing)
+        batch = dm.collate(dm.examples["train"][:1])
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        scored[turns] = labels[labels != IGNORE].tolist()
+        assert ids[labels != IGNORE].tolist() == scored[turns]  # a label is the token at its place
+        if turns == "all":
+            # the first turn is what generation from the prompt writes: greedy exact match compares with it
+            assert dm.examples["train"][0]["reference"] == "6"
+            assert dm.examples["train"][0]["prompt"].endswith("2*3\n<|assistant|>")
+    digits = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    assert scored["all"] == digits("6") + [eos] + digits("42") + [eos]
+    assert scored["last"] == digits("42") + [eos]
+    assert "hold assistant turns before their last" in caplog.text
+
+
+def test_a_conversation_the_template_renders_differently_is_named(tmp_path, tokenizer):
+    """A template that rewrites earlier assistant turns once later messages follow (as reasoning templates drop
+    earlier thinking) cannot be cut into trained turns: the row is named, not trained on a mismatched context."""
+    from genlight.models.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}<|assistant|>x</s>"
+                         "{% else %}<|{{ m.role }}|>{{ m.content }}{% if m.role == 'assistant' %}</s>{% endif %}"
+                         "{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    talk = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    path = write_jsonl(tmp_path / "t.jsonl", [{"messages": talk}])
+    with pytest.raises(DataError, match=r"t\.jsonl:1: the chat template renders assistant turn 1 differently"):
+        _dm(tok, path, assistant_turns="all")
+    with pytest.raises(ValueError, match="data.assistant_turns='every'"):
+        _dm(tokenizer, path, assistant_turns="every")
+
+
 def test_val_fraction_holds_out_without_losing_rows(sft_jsonl, tokenizer):
     dm = _dm(tokenizer, sft_jsonl)
     assert len(dm.examples["train"]) + len(dm.examples["val"]) == 50

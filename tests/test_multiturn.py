@@ -308,30 +308,42 @@ def test_game_partial_credit_is_off_unless_asked_a_repeated_guess_earns_nothing(
 
 
 def test_game_demonstrations_are_the_episode_contexts_and_seeds_are_disjoint(tokenizer):
-    """GameSeeds: the splits' games have disjoint seeds; a demonstration's next move is conditioned on exactly the
-    context an episode builds (the previous move, its <eos>, the template's tool turn with the game's hint)."""
+    """GameSeeds: the splits' games have disjoint seeds; a demonstration is one whole game whose ids are those an
+    episode builds (each move, its <eos>, the template's tool turn with the game's hint, the next move), every move
+    trained and no hint (data.assistant_turns=all)."""
     import functools
 
     from genlight.datamodules.lm import LMDataModule
+    from genlight.datamodules.packing import IGNORE
     from genlight.envs.textarena import GameSeeds, TextArenaGame
+    from genlight.envs.tools import parse_tool_calls
 
     environment = functools.partial(TextArenaGame, instructions="Guess 1..10 with move.", max_number=10, max_turns=5)
     task = GameSeeds(n_train=4, n_val=2, n_test=2, environment=environment)
     seeds = [{r["seed"] for _, r in task.rows(split)} for split in ("train", "val", "test")]
     assert sum(map(len, seeds)) == len(set().union(*seeds)) == 8
-    dm = LMDataModule(task, tokenizer, kind="sft", max_length=2048, batch_size=2)
+    dm = LMDataModule(task, tokenizer, kind="sft", max_length=2048, batch_size=2, assistant_turns="all")
     dm.setup("fit")
-    first, second = dm.examples["train"][:2]
-    from genlight.envs.tools import parse_tool_calls
-
-    game = environment()
-    game.reset(**task.rows("train")[0][1])
-    assert game.game.max_number == 10
-    (call,) = parse_tool_calls(tokenizer.decode(first["completion_ids"], skip_special_tokens=True))
-    hint = game.move(**call.arguments)
-    tool = tokenizer(tool_turn_text(tokenizer, [("move", hint)]), add_special_tokens=False).input_ids
-    assert second["prompt_ids"] == first["prompt_ids"] + first["completion_ids"] + tool
-    assert "Guess 1..10 with move." in first["prompt"] and "<|tools|>move(action)" in first["prompt"]
+    assert len(dm.examples["train"]) == 4  # one per game
+    for (_, row), example in zip(task.rows("train"), dm.examples["train"]):
+        assert "Guess 1..10 with move." in example["prompt"] and "<|tools|>move(action)" in example["prompt"]
+        game = environment()
+        game.reset(**row)
+        ids, built, moves = example["completion_ids"], [], 0
+        labels = example.get("completion_labels", ids)  # a game won on its first move is one turn
+        while not game.done:  # replay the game from the demonstration's trained turns
+            end = ids.index(tokenizer.eos_token_id, len(built)) + 1
+            assert labels[len(built):end] == ids[len(built):end]  # the move and its <eos>: trained
+            (call,) = parse_tool_calls(tokenizer.decode(ids[len(built):end], skip_special_tokens=True))
+            built += ids[len(built):end]
+            hint = game.move(**call.arguments)
+            moves += 1
+            if not game.done:
+                tool = tokenizer(tool_turn_text(tokenizer, [("move", hint)]), add_special_tokens=False).input_ids
+                assert ids[len(built):len(built) + len(tool)] == tool and set(labels[len(built):len(built) + len(tool)]) == {IGNORE}
+                built += tool
+        assert built == ids and moves >= 1
+    assert any("completion_labels" in e for e in dm.examples["train"])  # some game takes several moves
 
 
 @pytest.mark.parametrize("form", ["messages_prompt", "chat_column_map"])

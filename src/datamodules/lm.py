@@ -1,7 +1,8 @@
 """The language-model DataModule: rows from a source (the arithmetic task, or files), tokenized
 into the shape an algorithm needs (`kind`, a `RowKind` registered by name in `ROW_KINDS`):
 
-- `sft`: prompt + completion, loss on completion tokens only (labels = -100 on the prompt).
+- `sft`: prompt + completion, loss on completion tokens only (labels = -100 on the prompt); a conversation with
+  several assistant turns trains its last (`assistant_turns=last`) or every one (`all`, TRL's `assistant_only_loss`).
 - `preference`: prompt + chosen + rejected, optional margin (DPO family, the reward model).
 - `prompt`: prompt + answer to verify (RLVR).
 An algorithm with rows of its own names their `RowKind` in its YAML by import path (`data.kind:
@@ -105,6 +106,45 @@ def sft_text(row: dict, tokenizer, where: str) -> tuple[str, str, bool]:
     return prompt, render_completion(row["completion"], where, "completion"), templated
 
 
+def assistant_turns(row: dict) -> int:
+    msgs = row.get("messages")
+    return sum(m["role"] == "assistant" for m in msgs) if _is_messages(msgs) else 0
+
+
+def conversation_segments(msgs: list[dict], tokenizer, tools: list[dict] | None, where: str
+                          ) -> tuple[str, list[tuple[str, bool]]]:
+    """A conversation with every assistant turn trained (`assistant_turns=all`): the prompt before its first assistant
+    turn, then the text after it in pieces (text, trained). Each assistant turn is the text the chat template writes
+    for it without its end of turn (its <eos> ends it, as the policy's sampled <eos> ends a turn); the template's text
+    between turns (its end of turn after the <eos>, tool results, user turns, the next generation prompt) is not
+    trained. So the ids are those a multi-turn episode (src/envs/episodes.py) builds from the same turns."""
+    template = tokenizer.chat_template or CHAT_TEMPLATE
+    render = lambda m, gen: tokenizer.apply_chat_template(  # noqa: E731
+        m, add_generation_prompt=gen, tokenize=False, chat_template=template, tools=tools or None)
+    end = after_assistant_turn(tokenizer, [], add_generation_prompt=False, template=template) or ""
+    eos = tokenizer.eos_token or ""
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    prompt = render(msgs[: turns[0]], True)
+    segments, done = [], prompt  # done: the text the segments cover so far
+    for k, i in enumerate(turns):
+        before, full = render(msgs[:i], True), render(msgs[: i + 1], False)
+        changed = k if not before.startswith(done) else k + 1 if not full.startswith(before) else 0
+        if changed:
+            raise DataError(f"{where}: the chat template renders assistant turn {changed} differently once later "
+                            "messages follow it; its turns cannot be cut out as completions (data.assistant_turns=last "
+                            "trains the last turn only)")
+        if k:
+            between = before[len(done):]
+            segments.append((between[len(eos):] if eos and between.startswith(eos) else between, False))
+        turn = full[len(before):]
+        turn = turn[: len(turn) - len(end)] if end and turn.endswith(end) else turn
+        if not turn.strip():
+            raise DataError(f"{where}: assistant turn {k + 1} is empty")
+        segments.append((turn, True))
+        done = before + turn
+    return prompt, segments
+
+
 def preference_text(row: dict, tokenizer, where: str) -> tuple[str, str, str, bool]:
     """(prompt, chosen, rejected, templated) of a preference row (TRL's format, plain or chat)."""
     require_keys(row, ("prompt", "chosen", "rejected"), where, PREF_FORMATS)
@@ -144,13 +184,17 @@ def completion_ids(tokenizer, text: str) -> list[int]:
 
 
 class Tokenized:
-    """Tokenizes prompts and completions; enforces `max_length` (error, or counted truncation)."""
+    """Tokenizes prompts and completions; enforces `max_length` (error, or counted truncation). `assistant_turns`:
+    which assistant turns of a conversation an SFT example trains (`last` or `all`)."""
 
-    def __init__(self, tokenizer, max_length: int, truncation: str, split: str):
+    def __init__(self, tokenizer, max_length: int, truncation: str, split: str, assistant_turns: str = "last"):
         if truncation not in ("error", "truncate"):
             raise ValueError(f"data.truncation={truncation!r}: must be 'error' or 'truncate'")
+        if assistant_turns not in ("last", "all"):
+            raise ValueError(f"data.assistant_turns={assistant_turns!r}: must be 'last' or 'all'")
         self.tok, self.max_length, self.truncation, self.split = tokenizer, max_length, truncation, split
-        self.n_truncated = 0
+        self.assistant_turns = assistant_turns
+        self.n_truncated, self.n_earlier_turns = 0, 0
 
     def prompt(self, text: str, templated: bool) -> list[int]:
         # A chat template writes <bos> itself; a plain prompt gets the tokenizer's own specials.
@@ -179,13 +223,40 @@ class Tokenized:
                 "%s split: truncated %d of %d examples to data.max_length=%d tokens",
                 self.split, self.n_truncated, n, self.max_length,
             )
+        if self.n_earlier_turns:
+            log.warning("%s split: %d of %d conversations hold assistant turns before their last, which train as prompt "
+                        "only (data.assistant_turns=last); data.assistant_turns=all trains every one",
+                        self.split, self.n_earlier_turns, n)
 
 
 def sft_example(row: dict, t: Tokenized, where: str) -> dict:
+    if assistant_turns(row) > 1:
+        if t.assistant_turns == "all":
+            return conversation_example(row, t, where)
+        t.n_earlier_turns += 1
     prompt, completion, templated = sft_text(row, t.tok, where)
     p = t.prompt(prompt, templated)
     return {"prompt": prompt, "prompt_ids": p, "completion_ids": t.fit(p, t.completion(completion), where),
             "reference": completion}
+
+
+def conversation_example(row: dict, t: Tokenized, where: str) -> dict:
+    """An SFT example that trains every assistant turn: `completion_ids` runs from the first assistant turn to the
+    end of the last, `completion_labels` holds them with -100 on the text between turns (tool results, user turns);
+    the reference (greedy exact match) is the first turn, what generation from the prompt writes."""
+    msgs = row["messages"]
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(f"{where}: 'messages' must be a list of {{role, content}} ending with an assistant turn")
+    prompt, segments = conversation_segments(msgs, t.tok, row.get("tools"), where)
+    p = t.prompt(prompt, True)
+    ids, labels = [], []
+    for text, trained in segments:
+        piece = t.completion(text) if trained else t.tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    ids = t.fit(p, ids, where)
+    return {"prompt": prompt, "prompt_ids": p, "completion_ids": ids, "completion_labels": labels[: len(ids)],
+            "reference": segments[0][0]}
 
 
 def preference_example(row: dict, t: Tokenized, where: str) -> dict:
@@ -210,10 +281,11 @@ def prompt_example(row: dict, t: Tokenized, where: str) -> dict:
     return {"prompt": prompt, "prompt_ids": p, "reference": answer, "chat": chat, "columns": extra}
 
 
-def build_examples(rows, tokenizer, kind: str, split: str, max_length: int, truncation: str) -> list[dict]:
+def build_examples(rows, tokenizer, kind: str, split: str, max_length: int, truncation: str,
+                   assistant_turns: str = "last") -> list[dict]:
     """Each (where, row) of a split as the example of its `kind` (`ROW_KINDS`), with its position in the split and
     its origin (`where`: a check before training names the row)."""
-    t = Tokenized(tokenizer, max_length, truncation, split)
+    t = Tokenized(tokenizer, max_length, truncation, split, assistant_turns)
     make = row_kind(kind).example
     out = [{**make(row, t, where), "index": index, "where": where} for index, (where, row) in enumerate(rows)]
     t.report(len(out))
@@ -227,10 +299,12 @@ def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def join(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+completion with labels = -100 outside the completion."""
+def join(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+         completion_labels: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+completion with labels = -100 outside the completion (and where `completion_labels`,
+    one per completion, says -100)."""
     seqs = [p + c for p, c in zip(prompts, completions)]
-    labels = [[IGNORE] * len(p) + c for p, c in zip(prompts, completions)]
+    labels = [[IGNORE] * len(p) + c for p, c in zip(prompts, completion_labels or completions)]
     return {
         "input_ids": pad(seqs, pad_id),
         "attention_mask": pad([[1] * len(s) for s in seqs], 0),
@@ -240,7 +314,10 @@ def join(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
 
 def collate_sft(examples: list[dict], prompts: list[list[int]], c: Collator) -> dict:
     completions = [e["completion_ids"] for e in examples]
-    return pack(prompts, completions, c.max_length, c.pad_id) if c.packing else join(prompts, completions, c.pad_id)
+    labels = [e.get("completion_labels", e["completion_ids"]) for e in examples]  # -100 between a conversation's turns
+    if c.packing:
+        return pack(prompts, completions, c.max_length, c.pad_id, labels)
+    return join(prompts, completions, c.pad_id, labels)
 
 
 def collate_preference(examples: list[dict], prompts: list[list[int]], c: Collator) -> dict:
@@ -362,8 +439,12 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         answer_pattern: str | None = None,
         chat: bool | str = False,
         system_prompt: str | None = None,
+        assistant_turns: str = "last",
     ):
         super().__init__()
+        if assistant_turns not in ("last", "all"):
+            raise ValueError(f"data.assistant_turns={assistant_turns!r}: must be 'last' or 'all'")
+        self.assistant_turns = assistant_turns
         if packing and not row_kind(kind).packs:
             raise ValueError(f"data.packing=true packs SFT examples and preference pairs; data.kind={kind!r} "
                              "does not use it (set data.packing=false)")
@@ -392,8 +473,8 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         for split in ("train", "val", "test"):
             if split not in self.examples and self.has_split(split):
                 self.examples[split] = build_examples(
-                    self.rows(split), self.tokenizer, self.kind, split, self.max_length, self.truncation
-                )
+                    self.rows(split), self.tokenizer, self.kind, split, self.max_length, self.truncation,
+                    self.assistant_turns)
 
     def train_dataloader(self) -> DataLoader:
         return self.train_loader(self.examples["train"], self.seed, self.batch_size, exclude=self.retired, **self._loader_kw())

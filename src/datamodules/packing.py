@@ -65,13 +65,15 @@ def _even_out(rows: list[list[int]], used: list[int], lengths: list[int]) -> Non
         used[r] += d
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], max_tokens: int, pad_id: int) -> dict[str, torch.Tensor]:
+def pack(prompts: list[list[int]], completions: list[list[int]], max_tokens: int, pad_id: int,
+         completion_labels: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
     """Padding-free: the batch's sequences concatenated into rows of at most `max_tokens` (`balanced_rows`; bounded,
     so that a row is not one long sequence whose dense attention mask costs more than the padding it saves),
     positions restarting at 0 for each sequence, no attention mask: transformers reads the restarts in
     `position_ids` and keeps attention within each sequence (a block-diagonal causal mask). Labels are -100
-    on prompts, so no loss crosses a boundary; a short row's tail is one more masked segment."""
-    seqs = [(p + c, [IGNORE] * len(p) + c) for p, c in zip(prompts, completions)]
+    on prompts (and where `completion_labels` says so), so no loss crosses a boundary; a short row's tail is one more
+    masked segment."""
+    seqs = [(p + c, [IGNORE] * len(p) + lab) for p, c, lab in zip(prompts, completions, completion_labels or completions)]
     rows, used = balanced_rows([len(s) for s, _ in seqs], max_tokens)
     width = max(used)
     ids, labels, pos = [], [], []

@@ -176,8 +176,10 @@ class GameSeeds:
                 for i, s in enumerate(self.seeds[split])]
 
     def sft_rows(self, split: str) -> list[tuple[str, dict]]:
-        """One row per move of a demonstration game: the conversation so far (the tool's hints included) -> the
-        move, as the chat template renders a tool-call turn."""
+        """One row per demonstration game: the conversation up to its last move (the tool's hints included), every
+        move an assistant tool-call turn; `data.assistant_turns=all` (conf/data/games.yaml) trains every move. (One
+        row per move, the game so far its prompt, gives each forward pass a quarter of the moves to learn from: the
+        default's warm start then did not learn to avoid repeated guesses, docs/rlvr.md.)"""
         import random as _random
 
         from genlight.envs.tools import Environment
@@ -196,8 +198,8 @@ class GameSeeds:
                 guess = left.pop(rng.randrange(len(left)))
                 call = {"role": "assistant", "content": "", "tool_calls": [
                     {"type": "function", "function": {"name": "move", "arguments": {"action": f"[{guess}]"}}}]}
-                out.append((f"{where}:move{len(chat) // 2}", {"messages": [*chat, call], "tools": env.schemas}))
                 result = game.move(f"[{guess}]")
                 chat += [call, {"role": "tool", "name": "move", "content": result}]
+            out.append((where, {"messages": chat[:-1], "tools": env.schemas}))  # the game's last reply is not trained
             env.close()
         return out
