@@ -188,6 +188,9 @@ def test_a_conversation_the_template_renders_differently_is_named(tmp_path, toke
     path = write_jsonl(tmp_path / "t.jsonl", [{"messages": talk}])
     with pytest.raises(DataError, match=r"t\.jsonl:1: the chat template renders assistant turn 1 differently"):
         _dm(tok, path, assistant_turns="all")
+    path = write_jsonl(tmp_path / "u.jsonl", [{"messages": talk[1:]}])
+    with pytest.raises(DataError, match=r"u\.jsonl:1: 'messages' starts with an assistant turn"):
+        _dm(tokenizer, path, assistant_turns="all")
     with pytest.raises(ValueError, match="data.assistant_turns='every'"):
         _dm(tokenizer, path, assistant_turns="every")
 

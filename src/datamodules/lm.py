@@ -124,6 +124,8 @@ def conversation_segments(msgs: list[dict], tokenizer, tools: list[dict] | None,
     end = after_assistant_turn(tokenizer, [], add_generation_prompt=False, template=template) or ""
     eos = tokenizer.eos_token or ""
     turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    if turns[0] == 0:
+        raise DataError(f"{where}: 'messages' starts with an assistant turn: no prompt comes before it")
     prompt = render(msgs[: turns[0]], True)
     segments, done = [], prompt  # done: the text the segments cover so far
     for k, i in enumerate(turns):
@@ -225,7 +227,8 @@ class Tokenized:
             )
         if self.n_earlier_turns:
             log.warning("%s split: %d of %d conversations hold assistant turns before their last, which train as prompt "
-                        "only (data.assistant_turns=last); data.assistant_turns=all trains every one",
+                        "only (data.assistant_turns=last); data.assistant_turns=all trains every one (for rows that "
+                        "each hold a whole conversation: rows that repeat its beginning would train those turns again)",
                         self.split, self.n_earlier_turns, n)
 
 
