@@ -207,7 +207,7 @@ PRESETS = {
         "algo.lr": 3e-4, "algo.val_num_samples": 4, "algo.generation_lag": 0,
         "env.environment.instructions": "Guess the number in 1..10 with move, e.g. [5].",
         "env.environment.max_number": 10, "env.environment.max_turns": 5, "env.max_turns": 6, "env.max_tokens": 96,
-        "data.batch_size": 32, "data.max_length": 128, "warm_start.target": 1.0, "warm_start.max_steps": 2000,
+        "data.batch_size": 32, "data.max_length": 128, "warm_start.target": 1.0,
         "warm_start.val_every": 500, "warm_start.batch_size": 32,
         "warm_start.cache_dir": "${paths.log_dir}/warm_start_cache", "trainer.max_steps": 200,
         "trainer.val_check_interval": 25, "tags": ["rlvr", "multi_turn", "textarena"]}),
