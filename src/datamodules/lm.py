@@ -49,19 +49,34 @@ def render_prompt(value, tokenizer, where: str, key: str, tools: list[dict] | No
     raise DataError(f"{where}: key {key!r} must be a non-empty string or a list of chat messages")
 
 
-def tool_call_turn(msgs: list[dict], tokenizer, tools: list[dict] | None, where: str) -> str:
-    """The text the chat template writes for the last message, an assistant turn with `tool_calls` (a tool-use
-    demonstration), without its end of turn: the completion's <eos> ends it, as the policy's sampled <eos> does."""
+def chat_renderer(tokenizer, tools: list[dict] | None):
+    """(render(messages, add_generation_prompt) -> text, the template's end of an assistant turn) of `tokenizer`'s
+    chat template (the default's when it has none)."""
     template = tokenizer.chat_template or CHAT_TEMPLATE
     render = lambda m, gen: tokenizer.apply_chat_template(  # noqa: E731
         m, add_generation_prompt=gen, tokenize=False, chat_template=template, tools=tools or None)
-    before, full = render(msgs[:-1], True), render(msgs, False)
+    return render, after_assistant_turn(tokenizer, [], add_generation_prompt=False, template=template) or ""
+
+
+def cut_turn(render, end: str, msgs: list[dict], i: int) -> tuple[str, str | None]:
+    """(the text before assistant turn `msgs[i]`, its generation prompt included; the text the template writes for the
+    turn without its end of turn: its <eos> ends it, as the policy's sampled <eos> does). The turn is None when the
+    template renders what comes before it differently once the turn follows (it cannot be cut out as a completion)."""
+    before, full = render(msgs[:i], True), render(msgs[: i + 1], False)
     if not full.startswith(before):
+        return before, None
+    turn = full[len(before):]
+    return before, turn[: len(turn) - len(end)] if end and turn.endswith(end) else turn
+
+
+def tool_call_turn(msgs: list[dict], tokenizer, tools: list[dict] | None, where: str) -> str:
+    """The text the chat template writes for the last message, an assistant turn with `tool_calls` (a tool-use
+    demonstration), without its end of turn."""
+    _, turn = cut_turn(*chat_renderer(tokenizer, tools), msgs, len(msgs) - 1)
+    if turn is None:
         raise DataError(f"{where}: the chat template renders the conversation before the last assistant turn "
                         "differently with and without it; its tool-call turn cannot be cut out as a completion")
-    turn = full[len(before):]
-    end = after_assistant_turn(tokenizer, [], add_generation_prompt=False, template=template) or ""
-    return turn[: len(turn) - len(end)] if end and turn.endswith(end) else turn
+    return turn
 
 
 def render_completion(value, where: str, key: str) -> str:
@@ -106,6 +121,11 @@ def sft_text(row: dict, tokenizer, where: str) -> tuple[str, str, bool]:
     return prompt, render_completion(row["completion"], where, "completion"), templated
 
 
+def check_assistant_turns(value: str) -> None:
+    if value not in ("last", "all"):
+        raise ValueError(f"data.assistant_turns={value!r}: must be 'last' or 'all'")
+
+
 def assistant_turns(row: dict) -> int:
     msgs = row.get("messages")
     return sum(m["role"] == "assistant" for m in msgs) if _is_messages(msgs) else 0
@@ -118,10 +138,7 @@ def conversation_segments(msgs: list[dict], tokenizer, tools: list[dict] | None,
     for it without its end of turn (its <eos> ends it, as the policy's sampled <eos> ends a turn); the template's text
     between turns (its end of turn after the <eos>, tool results, user turns, the next generation prompt) is not
     trained. So the ids are those a multi-turn episode (src/envs/episodes.py) builds from the same turns."""
-    template = tokenizer.chat_template or CHAT_TEMPLATE
-    render = lambda m, gen: tokenizer.apply_chat_template(  # noqa: E731
-        m, add_generation_prompt=gen, tokenize=False, chat_template=template, tools=tools or None)
-    end = after_assistant_turn(tokenizer, [], add_generation_prompt=False, template=template) or ""
+    render, end = chat_renderer(tokenizer, tools)
     eos = tokenizer.eos_token or ""
     turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     if turns[0] == 0:
@@ -129,8 +146,8 @@ def conversation_segments(msgs: list[dict], tokenizer, tools: list[dict] | None,
     prompt = render(msgs[: turns[0]], True)
     segments, done = [], prompt  # done: the text the segments cover so far
     for k, i in enumerate(turns):
-        before, full = render(msgs[:i], True), render(msgs[: i + 1], False)
-        changed = k if not before.startswith(done) else k + 1 if not full.startswith(before) else 0
+        before, turn = cut_turn(render, end, msgs, i)
+        changed = k if not before.startswith(done) else k + 1 if turn is None else 0
         if changed:
             raise DataError(f"{where}: the chat template renders assistant turn {changed} differently once later "
                             "messages follow it; its turns cannot be cut out as completions (data.assistant_turns=last "
@@ -138,8 +155,6 @@ def conversation_segments(msgs: list[dict], tokenizer, tools: list[dict] | None,
         if k:
             between = before[len(done):]
             segments.append((between[len(eos):] if eos and between.startswith(eos) else between, False))
-        turn = full[len(before):]
-        turn = turn[: len(turn) - len(end)] if end and turn.endswith(end) else turn
         if not turn.strip():
             raise DataError(f"{where}: assistant turn {k + 1} is empty")
         segments.append((turn, True))
@@ -192,8 +207,7 @@ class Tokenized:
     def __init__(self, tokenizer, max_length: int, truncation: str, split: str, assistant_turns: str = "last"):
         if truncation not in ("error", "truncate"):
             raise ValueError(f"data.truncation={truncation!r}: must be 'error' or 'truncate'")
-        if assistant_turns not in ("last", "all"):
-            raise ValueError(f"data.assistant_turns={assistant_turns!r}: must be 'last' or 'all'")
+        check_assistant_turns(assistant_turns)
         self.tok, self.max_length, self.truncation, self.split = tokenizer, max_length, truncation, split
         self.assistant_turns = assistant_turns
         self.n_truncated, self.n_earlier_turns = 0, 0
@@ -445,8 +459,7 @@ class LMDataModule(ResumableTrainData, L.LightningDataModule):
         assistant_turns: str = "last",
     ):
         super().__init__()
-        if assistant_turns not in ("last", "all"):
-            raise ValueError(f"data.assistant_turns={assistant_turns!r}: must be 'last' or 'all'")
+        check_assistant_turns(assistant_turns)
         self.assistant_turns = assistant_turns
         if packing and not row_kind(kind).packs:
             raise ValueError(f"data.packing=true packs SFT examples and preference pairs; data.kind={kind!r} "
