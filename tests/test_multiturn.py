@@ -307,6 +307,40 @@ def test_game_partial_credit_is_off_unless_asked_a_repeated_guess_earns_nothing(
     assert all(0 < r < 1 for r in paid[True])
 
 
+def test_game_turn_bonus_pays_a_win_by_the_guesses_it_leaves_and_keeps_it_a_pass():
+    """turn_bonus: a win at guess k of the K = 6 the game allows (textarena's max_turns=5) pays 1 + b (K - k) / K, by
+    hand; a lost game and a repeated-guess exit pay what they paid without it; every win still passes (>= 1)."""
+    import torch
+
+    from genlight.envs.textarena import TextArenaGame
+    from genlight.rewards import passes
+
+    def play(guesses, bonus, seed):
+        game = TextArenaGame(max_number=10, max_turns=5, turn_bonus=bonus)
+        game.reset(seed=seed)
+        target = game.game.game_number
+        for g in guesses(target):
+            if game.done:
+                break
+            game.move(f"[{g}]")
+        return game, target
+
+    seen = set()
+    for seed in range(12):
+        for k in range(1, 7):  # win at guess k: k - 1 misses (numbers other than the target), then the target
+            game, target = play(lambda t, k=k: [n for n in range(1, 11) if n != t][: k - 1] + [t], 0.5, seed)
+            assert game.done and len(game.history) == k
+            assert game.get_reward() == pytest.approx(1 + 0.5 * (6 - k) / 6)
+            seen.add(k)
+        lost, target = play(lambda t: [n for n in range(1, 11) if n != t], 0.5, seed)
+        assert lost.done and len(lost.history) == 6 and lost.get_reward() == 0.0
+    assert seen == set(range(1, 7))
+    won = torch.tensor([1 + 0.5 * 5 / 6, 1.0, 0.0])
+    assert passes(won, torch.zeros(3, dtype=torch.bool)).tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="env.environment.turn_bonus=-1"):
+        TextArenaGame(turn_bonus=-1)
+
+
 def test_game_demonstrations_are_the_episode_contexts_and_seeds_are_disjoint(tokenizer):
     """GameSeeds: the splits' games have disjoint seeds; a demonstration is one whole game whose ids are those an
     episode builds (each move, its <eos>, the template's tool turn with the game's hint, the next move), every move

@@ -14,6 +14,11 @@ Partial credit is off by default (`partial_credit=false`: 1 for a win, 0 otherwi
 that ends without a win by how close the last guess was, and a second invalid move ends it too: repeating a guess of 5 in
 1..10 scores 0.73 on average over 30 games (measured) without using a single hint, a reward the policy would learn
 to collect. `partial_credit=true` passes the game's reward on.
+
+`turn_bonus` (default 0) pays a Guess The Number win by the guesses it leaves unused: won at guess k of the K the game
+allows, 1 + turn_bonus * (K - k) / K. Every win still pays at least 1 (a pass), a loss is paid as above, and the
+win rate is measured as before; what changes is that among the won games of a group the faster ones, the ones that
+used the hints, earn more.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ class TextArenaGame:
     """One textarena game per episode; its one tool is `move`."""
 
     def __init__(self, env_id: str = "GuessTheNumber-v0-raw", instructions: str | None = None,
-                 partial_credit: bool = False, **game_kwargs):
+                 partial_credit: bool = False, turn_bonus: float = 0.0, **game_kwargs):
         try:
             import textarena as ta
         except ImportError:
@@ -38,6 +43,9 @@ class TextArenaGame:
             raise ValueError(f"env.environment.env_id={env_id!r} is not a textarena game; e.g. GuessTheNumber-v0-raw")
         self.env_id, self.instructions, self.game_kwargs = env_id, instructions, game_kwargs
         self.partial_credit = partial_credit
+        if not turn_bonus >= 0:
+            raise ValueError(f"env.environment.turn_bonus={turn_bonus!r}: must be >= 0 (0: a win pays 1)")
+        self.turn_bonus = float(turn_bonus)
         self._ta, self.game, self.reward = ta, None, 0.0
 
     def reset(self, **row) -> str:
@@ -77,8 +85,13 @@ class TextArenaGame:
         return {"hint_consistency": hint_consistency(self.history, game.min_number - 1, game.max_number + 1)}
 
     def get_reward(self) -> float:
-        """The game's reward; without `partial_credit`, 1 for a win and 0 otherwise."""
-        return self.reward if self.partial_credit else float(self.reward >= 1.0)
+        """The game's reward; without `partial_credit`, 1 for a win and 0 otherwise; a win plus its `turn_bonus`."""
+        won = self.reward >= 1.0
+        reward = self.reward if self.partial_credit else float(won)
+        if won and self.turn_bonus:
+            allowed = self.game.state.max_turns + 1  # textarena checks its turn limit before counting the move
+            reward += self.turn_bonus * (allowed - len(self.history)) / allowed
+        return reward
 
 
 def hint_consistency(history: list[tuple[str, str]], lo: float = float("-inf"),
