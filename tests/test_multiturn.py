@@ -308,8 +308,8 @@ def test_game_partial_credit_is_off_unless_asked_a_repeated_guess_earns_nothing(
 
 
 def test_game_turn_bonus_pays_a_win_by_the_guesses_it_leaves_and_keeps_it_a_pass():
-    """turn_bonus: a win at guess k of the K = 6 the game allows (textarena's max_turns=5) pays 1 + b (K - k) / K, by
-    hand; a lost game and a repeated-guess exit pay what they paid without it; every win still passes (>= 1)."""
+    """turn_bonus: a win at valid guess k of the K = 6 the game allows (textarena's max_turns=5) pays 1 + b (K - k) / K,
+    by hand; invalid moves do not count; a lost game pays 0; every win still passes (>= 1)."""
     import torch
 
     from genlight.envs.textarena import TextArenaGame
@@ -334,6 +334,12 @@ def test_game_turn_bonus_pays_a_win_by_the_guesses_it_leaves_and_keeps_it_a_pass
             seen.add(k)
         lost, target = play(lambda t: [n for n in range(1, 11) if n != t], 0.5, seed)
         assert lost.done and len(lost.history) == 6 and lost.get_reward() == 0.0
+        # invalid moves (junk, a repeat) between guesses are not guesses: textarena lets the 6th valid guess win, and
+        # it is paid as one (1.0), not below a pass
+        misses = [n for n in range(1, 11) if n != target][:5]
+        moves = [misses[0], "x", misses[1], misses[1], misses[2], "x", misses[3], "x", misses[4], "x", target]
+        junk, _ = play(lambda t, moves=moves: moves, 0.5, seed)
+        assert junk.done and len(junk.history) == 11 and junk.reward == 1.0 and junk.get_reward() == 1.0
     assert seen == set(range(1, 7))
     won = torch.tensor([1 + 0.5 * 5 / 6, 1.0, 0.0])
     assert passes(won, torch.zeros(3, dtype=torch.bool)).tolist() == [True, True, False]

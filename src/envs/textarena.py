@@ -15,8 +15,8 @@ that ends without a win by how close the last guess was, and a second invalid mo
 1..10 scores 0.73 on average over 30 games (measured) without using a single hint, a reward the policy would learn
 to collect. `partial_credit=true` passes the game's reward on.
 
-`turn_bonus` (default 0) pays a Guess The Number win by the guesses it leaves unused: won at guess k of the K the game
-allows, 1 + turn_bonus * (K - k) / K. Every win still pays at least 1 (a pass), a loss is paid as above, and the
+`turn_bonus` (default 0) pays a Guess The Number win by the guesses it leaves unused: won at valid guess k of the K the
+game allows, 1 + turn_bonus * (K - k) / K (invalid moves do not count, as in the game). Every win still pays at least 1 (a pass), a loss is paid as above, and the
 win rate is measured as before; what changes is that among the won games of a group the faster ones, the ones that
 used the hints, earn more.
 """
@@ -89,8 +89,10 @@ class TextArenaGame:
         won = self.reward >= 1.0
         reward = self.reward if self.partial_credit else float(won)
         if won and self.turn_bonus:
-            allowed = self.game.state.max_turns + 1  # textarena checks its turn limit before counting the move
-            reward += self.turn_bonus * (allowed - len(self.history)) / allowed
+            # the game's own count: its valid guesses (an invalid move is not one: textarena forgives it, though two in
+            # a row end the game), at most the K it allows (it checks its turn limit before counting the move)
+            allowed = self.game.state.max_turns + 1
+            reward += self.turn_bonus * (allowed - self.game.state.turn) / allowed
         return reward
 
 
