@@ -28,6 +28,7 @@ def play(cfg, strategy: str, split: str, games: int | None, plays: int, seed: in
 
     from genlight.envs.episodes import environment_rewards, reset_groups, run_episodes
     from genlight.envs.textarena import ScriptedPlayer
+    from genlight.rewards import passes
 
     tok = hydra.utils.instantiate(cfg.model.tokenizer)
     dm = hydra.utils.instantiate(cfg.data, tokenizer=tok, kind="prompt", eval_batch_size=50)
@@ -45,7 +46,8 @@ def play(cfg, strategy: str, split: str, games: int | None, plays: int, seed: in
         try:
             ep = run_episodes(player, tok, prompts, envs, plays, spec.max_turns, cfg.algo.max_new_tokens,
                               spec.max_tokens, generator=g)
-            wins += environment_rewards(envs).tolist()
+            # a win is a pass, as RLVR counts it (a reward with env.environment.turn_bonus can exceed 1)
+            wins += passes(environment_rewards(envs), ep.truncated, cfg.algo.pass_threshold).float().tolist()
             for e in envs:
                 c, j = e.metrics()["hint_consistency"]
                 consistent, judged = consistent + c, judged + j

@@ -204,9 +204,9 @@ PRESETS = {
                                   "You attempted an invalid move. Reason: Invalid move. Player 0 has already guessed "
                                   "the number. Please resubmit a valid move and remember to follow the game rules to "
                                   "avoid penalties."],
-        "algo.lr": 3e-4, "algo.val_num_samples": 4, "algo.generation_lag": 0,
+        "algo.lr": 3e-4, "algo.val_num_samples": 4, "algo.generation_lag": 0, "algo.retire_threshold": None,
         "env.environment.instructions": "Guess the number in 1..10 with move, e.g. [5].",
-        "env.environment.max_number": 10, "env.environment.max_turns": 5, "env.max_turns": 6, "env.max_tokens": 96,
+        "env.environment.max_number": 10, "env.environment.max_turns": 5, "env.environment.turn_bonus": 1.0, "env.max_turns": 6, "env.max_tokens": 96,
         "data.batch_size": 32, "data.max_length": 128, "warm_start.target": 1.0,
         "warm_start.val_every": 500, "warm_start.batch_size": 32,
         "warm_start.cache_dir": "${paths.log_dir}/warm_start_cache", "trainer.max_steps": 200,
