@@ -16,9 +16,9 @@ that ends without a win by how close the last guess was, and a second invalid mo
 to collect. `partial_credit=true` passes the game's reward on.
 
 `turn_bonus` (default 0) pays a Guess The Number win by the guesses it leaves unused: won at valid guess k of the K the
-game allows, 1 + turn_bonus * (K - k) / K (invalid moves do not count, as in the game). Every win still pays at least 1 (a pass), a loss is paid as above, and the
-win rate is measured as before; what changes is that among the won games of a group the faster ones, the ones that
-used the hints, earn more.
+game allows, 1 + turn_bonus * (K - k) / K (invalid moves do not count, as in the game). Every win still pays at
+least 1 (a pass), a loss is paid as above, and the win rate is measured as before; what changes is that among the
+won games of a group the faster ones, the ones that used the hints, earn more.
 """
 
 from __future__ import annotations
