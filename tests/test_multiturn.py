@@ -345,6 +345,10 @@ def test_game_turn_bonus_pays_a_win_by_the_guesses_it_leaves_and_keeps_it_a_pass
     assert passes(won, torch.zeros(3, dtype=torch.bool)).tolist() == [True, True, False]
     with pytest.raises(ValueError, match="env.environment.turn_bonus=-1"):
         TextArenaGame(turn_bonus=-1)
+    # a game without a turn limit has no unused turns to pay: it stops at the first reset, naming the key and game
+    TextArenaGame("2048-v0-raw").reset(seed=0)
+    with pytest.raises(ValueError, match=r"env.environment.turn_bonus=0.5: 2048-v0-raw has no turn limit"):
+        TextArenaGame("2048-v0-raw", turn_bonus=0.5).reset(seed=0)
 
 
 def test_game_demonstrations_are_the_episode_contexts_and_seeds_are_disjoint(tokenizer):

@@ -18,7 +18,8 @@ to collect. `partial_credit=true` passes the game's reward on.
 `turn_bonus` (default 0) pays a Guess The Number win by the guesses it leaves unused: won at valid guess k of the K the
 game allows, 1 + turn_bonus * (K - k) / K (invalid moves do not count, as in the game). Every win still pays at
 least 1 (a pass), a loss is paid as above, and the win rate is measured as before; what changes is that among the
-won games of a group the faster ones, the ones that used the hints, earn more.
+won games of a group the faster ones, the ones that used the hints, earn more. A game without a turn limit (2048)
+has no K: with turn_bonus > 0 it stops at its first reset, naming the key.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class TextArenaGame:
             _, opening = self.game.get_observation()
         finally:
             random.setstate(state)
+        if self.turn_bonus and not isinstance(getattr(self.game.state, "max_turns", None), int):
+            raise ValueError(f"env.environment.turn_bonus={self.turn_bonus}: {self.env_id} has no turn limit "
+                             "(its state.max_turns) to pay a win's unused turns by; set turn_bonus=0")
         self.reward, self.done, self.history = 0.0, False, []
         return self.instructions or "\n".join(message for _, message, _ in opening)
 
