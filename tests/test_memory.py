@@ -36,6 +36,8 @@ def _plain(head: Head, hidden, targets, temperature):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_head_logps_equal_the_plain_log_softmax_in_values_and_gradients(temperature):
+    """Log-probs, entropies and greedy tokens as the full softmax gives them; the gradients of the log-probs and of the
+    entropies (together and alone) as autograd through the full logits gives them."""
     torch.manual_seed(0)
     head = Head(16, 50)
     hidden = torch.randn(37, 16, requires_grad=True)
@@ -50,6 +52,17 @@ def test_head_logps_equal_the_plain_log_softmax_in_values_and_gradients(temperat
     assert torch.equal(arg, want_arg)
     for g, w, name in zip(grads, want_grads, ["hidden", "weight", "bias"]):
         assert torch.allclose(g, w, atol=1e-5), name
+    # the entropy's gradient (algo.entropy_coef), with the log-probs' and alone: dH/dlogits = -p (log p + H)
+    up_ent = torch.randn(37)
+    for use_logp in (True, False):
+        want, want_ent, _ = _plain(head, hidden, targets, temperature)
+        w_obj = (want_ent * up_ent).sum() + ((want * upstream).sum() if use_logp else 0)
+        want_grads = torch.autograd.grad(w_obj, [hidden, *head.parameters()])
+        got, ent, _ = head_logps(head, hidden, targets, temperature, entropy=True, chunk_elements=400)
+        obj = (ent * up_ent).sum() + ((got * upstream).sum() if use_logp else 0)
+        grads = torch.autograd.grad(obj, [hidden, *head.parameters()])
+        for g, w, name in zip(grads, want_grads, ["hidden", "weight", "bias"]):
+            assert torch.allclose(g, w, atol=1e-5), (name, use_logp)
 
 
 class LargestFloat(TorchDispatchMode):

@@ -530,6 +530,35 @@ def test_zero_variance_filter_keeps_the_kl_term_of_tied_groups():
     assert logp.grad[1].abs().sum() > 0
 
 
+def test_entropy_bonus_is_the_coefficient_times_every_groups_entropy_tied_ones_included():
+    """algo.entropy_coef: the loss is (-(reward term) - c sum_t H_t) / N over every group's tokens (token aggregation:
+    N = 23 unmasked tokens, the tied group's included, as with the KL term; without the bonus N is the kept group's
+    11), and a tied group gets the bonus's gradient alone."""
+    from genlight.rl.recipe import Recipe
+
+    torch.manual_seed(0)
+    logp = torch.randn(2, 4, 3).clamp(max=-0.1).requires_grad_(True)
+    ent = torch.rand(2, 4, 3).requires_grad_(True)
+    mask = torch.ones(2, 4, 3, dtype=torch.bool)
+    mask[0, 1, 2] = False  # a padded token: no bonus there
+    r = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # the second group ties
+    keep = ~zero_variance(r)
+    adv = compute_advantages("dr_grpo", r, keep)
+    kw = dict(loss_type="cispo", loss_agg="token")
+    plain, _ = rlvr_loss(logp, logp.detach(), adv, mask, keep, **kw)
+    bonus, _ = rlvr_loss(logp, logp.detach(), adv, mask, keep, entropy=ent, entropy_coef=0.05, **kw)
+    n = 23  # every group's unmasked tokens
+    # by hand: the plain loss averages the kept group's 11 tokens; with the bonus all 23 are the denominator
+    assert bonus.item() == pytest.approx(plain.item() * 11 / n - 0.05 * ent[mask].sum().item() / n, rel=1e-6)
+    bonus.backward()
+    assert torch.allclose(ent.grad, -0.05 * mask.float() / n)
+    assert torch.all(logp.grad[1] == 0)  # the tied group: no reward term
+    with pytest.raises(ValueError, match="entropy_coef > 0 needs the entropy"):
+        rlvr_loss(logp, logp.detach(), adv, mask, keep, entropy_coef=0.05, **kw)
+    with pytest.raises(ValueError, match="algo.entropy_coef=-0.1: must be >= 0"):
+        Recipe(entropy_coef=-0.1)
+
+
 def test_zero_variance_is_judged_on_the_raw_rewards_with_kl_in_reward(cfg_factory):
     """kl_in=reward: the filter looks at the verifier's rewards, not the KL-penalised ones (which almost never tie):
     train/frac_zero_variance counts the raw ties, and a tied group stays in the loss with its KL part as advantage."""

@@ -262,7 +262,7 @@ class RLVRModule(SamplingModule):
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         mask = roll.loss_mask.view(b, g, -1)  # the policy's tokens (a tool turn's are not the policy's)
-        groups = loss_groups(keep, hp.beta, hp.kl_in)  # filtered groups keep their KL term (their A is 0)
+        groups = loss_groups(keep, hp.beta, hp.kl_in, hp.entropy_coef)  # filtered groups keep a KL / entropy term
         weights = token_weights(mask, groups, hp.loss_agg, self.generation_budget).flatten(0, 1)
         units = count_units(mask, groups, hp.loss_agg)
         normalizer = gather(self, units.view(1)).sum().float() / self.trainer.world_size
@@ -288,12 +288,12 @@ class RLVRModule(SamplingModule):
                 lp, gen_logp[s:e, :t], adv_flat[s:e], roll.loss_mask[s:e, :t], loss_type=hp.loss_type,
                 epsilon=hp.epsilon, clip_low=hp.clip_low, clip_high=hp.clip_high, beta=hp.beta,
                 ref_logp=None if ref_logp is None else ref_logp[s:e, :t], kl_estimator=hp.kl_estimator,
-                kl_in=hp.kl_in, normalizer=normalizer, weights=weights[s:e, :t],
-                is_weight=None if corr is None else corr[s:e, :t], with_stats=False)
+                kl_in=hp.kl_in, entropy=ent, entropy_coef=hp.entropy_coef, normalizer=normalizer,
+                weights=weights[s:e, :t], is_weight=None if corr is None else corr[s:e, :t], with_stats=False)
             t_train += time.perf_counter() - t1
             self.manual_backward(part)
             loss += part.detach()
-            logp[s:e, :t], entropy[s:e, :t] = lp.detach(), ent
+            logp[s:e, :t], entropy[s:e, :t] = lp.detach(), ent.detach()
         opt.step()  # clips in `on_before_optimizer_step`, after the precision plugin unscaled the gradients
         self.lr_schedulers().step()
         stats = ratio_stats(logp, gen_logp, adv_flat, roll.loss_mask, hp.loss_type,

@@ -89,7 +89,8 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 class _ChunkedHeadLogp(torch.autograd.Function):
     """log softmax((h W^T + b) / temperature)[y] per position, with its gradient, never holding more than one
     chunk of float32 logits: the forward keeps each chunk's log-partition only, the backward recomputes each
-    chunk's logits, d logp / d logits = onehot(y) - softmax (divided by the temperature)."""
+    chunk's logits, d logp / d logits = onehot(y) - softmax (divided by the temperature). The entropy H of each
+    position has its gradient too, d H / d logits = -p (log p + H) (an entropy bonus, `algo.entropy_coef`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk, want_entropy, want_argmax):
@@ -108,21 +109,25 @@ class _ChunkedHeadLogp(torch.autograd.Function):
                 argmax[s : s + chunk] = logits.argmax(-1)
             if want_entropy:  # H = log Z - sum_v p_v logit_v
                 entropy[s : s + chunk] = z - (torch.softmax(logits, -1) * logits).sum(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.temperature, ctx.chunk = temperature, chunk
-        ctx.mark_non_differentiable(*[t for t in (entropy, argmax) if t is not None])
+        if argmax is not None:
+            ctx.mark_non_differentiable(argmax)
+        ctx.set_materialize_grads(False)  # an output the loss does not use (the entropy, mostly) gets None
         return logp, entropy, argmax
 
     @staticmethod
-    def backward(ctx, grad, _grad_entropy, _grad_argmax):
+    def backward(ctx, grad, grad_entropy, _grad_argmax):
         # float32 as in the forward, also when the backward is called inside an autocast region (RLVR's
         # manual_backward runs within its training step)
-        with torch.autocast(grad.device.type, enabled=False):
-            return _ChunkedHeadLogp._backward(ctx, grad)
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _ChunkedHeadLogp._backward(ctx, grad, grad_entropy)
 
     @staticmethod
-    def _backward(ctx, grad):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+    def _backward(ctx, grad, grad_entropy=None):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        if grad is None:
+            grad = torch.zeros_like(lse)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         w = weight.float()
         b = None if bias is None else bias.float()
@@ -133,7 +138,13 @@ class _ChunkedHeadLogp(torch.autograd.Function):
             h, g = hidden[s : s + ctx.chunk], grad[s : s + ctx.chunk, None].float()
             logits = _logits(h, w, b, ctx.temperature)
             # d logp_y / d logits = onehot(y) - softmax(logits), in place on the recomputed chunk
-            d = logits.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g)
+            logq = logits.sub_(lse[s : s + ctx.chunk, None])
+            if grad_entropy is not None:  # + g_H dH/dlogits = -g_H p (log p + H)
+                g_h = grad_entropy[s : s + ctx.chunk, None].float()
+                d_h = logq.add(entropy[s : s + ctx.chunk, None]).mul_(logq.exp()).mul_(-g_h)
+            d = logq.exp_().mul_(-g)
+            if grad_entropy is not None:
+                d.add_(d_h)
             d.scatter_add_(-1, targets[s : s + ctx.chunk, None], g)
             if ctx.temperature != 1.0:
                 d.div_(ctx.temperature)

@@ -79,7 +79,7 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
 def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
                      group: int = 1, with_entropy: bool = True):
     """log pi(y_t | x, y_<t) of each completion token (FP32 LM head, temperature applied), and the
-    entropy of pi at each of those positions (None with `with_entropy=False`; 0 at padding). Prompts are
+    entropy of pi at each of those positions, with its gradient (None with `with_entropy=False`; 0 at padding). Prompts are
     left-padded, completions right-padded. The LM head runs at the completion tokens only, in chunks.
 
     With `group` = G > 1, `prompt_ids` holds the B distinct prompts and the completions are their
@@ -90,7 +90,7 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     m = completion_mask.bool()
     logp, ent, _ = head_logps(model, hidden[m], completion_ids[m], temperature, entropy=with_entropy)
     zeros = torch.zeros(m.shape, dtype=logp.dtype, device=logp.device)
-    return zeros.masked_scatter(m, logp), None if ent is None else zeros.detach().masked_scatter(m, ent)
+    return zeros.masked_scatter(m, logp), None if ent is None else zeros.masked_scatter(m, ent)
 
 
 def tree_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, attn_implementation: str) -> torch.Tensor:

@@ -280,10 +280,10 @@ def count_units(mask: torch.Tensor, keep: torch.Tensor, how: str) -> torch.Tenso
     return (m.sum(-1) > 0).sum()
 
 
-def loss_groups(keep: torch.Tensor, beta: float, kl_in: str) -> torch.Tensor:
-    """The groups the loss averages over: the kept ones, or with a KL term in the loss all of them (each keeps its KL
-    term, and the reward term's weight must not depend on how many groups tie)."""
-    return torch.ones_like(keep) if kl_place(beta, kl_in) == "loss" else keep
+def loss_groups(keep: torch.Tensor, beta: float, kl_in: str, entropy_coef: float = 0.0) -> torch.Tensor:
+    """The groups the loss averages over: the kept ones, or with a KL term or an entropy bonus in the loss all of them
+    (each keeps that term, and the reward term's weight must not depend on how many groups tie)."""
+    return torch.ones_like(keep) if kl_place(beta, kl_in) == "loss" or entropy_coef > 0 else keep
 
 
 def rlvr_loss(
@@ -303,6 +303,8 @@ def rlvr_loss(
     beta: float = 0.0,
     kl_estimator: str = "k3",
     kl_in: str = "loss",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
     normalizer: float | torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     is_weight: torch.Tensor | None = None,
@@ -320,6 +322,8 @@ def rlvr_loss(
     With beta > 0 and `kl_in=loss` (`kl_place`), the KL term of `kl_estimator` on `ref_logp` (log pi_ref), for every
     group, filtered or not (`loss_groups`); with `kl_in=reward` the penalty is already in the advantages
     (`kl_penalised_rewards`).
+    With `entropy_coef` > 0, + entropy_coef H_t per token (`entropy`: the entropy of pi_train at each position, with
+    its gradient; verl's `entropy_coeff`), for every group as the KL term, aggregated as the policy-gradient term.
     `is_weight` (`is_weights`, no gradient) multiplies each token's policy-gradient term and not its KL term (TRL's
     place: `per_token_loss * importance_sampling_ratio`, then `+ beta * per_token_kl`): the off-policy correction;
     `logp_gen` is then pi_old, recomputed by the trainer.
@@ -336,9 +340,13 @@ def rlvr_loss(
             raise ValueError("algo.beta > 0 needs the reference log-probs")
         iw = torch.clamp(torch.exp(logp.detach() - logp_gen), max=epsilon)  # sg(min(rho, eps)): samples from pi_gen
         objective = objective - beta * iw * kl_term(logp - ref_logp, kl_estimator)
+    if entropy_coef > 0:
+        if entropy is None:
+            raise ValueError("algo.entropy_coef > 0 needs the entropy of each position")
+        objective = objective + entropy_coef * entropy
     if weights is None:  # the whole step: its own weights and count of units (`aggregate`)
         keep = torch.ones(adv.size(0), dtype=torch.bool, device=adv.device) if keep is None else keep
-        units = loss_groups(keep, beta, kl_in)
+        units = loss_groups(keep, beta, kl_in, entropy_coef)
         weights = token_weights(mask, units, loss_agg, max_len)
         normalizer = count_units(mask, units, loss_agg) if normalizer is None else normalizer
     loss = (-objective * weights).sum() / max(float(normalizer), 1.0)

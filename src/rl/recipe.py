@@ -22,7 +22,8 @@ class Recipe:
         a resumed run draws the same), generation_lag (pi_gen is refreshed every k optimizer steps; 0: on-policy).
     the objective: loss_type (a registered policy loss, `genlight.rl.loss.POLICY_LOSSES`), advantage (a registered
         estimator, `genlight.rl.advantages.ADVANTAGES`), loss_agg, epsilon (CISPO's cap), clip_low / clip_high (the
-        clipped ratio's range); beta, kl_in, kl_estimator, ref_pretrained: the KL to a frozen reference (beta 0: none).
+        clipped ratio's range); beta, kl_in, kl_estimator, ref_pretrained: the KL to a frozen reference (beta 0: none);
+        entropy_coef: an entropy bonus (0: none).
     the sampler-trainer mismatch: is_correction, is_level, is_cap_low, is_cap_high, recompute_gen_logps.
     which groups and prompts train, what passes: zero_variance_filter, retire_threshold, pass_threshold,
         truncated_reward, reward_on_error.
@@ -49,6 +50,7 @@ class Recipe:
     kl_in: str = "loss"
     kl_estimator: str | None = None
     ref_pretrained: str | None = None
+    entropy_coef: float = 0.0
     is_correction: str | None = None
     is_level: str = "token"
     is_cap_low: float | None = None
@@ -81,6 +83,7 @@ class Recipe:
                                         "samples"),
             (self.generation_lag >= 0, f"algo.generation_lag={self.generation_lag}: must be >= 0 (0 = on-policy)"),
             (self.epsilon > 0, f"algo.epsilon={self.epsilon}: must be > 0"),
+            (self.entropy_coef >= 0, f"algo.entropy_coef={self.entropy_coef}: must be >= 0 (0: no entropy bonus)"),
             (0 <= self.clip_low < 1 and self.clip_high >= 0,
              f"algo.clip_low={self.clip_low}, algo.clip_high={self.clip_high}: the ratio's range "
              "[1 - clip_low, 1 + clip_high] needs 0 <= clip_low < 1, clip_high >= 0"),
