@@ -137,14 +137,14 @@ class _ChunkedHeadLogp(torch.autograd.Function):
         for s in range(0, hidden.size(0), ctx.chunk):
             h, g = hidden[s : s + ctx.chunk], grad[s : s + ctx.chunk, None].float()
             logits = _logits(h, w, b, ctx.temperature)
-            # d logp_y / d logits = onehot(y) - softmax(logits), in place on the recomputed chunk
+            # d logp_y / d logits = onehot(y) - p and dH / d logits = -p (log p + H), p = softmax(logits): in place on
+            # the recomputed chunk, g (onehot(y) - p) - g_H p (log p + H) = p (-g - g_H (log p + H)) + g onehot(y)
             logq = logits.sub_(lse[s : s + ctx.chunk, None])
-            if grad_entropy is not None:  # + g_H dH/dlogits = -g_H p (log p + H)
-                g_h = grad_entropy[s : s + ctx.chunk, None].float()
-                d_h = logq.add(entropy[s : s + ctx.chunk, None]).mul_(logq.exp()).mul_(-g_h)
-            d = logq.exp_().mul_(-g)
+            scale = -g
             if grad_entropy is not None:
-                d.add_(d_h)
+                g_h, h_ent = grad_entropy[s : s + ctx.chunk, None].float(), entropy[s : s + ctx.chunk, None]
+                scale = scale - g_h * (logq + h_ent)
+            d = logq.exp_().mul_(scale)
             d.scatter_add_(-1, targets[s : s + ctx.chunk, None], g)
             if ctx.temperature != 1.0:
                 d.div_(ctx.temperature)
