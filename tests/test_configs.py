@@ -287,6 +287,18 @@ def test_scalerl_rows_share_their_warm_starts_through_the_cache(cfg_factory, tmp
         assert warm_start_key(cfg_factory("experiment=scalerl", row, quick=False)) == warm_start_key(base), row
 
 
+def test_a_games_scoring_options_keep_its_warm_start_key_and_its_rules_change_it(cfg_factory):
+    """The game preset's demonstrations follow the game's rules, not its reward: a turn bonus or partial credit finds
+    the cached warm start; another range of numbers or an instruction does not."""
+    from genlight.lightning_modules.sft import warm_start_key
+
+    base = warm_start_key(cfg_factory("experiment=guess_the_number", quick=False))
+    for row in ("env.environment.turn_bonus=0", "env.environment.partial_credit=true"):
+        assert warm_start_key(cfg_factory("experiment=guess_the_number", row, quick=False)) == base, row
+    for row in ("env.environment.max_number=12", "env.environment.instructions=Guess.", "data.source.n_train=1000"):
+        assert warm_start_key(cfg_factory("experiment=guess_the_number", row, quick=False)) != base, row
+
+
 def test_hf_model_requires_a_path(cfg_factory):
     from genlight.pipeline import train
 

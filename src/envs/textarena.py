@@ -34,6 +34,10 @@ GUESS = re.compile(r"\[(\d+)\]")  # textarena's own reading of a Guess The Numbe
 class TextArenaGame:
     """One textarena game per episode; its one tool is `move`."""
 
+    # how a game is scored, not how it plays: a warm start's demonstrations do not depend on them (its cache key
+    # leaves them out, src/lightning_modules/sft.py warm_start_key)
+    reward_only = ("partial_credit", "turn_bonus")
+
     def __init__(self, env_id: str = "GuessTheNumber-v0-raw", instructions: str | None = None,
                  partial_credit: bool = False, turn_bonus: float = 0.0, **game_kwargs):
         try:

@@ -196,9 +196,23 @@ def warm_start_net(cfg, tokenizer, target: float, max_steps: int, val_every: int
 _NOT_IN_KEY = {"kind", "batch_size", "eval_batch_size", "num_workers"}
 
 
+def _without_reward_only(node):
+    """`node` without the options of each `_target_` that only score what it makes (its class's `reward_only`, e.g.
+    a game's `turn_bonus`): the data a warm start trains on is the same whatever they are."""
+    if isinstance(node, list):
+        return [_without_reward_only(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    import hydra
+
+    target = node.get("_target_")
+    drop = set(getattr(hydra.utils.get_object(target), "reward_only", ())) if isinstance(target, str) else set()
+    return {k: _without_reward_only(v) for k, v in node.items() if k not in drop}
+
+
 def warm_start_key(cfg) -> str:
     """The warm start's cache key: a hash of everything that determines it (the model's config and tokenizer, the
-    data but how the algorithm batches it, the warm start's settings but the cache's place, the seed, the trainer's
+    data but how the algorithm batches it and how its environment scores, the warm start's settings but the cache's place, the seed, the trainer's
     accelerator and gradient clipping) and of the library versions that compute it."""
     from omegaconf import OmegaConf
 
@@ -207,7 +221,7 @@ def warm_start_key(cfg) -> str:
 
     what = {
         "model": {k: plain(cfg.model[k]) for k in ("net", "tokenizer") if k in cfg.model},
-        "data": {k: plain(v) for k, v in cfg.data.items() if k not in _NOT_IN_KEY},
+        "data": _without_reward_only({k: plain(v) for k, v in cfg.data.items() if k not in _NOT_IN_KEY}),
         "warm_start": {k: plain(v) for k, v in cfg.warm_start.items() if k != "cache_dir"},
         "seed": cfg.get("seed"),
         "trainer": {k: plain(cfg.trainer.get(k)) for k in ("accelerator", "gradient_clip_val", "precision")},
