@@ -212,8 +212,8 @@ def _without_reward_only(node):
 
 def warm_start_key(cfg) -> str:
     """The warm start's cache key: a hash of everything that determines it (the model's config and tokenizer, the
-    data but how the algorithm batches it and how its environment scores, the warm start's settings but the cache's place, the seed, the trainer's
-    accelerator and gradient clipping) and of the library versions that compute it."""
+    data but how the algorithm batches it and how its environment scores, the warm start's settings but the cache's
+    place, the seed, the trainer's accelerator and gradient clipping) and of the library versions that compute it."""
     from omegaconf import OmegaConf
 
     def plain(node):
